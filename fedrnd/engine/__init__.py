@@ -1,0 +1,57 @@
+"""The client engine: local training, the client map, aggregation, evaluation, ledger."""
+
+from fedrnd.engine.aggregate import (
+    EdgeList,
+    broadcast,
+    edge_aggregate,
+    grow_slots,
+    keep_nonempty,
+    segment_weighted_mean,
+    weighted_mean,
+)
+from fedrnd.engine.clientmap import CLIENT_AXIS, ClientMapper, default_chunk_size, make_mesh
+from fedrnd.engine.core import Engine, client_keys, sample_cohort
+from fedrnd.engine.evaluate import evaluate_clients, summarize
+from fedrnd.engine.ledger import comm, per_client, tree_bytes
+from fedrnd.engine.local import LocalSpec, cross_entropy_loss, local_train
+from fedrnd.engine.optim import (
+    OPTIMIZERS,
+    SERVER_OPTIMIZERS,
+    ClientHParams,
+    ClientOptimizer,
+    client_hparams,
+    lr_schedule,
+    server_optimizer,
+)
+
+__all__ = [
+    "CLIENT_AXIS",
+    "OPTIMIZERS",
+    "SERVER_OPTIMIZERS",
+    "ClientHParams",
+    "ClientMapper",
+    "ClientOptimizer",
+    "EdgeList",
+    "Engine",
+    "LocalSpec",
+    "broadcast",
+    "client_hparams",
+    "client_keys",
+    "comm",
+    "cross_entropy_loss",
+    "default_chunk_size",
+    "edge_aggregate",
+    "evaluate_clients",
+    "grow_slots",
+    "keep_nonempty",
+    "local_train",
+    "lr_schedule",
+    "make_mesh",
+    "per_client",
+    "sample_cohort",
+    "segment_weighted_mean",
+    "server_optimizer",
+    "summarize",
+    "tree_bytes",
+    "weighted_mean",
+]

@@ -1,0 +1,127 @@
+"""Aggregation primitives shared by all methods: weighted, per-cluster slots, over edges.
+
+Clusters live in a fixed number of *slots* ``K`` (a static shape) and each client carries a
+``cluster_id`` in ``[0, K)``; per-cluster aggregation is a segment sum into the slots and the
+broadcast back to clients a gather. When a method needs more clusters than it has slots, the
+host side calls :func:`grow_slots`, which returns the next power-of-two slot count (the round
+recompiles once for the new shape), or raises when the hard cap ``max_slots`` is hit.
+
+Graphs are edge lists ``(src, dst, weight)`` of static length ``E``; aggregation over edges
+``out[i] = sum_{e: dst_e = i} w_e * x[src_e]`` runs over chunks of edges so memory is bounded by
+the chunk, not by ``E``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+PyTree = Any
+
+
+def weighted_mean(tree: PyTree, weights: jax.Array) -> PyTree:
+    """``sum_c w_c x_c / sum_c w_c`` over the leading client axis. ``weights: [C]``."""
+    total = jnp.sum(weights)
+    return jax.tree.map(
+        lambda x: jnp.tensordot(weights.astype(x.dtype), x, axes=1) / total.astype(x.dtype), tree)
+
+
+def segment_weighted_mean(tree: PyTree, weights: jax.Array, cluster_id: jax.Array,
+                          num_slots: int) -> tuple[PyTree, jax.Array]:
+    """Per-cluster weighted mean into ``num_slots`` slots.
+
+    Args:
+      tree: leaves ``[C, ...]``; weights: ``[C]``; cluster_id: ``[C]`` ints in ``[0, K)``.
+    Returns:
+      ``(slots, mass)``: leaves ``[K, ...]`` and the total weight per slot ``[K]``. An empty slot
+      (mass 0) holds zeros; callers keep their previous model there.
+    """
+    mass = jax.ops.segment_sum(weights, cluster_id, num_segments=num_slots)
+    safe = jnp.where(mass > 0, mass, 1.0)
+
+    def agg(x):
+        w = weights.astype(x.dtype).reshape((-1,) + (1,) * (x.ndim - 1))
+        s = jax.ops.segment_sum(w * x, cluster_id, num_segments=num_slots)
+        return s / safe.astype(x.dtype).reshape((-1,) + (1,) * (x.ndim - 1))
+
+    return jax.tree.map(agg, tree), mass
+
+
+def broadcast(slots: PyTree, cluster_id: jax.Array) -> PyTree:
+    """Each client's copy of its cluster's model: leaves ``[K, ...] -> [C, ...]``."""
+    return jax.tree.map(lambda s: s[cluster_id], slots)
+
+
+def keep_nonempty(new_slots: PyTree, old_slots: PyTree, mass: jax.Array) -> PyTree:
+    """Slots that received no client keep their previous model."""
+
+    def pick(n, o):
+        return jnp.where((mass > 0).reshape((-1,) + (1,) * (n.ndim - 1)), n, o)
+
+    return jax.tree.map(pick, new_slots, old_slots)
+
+
+def grow_slots(needed: int, current: int, max_slots: int = 4096) -> int:
+    """Slot count to use when a method needs ``needed`` clusters and has ``current`` slots."""
+    if needed <= current:
+        return current
+    if needed > max_slots:
+        raise ValueError(f"{needed} clusters needed but the slot cap is {max_slots}; raise "
+                         "max_slots (memory grows with slots x model size) or merge clusters")
+    return min(max_slots, 1 << int(np.ceil(np.log2(needed))))
+
+
+class EdgeList(NamedTuple):
+    """A weighted directed graph on ``num_nodes`` nodes: ``[E]`` arrays, message ``src -> dst``.
+
+    Padding edges have weight 0. Undirected graphs list both directions. Self-loops carry the
+    node's own mixing weight.
+    """
+
+    src: jax.Array
+    dst: jax.Array
+    weight: jax.Array
+
+    @property
+    def num_edges(self) -> int:
+        return int(self.src.shape[0])
+
+
+def pad_edges(edges: EdgeList, multiple: int) -> EdgeList:
+    """Pad with zero-weight self-edges on node 0 to a multiple of ``multiple`` edges."""
+    e = edges.num_edges
+    extra = (-e) % multiple
+    if extra == 0:
+        return edges
+    z = jnp.zeros((extra,), edges.src.dtype)
+    return EdgeList(jnp.concatenate([edges.src, z]), jnp.concatenate([edges.dst, z]),
+                    jnp.concatenate([edges.weight, jnp.zeros((extra,), edges.weight.dtype)]))
+
+
+def edge_aggregate(tree: PyTree, edges: EdgeList, num_nodes: int,
+                   edge_chunk: int = 4096) -> PyTree:
+    """``out[i] = sum_{e: dst_e = i} weight_e * x[src_e]`` for every leaf ``x: [N, ...]``.
+
+    Edges are processed ``edge_chunk`` at a time in a scan, so at most ``edge_chunk`` messages
+    exist at once; the result has the nodes' shapes.
+    """
+    chunk = max(1, min(edge_chunk, edges.num_edges))
+    edges = pad_edges(edges, chunk)
+    n_chunks = edges.num_edges // chunk
+    src = edges.src.reshape(n_chunks, chunk)
+    dst = edges.dst.reshape(n_chunks, chunk)
+    w = edges.weight.reshape(n_chunks, chunk)
+
+    def one_leaf(x):
+        def body(acc, e):
+            s, d, ww = e
+            msg = x[s] * ww.astype(x.dtype).reshape((-1,) + (1,) * (x.ndim - 1))
+            return acc + jax.ops.segment_sum(msg, d, num_segments=num_nodes), None
+
+        acc, _ = jax.lax.scan(body, jnp.zeros((num_nodes, *x.shape[1:]), x.dtype), (src, dst, w))
+        return acc
+
+    return jax.tree.map(one_leaf, tree)

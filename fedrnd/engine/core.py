@@ -1,0 +1,121 @@
+"""The client engine: local training of many clients as one jitted program.
+
+An :class:`Engine` bundles what is static about client work (the model, the local schedule,
+the optimizer kinds, how the client axis is mapped). Algorithms call :meth:`Engine.train` (one
+model per client out) or :meth:`Engine.train_sum` (a weighted sum of client models out, without
+stacking them); both derive each client's random key from its id (``fold_in``), so results do
+not depend on chunking, cohort order or device count.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from fedrnd.data.federated import FederatedData
+from fedrnd.engine.clientmap import ClientMapper
+from fedrnd.engine.local import LocalSpec, LossFn, cross_entropy_loss, local_train
+from fedrnd.engine.optim import ClientHParams, ClientOptimizer
+from fedrnd.models import Model
+
+PyTree = Any
+
+
+def client_keys(key: jax.Array, client_ids: jax.Array) -> jax.Array:
+    """One key per client, ``fold_in(key, id)``: independent of order and chunking."""
+    return jax.vmap(lambda i: jax.random.fold_in(key, i))(client_ids)
+
+
+def sample_cohort(key: jax.Array, num_clients: int, cohort_size: int) -> jax.Array:
+    """``cohort_size`` distinct client ids, sorted (all clients when the sizes are equal)."""
+    if cohort_size >= num_clients:
+        return jnp.arange(num_clients)
+    return jnp.sort(jax.random.choice(key, num_clients, (cohort_size,), replace=False))
+
+
+@dataclasses.dataclass(frozen=True)
+class Engine:
+    """Static description of client work. Hashable, so it can close over jitted functions."""
+
+    model: Model
+    local: LocalSpec = LocalSpec()
+    optimizer: ClientOptimizer = ClientOptimizer()
+    mapper: ClientMapper = ClientMapper()
+    schedule: Callable[[jax.Array], jax.Array] | None = None
+    loss: LossFn | None = None
+
+    @property
+    def loss_fn(self) -> LossFn:
+        return self.loss or cross_entropy_loss(self.model.apply)
+
+    def lr_scale(self, round_idx: jax.Array) -> jax.Array:
+        return jnp.ones(()) if self.schedule is None else self.schedule(round_idx)
+
+    def _per_client(self, data: FederatedData, hp: ClientHParams, ids: jax.Array | None,
+                    key: jax.Array) -> dict[str, jax.Array]:
+        c = data.num_clients
+        ids_ = jnp.arange(c) if ids is None else ids
+        take = (lambda a: a) if ids is None else (lambda a: a[ids])
+        return dict(idx=take(data.train_idx), count=take(data.train_count),
+                    key=client_keys(key, ids_), kind=take(hp.kind), lr=take(hp.lr),
+                    mu=take(hp.prox_mu), id=ids_)
+
+    def _one(self, client, params, opt_state, x, y, lr_scale, prox_mu):
+        if opt_state is None:
+            opt_state = self.optimizer.init(params)
+        mu = client["mu"] if prox_mu is None else prox_mu
+        return local_train(self.loss_fn, self.optimizer, self.local, params, opt_state, x, y,
+                           client["idx"], client["count"], client["key"], client["kind"],
+                           client["lr"] * lr_scale, mu)
+
+    def train(self, params: PyTree, data: FederatedData, hp: ClientHParams, key: jax.Array,
+              round_idx: jax.Array, *, ids: jax.Array | None = None,
+              client_params: PyTree | None = None, opt_state: PyTree | None = None,
+              prox_mu: float | None = None) -> tuple[PyTree, PyTree, dict[str, jax.Array]]:
+        """Train a cohort; returns per-client ``(params, opt_state, metrics)``, each ``[M, ...]``.
+
+        Args:
+          params: a shared start model (ignored when ``client_params`` is given).
+          client_params: per-client start models ``[M, ...]`` (personalised / clustered methods).
+          opt_state: per-client persistent optimizer state ``[M, ...]``; ``None`` = fresh.
+          ids: the cohort's client ids ``[M]`` (``None`` = all clients, no gather).
+          prox_mu: a proximal weight for all clients (FedProx); ``None`` = per-client ``hp``.
+        """
+        per = self._per_client(data, hp, ids, key)
+        if client_params is not None:
+            per["params"] = client_params
+        if opt_state is not None:
+            per["opt_state"] = opt_state
+        scale = self.lr_scale(round_idx)
+
+        def fn(client, shared):
+            p0, x, y = shared
+            p = client.get("params", p0)
+            return self._one(client, p, client.get("opt_state"), x, y, scale, prox_mu)
+
+        shared = (None if client_params is not None else params, data.x, data.y)
+        return self.mapper.map(fn, per, shared)
+
+    def train_sum(self, params: PyTree, data: FederatedData, hp: ClientHParams, key: jax.Array,
+                  round_idx: jax.Array, *, ids: jax.Array | None = None,
+                  prox_mu: float | None = None) -> tuple[PyTree, jax.Array, dict[str, jax.Array]]:
+        """Train a cohort from one shared model and return ``(sum_c n_c w_c, sum_c n_c, metrics)``.
+
+        ``n_c`` is the client's training-set size (FedAvg's weights). Metrics are sums over the
+        cohort (``loss`` weighted by ``n_c``, ``steps``), so memory stays that of one model.
+        """
+        per = self._per_client(data, hp, ids, key)
+        scale = self.lr_scale(round_idx)
+
+        def fn(client, shared):
+            p0, x, y = shared
+            p, _, m = self._one(client, p0, None, x, y, scale, prox_mu)
+            n = client["count"].astype(jnp.float32)
+            return (jax.tree.map(lambda a: n * a, p), n,
+                    {"loss": n * m["loss"], "steps": m["steps"].astype(jnp.float32)})
+
+        return self.mapper.sum(fn, per, (params, data.x, data.y))

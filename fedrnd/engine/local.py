@@ -1,0 +1,147 @@
+"""Local training of one client: a pure function, scanned over steps, masked for ragged data.
+
+What an epoch means for ragged clients: client ``c`` with ``n_c`` examples runs
+``ceil(n_c / B)`` real steps per epoch over a fresh random permutation of its own examples (the
+last batch may be partial; its loss is the mean over its real examples). Every client's program
+has the static length ``ceil(N_max / B)`` steps per epoch; steps past a client's own count are
+masked (parameters and optimizer state unchanged). With ``steps`` set instead of ``epochs``,
+every client runs exactly that many steps, each on ``B`` examples drawn without replacement
+from its own data (fewer when ``n_c < B``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from fedrnd.engine.optim import ClientOptimizer
+
+PyTree = Any
+LossFn = Callable[[PyTree, jax.Array, jax.Array, jax.Array], jax.Array]
+"""``loss(params, x [B,...], y [B], mask [B]) -> scalar`` (mean over real examples)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalSpec:
+    """Static description of a client's local work per round."""
+
+    batch_size: int = 32
+    epochs: int = 1
+    steps: int | None = None
+
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.steps is None and self.epochs < 1:
+            raise ValueError(f"local epochs must be >= 1, got {self.epochs}")
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"local steps must be >= 1, got {self.steps}")
+
+    def steps_per_epoch(self, max_count: int) -> int:
+        return -(-max_count // self.batch_size)
+
+    def total_steps(self, max_count: int) -> int:
+        if self.steps is not None:
+            return self.steps
+        return self.epochs * self.steps_per_epoch(max_count)
+
+
+def cross_entropy_loss(apply: Callable[[PyTree, jax.Array], jax.Array]) -> LossFn:
+    """Masked mean softmax cross-entropy of a model's logits."""
+
+    def loss(params, x, y, mask):
+        logits = apply(params, x)
+        per = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+        return jnp.sum(per * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+    return loss
+
+
+def _tree_where(pred, a, b):
+    return jax.tree.map(lambda u, v: jnp.where(pred, u, v), a, b)
+
+
+def _sq_dist(a: PyTree, b: PyTree) -> jax.Array:
+    return sum(jnp.sum((u - v) ** 2) for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b),
+                                                      strict=True))
+
+
+def local_train(
+    loss_fn: LossFn,
+    optimizer: ClientOptimizer,
+    spec: LocalSpec,
+    params: PyTree,
+    opt_state: PyTree,
+    x_pool: jax.Array,
+    y_pool: jax.Array,
+    idx: jax.Array,
+    count: jax.Array,
+    key: jax.Array,
+    kind: jax.Array,
+    lr: jax.Array,
+    prox_mu: jax.Array | float = 0.0,
+    anchor: PyTree | None = None,
+) -> tuple[PyTree, PyTree, dict[str, jax.Array]]:
+    """Train one client. Returns ``(params, opt_state, {"loss", "steps"})``.
+
+    Args:
+      x_pool, y_pool: the shared pool ``[P, ...]``, ``[P]``.
+      idx: ``[N]`` the client's rows into the pool; ``count``: how many are real.
+      kind, lr: the client's optimizer kind index and learning rate (scalars).
+      prox_mu, anchor: FedProx term ``(mu / 2) ||w - anchor||^2`` (anchor defaults to ``params``
+        at the start of the round).
+    """
+    n_max = idx.shape[0]
+    b = min(spec.batch_size, n_max)
+    anchor = params if anchor is None else anchor
+
+    def objective(p, x, y, mask):
+        return loss_fn(p, x, y, mask) + 0.5 * prox_mu * _sq_dist(p, anchor)
+
+    grad_fn = jax.value_and_grad(objective)
+
+    def step(carry, positions, valid, active):
+        p, s = carry
+        rows = idx[positions]
+        x, y = x_pool[rows], y_pool[rows]
+        loss, g = grad_fn(p, x, y, valid.astype(x.dtype))
+        u, s2 = optimizer.update(g, s, p, kind, lr)
+        p2 = optax.apply_updates(p, u)
+        return (_tree_where(active, p2, p), _tree_where(active, s2, s)), jnp.where(active, loss, 0.0)
+
+    j = jnp.arange(n_max)
+    if spec.steps is None:
+        spe = spec.steps_per_epoch(n_max)
+        pad = spe * b - n_max
+
+        def epoch(carry, e):
+            u = jax.random.uniform(jax.random.fold_in(key, e), (n_max,))
+            perm = jnp.argsort(jnp.where(j < count, u, 2.0))
+            perm = jnp.concatenate([perm, jnp.zeros((pad,), perm.dtype)]).reshape(spe, b)
+            pos = jnp.arange(spe * b).reshape(spe, b)
+
+            def inner(c, t):
+                return step(c, perm[t], pos[t] < count, t * b < count)
+
+            return jax.lax.scan(inner, carry, jnp.arange(spe))
+
+        (params, opt_state), losses = jax.lax.scan(epoch, (params, opt_state),
+                                                   jnp.arange(spec.epochs))
+        losses = losses.reshape(-1)
+        n_steps = spec.epochs * jnp.minimum(-(-count // b), spe)
+    else:
+        def draw(carry, t):
+            u = jax.random.uniform(jax.random.fold_in(key, t), (n_max,))
+            _, positions = jax.lax.top_k(jnp.where(j < count, u, -1.0), b)
+            return step(carry, positions, jnp.arange(b) < count, jnp.asarray(True))
+
+        (params, opt_state), losses = jax.lax.scan(draw, (params, opt_state),
+                                                   jnp.arange(spec.steps))
+        n_steps = jnp.asarray(spec.steps)
+    mean_loss = jnp.sum(losses) / jnp.maximum(n_steps, 1)
+    return params, opt_state, {"loss": mean_loss, "steps": n_steps}

@@ -1,0 +1,30 @@
+"""Task models as pure ``(init, apply)`` pairs.
+
+Every model is a :class:`Model`: ``init(key) -> params`` and ``apply(params, x) -> logits`` with
+``x: [B, *feature_shape]`` and ``logits: [B, num_classes]``. Any flax module plugs in through
+:func:`from_flax`; the built-in ones are registered in :data:`MODELS` by name.
+"""
+
+from fedrnd.models._core import (
+    MODELS,
+    CNN,
+    MLP,
+    LogisticRegression,
+    Model,
+    ResNet,
+    count_flops,
+    from_flax,
+    make_model,
+)
+
+__all__ = [
+    "CNN",
+    "MLP",
+    "MODELS",
+    "LogisticRegression",
+    "Model",
+    "ResNet",
+    "count_flops",
+    "from_flax",
+    "make_model",
+]

@@ -1,0 +1,170 @@
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Params = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+    """A pure model: ``init(key) -> params``, ``apply(params, x) -> logits``.
+
+    ``feature_shape`` is the shape of one example; ``apply`` takes a batch ``[B, *feature_shape]``.
+    """
+
+    init: Callable[[jax.Array], Params]
+    apply: Callable[[Params, jax.Array], jax.Array]
+    feature_shape: tuple[int, ...]
+    num_classes: int
+    name: str = "model"
+
+    def num_params(self) -> int:
+        shapes = jax.eval_shape(self.init, jax.random.key(0))
+        return int(sum(np.prod(s.shape) for s in jax.tree_util.tree_leaves(shapes)))
+
+
+def from_flax(module: nn.Module, feature_shape: Sequence[int], num_classes: int,
+              name: str | None = None) -> Model:
+    """Wrap any flax linen module whose ``__call__(x)`` maps ``[B, *feature_shape]`` to logits."""
+    feature_shape = tuple(int(s) for s in feature_shape)
+
+    def init(key: jax.Array) -> Params:
+        return module.init(key, jnp.zeros((1, *feature_shape), jnp.float32))["params"]
+
+    def apply(params: Params, x: jax.Array) -> jax.Array:
+        return module.apply({"params": params}, x)
+
+    return Model(init, apply, feature_shape, int(num_classes), name or type(module).__name__)
+
+
+class LogisticRegression(nn.Module):
+    """Multinomial logistic regression on flattened inputs."""
+
+    num_classes: int
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(self.num_classes)(x.reshape(x.shape[0], -1))
+
+
+class MLP(nn.Module):
+    """Fully connected ReLU network on flattened inputs, e.g. 784-200-200-10 (McMahan et al.)."""
+
+    num_classes: int
+    hidden: Sequence[int] = (200, 200)
+
+    @nn.compact
+    def __call__(self, x):
+        x = x.reshape(x.shape[0], -1)
+        for h in self.hidden:
+            x = nn.relu(nn.Dense(h)(x))
+        return nn.Dense(self.num_classes)(x)
+
+
+class CNN(nn.Module):
+    """LeNet-style CNN: two conv(5x5)+ReLU+maxpool(2) blocks, then dense layers (McMahan et al.)."""
+
+    num_classes: int
+    channels: Sequence[int] = (32, 64)
+    dense: int = 512
+    kernel: int = 5
+
+    @nn.compact
+    def __call__(self, x):
+        for ch in self.channels:
+            x = nn.relu(nn.Conv(ch, (self.kernel, self.kernel), padding="SAME")(x))
+            x = nn.max_pool(x, (2, 2), strides=(2, 2), padding="SAME")
+        x = x.reshape(x.shape[0], -1)
+        x = nn.relu(nn.Dense(self.dense)(x))
+        return nn.Dense(self.num_classes)(x)
+
+
+class _ResBlock(nn.Module):
+    channels: int
+    stride: int
+
+    @nn.compact
+    def __call__(self, x):
+        # GroupNorm, not BatchNorm: batch statistics are per client and do not average well.
+        y = nn.Conv(self.channels, (3, 3), strides=self.stride, padding="SAME", use_bias=False)(x)
+        y = nn.relu(nn.GroupNorm(num_groups=min(8, self.channels))(y))
+        y = nn.Conv(self.channels, (3, 3), padding="SAME", use_bias=False)(y)
+        y = nn.GroupNorm(num_groups=min(8, self.channels))(y)
+        if self.stride != 1 or x.shape[-1] != self.channels:
+            x = nn.Conv(self.channels, (1, 1), strides=self.stride, use_bias=False)(x)
+        return nn.relu(x + y)
+
+
+class ResNet(nn.Module):
+    """A small pre-activation-free ResNet with GroupNorm (CIFAR-scale; ResNet-8/20 style)."""
+
+    num_classes: int
+    stages: Sequence[int] = (16, 32, 64)
+    blocks_per_stage: int = 1
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Conv(self.stages[0], (3, 3), padding="SAME", use_bias=False)(x)
+        x = nn.relu(nn.GroupNorm(num_groups=min(8, self.stages[0]))(x))
+        for i, ch in enumerate(self.stages):
+            for b in range(self.blocks_per_stage):
+                x = _ResBlock(ch, 2 if (b == 0 and i > 0) else 1)(x)
+        x = jnp.mean(x, axis=(1, 2))
+        return nn.Dense(self.num_classes)(x)
+
+
+def _as_tuple(v: Any) -> tuple[int, ...]:
+    return (int(v),) if isinstance(v, int) else tuple(int(u) for u in v)
+
+
+def _mlp(num_classes: int, hidden: Sequence[int] = (200, 200)) -> nn.Module:
+    return MLP(num_classes, _as_tuple(hidden))
+
+
+def _cnn(num_classes: int, channels: Sequence[int] = (32, 64), dense: int = 512,
+         kernel: int = 5) -> nn.Module:
+    return CNN(num_classes, _as_tuple(channels), int(dense), int(kernel))
+
+
+def _resnet(num_classes: int, stages: Sequence[int] = (16, 32, 64),
+            blocks_per_stage: int = 1) -> nn.Module:
+    return ResNet(num_classes, _as_tuple(stages), int(blocks_per_stage))
+
+
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    "logreg": lambda num_classes: LogisticRegression(num_classes),
+    "mlp": _mlp,
+    "cnn": _cnn,
+    "resnet": _resnet,
+}
+
+
+def make_model(name: str, feature_shape: Sequence[int], num_classes: int, **kwargs: Any) -> Model:
+    """Build a registered model by name; ``kwargs`` go to the module (e.g. ``hidden=[200, 200]``)."""
+    if name not in MODELS:
+        raise ValueError(f"model.name={name!r} is unknown; allowed: {sorted(MODELS)}")
+    try:
+        module = MODELS[name](num_classes, **kwargs)
+    except TypeError as e:
+        raise ValueError(f"bad options for model {name!r}: {e}") from None
+    if name in ("cnn", "resnet") and len(tuple(feature_shape)) != 3:
+        raise ValueError(f"model {name!r} needs image inputs [H, W, C], got feature shape "
+                         f"{tuple(feature_shape)}")
+    return from_flax(module, feature_shape, num_classes, name)
+
+
+def count_flops(model: Model, batch: int = 1) -> float:
+    """Forward FLOPs for a batch, from XLA's cost analysis (multiply-adds count as 2)."""
+    params = jax.eval_shape(model.init, jax.random.key(0))
+    x = jax.ShapeDtypeStruct((batch, *model.feature_shape), jnp.float32)
+    cost = jax.jit(model.apply).lower(params, x).compile().cost_analysis()
+    if isinstance(cost, list):
+        cost = cost[0]
+    return float(cost.get("flops", 0.0)) if cost else 0.0
