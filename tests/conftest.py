@@ -1,0 +1,41 @@
+"""Shared fixtures: small federated data sets built from random numpy arrays."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pytest
+
+from fedrnd.data import Dataset, FederatedData, Partition, build_federated
+
+
+def gaussian_federated(counts: Sequence[int], test_counts: Sequence[int] | None = None,
+                       dim: int = 4, num_classes: int = 3, sep: float = 1.0,
+                       seed: int = 0) -> FederatedData:
+    """Clients with disjoint rows of a Gaussian-classes data set (class means scaled by ``sep``).
+
+    Client ``c`` owns ``counts[c]`` train rows and ``test_counts[c]`` test rows (default 5).
+    """
+    rng = np.random.default_rng(seed)
+    counts = [int(n) for n in counts]
+    test_counts = [5] * len(counts) if test_counts is None else [int(n) for n in test_counts]
+    means = rng.normal(size=(num_classes, dim)) * sep
+
+    def draw(n):
+        y = rng.integers(0, num_classes, n).astype(np.int32)
+        return (means[y] + rng.normal(size=(n, dim))).astype(np.float32), y
+
+    x_tr, y_tr = draw(sum(counts))
+    x_te, y_te = draw(sum(test_counts))
+    split = lambda ns: np.split(np.arange(sum(ns)), np.cumsum(ns)[:-1])  # noqa: E731
+    ds = Dataset(x_tr, y_tr, x_te, y_te, num_classes, "gauss")
+    part = Partition(split(counts), split(test_counts),
+                     np.arange(len(counts), dtype=np.int32) % 2)
+    return build_federated(ds, part)
+
+
+@pytest.fixture
+def make_federated():
+    """Factory fixture: ``make_federated(counts, test_counts=None, dim=4, num_classes=3, ...)``."""
+    return gaussian_federated
