@@ -7,5 +7,46 @@ from fedrnd.data.federated import (
     build_federated,
     estimate_bytes,
 )
+from fedrnd.data.partition import (
+    DATASET_PARTITIONS,
+    PARTITIONS,
+    DirichletSplit,
+    IIDSplit,
+    QuantitySkew,
+    ShardSplit,
+    dirichlet,
+    feature_pattern,
+    feature_patterns,
+    grouped,
+    iid,
+    label_permutation,
+    make_partition,
+    natural,
+    partition_data,
+    quantity_skew,
+    rotation,
+    shards,
+)
+from fedrnd.data.sources import (
+    SOURCES,
+    TFDS_NAMES,
+    digits,
+    fashion_mnist,
+    gaussian_mixture,
+    load_source,
+    read_idx,
+    synthetic,
+    tfds_source,
+)
 
-__all__ = ["Dataset", "FederatedData", "Partition", "build_federated", "estimate_bytes"]
+__all__ = [
+    "Dataset", "FederatedData", "Partition", "build_federated", "estimate_bytes",
+    # partitioners
+    "DATASET_PARTITIONS", "PARTITIONS", "DirichletSplit", "IIDSplit", "QuantitySkew",
+    "ShardSplit", "dirichlet", "feature_pattern", "feature_patterns", "grouped", "iid",
+    "label_permutation", "make_partition", "natural", "partition_data", "quantity_skew",
+    "rotation", "shards",
+    # sources
+    "SOURCES", "TFDS_NAMES", "digits", "fashion_mnist", "gaussian_mixture", "load_source",
+    "read_idx", "synthetic", "tfds_source",
+]
