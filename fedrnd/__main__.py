@@ -1,0 +1,5 @@
+import sys
+
+from fedrnd.cli.main import main
+
+sys.exit(main())

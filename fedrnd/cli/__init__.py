@@ -1,0 +1,1 @@
+"""Command line: ``fedrnd run CONFIG [--set key=value ...] [--resume]`` and ``fedrnd list``."""

@@ -1,0 +1,39 @@
+"""Checkpoints with orbax: the method's whole state plus the driver's host-side counters."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class Checkpointer:
+    """Keeps the last ``max_to_keep`` checkpoints of one method's run in ``directory``."""
+
+    def __init__(self, directory: Path, max_to_keep: int = 2):
+        self._mgr = ocp.CheckpointManager(
+            Path(directory).absolute(),
+            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
+
+    def latest(self) -> int | None:
+        return self._mgr.latest_step()
+
+    def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
+        self._mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                     meta=ocp.args.JsonSave(meta)), force=True)
+        self._mgr.wait_until_finished()
+
+    def restore(self, like: Any) -> tuple[Any, dict[str, Any]]:
+        """Restore the latest checkpoint into the structure (and shardings) of ``like``."""
+        step = self._mgr.latest_step()
+        if step is None:
+            raise FileNotFoundError("no checkpoint to resume from")
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+        out = self._mgr.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+        return out["state"], out["meta"]
+
+    def close(self) -> None:
+        self._mgr.close()

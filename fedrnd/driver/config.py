@@ -1,0 +1,274 @@
+"""Typed run configuration: plain data, loadable from TOML, overridable with ``key=value``.
+
+A config file is TOML; every field below can be set in it or on the command line with
+``--set section.field=value`` (values parsed as TOML: ``--set local.lr=0.1``,
+``--set 'algorithms=["fedavg","local"]'``). :func:`validate` checks every field against its
+allowed values before anything is loaded or compiled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+
+@dataclasses.dataclass
+class DataConfig:
+    """What data and how it is split. ``source``: a name from ``fedrnd list`` or ``tfds:<name>``."""
+
+    source: str = "digits"
+    source_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    partition: str = "rotation"
+    partition_options: dict[str, Any] = dataclasses.field(
+        default_factory=lambda: {"num_groups": 4})
+    num_clients: int = 20
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    """Task model by name (``logreg``, ``mlp``, ``cnn``, ``resnet``) and its options."""
+
+    name: str = "mlp"
+    options: dict[str, Any] = dataclasses.field(default_factory=lambda: {"hidden": [64]})
+
+
+@dataclasses.dataclass
+class LocalConfig:
+    """Local training of every client per round.
+
+    ``optimizer``: one kind, or a mix ``{sgd = 0.5, adam = 0.5}``; ``lr``: one value or per kind.
+    ``steps`` (if set) replaces ``epochs``. ``schedule``: lr multiplier over rounds.
+    """
+
+    batch_size: int = 16
+    epochs: int = 1
+    steps: int | None = None
+    optimizer: str | dict[str, float] = "sgd"
+    lr: float | dict[str, float] = 0.1
+    prox_mu: float = 0.0
+    optimizer_options: dict[str, float] = dataclasses.field(default_factory=dict)
+    schedule: str = "constant"
+    schedule_options: dict[str, float] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class AlgorithmConfig:
+    """One method to run: its registered ``name``, ``options`` and a ``label`` for outputs."""
+
+    name: str = "fedavg"
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    label: str | None = None
+
+    @property
+    def tag(self) -> str:
+        return self.label or self.name
+
+
+@dataclasses.dataclass
+class Config:
+    """A whole simulation: data, model, local training, methods to compare, schedule, outputs."""
+
+    name: str = "default"
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    local: LocalConfig = dataclasses.field(default_factory=LocalConfig)
+    algorithms: list[AlgorithmConfig] = dataclasses.field(
+        default_factory=lambda: [AlgorithmConfig("fedavg"), AlgorithmConfig("local")])
+    rounds: int = 30
+    seed: int = 0
+    cohort_size: int | None = None
+    eval_every: int = 5
+    checkpoint_every: int = 10
+    out_dir: str = "runs"
+    chunk_size: int | None = None
+    num_devices: int = 1
+    eval_batch: int = 0
+    tensorboard: bool = False
+    progress: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_SECTIONS = {"data": DataConfig, "model": ModelConfig, "local": LocalConfig}
+
+
+def _build(cls: type, raw: dict[str, Any], where: str) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ValueError(f"config: unknown field(s) {[f'{where}{u}' for u in unknown]}; "
+                         f"allowed in {where or 'top level'}: {sorted(fields)}")
+    return cls(**raw)
+
+
+def from_dict(raw: dict[str, Any]) -> Config:
+    """Build a :class:`Config` from nested plain data (as read from TOML/JSON)."""
+    raw = dict(raw)
+    kw: dict[str, Any] = {}
+    for name, cls in _SECTIONS.items():
+        if name in raw:
+            section = raw.pop(name)
+            if not isinstance(section, dict):
+                raise ValueError(f"config: [{name}] must be a table, got {section!r}")
+            kw[name] = _build(cls, section, f"{name}.")
+    if "algorithms" in raw:
+        algs = raw.pop("algorithms")
+        if isinstance(algs, str | dict):
+            algs = [algs]
+        if not isinstance(algs, list):
+            raise ValueError("config: algorithms must be a list of names or tables")
+        kw["algorithms"] = [AlgorithmConfig(a) if isinstance(a, str)
+                            else _build(AlgorithmConfig, a, "algorithms.") for a in algs]
+    cfg = _build(Config, {**raw, **kw}, "")
+    return cfg
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides to nested plain data (list items by index: ``algorithms.0``)."""
+    raw = json.loads(json.dumps(raw))
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"--set expects key=value, got {item!r}")
+        key, text = item.split("=", 1)
+        parts = key.strip().split(".")
+        node: Any = raw
+        for p in parts[:-1]:
+            if isinstance(node, list):
+                node = node[int(p)]
+            else:
+                node = node.setdefault(p, {})
+        last = parts[-1]
+        if isinstance(node, list):
+            node[int(last)] = _parse_value(text)
+        else:
+            node[last] = _parse_value(text)
+    return raw
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a TOML config (``None`` = built-in defaults) and apply ``--set`` overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"config file {str(p)!r} does not exist")
+        with open(p, "rb") as f:
+            try:
+                raw = tomllib.load(f)
+            except tomllib.TOMLDecodeError as e:
+                raise ValueError(f"config file {str(p)!r} is not valid TOML: {e}") from None
+    if overrides:
+        # Overrides act on the fully resolved tree, so any field can be set, even one the
+        # file leaves at its default.
+        raw = apply_overrides(from_dict(raw).to_dict(), overrides)
+    return validate(from_dict(raw))
+
+
+def _check_type(value: Any, hint: Any, where: str) -> None:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if hint is Any:
+        return
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        errs = []
+        for a in args:
+            try:
+                _check_type(value, a, where)
+                return
+            except ValueError as e:
+                errs.append(str(e))
+        raise ValueError(f"config: {where} = {value!r} has the wrong type; expected {hint}")
+    if hint is type(None):
+        if value is not None:
+            raise ValueError(f"config: {where} must be empty")
+        return
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"config: {where} must be a table, got {value!r}")
+        return
+    if origin is list:
+        if not isinstance(value, list):
+            raise ValueError(f"config: {where} must be a list, got {value!r}")
+        return
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+        return
+    if isinstance(hint, type) and (not isinstance(value, hint) or
+                                   (hint is int and isinstance(value, bool))):
+        raise ValueError(f"config: {where} = {value!r} must be of type {hint.__name__}")
+
+
+def _check_types(obj: Any, prefix: str = "") -> None:
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        _check_type(v, hints[f.name], prefix + f.name)
+        if dataclasses.is_dataclass(v):
+            _check_types(v, prefix + f.name + ".")
+
+
+def validate(cfg: Config) -> Config:
+    """Check every field; raise ``ValueError`` naming the field and the allowed values."""
+    from fedrnd.algorithms import ALGORITHMS, algorithm_options
+    from fedrnd.engine.optim import OPTIMIZERS
+    from fedrnd.models import MODELS
+
+    _check_types(cfg)
+    for i, a in enumerate(cfg.algorithms):
+        _check_types(a, f"algorithms.{i}.")
+
+    def need(cond: bool, msg: str) -> None:
+        if not cond:
+            raise ValueError(f"config: {msg}")
+
+    need(cfg.rounds >= 1, f"rounds must be >= 1, got {cfg.rounds}")
+    need(cfg.eval_every >= 1, f"eval_every must be >= 1, got {cfg.eval_every}")
+    need(cfg.checkpoint_every >= 0, f"checkpoint_every must be >= 0 (0 = never), got "
+                                    f"{cfg.checkpoint_every}")
+    need(cfg.data.num_clients >= 1, f"data.num_clients must be >= 1, got {cfg.data.num_clients}")
+    need(cfg.cohort_size is None or 1 <= cfg.cohort_size <= cfg.data.num_clients,
+         f"cohort_size must be in [1, data.num_clients={cfg.data.num_clients}], got "
+         f"{cfg.cohort_size}")
+    need(cfg.chunk_size is None or cfg.chunk_size >= 1,
+         f"chunk_size must be >= 1 (or unset for the backend default), got {cfg.chunk_size}")
+    need(cfg.num_devices >= 1, f"num_devices must be >= 1, got {cfg.num_devices}")
+    need(cfg.model.name in MODELS, f"model.name={cfg.model.name!r} is unknown; allowed: "
+                                   f"{sorted(MODELS)}")
+    loc = cfg.local
+    need(loc.batch_size >= 1, f"local.batch_size must be >= 1, got {loc.batch_size}")
+    need(loc.epochs >= 1, f"local.epochs must be >= 1, got {loc.epochs}")
+    need(loc.steps is None or loc.steps >= 1, f"local.steps must be >= 1, got {loc.steps}")
+    kinds = [loc.optimizer] if isinstance(loc.optimizer, str) else list(loc.optimizer)
+    for k in kinds:
+        need(k in OPTIMIZERS, f"local.optimizer {k!r} is unknown; allowed: {list(OPTIMIZERS)}")
+    lrs = [loc.lr] if not isinstance(loc.lr, dict) else list(loc.lr.values())
+    need(all(isinstance(v, int | float) and v > 0 for v in lrs),
+         f"local.lr must be > 0, got {loc.lr}")
+    need(loc.prox_mu >= 0, f"local.prox_mu must be >= 0, got {loc.prox_mu}")
+    need(loc.schedule in ("constant", "exponential", "cosine", "step"),
+         f"local.schedule={loc.schedule!r} is unknown; allowed: constant, exponential, cosine, "
+         "step")
+    need(len(cfg.algorithms) >= 1, "algorithms must list at least one method")
+    tags = [a.tag for a in cfg.algorithms]
+    need(len(set(tags)) == len(tags), f"algorithms need distinct labels, got {tags}")
+    for i, a in enumerate(cfg.algorithms):
+        need(a.name in ALGORITHMS, f"algorithms.{i}.name={a.name!r} is unknown; allowed: "
+                                   f"{sorted(ALGORITHMS)}")
+        bad = sorted(set(a.options) - set(algorithm_options(a.name)) - {"cohort_size"})
+        need(not bad, f"algorithms.{i} ({a.name}) has no option(s) {bad}; allowed: "
+                      f"{algorithm_options(a.name)}")
+    return cfg

@@ -1,0 +1,186 @@
+"""What a run leaves behind: metrics logs, metadata, summary table, accuracy plot, progress bar.
+
+Run directory layout::
+
+    <run_dir>/config.json         the resolved config
+    <run_dir>/metadata.json       versions, devices, XLA flags, git commit, data summary
+    <run_dir>/summary.md|.csv     one row per method (printed at the end)
+    <run_dir>/accuracy.png        mean client test accuracy vs round, all methods
+    <run_dir>/<method>/metrics.jsonl, metrics.csv, final.json, per_client.npz, checkpoints/
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import json
+import os
+import platform
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+
+def write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2, default=_jsonable) + "\n")
+
+
+def _jsonable(o: Any) -> Any:
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    return str(o)
+
+
+def _git_commit() -> str | None:
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
+                             text=True, timeout=5)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def run_metadata(cfg, data, dataset_info: dict[str, Any], mapper) -> dict[str, Any]:
+    import fedrnd
+
+    try:
+        import jaxlib
+        jaxlib_version = jaxlib.__version__
+    except (ImportError, AttributeError):
+        jaxlib_version = None
+    return {
+        "fedrnd": fedrnd.__version__, "jax": jax.__version__, "jaxlib": jaxlib_version,
+        "python": platform.python_version(), "platform": platform.platform(),
+        "backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()],
+        "num_devices_used": mapper.num_shards, "chunk_size": mapper.chunk,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""), "git_commit": _git_commit(),
+        "started": datetime.datetime.now().isoformat(timespec="seconds"),
+        "data": dataset_info,
+    }
+
+
+class MetricLogger:
+    """Appends per-round rows to ``metrics.jsonl`` (and TensorBoard when asked)."""
+
+    def __init__(self, out: Path, tensorboard: bool = False):
+        self._f = open(out / "metrics.jsonl", "a")  # noqa: SIM115 (closed in close())
+        self._tb = None
+        if tensorboard:
+            try:
+                from tensorboardX import SummaryWriter
+            except ImportError as e:
+                raise ImportError("tensorboard = true needs tensorboardX: "
+                                  "pip install 'fedrnd[tensorboard]'") from e
+            self._tb = SummaryWriter(str(out / "tensorboard"))
+
+    def log(self, row: dict[str, Any]) -> None:
+        self._f.write(json.dumps(row) + "\n")
+        self._f.flush()
+        if self._tb is not None:
+            for k, v in row.items():
+                if k != "round" and isinstance(v, int | float):
+                    self._tb.add_scalar(k, v, row["round"])
+
+    def close(self) -> None:
+        self._f.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_history(path: Path, upto: int) -> list[dict[str, Any]]:
+    """Rows of a metrics log with ``round <= upto`` (what a checkpoint at ``upto`` covers)."""
+    if not path.exists():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in rows if r["round"] <= upto]
+
+
+def rewrite_history(path: Path, rows: list[dict[str, Any]]) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    keys: list[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+
+
+_COLUMNS = [("test_acc/mean", "test acc (mean)"), ("test_acc/weighted", "test acc (weighted)"),
+            ("test_acc/worst10", "worst 10%"), ("train_loss/mean", "train loss"),
+            ("bytes_per_client", "MB/client"), ("time", "time (s)")]
+
+
+def summary_table(methods: dict[str, Any]) -> str:
+    """A markdown table, one row per method, of the final evaluation."""
+    head = "| method | " + " | ".join(c for _, c in _COLUMNS) + " |"
+    lines = [head, "|" + "---|" * (len(_COLUMNS) + 1)]
+    for tag, res in methods.items():
+        cells = []
+        for k, _ in _COLUMNS:
+            v = res.final.get(k, float("nan"))
+            cells.append(f"{v / 1e6:.2f}" if k == "bytes_per_client" else
+                         f"{v:.1f}" if k == "time" else f"{v:.4f}")
+        lines.append(f"| {tag} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_summary(run_dir: Path, methods: dict[str, Any]) -> None:
+    (run_dir / "summary.md").write_text(summary_table(methods) + "\n")
+    write_csv(run_dir / "summary.csv", [{"method": t, **r.final} for t, r in methods.items()])
+
+
+def plot_accuracy(path: Path, methods: dict[str, Any], title: str = "") -> None:
+    """Mean client test accuracy vs round for every method (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for tag, res in methods.items():
+        pts = [(r["round"], r["test_acc/mean"]) for r in res.history if "test_acc/mean" in r]
+        if pts:
+            xs, ys = zip(*pts, strict=True)
+            ax.plot(xs, ys, marker="o", ms=3, label=tag)
+    ax.set_xlabel("round")
+    ax.set_ylabel("mean client test accuracy")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+class _NoBar:
+    n = 0
+
+    def update(self, k: int) -> None:
+        self.n += k
+
+    def set_postfix(self, **_: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def progress(total: int, initial: int, desc: str, show: bool):
+    """A tqdm bar over rounds (a silent stand-in when ``show`` is false)."""
+    if not show:
+        bar = _NoBar()
+        bar.n = initial
+        return bar
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, unit="round", leave=True)

@@ -1,0 +1,87 @@
+"""From a validated config to the objects a run needs: federated data and the client engine."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from fedrnd.data.federated import Dataset, FederatedData, build_federated, estimate_bytes
+from fedrnd.driver.config import Config
+from fedrnd.engine import (
+    ClientHParams,
+    ClientMapper,
+    ClientOptimizer,
+    Engine,
+    LocalSpec,
+    client_hparams,
+    lr_schedule,
+    make_mesh,
+)
+from fedrnd.models import make_model
+
+
+def _accepts(fn: Callable, name: str) -> bool:
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def build_data(cfg: Config, log: Callable[[str], None] | None = None
+               ) -> tuple[FederatedData, dict[str, Any]]:
+    """Load the source, partition it over ``cfg.data.num_clients`` clients, build FederatedData."""
+    from fedrnd.data.partition import make_partition
+    from fedrnd.data.sources import SOURCES, load_source
+
+    d = cfg.data
+    opts = dict(d.source_options)
+    fn = SOURCES.get(d.source)
+    # Generators that make data per client need the client count and the run's seed.
+    if fn is not None and _accepts(fn, "num_clients"):
+        opts.setdefault("num_clients", d.num_clients)
+    if fn is not None and _accepts(fn, "seed"):
+        opts.setdefault("seed", cfg.seed)
+    dataset: Dataset = load_source(d.source, **opts)
+    part = make_partition(d.partition, dataset, d.num_clients, seed=cfg.seed,
+                          **d.partition_options)
+    if isinstance(part, tuple):  # partitions that relabel return (dataset', partition)
+        dataset, part = part
+    need = estimate_bytes(dataset, part)
+    if log:
+        log(f"data: {dataset.name}, {part.num_clients} clients, partition {part.name or d.partition}"
+            f", {need / 2**20:.1f} MiB on device")
+    data = build_federated(dataset, part)
+    info = {"source": dataset.name, "partition": part.name, "clients": part.num_clients,
+            "train_examples": int(np.asarray(data.train_count).sum()),
+            "test_examples": int(np.asarray(data.test_count).sum()),
+            "pool_rows": int(data.x.shape[0]), "device_bytes": need,
+            "feature_shape": list(data.feature_shape), "num_classes": data.num_classes,
+            "groups": int(np.max(np.asarray(data.group))) + 1}
+    return data, info
+
+
+def build_engine(cfg: Config, data: FederatedData) -> tuple[Engine, ClientHParams, ClientMapper]:
+    """The task model, local schedule, per-client optimizers and the client map of a run."""
+    loc = cfg.local
+    model = make_model(cfg.model.name, data.feature_shape, data.num_classes, **cfg.model.options)
+    opt, hp = client_hparams(data.num_clients, optimizer=loc.optimizer, lr=loc.lr,
+                             prox_mu=loc.prox_mu, seed=cfg.seed)
+    opt = ClientOptimizer(opt.kinds, tuple(sorted(loc.optimizer_options.items())))
+    schedule = None
+    if loc.schedule != "constant":
+        opts = dict(loc.schedule_options)
+        if loc.schedule == "cosine":
+            opts.setdefault("rounds", cfg.rounds)
+        schedule = lr_schedule(loc.schedule, **opts)
+    mesh = make_mesh(cfg.num_devices) if cfg.num_devices > 1 else None
+    mapper = ClientMapper(cfg.chunk_size, mesh)
+    if mesh is not None:
+        mapper._check_divisible(data.train_count)
+        if cfg.cohort_size is not None:
+            mapper._check_divisible(np.zeros(cfg.cohort_size))
+    spec = LocalSpec(loc.batch_size, loc.epochs, loc.steps)
+    hp = mapper.shard(hp)
+    return Engine(model, spec, opt, mapper, schedule), hp, mapper

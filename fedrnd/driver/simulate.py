@@ -1,0 +1,258 @@
+"""The driver: a thin host loop around jitted blocks of rounds.
+
+For each method in the config, the driver builds the state, then repeatedly runs a *block* of
+rounds (one ``lax.scan`` of the method's pure ``round``, compiled once) up to the next
+evaluation, checkpoint or host hook; between blocks it evaluates, logs, checkpoints and calls the
+method's host hook. Round ``r`` always uses the key ``fold_in(key(seed), r)``, so an
+interrupted run resumed from its last checkpoint ends with the same result as an uninterrupted
+one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fedrnd.algorithms import Algorithm, make_algorithm
+from fedrnd.data.federated import FederatedData
+from fedrnd.driver import outputs
+from fedrnd.driver.checkpoint import Checkpointer
+from fedrnd.driver.config import AlgorithmConfig, Config, from_dict, load_config, validate
+from fedrnd.driver.setup import build_data, build_engine
+from fedrnd.engine import ClientHParams, Engine, evaluate_clients, summarize
+
+
+@dataclasses.dataclass
+class MethodResult:
+    """One method's outcome: per-round history, final evaluation summary, per-client ledger."""
+
+    label: str
+    history: list[dict[str, Any]]
+    final: dict[str, float]
+    per_client: dict[str, np.ndarray]
+    bytes_up: np.ndarray
+    bytes_down: np.ndarray
+    state: Any = None
+    wall_time: float = 0.0
+
+
+@dataclasses.dataclass
+class SimulationResult:
+    """What :func:`simulate` returns: the run directory and each method's :class:`MethodResult`."""
+
+    config: Config
+    run_dir: Path
+    methods: dict[str, MethodResult]
+    data: FederatedData | None = None
+
+    def table(self) -> str:
+        return outputs.summary_table(self.methods)
+
+    def final(self, label: str, key: str = "test_acc/mean") -> float:
+        return self.methods[label].final[key]
+
+
+def _as_config(config: Config | dict | str | Path | None) -> Config:
+    if config is None:
+        return validate(Config())
+    if isinstance(config, Config):
+        return validate(config)
+    if isinstance(config, dict):
+        return validate(from_dict(config))
+    return load_config(config)
+
+
+def simulate(config: Config | dict | str | Path | None = None, *, resume: bool = False,
+             run_dir: str | Path | None = None, progress: bool | None = None,
+             data: FederatedData | None = None, verbose: bool = True) -> SimulationResult:
+    """Run every method of ``config`` on the same data and initial weights.
+
+    Args:
+      config: a :class:`Config`, a nested dict, a TOML path, or ``None`` for the defaults.
+      resume: continue from the last checkpoint in ``run_dir`` instead of starting afresh.
+      run_dir: where outputs go (default ``<out_dir>/<name>``); a fresh run clears it.
+      data: a prebuilt :class:`FederatedData` (skips ``config.data``).
+    """
+    cfg = _as_config(config)
+    show = cfg.progress if progress is None else progress
+    run_dir = Path(run_dir) if run_dir is not None else Path(cfg.out_dir) / cfg.name
+    if run_dir.exists() and not resume:
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    if data is None:
+        data, dataset_info = build_data(cfg, log=print if verbose else None)
+    else:
+        dataset_info = {"name": data.name, "clients": data.num_clients}
+    engine, hp, mapper = build_engine(cfg, data)
+    data = dataclasses.replace(data, **{k: mapper.shard(v)
+                                        for k, v in data.client_arrays().items()})
+    algorithms = []
+    for a in cfg.algorithms:
+        alg = _make(a, engine, cfg)
+        alg.validate(data)
+        algorithms.append((a.tag, alg))
+
+    outputs.write_json(run_dir / "config.json", cfg.to_dict())
+    outputs.write_json(run_dir / "metadata.json",
+                       outputs.run_metadata(cfg, data, dataset_info, mapper))
+    results = {}
+    for tag, alg in algorithms:
+        results[tag] = _run_method(cfg, tag, alg, data, hp, run_dir / tag, resume, show,
+                                   verbose)
+    result = SimulationResult(cfg, run_dir, results, data)
+    outputs.write_summary(run_dir, results)
+    outputs.plot_accuracy(run_dir / "accuracy.png", results, title=cfg.name)
+    if verbose:
+        print(result.table())
+        print(f"outputs: {run_dir}")
+    return result
+
+
+def _make(a: AlgorithmConfig, engine: Engine, cfg: Config) -> Algorithm:
+    opts = dict(a.options)
+    opts.setdefault("cohort_size", cfg.cohort_size)
+    return make_algorithm(a.name, engine, **opts)
+
+
+def _block_fn(alg: Algorithm, base_key: jax.Array):
+    """A jitted function running rounds ``first .. first + n - 1`` in one scan."""
+
+    def block(state, data, rounds):
+        def body(s, r):
+            return alg.round(s, data, jax.random.fold_in(base_key, r))
+
+        return jax.lax.scan(body, state, rounds)
+
+    return jax.jit(block, donate_argnums=(0,))
+
+
+def _boundaries(cfg: Config, alg: Algorithm) -> list[int]:
+    """Rounds after which the host must act (evaluation, checkpoint, hook, end)."""
+    stops = set(range(cfg.eval_every, cfg.rounds, cfg.eval_every)) | {cfg.rounds}
+    if cfg.checkpoint_every:
+        stops |= set(range(cfg.checkpoint_every, cfg.rounds, cfg.checkpoint_every))
+    if alg.hook_every:
+        stops |= set(range(alg.hook_every, cfg.rounds, alg.hook_every))
+    return sorted(stops)
+
+
+def _run_method(cfg: Config, tag: str, alg: Algorithm, data: FederatedData, hp: ClientHParams,
+                out: Path, resume: bool, show: bool, verbose: bool) -> MethodResult:
+    out.mkdir(parents=True, exist_ok=True)
+    key = jax.random.key(cfg.seed)
+    # Same initial weights for every method: the model init key depends on the seed only.
+    state = alg.init(jax.random.fold_in(key, 0), data, hp)
+    # Blocks donate the state; copy so arrays shared with other methods (hp) survive.
+    state = _place_state(jax.tree.map(jnp.array, state), alg)
+    c = data.num_clients
+    ledger_up, ledger_down = np.zeros(c), np.zeros(c)
+    history: list[dict[str, Any]] = []
+    start_round, elapsed = 0, 0.0
+
+    ckpt = Checkpointer(out / "checkpoints") if cfg.checkpoint_every else None
+    if resume and ckpt is not None and ckpt.latest() is not None:
+        state, meta = ckpt.restore(state)
+        start_round, elapsed = int(meta["round"]), float(meta["elapsed"])
+        ledger_up, ledger_down = np.asarray(meta["bytes_up"]), np.asarray(meta["bytes_down"])
+        history = outputs.read_history(out / "metrics.jsonl", upto=start_round)
+        if verbose:
+            print(f"[{tag}] resumed at round {start_round}")
+    elif resume and verbose:
+        print(f"[{tag}] no checkpoint found; starting from round 0")
+    outputs.rewrite_history(out / "metrics.jsonl", history)
+
+    block = _block_fn(alg, jax.random.fold_in(key, 1))
+    evaluate = jax.jit(lambda s: evaluate_clients(alg.engine.model.apply, *alg.models(s), data,
+                                                  alg.engine.mapper, cfg.eval_batch))
+    logger = outputs.MetricLogger(out, cfg.tensorboard)
+    bar = outputs.progress(cfg.rounds, start_round, tag, show)
+    per_client: dict[str, np.ndarray] = {}
+    final: dict[str, float] = {}
+    r = start_round
+    for stop in _boundaries(cfg, alg):
+        if stop <= r:
+            continue
+        t0 = time.perf_counter()
+        state, m = block(state, data, jnp.arange(r, stop))
+        m = jax.device_get(m)
+        elapsed += time.perf_counter() - t0
+        _check_finite(m, tag, stop)
+        for i, rr in enumerate(range(r, stop)):
+            row: dict[str, Any] = {"round": rr + 1}
+            up = down = 0.0
+            for k, v in m.items():
+                v = np.asarray(v[i])
+                if k.startswith("up/"):
+                    ledger_up += v
+                    up += float(v.sum())
+                    row[f"bytes_{k.replace('/', '_')}"] = float(v.sum())
+                elif k.startswith("down/"):
+                    ledger_down += v
+                    down += float(v.sum())
+                    row[f"bytes_{k.replace('/', '_')}"] = float(v.sum())
+                elif v.ndim == 0:
+                    row[k] = float(v)
+            row["bytes_up"], row["bytes_down"] = up, down
+            row["bytes_per_client"] = float((ledger_up + ledger_down).mean())
+            if i < stop - r - 1:
+                history.append(row)
+                logger.log(row)
+        r = stop
+        if r % cfg.eval_every == 0 or r == cfg.rounds:
+            per_client = {k: np.asarray(v) for k, v in jax.device_get(evaluate(state)).items()}
+            final = summarize(per_client, np.asarray(data.train_count),
+                              np.asarray(data.test_count), np.asarray(data.group))
+            row.update(final)
+        row["time"] = elapsed
+        history.append(row)
+        logger.log(row)
+        bar.update(stop - bar.n)
+        if final:
+            bar.set_postfix(acc=f"{final['test_acc/mean']:.3f}")
+        if alg.hook_every and r % alg.hook_every == 0 and r < cfg.rounds:
+            state = alg.host_hook(state, data, r)
+        if ckpt is not None and (r % cfg.checkpoint_every == 0 or r == cfg.rounds):
+            ckpt.save(r, state, {"round": r, "elapsed": elapsed, "bytes_up": ledger_up.tolist(),
+                                 "bytes_down": ledger_down.tolist()})
+    bar.close()
+    logger.close()
+    if ckpt is not None:
+        ckpt.close()
+    if not per_client:  # resumed after the last round: evaluate once more
+        per_client = {k: np.asarray(v) for k, v in jax.device_get(evaluate(state)).items()}
+        final = summarize(per_client, np.asarray(data.train_count),
+                          np.asarray(data.test_count), np.asarray(data.group))
+    final = {**final, "bytes_per_client": float((ledger_up + ledger_down).mean()),
+             "time": elapsed}
+    outputs.write_csv(out / "metrics.csv", history)
+    outputs.write_json(out / "final.json", final)
+    np.savez(out / "per_client.npz", **per_client, bytes_up=ledger_up, bytes_down=ledger_down,
+             group=np.asarray(data.group))
+    return MethodResult(tag, history, final, per_client, ledger_up, ledger_down, state, elapsed)
+
+
+def _place_state(state: dict, alg: Algorithm) -> dict:
+    mapper = alg.engine.mapper
+    if mapper.mesh is None:
+        return state
+    rest = {k: v for k, v in state.items() if k != "clients"}
+    placed = mapper.replicate(rest)
+    if "clients" in state:
+        placed["clients"] = mapper.shard(state["clients"])
+    return placed
+
+
+def _check_finite(metrics: dict, tag: str, round_: int) -> None:
+    loss = metrics.get("train_loss")
+    if loss is not None and not np.all(np.isfinite(np.asarray(loss))):
+        raise FloatingPointError(
+            f"[{tag}] training diverged (non-finite loss) by round {round_}; lower local.lr "
+            "or check the data for NaNs")
