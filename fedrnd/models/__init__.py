@@ -6,9 +6,9 @@ Every model is a :class:`Model`: ``init(key) -> params`` and ``apply(params, x) 
 """
 
 from fedrnd.models._core import (
-    MODELS,
     CNN,
     MLP,
+    MODELS,
     LogisticRegression,
     Model,
     ResNet,
