@@ -21,6 +21,8 @@ from fedrnd.engine import ClientHParams, comm, per_client, server_optimizer, tre
 
 @dataclasses.dataclass(frozen=True)
 class FedAvg(Algorithm):
+    """FedAvg (McMahan et al., 2017): sample-weighted mean of the cohort's local models."""
+
     name: ClassVar[str] = "fedavg"
     server_opt: str = "sgd"
     server_lr: float = 1.0

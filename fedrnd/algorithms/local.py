@@ -19,6 +19,8 @@ from fedrnd.engine import ClientHParams, comm
 
 @dataclasses.dataclass(frozen=True)
 class Local(Algorithm):
+    """Local-only baseline: each client trains its own model; nothing is communicated."""
+
     name: ClassVar[str] = "local"
 
     def init(self, key: jax.Array, data: FederatedData, hp: ClientHParams) -> State:
