@@ -81,23 +81,29 @@ def _apportion(total: int, weights: np.ndarray) -> np.ndarray:
 
 
 def _capped_apportion(total: int, weights: np.ndarray, caps: np.ndarray) -> np.ndarray:
-    """Like :func:`_apportion` but ``out <= caps`` (water-filling); needs ``caps.sum() >= total``."""
+    """Like :func:`_apportion` but ``out <= caps``; needs ``caps[weights > 0].sum() >= total``.
+
+    Water-filling: the exact shares are ``min(cap, lam * w)`` with ``lam`` chosen so they sum
+    to ``total``; they are then rounded by largest remainder (never above a cap).
+    """
     w = np.asarray(weights, np.float64)
-    out = np.zeros(len(w), np.int64)
-    remaining = int(total)
-    while remaining > 0:
-        active = (caps > out) & (w > 0)
-        if not active.any():
-            active = caps > out
-            w = np.ones(len(w))
-        target = np.where(active, remaining * w / w[active].sum(), 0.0)
-        add = np.minimum(np.floor(target).astype(np.int64), caps - out)
-        if add.sum() == 0:
-            # Every active target is < 1 here, so one extra each for the largest targets.
-            top = np.argsort(-np.where(active, target, -1.0), kind="stable")[:remaining]
-            add[top] = 1
-        out += add
-        remaining -= int(add.sum())
+    caps = np.where(w > 0, np.asarray(caps, np.int64), 0)
+    if caps.sum() < total:
+        raise ValueError(f"cannot place {total} items under caps summing to {caps.sum()}")
+    capped = w <= 0  # zero weight: share fixed at its cap, 0
+    lam = 0.0
+    while not capped.all():
+        lam = (total - caps[capped].sum()) / w[~capped].sum()
+        over = ~capped & (lam * w > caps)
+        if not over.any():
+            break
+        capped |= over
+    exact = np.where(capped, caps, lam * w)
+    out = np.floor(exact + 1e-9).astype(np.int64)
+    rest = int(total - out.sum())
+    if rest > 0:
+        frac = np.where(out < caps, exact - out, -1.0)
+        out[np.argsort(-frac, kind="stable")[:rest]] += 1
     return out
 
 
@@ -506,15 +512,14 @@ def _grouped_train(dataset: Dataset, num_clients: int, num_groups: int,
     gs = _group_sizes(num_clients, num_groups, group_sizes)
     group = rng.permutation(np.repeat(np.arange(num_groups), gs)).astype(np.int32)
     members = [np.flatnonzero(group == g) for g in range(num_groups)]
-    explicit = sizes is not None and not callable(sizes)
-    if explicit:
+    split = _as_split(within, sizes)  # validates within/sizes together
+    if sizes is not None and not callable(sizes):
         s = _resolve_sizes(sizes, n, num_clients, rng)
         share = np.array([s[mem].sum() for mem in members])
         splits = [IIDSplit(s[mem]) for mem in members]
         label = "iid(sizes)"
     else:
         share = _apportion(n, gs)
-        split = _as_split(within, sizes)
         splits = [split] * num_groups
         label = str(split)
     perm = rng.permutation(n)
