@@ -4,10 +4,20 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import os
+from pathlib import Path
+
+import jax
 import numpy as np
 import pytest
 
 from fedrnd.data import Dataset, FederatedData, Partition, build_federated
+
+# Persistent XLA cache: repeated test runs (and CI re-runs) skip most compilation.
+_cache = os.environ.get("FEDRND_CACHE_DIR", str(Path.home() / ".cache" / "fedrnd" / "jax"))
+if _cache != "0":
+    jax.config.update("jax_compilation_cache_dir", _cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
 def gaussian_federated(counts: Sequence[int], test_counts: Sequence[int] | None = None,
