@@ -8,7 +8,8 @@ dataset, see there). A partition holds, per client,
   ``quantity_skew`` and the grouped partitioners with ``within="iid"`` use every row);
 * ``test``: rows of ``x_test`` drawn *from the client's own distribution*: the number of test
   rows of each label follows the client's train label proportions (multinomial draw), rows of
-  one label are distinct within a client but may be shared between clients. The default size
+  one label are distinct within a client (so a label's count is capped at its number of test
+  rows) but may be shared between clients. The default size
   is ``max(1, round(n_train_c * n_test / n_train))``; ``test_size=m`` gives ``m`` per client.
   Group transforms (rotation, patterns) apply to test rows too (in ``build_federated``);
 * ``group``: the ground-truth group (all zeros for plain label/quantity skew).
@@ -651,8 +652,9 @@ def feature_pattern(dataset: Dataset, num_clients: int, *, num_groups: int = 4, 
                     sizes: SizeSpec = None, test_size: int | None = None) -> Partition:
     """Additive feature shift: group ``g`` sees ``clip(x + pattern_g, 0, 1)``.
 
-    Patterns from :func:`feature_patterns` (equidistant, smooth, RMS ``rms``), seeded by
-    ``seed``. ``clip=False`` for non-image data. Source: the RND federation-discovery paper.
+    Patterns from :func:`feature_patterns` (equidistant, smooth, RMS ``rms``, seeded by
+    ``seed`` only); the transform object exposes them as ``partition.transform.patterns``
+    ``[G, *feature_shape]``. ``clip=False`` for non-image data. Source: the RND federation-discovery paper.
     """
     if len(dataset.feature_shape) != 3 and smooth != 1:
         raise ValueError(f"feature_pattern with smooth={smooth} needs images [n, H, W, C]; "
@@ -661,8 +663,8 @@ def feature_pattern(dataset: Dataset, num_clients: int, *, num_groups: int = 4, 
     rng = np.random.default_rng(seed)
     train, group, label = _grouped_train(dataset, num_clients, num_groups, group_sizes,
                                          within, sizes, rng)
-    pats = feature_patterns(dataset.feature_shape, num_groups, rms=rms, smooth=smooth,
-                            seed=int(rng.integers(2**31)))
+    # Seeded by ``seed`` alone, so runs that differ only in num_clients/within share patterns.
+    pats = feature_patterns(dataset.feature_shape, num_groups, rms=rms, smooth=smooth, seed=seed)
     return _assemble(dataset, train, group, rng, test_size,
                      f"feature_pattern(k={num_groups},rms={rms:g})+{label}",
                      transform=_AddPattern(pats, clip))
