@@ -141,12 +141,11 @@ def write_summary(run_dir: Path, methods: dict[str, Any]) -> None:
 
 def plot_accuracy(path: Path, methods: dict[str, Any], title: str = "") -> None:
     """Mean client test accuracy vs round for every method (PNG)."""
-    import matplotlib
+    # A bare Figure (no pyplot) leaves the user's backend alone, e.g. inline in notebooks.
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    fig = Figure(figsize=(6, 4), dpi=120)
+    ax = fig.subplots()
     for tag, res in methods.items():
         pts = [(r["round"], r["test_acc/mean"]) for r in res.history if "test_acc/mean" in r]
         if pts:
@@ -159,7 +158,6 @@ def plot_accuracy(path: Path, methods: dict[str, Any], title: str = "") -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
 
 
 class _NoBar:
