@@ -8,7 +8,6 @@ from fedrnd.data.federated import (
     estimate_bytes,
 )
 from fedrnd.data.partition import (
-    DATASET_PARTITIONS,
     PARTITIONS,
     DirichletSplit,
     IIDSplit,
@@ -22,7 +21,6 @@ from fedrnd.data.partition import (
     label_permutation,
     make_partition,
     natural,
-    partition_data,
     quantity_skew,
     rotation,
     shards,
@@ -42,9 +40,9 @@ from fedrnd.data.sources import (
 __all__ = [
     "Dataset", "FederatedData", "Partition", "build_federated", "estimate_bytes",
     # partitioners
-    "DATASET_PARTITIONS", "PARTITIONS", "DirichletSplit", "IIDSplit", "QuantitySkew",
+    "PARTITIONS", "DirichletSplit", "IIDSplit", "QuantitySkew",
     "ShardSplit", "dirichlet", "feature_pattern", "feature_patterns", "grouped", "iid",
-    "label_permutation", "make_partition", "natural", "partition_data", "quantity_skew",
+    "label_permutation", "make_partition", "natural", "quantity_skew",
     "rotation", "shards",
     # sources
     "SOURCES", "TFDS_NAMES", "digits", "fashion_mnist", "gaussian_mixture", "load_source",

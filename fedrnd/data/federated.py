@@ -66,6 +66,8 @@ class Partition:
       group: ``[C]`` ground-truth group id per client (all zeros when there is no structure).
       transform: optional host-side ``transform(x_rows, group)``, applied to every row a
         client of that group sees (train and test). ``None`` means the identity.
+      label_map: optional ``[G, num_classes]`` int array: a client of group ``g`` sees label
+        ``label_map[g, y]`` (concept shift such as label permutation). ``None``: labels as is.
       name: a short description, e.g. ``"rotation(k=4)+dirichlet(alpha=0.5)"``.
     """
 
@@ -74,10 +76,16 @@ class Partition:
     group: np.ndarray
     transform: GroupTransform | None = None
     name: str = ""
+    label_map: np.ndarray | None = None
 
     @property
     def num_clients(self) -> int:
         return len(self.train)
+
+    @property
+    def per_group(self) -> bool:
+        """Whether rows are materialised once per group (a transform or a label map is set)."""
+        return self.transform is not None or self.label_map is not None
 
 
 @struct.dataclass
@@ -173,7 +181,7 @@ def _used_pairs(partition: Partition, n_train: int) -> tuple[np.ndarray, np.ndar
         r = np.concatenate([np.asarray(partition.train[c], np.int64),
                             np.asarray(partition.test[c], np.int64) + n_train])
         rows.append(r)
-        g = int(partition.group[c]) if partition.transform is not None else 0
+        g = int(partition.group[c]) if partition.per_group else 0
         groups.append(np.full(r.shape, g, np.int64))
     if not rows:
         return np.zeros((0, 2), np.int64), np.zeros(0, np.int64)
@@ -220,6 +228,12 @@ def build_federated(dataset: Dataset, partition: Partition) -> FederatedData:
         for g in np.unique(pair_group):
             sel = pair_group == g
             x_all_rows[sel] = partition.transform(x_all_rows[sel], int(g))
+    if partition.label_map is not None:
+        lm = np.asarray(partition.label_map)
+        if lm.ndim != 2 or lm.shape[0] <= int(group.max()) or lm.shape[1] != dataset.num_classes:
+            raise ValueError(f"partition.label_map must have shape [groups, {dataset.num_classes}]"
+                             f", got {lm.shape}")
+        y_all = lm[pair_group, y_all].astype(np.int32)
     if not np.all(np.isfinite(x_all_rows)):
         raise ValueError(f"data set {dataset.name!r} has non-finite (NaN/inf) features")
 
@@ -228,7 +242,7 @@ def build_federated(dataset: Dataset, partition: Partition) -> FederatedData:
     code = pair_group * span + pair_row
 
     def lookup(rows: np.ndarray, g: int, offset: int) -> np.ndarray:
-        gg = g if partition.transform is not None else 0
+        gg = g if partition.per_group else 0
         return np.searchsorted(code, gg * span + np.asarray(rows, np.int64) + offset).astype(np.int32)
 
     train_rows = [lookup(partition.train[i], int(group[i]), 0) for i in range(c)]

@@ -38,7 +38,6 @@ import numpy as np
 from fedrnd.data.federated import Dataset, GroupTransform, Partition
 
 __all__ = [
-    "DATASET_PARTITIONS",
     "PARTITIONS",
     "DirichletSplit",
     "IIDSplit",
@@ -52,7 +51,6 @@ __all__ = [
     "label_permutation",
     "make_partition",
     "natural",
-    "partition_data",
     "quantity_skew",
     "rotation",
     "shards",
@@ -672,16 +670,13 @@ def feature_pattern(dataset: Dataset, num_clients: int, *, num_groups: int = 4, 
 
 def label_permutation(dataset: Dataset, num_clients: int, *, num_groups: int = 4, seed: int,
                       group_sizes: Sequence[int] | None = None, within: Any = "iid",
-                      sizes: SizeSpec = None,
-                      test_size: int | None = None) -> tuple[Dataset, Partition]:
+                      sizes: SizeSpec = None, test_size: int | None = None) -> Partition:
     """Concept shift: group ``g`` relabels ``y -> perm_g[y]`` (``perm_0`` = identity).
 
-    Returns ``(dataset', partition)`` because a :class:`Partition` transform only touches x.
-    ``dataset'`` shares ``x_train`` (train rows belong to one group, so ``y_train`` is
-    relabelled in place per row) and replicates the test pool once per group
-    (``x_test'``: ``[G * n_test, ...]``, group ``g``'s copy at rows ``g*n_test + i``), i.e.
-    ``G x`` the test memory. Group permutations are distinct when ``num_classes! >= G``.
-    Source: Ghosh et al. (2020), IFCA (label-swapped groups).
+    The permutations travel as ``Partition.label_map`` (``[G, num_classes]``);
+    :func:`build_federated` relabels each (row, group) pair it materialises, so a test row
+    shared by two groups exists once per group and nothing else is copied. Group permutations
+    are distinct when ``num_classes! >= G``. Source: Ghosh et al. (2020), IFCA.
     """
     k = dataset.num_classes
     rng = np.random.default_rng(seed)
@@ -696,19 +691,9 @@ def label_permutation(dataset: Dataset, num_clients: int, *, num_groups: int = 4
                 break
             cand = rng.permutation(k)
         perms.append(cand)
-    perm = np.stack(perms)
     part = _assemble(dataset, train, group, rng, test_size,
                      f"label_permutation(k={num_groups})+{label}")
-    y_train = np.array(dataset.y_train, np.int32, copy=True)
-    for c, rows in enumerate(part.train):
-        y_train[rows] = perm[group[c], dataset.y_train[rows]]
-    n_test = len(dataset.y_test)
-    x_test = np.concatenate([dataset.x_test] * num_groups)
-    y_test = perm[:, dataset.y_test].reshape(-1).astype(np.int32)
-    test = [np.asarray(t) + int(group[c]) * n_test for c, t in enumerate(part.test)]
-    new = dataclasses.replace(dataset, y_train=y_train, x_test=x_test, y_test=y_test,
-                              test_client=None, name=f"{dataset.name}+label_permutation")
-    return new, dataclasses.replace(part, test=test)
+    return dataclasses.replace(part, label_map=np.stack(perms).astype(np.int32))
 
 
 # --------------------------------------------------------------------------------------------
@@ -764,31 +749,18 @@ PARTITIONS: dict[str, Callable[..., Partition]] = {
     "grouped": grouped,
     "rotation": rotation,
     "feature_pattern": feature_pattern,
+    "label_permutation": label_permutation,
     "natural": natural,
 }
-"""Partitioners returning a :class:`Partition` (``label_permutation`` is separate: it also
-changes the data set; use :func:`partition_data`)."""
-
-DATASET_PARTITIONS: dict[str, Callable[..., tuple[Dataset, Partition]]] = {
-    "label_permutation": label_permutation,
-}
+"""Partitioners by name, each returning a :class:`Partition`."""
 
 
 def make_partition(name: str, dataset: Dataset, num_clients: int, seed: int,
                    **kwargs) -> Partition:
     """Run the partitioner ``name`` (a key of :data:`PARTITIONS`)."""
-    if name in DATASET_PARTITIONS:
-        raise ValueError(f"partition {name!r} also changes the data set; call "
-                         f"partition_data({name!r}, ...) which returns (dataset, partition)")
     if name not in PARTITIONS:
-        raise ValueError(f"unknown partition {name!r}; allowed: "
-                         f"{', '.join([*PARTITIONS, *DATASET_PARTITIONS])}")
-    return PARTITIONS[name](dataset, num_clients, seed=seed, **kwargs)
-
-
-def partition_data(name: str, dataset: Dataset, num_clients: int, seed: int,
-                   **kwargs) -> tuple[Dataset, Partition]:
-    """Any partitioner by name, uniformly as ``(dataset, partition)`` for ``build_federated``."""
-    if name in DATASET_PARTITIONS:
-        return DATASET_PARTITIONS[name](dataset, num_clients, seed=seed, **kwargs)
-    return dataset, make_partition(name, dataset, num_clients, seed, **kwargs)
+        raise ValueError(f"data.partition={name!r} is unknown; allowed: {', '.join(PARTITIONS)}")
+    try:
+        return PARTITIONS[name](dataset, num_clients, seed=seed, **kwargs)
+    except TypeError as e:
+        raise ValueError(f"bad options for partition {name!r}: {e}") from None

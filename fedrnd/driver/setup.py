@@ -47,8 +47,6 @@ def build_data(cfg: Config, log: Callable[[str], None] | None = None
     dataset: Dataset = load_source(d.source, **opts)
     part = make_partition(d.partition, dataset, d.num_clients, seed=cfg.seed,
                           **d.partition_options)
-    if isinstance(part, tuple):  # partitions that relabel return (dataset', partition)
-        dataset, part = part
     need = estimate_bytes(dataset, part)
     if log:
         log(f"data: {dataset.name}, {part.num_clients} clients, partition {part.name or d.partition}"

@@ -19,7 +19,6 @@ from fedrnd.data.partition import (
     label_permutation,
     make_partition,
     natural,
-    partition_data,
     quantity_skew,
     rotation,
     shards,
@@ -293,35 +292,30 @@ def test_feature_pattern_transform_after_build(dg):
     assert q.transform(vec.x_train[:3], 1).shape == (3, 2)
 
 
-def test_label_permutation_dataset_and_partition(dg):
-    d2, p = label_permutation(dg, 8, num_groups=4, seed=0)
-    n_test = len(dg.y_test)
-    assert d2.x_train is dg.x_train  # train pool shared, not copied
-    assert d2.x_test.shape == (4 * n_test, 8, 8, 1)
+def test_label_permutation_relabels_per_group(dg):
+    p = label_permutation(dg, 8, num_groups=4, seed=0)
     assert_disjoint(p, len(dg.y_train), all_used=True)
-    perms = {}
+    lm = p.label_map
+    assert lm.shape == (4, 10)
+    np.testing.assert_array_equal(lm[0], np.arange(10))  # group 0 keeps the original labels
+    for g in range(1, 4):
+        assert sorted(lm[g]) == list(range(10)) and list(lm[g]) != list(range(10))
+    assert len({tuple(r) for r in lm}) == 4  # distinct permutations
+    f = build_federated(dg, p)
+    x, y = np.asarray(f.x), np.asarray(f.y)
     for c in range(8):
         g = int(p.group[c])
-        rows = p.train[c]
-        mapping = {}
-        for a, b in zip(dg.y_train[rows], d2.y_train[rows], strict=True):
-            assert mapping.setdefault(int(a), int(b)) == int(b)  # a function of the label
-        for a, b in mapping.items():
-            assert perms.setdefault((g, a), b) == b  # the same map across a group's clients
-        # Test rows live in the group's replica of the test pool, relabelled the same way.
-        t = np.asarray(p.test[c])
-        assert np.all((t >= g * n_test) & (t < (g + 1) * n_test))
-        np.testing.assert_array_equal(d2.x_test[t], dg.x_test[t - g * n_test])
-        for a, b in zip(dg.y_test[t - g * n_test], d2.y_test[t], strict=True):
-            assert perms.setdefault((g, int(a)), int(b)) == int(b)
-    for (g, a), b in perms.items():
-        if g == 0:
-            assert a == b  # group 0 keeps the original labels
-    full = {g: [perms.get((g, a)) for a in range(10)] for g in range(4)}
-    for g in range(1, 4):
-        assert sorted(full[g]) == list(range(10)) and full[g] != list(range(10))
-    f = build_federated(d2, p)
-    assert f.num_clients == 8
+        n, t = int(f.train_count[c]), int(f.test_count[c])
+        rows = np.asarray(f.train_idx[c, :n])
+        # Features untouched, labels mapped by the client's group permutation (plain reference).
+        np.testing.assert_array_equal(x[rows], dg.x_train[p.train[c]])
+        np.testing.assert_array_equal(y[rows], [lm[g][v] for v in dg.y_train[p.train[c]]])
+        trows = np.asarray(f.test_idx[c, :t])
+        np.testing.assert_array_equal(y[trows], [lm[g][v] for v in dg.y_test[p.test[c]]])
+    # A test row shared by clients of two groups is stored once per group, nothing more.
+    used = {(int(p.group[c]), int(r)) for c in range(8) for r in p.test[c]}
+    used |= {(int(p.group[c]), int(r) + 10**6) for c in range(8) for r in p.train[c]}
+    assert f.x.shape[0] == len(used)
 
 
 # ---------------------------------------------------------------------------- test split
@@ -379,11 +373,8 @@ def test_num_clients_validation(dg, name, kw):
 
 def test_registry(dg):
     assert make_partition("shards", dg, 5, 0, k=2).name == "shards(k=2)"
-    with pytest.raises(ValueError, match="unknown partition 'zipf'; allowed: iid, dirichlet"):
+    with pytest.raises(ValueError, match="'zipf' is unknown; allowed: iid, dirichlet"):
         make_partition("zipf", dg, 5, 0)
-    with pytest.raises(ValueError, match="partition_data"):
-        make_partition("label_permutation", dg, 5, 0)
-    d2, p = partition_data("label_permutation", dg, 6, 0, num_groups=2)
-    assert d2.x_test.shape[0] == 2 * len(dg.y_test) and p.num_clients == 6
-    d3, q = partition_data("iid", dg, 6, 0)
-    assert d3 is dg and q.num_clients == 6
+    with pytest.raises(ValueError, match="bad options for partition 'iid'"):
+        make_partition("iid", dg, 5, 0, alpha=1.0)
+    assert make_partition("label_permutation", dg, 6, 0, num_groups=2).label_map.shape == (2, 10)
