@@ -44,7 +44,7 @@ def gaussian_federated(counts: Sequence[int], test_counts: Sequence[int] | None 
     return build_federated(ds, part)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def make_federated():
     """Factory fixture: ``make_federated(counts, test_counts=None, dim=4, num_classes=3, ...)``."""
     return gaussian_federated
