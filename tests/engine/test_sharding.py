@@ -49,7 +49,7 @@ SCRIPT = textwrap.dedent('''
     data = build_federated(Dataset(xtr, ytr, xte, yte, K, "toy"),
                            Partition(split(counts), split(test_counts), np.arange(C) % 2))
 
-    if mode == "mesh":
+    if mode in ("mesh", "errors"):
         assert jax.device_count() == 8, jax.devices()
         mapper = ClientMapper(mesh=make_mesh(8))
     else:
@@ -66,6 +66,28 @@ SCRIPT = textwrap.dedent('''
     def place(state):
         rest = mapper.replicate({k: v for k, v in state.items() if k != "clients"})
         return {**rest, "clients": mapper.shard(state["clients"])}
+
+    if mode == "errors":
+        errors = {}
+        small = data.select(jnp.arange(12))
+        try:
+            mapper.map(lambda c, s: c, {"a": jnp.zeros((12, 2))})
+        except ValueError as e:
+            errors["map"] = str(e)
+        try:
+            alg = FedAvg(engine=engine, cohort_size=6)
+            jax.jit(alg.round)(place(alg.init(jax.random.key(0), data, hp)), data,
+                               jax.random.key(2))
+        except ValueError as e:
+            errors["cohort"] = str(e)
+        try:
+            hp12 = jax.tree.map(lambda a: a[:12], hp)
+            engine.train_sum(model.init(jax.random.key(0)), small, hp12, jax.random.key(0), 0)
+        except ValueError as e:
+            errors["train_sum"] = str(e)
+        with open(f"{out}/errors.json", "w") as f:
+            json.dump(errors, f)
+        sys.exit(0)
 
     algorithms = {
         "fedavg": FedAvg(engine=engine),
@@ -94,25 +116,6 @@ SCRIPT = textwrap.dedent('''
         info["sharded"][name] = sorted({len(leaf.sharding.device_set)
                                         for leaf in jax.tree.leaves(state["clients"])})
 
-    if mode == "mesh":
-        errors = {}
-        small = data.select(jnp.arange(12))
-        try:
-            mapper.map(lambda c, s: c, {"a": jnp.zeros((12, 2))})
-        except ValueError as e:
-            errors["map"] = str(e)
-        try:
-            jax.jit(FedAvg(engine=engine, cohort_size=6).round)(
-                place(algorithms["fedavg"].init(jax.random.key(0), data, hp)), data,
-                jax.random.key(2))
-        except ValueError as e:
-            errors["cohort"] = str(e)
-        try:
-            engine.train_sum(model.init(jax.random.key(0)), small, hp, jax.random.key(0), 0)
-        except ValueError as e:
-            errors["train_sum"] = str(e)
-        info["errors"] = errors
-
     np.savez(f"{out}/results.npz", **results)
     with open(f"{out}/info.json", "w") as f:
         json.dump(info, f)
@@ -126,7 +129,7 @@ def _launch(mode: str, out: Path) -> subprocess.Popen:
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     flags = [f for f in env.get("XLA_FLAGS", "").split()
              if not f.startswith("--xla_force_host_platform_device_count")]
-    if mode == "mesh":
+    if mode in ("mesh", "errors"):
         flags.append("--xla_force_host_platform_device_count=8")
     env["XLA_FLAGS"] = " ".join(flags)
     return subprocess.Popen([sys.executable, "-c", SCRIPT, mode, str(out)], env=env, cwd=ROOT,
@@ -171,8 +174,11 @@ def test_sharded_simulation_matches_single_device(runs):
     assert np.sum(mesh["fedavg_cohort_adam/up/model"] > 0) == 8
 
 
-def test_client_count_not_divisible_by_devices_is_a_clear_error(runs):
-    errors = runs["mesh"][1]["errors"]
+def test_client_count_not_divisible_by_devices_is_a_clear_error(tmp_path):
+    proc = _launch("errors", tmp_path / "errors")
+    log, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, log[-4000:]
+    errors = json.loads((tmp_path / "errors" / "errors.json").read_text())
     assert set(errors) == {"map", "cohort", "train_sum"}
     for n, msg in (("12", errors["map"]), ("6", errors["cohort"]), ("12", errors["train_sum"])):
         assert f"{n} clients (or cohort size) cannot be split evenly over 8 devices" in msg
