@@ -78,14 +78,24 @@ def _logreg_grad(w, b, x, y):
     return x.T @ p / n, p.sum(0) / n
 
 
-@pytest.mark.parametrize("kind", ["sgd", "momentum"])
-def test_each_client_continues_its_own_model_and_optimizer_state(data, kind):
-    """Full-batch GD (and heavy-ball momentum carried across rounds) from a shared init."""
+@pytest.mark.parametrize("kind,cohort", [("sgd", None), ("momentum", None), ("momentum", 3)])
+def test_each_client_continues_its_own_model_and_optimizer_state(data, kind, cohort):
+    """Full-batch GD (and heavy-ball momentum carried across rounds) from a shared init; with a
+    cohort, a client advances only in the rounds it is sampled."""
     model = make_model("logreg", (D,), K)
     lrs = np.linspace(0.1, 0.6, C).astype(np.float32)
     hp = ClientHParams(jnp.zeros(C, jnp.int32), jnp.asarray(lrs), jnp.zeros(C, jnp.float32))
-    alg = Local(engine=Engine(model, LocalSpec(batch_size=64, steps=2), ClientOptimizer((kind,))))
-    state, metrics = _run(alg, data, hp, 3)
+    alg = Local(engine=Engine(model, LocalSpec(batch_size=64, steps=2), ClientOptimizer((kind,))),
+                cohort_size=cohort)
+    rounds = 3
+    state, metrics = _run(alg, data, hp, rounds)
+    rounds_in = np.full(C, rounds)
+    if cohort is not None:
+        rounds_in[:] = 0
+        for r in range(rounds):
+            k_cohort = jax.random.split(jax.random.fold_in(jax.random.key(0), r))[0]
+            rounds_in[np.asarray(sample_cohort(k_cohort, C, cohort))] += 1
+        assert len(set(rounds_in.tolist())) > 1
     init = model.init(jax.random.key(0))
     x_pool, y_pool = np.asarray(data.x, np.float64), np.asarray(data.y)
     params, _ = alg.models(state)
@@ -95,7 +105,7 @@ def test_each_client_continues_its_own_model_and_optimizer_state(data, kind):
         w = np.asarray(init["Dense_0"]["kernel"], np.float64)
         b = np.asarray(init["Dense_0"]["bias"], np.float64)
         tw, tb = np.zeros_like(w), np.zeros_like(b)
-        for _ in range(3 * 2):  # 3 rounds x 2 steps, state never reset
+        for _ in range(rounds_in[c] * 2):  # 2 steps per round taken, state never reset
             gw, gb = _logreg_grad(w, b, x, y)
             if kind == "momentum":
                 tw, tb = gw + 0.9 * tw, gb + 0.9 * tb
@@ -105,7 +115,7 @@ def test_each_client_continues_its_own_model_and_optimizer_state(data, kind):
                                    atol=2e-5)
         np.testing.assert_allclose(np.asarray(params["Dense_0"]["bias"][c]), b, rtol=2e-5,
                                    atol=2e-5)
-    assert float(metrics[-1]["local_steps"]) == 2 * C
+    assert float(metrics[-1]["local_steps"]) == 2 * (cohort or C)
 
 
 def test_cohort_leaves_other_clients_untouched(data):
