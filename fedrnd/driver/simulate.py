@@ -170,8 +170,13 @@ def _run_method(cfg: Config, tag: str, alg: Algorithm, data: FederatedData, hp: 
     outputs.rewrite_history(out / "metrics.jsonl", history)
 
     block = _block_fn(alg, jax.random.fold_in(key, 1))
-    evaluate = jax.jit(lambda s: evaluate_clients(alg.engine.model.apply, *alg.models(s), data,
-                                                  alg.engine.mapper, cfg.eval_batch))
+    # Data is an argument, not a closure: a closed-over array would be baked into the program.
+    evaluate_fn = jax.jit(lambda s, d: evaluate_clients(alg.engine.model.apply, *alg.models(s), d,
+                                                        alg.engine.mapper, cfg.eval_batch))
+
+    def evaluate(s):
+        return evaluate_fn(s, data)
+
     logger = outputs.MetricLogger(out, cfg.tensorboard)
     bar = outputs.progress(cfg.rounds, start_round, tag, show)
     per_client: dict[str, np.ndarray] = {}
