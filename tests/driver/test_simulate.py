@@ -144,6 +144,6 @@ def test_unreadable_data_dir_is_named(tmp_path):
 
 
 def test_divergence_is_reported(tmp_path):
-    cfg = _cfg(checkpoint_every=0, local=load_config(None, ["local.lr=1e6"]).local)
+    cfg = _cfg(checkpoint_every=0, local=load_config(None, ["local.lr=1e30"]).local)
     with pytest.raises(FloatingPointError, match="diverged"):
         simulate(cfg, run_dir=tmp_path / "div", verbose=False)
