@@ -12,9 +12,10 @@ from typing import Any
 from fedrnd.algorithms.base import Algorithm, Metrics, State
 from fedrnd.algorithms.fedavg import FedAvg, FedProx
 from fedrnd.algorithms.local import Local
+from fedrnd.algorithms.rnd import RNDClustered
 from fedrnd.engine import Engine
 
-ALGORITHMS: dict[str, type[Algorithm]] = {cls.name: cls for cls in (FedAvg, FedProx, Local)}
+ALGORITHMS: dict[str, type[Algorithm]] = {cls.name: cls for cls in (FedAvg, FedProx, Local, RNDClustered)}
 
 
 def algorithm_options(name: str) -> list[str]:

@@ -1,0 +1,173 @@
+"""RND-clustered FL: discover federations with RND, then FedAvg inside each federation.
+
+Domini et al. 2026, "Discovering Collaboration from Novelty: Random Network Distillation for
+Clustered Federated Learning" (arXiv 2606.30499): before training, every client trains a
+narrow predictor of one frozen random target on its inputs; peers' predictors are scored on
+each client's data, compatible peers form federations (:mod:`fedrnd.rnd.discovery`), and
+each federation runs plain FedAvg. Optionally discovery is repeated every ``tau`` rounds (data
+drift).
+
+Federations live in the engine's per-cluster *slots*: ``state["slots"]`` holds ``K`` models
+(leaves ``[K, ...]``) and ``state["clients"]["cluster_id"]`` the federation of each client
+``[C]``. A round trains every (cohort) client from its federation's model and averages into the
+slots by sample count, all federations in one jitted program. ``K`` is a static slot count,
+the next power of two at or above the number of federations (:func:`grow_slots`), so rounds
+recompile only when re-discovery finds more federations than there are slots.
+
+Ledger: ``up/model``, ``down/model`` (participating clients, one model each way), and
+``up/discovery``, ``down/discovery``: the discovery traffic (a predictor and one row of scores
+up, the peers' predictors down), reported in the first round after each discovery.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fedrnd.algorithms.base import Algorithm, Metrics, State
+from fedrnd.data.federated import FederatedData
+from fedrnd.engine import (
+    ClientHParams,
+    broadcast,
+    comm,
+    grow_slots,
+    keep_nonempty,
+    per_client,
+    segment_weighted_mean,
+    tree_bytes,
+)
+from fedrnd.rnd.discovery import Discovery, RNDConfig, check_eps, discover
+
+
+@dataclasses.dataclass(frozen=True)
+class RNDClustered(Algorithm):
+    """RND federation discovery + FedAvg per federation (Domini et al. 2026).
+
+    Options (besides the engine and ``cohort_size``):
+      eps: compatibility tolerance ``>= 0`` or ``"auto"`` (:func:`fedrnd.rnd.auto_eps`).
+      sigma: ``"row"`` (std of the novelty row, default) or ``"self"``.
+      rule: federation extraction, ``"mutual"`` (default), ``"one_sided"`` or ``"leader"``.
+      tau: re-discover every ``tau`` rounds (``None``: once, before round 0).
+      network: RND pair, ``"auto"`` (conv for images, else MLP), ``"conv"`` or ``"mlp"``.
+      predictor_epochs, predictor_steps, predictor_batch, predictor_lr: predictor training
+        (Adam; the paper's 10 epochs, batch 128, lr 1e-3); steps replace epochs when set.
+      probe: ``"train"`` (default), ``"holdout"`` or ``"test"``; probe_cap: at most this many
+        probe examples per client.
+      rnd_seed: the global seed of the frozen target.
+      max_slots: hard cap on federation slots.
+    """
+
+    name: ClassVar[str] = "rnd"
+    eps: float | str = "auto"
+    sigma: str = "row"
+    rule: str = "mutual"
+    tau: int | None = None
+    network: str = "auto"
+    predictor_epochs: int = 10
+    predictor_steps: int | None = None
+    predictor_batch: int = 128
+    predictor_lr: float = 1e-3
+    probe: str = "train"
+    probe_cap: int | None = None
+    rnd_seed: int = 0
+    max_slots: int = 4096
+
+    @property
+    def hook_every(self) -> int | None:  # type: ignore[override]
+        # The base declares a class-level constant; re-discovery makes it an option.
+        return self.tau
+
+    @property
+    def rnd_config(self) -> RNDConfig:
+        check_eps(self.eps)
+        return RNDConfig(network=self.network, seed=self.rnd_seed, epochs=self.predictor_epochs,
+                         steps=self.predictor_steps, batch_size=self.predictor_batch,
+                         lr=self.predictor_lr, probe=self.probe, probe_cap=self.probe_cap,
+                         eps=self.eps, sigma=self.sigma, rule=self.rule)
+
+    def validate(self, data: FederatedData) -> None:
+        super().validate(data)
+        if self.tau is not None and (not isinstance(self.tau, int | np.integer) or self.tau < 1):
+            raise ValueError(f"rnd tau (re-discovery period) must be an integer >= 1 or None, "
+                             f"got {self.tau!r}")
+        if self.max_slots < 1:
+            raise ValueError(f"max_slots must be >= 1, got {self.max_slots}")
+        self.rnd_config.pair(data.feature_shape)  # raises for a conv pair on vector data
+
+    # ---------------------------------------------------------------------------------------
+    def discover(self, data: FederatedData, key: jax.Array) -> Discovery:
+        """Run RND discovery on ``data`` (host side; the heavy parts are jitted)."""
+        return discover(data, self.rnd_config, key=key, mapper=self.engine.mapper)
+
+    def init(self, key: jax.Array, data: FederatedData, hp: ClientHParams) -> State:
+        disc = self.discover(data, jax.random.fold_in(key, 1))
+        k = grow_slots(disc.num_federations, 1, self.max_slots)
+        # Every federation starts from the same initial weights as the other methods.
+        params = self.engine.model.init(key)
+        slots = jax.tree.map(lambda p: jnp.broadcast_to(p, (k, *p.shape)).copy(), params)
+        return {"round": jnp.zeros((), jnp.int32), "slots": slots,
+                "num_federations": jnp.asarray(disc.num_federations, jnp.int32),
+                "clients": {"hp": hp, "cluster_id": jnp.asarray(disc.federation, jnp.int32),
+                            "pending_up": jnp.asarray(disc.bytes_up, jnp.float32),
+                            "pending_down": jnp.asarray(disc.bytes_down, jnp.float32)}}
+
+    def round(self, state: State, data: FederatedData, key: jax.Array) -> tuple[State, Metrics]:
+        k_cohort, k_train = jax.random.split(key)
+        ids, part = self.cohort(k_cohort, data.num_clients)
+        cl = state["clients"]
+        slots = state["slots"]
+        num_slots = jax.tree.leaves(slots)[0].shape[0]
+        cid = cl["cluster_id"] if ids is None else cl["cluster_id"][ids]
+        counts = (data.train_count if ids is None else data.train_count[ids]).astype(jnp.float32)
+        p, _, m = self.engine.train(None, data, cl["hp"], k_train, state["round"], ids=ids,
+                                    client_params=broadcast(slots, cid))
+        new, mass = segment_weighted_mean(p, counts, cid, num_slots)
+        slots = keep_nonempty(new, slots, mass)
+        nbytes = tree_bytes(jax.tree.map(lambda s: s[0], state["slots"]))
+        zero = jnp.zeros_like(cl["pending_up"])
+        metrics = {"train_loss": jnp.sum(m["loss"] * counts) / jnp.sum(counts),
+                   "local_steps": jnp.sum(m["steps"]).astype(jnp.float32),
+                   "num_federations": state["num_federations"].astype(jnp.float32),
+                   **comm(up_model=per_client(nbytes, part), down_model=per_client(nbytes, part),
+                          up_discovery=cl["pending_up"], down_discovery=cl["pending_down"])}
+        state = {**state, "round": state["round"] + 1, "slots": slots,
+                 "clients": {**cl, "pending_up": zero, "pending_down": zero}}
+        return state, metrics
+
+    def models(self, state: State):
+        return state["slots"], state["clients"]["cluster_id"]
+
+    def host_hook(self, state: State, data: FederatedData, round_idx: int) -> State:
+        """Re-discovery every ``tau`` rounds; each new federation inherits the model of the old
+        federation most of its members (by sample count) came from."""
+        if not self.tau:
+            return state
+        key = jax.random.fold_in(jax.random.key(self.rnd_seed), 1_000_003 + int(round_idx))
+        disc = self.discover(data, key)
+        return self.adopt(state, disc, np.asarray(data.train_count))
+
+    def adopt(self, state: State, disc: Discovery, train_count: np.ndarray) -> State:
+        """Move ``state`` to the federations of ``disc`` (host side)."""
+        old = np.asarray(state["clients"]["cluster_id"])
+        new = np.asarray(disc.federation)
+        f = disc.num_federations
+        k_old = jax.tree.leaves(state["slots"])[0].shape[0]
+        k = grow_slots(f, k_old, self.max_slots)
+        w = np.asarray(train_count, np.float64)
+        votes = np.zeros((f, k_old))
+        np.add.at(votes, (new, old), w)
+        src = np.zeros(k, np.int64)
+        src[:f] = np.argmax(votes, axis=1)
+        slots = jax.tree.map(lambda s: s[jnp.asarray(src)], state["slots"])
+        cl = state["clients"]
+        return {**state, "slots": slots,
+                "num_federations": jnp.asarray(f, jnp.int32),
+                "clients": {**cl, "cluster_id": jnp.asarray(new, jnp.int32),
+                            "pending_up": cl["pending_up"] + jnp.asarray(disc.bytes_up,
+                                                                         jnp.float32),
+                            "pending_down": cl["pending_down"] + jnp.asarray(disc.bytes_down,
+                                                                             jnp.float32)}}

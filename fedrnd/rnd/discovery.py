@@ -1,0 +1,779 @@
+"""RND federation discovery: predictors, the novelty matrix, compatibility, federations.
+
+Method (Domini et al. 2026, "Discovering Collaboration from Novelty: Random Network
+Distillation for Clustered Federated Learning", arXiv 2606.30499):
+
+1. Every client trains a narrow *predictor* ``f_i`` to imitate one frozen random *target*
+   ``f`` on its own inputs (labels unused): MSE, Adam 1e-3, 10 epochs, batch 128. All clients
+   train in one jitted program through :class:`fedrnd.engine.Engine` / ``local_train``; the
+   target outputs are precomputed once per pool row and passed as the "labels" of the pool.
+2. Cross novelty ``S[i, j] = mean_{x in D_i} ||f_j(x) - f(x)||^2`` (peer ``j``'s predictor on
+   client ``i``'s data, squared error summed over the output dimensions). ``S[i, i]`` is the
+   self-novelty. Computed blockwise: client rows are mapped by the engine's
+   :class:`~fedrnd.engine.ClientMapper` (``row_tile`` clients at a time) and predictors in tiles
+   of ``col_tile`` (``lax.map``), so intermediate memory is ``row_tile x col_tile x M x out_dim``
+   floats whatever ``N`` is. In *sparse* mode only the pairs of an edge list are scored.
+3. Compatibility: ``j`` is compatible with ``i`` iff ``S[i, j] <= S[i, i] + eps * sigma_i``.
+   ``sigma_i`` is either the standard deviation of row ``i`` of ``S`` (``sigma="row"``, the
+   paper's reading) or of client ``i``'s per-example self-novelty (``sigma="self"``).
+4. Federations (the paper leaves this open): ``rule="mutual"`` keeps pairs compatible both
+   ways and takes connected components (default); ``"one_sided"`` keeps pairs compatible
+   either way (weak components); ``"leader"`` elects leaders by lowest self-novelty, each
+   taking every still-free client mutually compatible with it (no chaining). The number of
+   federations is never given.
+
+``eps="auto"`` picks the tolerance from the data; see :func:`auto_eps` for the criterion.
+
+Self-novelty on the training examples is biased low (the predictor has seen them), which
+inflates every ``S[i, j] - S[i, i]`` for ``j != i``; ``probe="holdout"`` (score on a held-out
+share of each client's train split, the rest trains the predictor) or ``probe="test"`` remove
+that bias. Defaults and the measurements behind them are in :class:`RNDConfig`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from scipy.sparse import coo_matrix, csr_matrix
+from scipy.sparse.csgraph import connected_components
+
+from fedrnd.data.federated import FederatedData
+from fedrnd.engine import (
+    ClientHParams,
+    ClientMapper,
+    ClientOptimizer,
+    EdgeList,
+    Engine,
+    LocalSpec,
+    tree_bytes,
+)
+from fedrnd.rnd.networks import RNDPair, make_pair, target_features
+
+PyTree = Any
+
+__all__ = [
+    "AUTO_MIN_RATIO",
+    "PROBES",
+    "RULES",
+    "SIGMAS",
+    "Discovery",
+    "FeatureMSE",
+    "RNDConfig",
+    "assign_newcomers",
+    "auto_eps",
+    "check_eps",
+    "compatibility",
+    "discover",
+    "edge_novelty",
+    "federations",
+    "normalised_scores",
+    "novelty_matrix",
+    "predictor_engine",
+    "probe_split",
+    "self_novelty",
+    "sigma_of",
+    "train_predictors",
+]
+
+SIGMAS = ("row", "self")
+RULES = ("mutual", "one_sided", "leader")
+PROBES = ("train", "holdout", "test")
+
+
+# --------------------------------------------------------------------------------------------
+# configuration
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class RNDConfig:
+    """Everything static about a discovery run (hashable).
+
+    Attributes:
+      network: ``"conv"``, ``"mlp"`` or ``"auto"`` (conv for ``[H, W, C]`` features).
+      target_width, predictor_width, out_dim: network sizes (see :func:`make_pair`).
+      seed: the global seed of the frozen target (the same target for every client).
+      epochs, steps, batch_size, lr: predictor training (Adam); ``steps`` replaces ``epochs``.
+      per_client_init: each predictor starts from its own random init (default: all from the
+        same init, so differences between predictors come from the data alone).
+      probe: which examples client ``i`` scores predictors on: ``"train"`` (its training set,
+        as in the paper), ``"holdout"`` (a held-out ``holdout`` share of its train split, the
+        rest trains its predictor) or ``"test"`` (its test split).
+      probe_cap: at most this many probe examples per client (a seeded random subset).
+      eps: tolerance ``>= 0``, or ``"auto"`` (:func:`auto_eps`).
+      sigma: ``"row"`` or ``"self"`` (see :func:`sigma_of`).
+      rule: ``"mutual"``, ``"one_sided"`` or ``"leader"`` (see :func:`federations`).
+      row_tile, col_tile: clients scored at once x predictors applied at once (memory bound of
+        the novelty matrix); ``row_tile=None`` uses the mapper's chunk size.
+      edge_chunk: edges scored at once in sparse mode.
+    """
+
+    network: str = "auto"
+    target_width: tuple[int, ...] | None = None
+    predictor_width: tuple[int, ...] | None = None
+    out_dim: int = 64
+    seed: int = 0
+    epochs: int = 10
+    steps: int | None = None
+    batch_size: int = 128
+    lr: float = 1e-3
+    per_client_init: bool = False
+    probe: str = "train"
+    holdout: float = 0.25
+    probe_cap: int | None = None
+    eps: float | str = "auto"
+    sigma: str = "row"
+    rule: str = "mutual"
+    row_tile: int | None = None
+    col_tile: int = 64
+    edge_chunk: int = 1024
+
+    def __post_init__(self):
+        # Lists from TOML/JSON configs become tuples so the config stays hashable.
+        for f in ("target_width", "predictor_width"):
+            v = getattr(self, f)
+            if v is not None and not isinstance(v, tuple):
+                object.__setattr__(self, f, tuple(int(u) for u in np.ravel(v)))
+        check_eps(self.eps)
+        if self.sigma not in SIGMAS:
+            raise ValueError(f"sigma must be one of {list(SIGMAS)}, got {self.sigma!r}")
+        if self.rule not in RULES:
+            raise ValueError(f"rule must be one of {list(RULES)}, got {self.rule!r}")
+        if self.probe not in PROBES:
+            raise ValueError(f"probe must be one of {list(PROBES)}, got {self.probe!r}")
+        if not 0.0 < self.holdout < 1.0:
+            raise ValueError(f"holdout must be in (0, 1), got {self.holdout}")
+        if self.probe_cap is not None and self.probe_cap < 1:
+            raise ValueError(f"probe_cap must be >= 1 or None, got {self.probe_cap}")
+        if not (self.lr > 0 and np.isfinite(self.lr)):
+            raise ValueError(f"predictor lr must be finite and > 0, got {self.lr}")
+        for f in ("col_tile", "edge_chunk"):
+            if getattr(self, f) < 1:
+                raise ValueError(f"{f} must be >= 1, got {getattr(self, f)}")
+        if self.row_tile is not None and self.row_tile < 1:
+            raise ValueError(f"row_tile must be >= 1 or None, got {self.row_tile}")
+        LocalSpec(self.batch_size, self.epochs, self.steps)  # validates the schedule
+
+    def pair(self, feature_shape: tuple[int, ...]) -> RNDPair:
+        return make_pair(self.network, feature_shape, target_width=self.target_width,
+                         predictor_width=self.predictor_width, out_dim=self.out_dim)
+
+
+def check_eps(eps: Any) -> None:
+    """Raise ``ValueError`` unless ``eps`` is ``"auto"`` or a finite number ``>= 0``."""
+    if isinstance(eps, str):
+        if eps != "auto":
+            raise ValueError(f"eps must be a number >= 0 or 'auto', got {eps!r}")
+        return
+    try:
+        e = float(eps)
+    except (TypeError, ValueError):
+        raise ValueError(f"eps must be a number >= 0 or 'auto', got {eps!r}") from None
+    if not np.isfinite(e) or e < 0:
+        raise ValueError(f"eps must be finite and >= 0 (or 'auto'), got {eps!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# probes and predictor training
+# --------------------------------------------------------------------------------------------
+
+
+def _shuffle_valid(idx: np.ndarray, count: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Each row's first ``count`` entries in a random order, padding after them."""
+    j = np.arange(idx.shape[1])
+    u = np.where(j[None, :] < count[:, None], rng.random(idx.shape), np.inf)
+    return np.take_along_axis(idx, np.argsort(u, axis=1, kind="stable"), axis=1)
+
+
+def _check_clients(data: FederatedData, probe: str) -> None:
+    tc = np.asarray(data.train_count)
+    empty = np.flatnonzero(tc < 1)
+    if empty.size:
+        raise ValueError(f"client(s) {empty[:10].tolist()} have no training examples (empty "
+                         "client); RND discovery needs inputs on every client")
+    if probe == "test":
+        te = np.flatnonzero(np.asarray(data.test_count) < 1)
+        if te.size:
+            raise ValueError(f"probe='test' but client(s) {te[:10].tolist()} have no test "
+                             "examples; use probe='train' or 'holdout'")
+    if probe == "holdout":
+        small = np.flatnonzero(tc < 2)
+        if small.size:
+            raise ValueError(f"probe='holdout' needs >= 2 training examples per client; "
+                             f"client(s) {small[:10].tolist()} have 1 (use probe='train')")
+
+
+def probe_split(data: FederatedData, probe: str = "train", *, holdout: float = 0.25,
+                cap: int | None = None, seed: int = 0
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Rows each client trains its predictor on and rows it scores predictors on.
+
+    Returns ``(train_idx [C, N], train_count [C], probe_idx [C, M], probe_count [C])`` (pool
+    rows, valid up to the counts). ``probe="train"``: both are the client's training rows;
+    ``"holdout"``: a random ``max(1, round(holdout * n_c))`` of them are held out to probe and
+    the rest train (at least one each); ``"test"``: probe on the test split. ``cap`` keeps a
+    seeded random subset of at most ``cap`` probe rows per client (``M = min(cap, max count)``).
+    """
+    if probe not in PROBES:
+        raise ValueError(f"probe must be one of {list(PROBES)}, got {probe!r}")
+    _check_clients(data, probe)
+    rng = np.random.default_rng(seed)
+    tr_idx = np.asarray(data.train_idx)
+    tr_cnt = np.asarray(data.train_count).astype(np.int64)
+    if probe == "train":
+        pr_idx, pr_cnt = _shuffle_valid(tr_idx, tr_cnt, rng), tr_cnt.copy()
+    elif probe == "test":
+        te_cnt = np.asarray(data.test_count).astype(np.int64)
+        pr_idx, pr_cnt = _shuffle_valid(np.asarray(data.test_idx), te_cnt, rng), te_cnt
+    else:
+        shuffled = _shuffle_valid(tr_idx, tr_cnt, rng)
+        h = np.clip(np.rint(holdout * tr_cnt), 1, tr_cnt - 1).astype(np.int64)
+        keep = tr_cnt - h
+        j = np.arange(tr_idx.shape[1])
+        # Train on the first ``keep`` shuffled rows, probe on the next ``h``.
+        src = np.minimum(j[None, :] + keep[:, None], tr_idx.shape[1] - 1)
+        pr_idx = np.where(j[None, :] < h[:, None], np.take_along_axis(shuffled, src, 1), 0)
+        tr_idx = np.where(j[None, :] < keep[:, None], shuffled, 0)
+        tr_cnt, pr_cnt = keep, h
+    if cap is not None:
+        if cap < 1:
+            raise ValueError(f"probe cap must be >= 1, got {cap}")
+        # Rows are already in a random order, so the first ``cap`` are a random subset.
+        pr_cnt = np.minimum(pr_cnt, cap)
+    m = max(1, int(pr_cnt.max()))
+    pr_idx = np.where(np.arange(pr_idx.shape[1])[None, :] < pr_cnt[:, None], pr_idx, 0)[:, :m]
+    return (tr_idx.astype(np.int32), tr_cnt.astype(np.int32), pr_idx.astype(np.int32),
+            pr_cnt.astype(np.int32))
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureMSE:
+    """RND loss for ``local_train``: ``y`` holds the cached target outputs ``[B, out_dim]``.
+
+    Masked mean over examples of the squared error summed over output dimensions (the same
+    per-example quantity as the novelty score). Hashable, so an :class:`Engine` holding it is
+    a valid static argument.
+    """
+
+    apply: Callable[[PyTree, jax.Array], jax.Array]
+
+    def __call__(self, params, x, y, mask):
+        err = jnp.sum((self.apply(params, x) - y) ** 2, axis=-1)
+        return jnp.sum(err * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _train_program(engine: Engine, init, client_init, data, hp, key):
+    p, _, m = engine.train(init, data, hp, key, jnp.zeros((), jnp.int32),
+                           client_params=client_init)
+    return p, m["loss"]
+
+
+def predictor_engine(pair: RNDPair, cfg: RNDConfig, mapper: ClientMapper | None = None) -> Engine:
+    """The engine that trains predictors: Adam, ``cfg``'s schedule, the RND feature loss."""
+    return Engine(pair.predictor, LocalSpec(cfg.batch_size, cfg.epochs, cfg.steps),
+                  ClientOptimizer(("adam",)), mapper or ClientMapper(),
+                  loss=FeatureMSE(pair.predictor.apply))
+
+
+def train_predictors(pair: RNDPair, cfg: RNDConfig, x: jax.Array, targets: jax.Array,
+                     train_idx: jax.Array, train_count: jax.Array, key: jax.Array,
+                     mapper: ClientMapper | None = None) -> tuple[PyTree, jax.Array]:
+    """Train every client's predictor in one jitted program.
+
+    Args:
+      x: pool ``[P, *feature_shape]``; targets: cached target outputs ``[P, out_dim]``.
+      train_idx, train_count: ``[C, N]``, ``[C]`` rows each client trains on.
+    Returns:
+      ``(predictors, loss)``: leaves ``[C, ...]`` and the mean training loss per client ``[C]``.
+    """
+    c = int(train_idx.shape[0])
+    if targets.shape[0] != x.shape[0]:
+        raise ValueError(f"target outputs have {targets.shape[0]} rows but the pool has "
+                         f"{x.shape[0]}")
+    engine = predictor_engine(pair, cfg, mapper)
+    k_init, k_train = jax.random.split(key)
+    init = pair.predictor.init(k_init)
+    client_init = None
+    if cfg.per_client_init:
+        client_init = jax.vmap(pair.predictor.init)(jax.random.split(k_init, c))
+    # The pool's "labels" are the target outputs: local_train gathers y rows like x rows.
+    z = jnp.zeros((c, 1), jnp.int32)
+    data = FederatedData(x=x, y=targets, train_idx=jnp.asarray(train_idx),
+                         train_count=jnp.asarray(train_count), test_idx=z,
+                         test_count=z[:, 0], group=z[:, 0])
+    hp = ClientHParams(jnp.zeros(c, jnp.int32), jnp.full(c, cfg.lr, jnp.float32),
+                       jnp.zeros(c, jnp.float32))
+    return _train_program(engine, init, client_init, data, hp, k_train)
+
+
+# --------------------------------------------------------------------------------------------
+# novelty
+# --------------------------------------------------------------------------------------------
+
+
+def _probe_batch(x_pool, t_pool, idx, count):
+    mask = (jnp.arange(idx.shape[0]) < count).astype(jnp.float32)
+    return x_pool[idx], t_pool[idx], mask, jnp.maximum(count, 1).astype(jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _novelty_rows(apply, mapper: ClientMapper, col_tile: int, preds, x_pool, t_pool,
+                  probe_idx, probe_count):
+    n_pred = jax.tree.leaves(preds)[0].shape[0]
+
+    def row(client, shared):
+        ps, xp, tp = shared
+        x, t, mask, n = _probe_batch(xp, tp, client["idx"], client["count"])
+
+        def score(p):
+            err = jnp.sum((apply(p, x) - t) ** 2, axis=-1)
+            return jnp.sum(err * mask) / n
+
+        return jax.lax.map(score, ps, batch_size=min(col_tile, n_pred))
+
+    return mapper.map(row, {"idx": probe_idx, "count": probe_count}, (preds, x_pool, t_pool))
+
+
+def _check_probe(preds, x_pool, t_pool, probe_idx, probe_count, rows: int | None = None):
+    c = jax.tree.leaves(preds)[0].shape[0]
+    if t_pool.shape[0] != x_pool.shape[0]:
+        raise ValueError(f"target outputs have {t_pool.shape[0]} rows but the pool has "
+                         f"{x_pool.shape[0]}")
+    if probe_idx.ndim != 2 or probe_count.shape != (probe_idx.shape[0],):
+        raise ValueError(f"probe_idx must be [C, M] and probe_count [C], got "
+                         f"{probe_idx.shape} and {probe_count.shape}")
+    if rows is not None and probe_idx.shape[0] != rows:
+        raise ValueError(f"{c} predictors but probes for {probe_idx.shape[0]} clients; "
+                         "they must match")
+    if np.any(np.asarray(probe_count) < 1):
+        bad = np.flatnonzero(np.asarray(probe_count) < 1)[:10].tolist()
+        raise ValueError(f"client(s) {bad} have no probe examples (empty client)")
+
+
+def novelty_matrix(apply: Callable, preds: PyTree, x_pool: jax.Array, t_pool: jax.Array,
+                   probe_idx: jax.Array, probe_count: jax.Array, *, row_tile: int | None = None,
+                   col_tile: int = 64, mapper: ClientMapper | None = None) -> jax.Array:
+    """Cross novelty ``S [R, C]``: ``S[i, j] = mean_{x in probe_i} ||f_j(x) - f(x)||^2``.
+
+    Args:
+      apply: the predictor's ``apply(params, x [B, ...]) -> [B, out_dim]``.
+      preds: predictors, leaves ``[C, ...]``.
+      x_pool: ``[P, ...]``; t_pool: cached target outputs ``[P, out_dim]``.
+      probe_idx, probe_count: ``[R, M]``, ``[R]`` pool rows each scoring client probes on
+        (``R = C`` for the square matrix; newcomers score existing predictors with ``R != C``).
+      row_tile: clients per chunk of the engine's client map (``None``: the mapper's);
+      col_tile: predictors applied at once. Memory is ``row_tile * col_tile * M * out_dim``.
+    """
+    _check_probe(preds, x_pool, t_pool, probe_idx, probe_count)
+    mapper = mapper or ClientMapper()
+    if row_tile is not None:
+        mapper = dataclasses.replace(mapper, chunk_size=int(row_tile))
+    return _novelty_rows(apply, mapper, int(col_tile), preds, jnp.asarray(x_pool),
+                         jnp.asarray(t_pool), jnp.asarray(probe_idx, jnp.int32),
+                         jnp.asarray(probe_count, jnp.int32))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _self_rows(apply, mapper: ClientMapper, preds, x_pool, t_pool, probe_idx, probe_count):
+    def one(client, shared):
+        xp, tp = shared
+        x, t, mask, n = _probe_batch(xp, tp, client["idx"], client["count"])
+        err = jnp.sum((apply(client["p"], x) - t) ** 2, axis=-1)
+        mean = jnp.sum(err * mask) / n
+        std = jnp.sqrt(jnp.sum(((err - mean) ** 2) * mask) / n)
+        return mean, std
+
+    return mapper.map(one, {"p": preds, "idx": probe_idx, "count": probe_count},
+                      (x_pool, t_pool))
+
+
+def self_novelty(apply: Callable, preds: PyTree, x_pool: jax.Array, t_pool: jax.Array,
+                 probe_idx: jax.Array, probe_count: jax.Array,
+                 mapper: ClientMapper | None = None) -> tuple[jax.Array, jax.Array]:
+    """Each client's own predictor on its own probes: ``(mean, std)`` per client, ``[C]`` each.
+
+    ``mean`` is ``S[i, i]``; ``std`` is the spread of the per-example novelty (``sigma="self"``).
+    """
+    c = jax.tree.leaves(preds)[0].shape[0]
+    _check_probe(preds, x_pool, t_pool, probe_idx, probe_count, rows=c)
+    return _self_rows(apply, mapper or ClientMapper(), preds, jnp.asarray(x_pool),
+                      jnp.asarray(t_pool), jnp.asarray(probe_idx, jnp.int32),
+                      jnp.asarray(probe_count, jnp.int32))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _edge_rows(apply, chunk: int, preds, x_pool, t_pool, probe_idx, probe_count, src, dst):
+    def one(e):
+        s, d = e
+        p = jax.tree.map(lambda a: a[s], preds)
+        x, t, mask, n = _probe_batch(x_pool, t_pool, probe_idx[d], probe_count[d])
+        err = jnp.sum((apply(p, x) - t) ** 2, axis=-1)
+        return jnp.sum(err * mask) / n
+
+    return jax.lax.map(one, (src, dst), batch_size=min(chunk, src.shape[0]))
+
+
+def edge_novelty(apply: Callable, preds: PyTree, x_pool: jax.Array, t_pool: jax.Array,
+                 probe_idx: jax.Array, probe_count: jax.Array, edges: EdgeList,
+                 edge_chunk: int = 1024) -> jax.Array:
+    """Sparse mode: ``[E]`` scores ``S[dst_e, src_e]`` (``dst`` scores the predictor ``src``
+    sent it, on ``dst``'s own probes), ``edge_chunk`` edges at a time."""
+    c = jax.tree.leaves(preds)[0].shape[0]
+    _check_probe(preds, x_pool, t_pool, probe_idx, probe_count, rows=c)
+    src, dst = np.asarray(edges.src), np.asarray(edges.dst)
+    if src.shape != dst.shape or src.ndim != 1:
+        raise ValueError(f"edge src/dst must be equal-length vectors, got {src.shape}, {dst.shape}")
+    if src.size and (min(src.min(), dst.min()) < 0 or max(src.max(), dst.max()) >= c):
+        raise ValueError(f"edge endpoints must be client ids in [0, {c})")
+    if src.size == 0:
+        return jnp.zeros((0,), jnp.float32)
+    return _edge_rows(apply, int(edge_chunk), preds, jnp.asarray(x_pool), jnp.asarray(t_pool),
+                      jnp.asarray(probe_idx, jnp.int32), jnp.asarray(probe_count, jnp.int32),
+                      jnp.asarray(src, jnp.int32), jnp.asarray(dst, jnp.int32))
+
+
+# --------------------------------------------------------------------------------------------
+# compatibility and federations (host side: small matrices, graph algorithms)
+# --------------------------------------------------------------------------------------------
+
+
+def sigma_of(kind: str, scores: np.ndarray, self_std: np.ndarray) -> np.ndarray:
+    """``sigma_i`` per client ``[C]`` for a dense novelty matrix ``scores [C, C]``.
+
+    ``"row"``: the standard deviation of row ``i`` of ``S`` (the paper's reading; in sparse
+    mode the row is what client ``i`` observed: its neighbours' scores and its own).
+    ``"self"``: ``self_std``, the spread of client ``i``'s per-example self-novelty.
+    """
+    if kind == "self":
+        return np.asarray(self_std, np.float64)
+    if kind != "row":
+        raise ValueError(f"sigma must be one of {list(SIGMAS)}, got {kind!r}")
+    return np.asarray(scores, np.float64).std(axis=1)
+
+
+def _sparse_row_std(edge_scores, rows, c, diag=None):
+    # Moments of each observed row (edges plus, when given, the diagonal).
+    n = np.bincount(rows, minlength=c).astype(np.float64)
+    s1 = np.bincount(rows, edge_scores, minlength=c)
+    s2 = np.bincount(rows, edge_scores ** 2, minlength=c)
+    if diag is not None:
+        n, s1, s2 = n + 1, s1 + diag, s2 + diag ** 2
+    mean = s1 / np.maximum(n, 1)
+    return np.sqrt(np.maximum(s2 / np.maximum(n, 1) - mean ** 2, 0.0))
+
+
+def normalised_scores(scores: np.ndarray, s_self: np.ndarray, sigma: np.ndarray,
+                      rows: np.ndarray | None = None) -> np.ndarray:
+    """``z = (s_ij - s_ii) / sigma_i``: compatible iff ``z <= eps``. Dense ``[C, C]`` or
+    ``[E]`` edge scores with ``rows`` (the scoring client ``i`` of each edge).
+
+    A zero ``sigma_i`` (identical scores) gives ``z = 0`` when ``s_ij == s_ii`` and ``+inf``
+    when larger, which is the rule's limit."""
+    s = np.asarray(scores, np.float64)
+    s_self = np.asarray(s_self, np.float64)
+    sig = np.asarray(sigma, np.float64)
+    if rows is None:
+        diff, sg = s - s_self[:, None], sig[:, None]
+    else:
+        diff, sg = s - s_self[rows], sig[rows]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        z = diff / sg
+    return np.where(sg > 0, z, np.where(diff <= 0, 0.0, np.inf))
+
+
+def compatibility(z: np.ndarray, eps: float) -> np.ndarray:
+    """``z <= eps`` (bool, same shape); ``eps`` must be finite and ``>= 0``."""
+    check_eps(eps)
+    if isinstance(eps, str):
+        raise ValueError("resolve eps='auto' with auto_eps before calling compatibility")
+    return np.asarray(z) <= float(eps)
+
+
+AUTO_MIN_RATIO = 1.5
+"""Default ``min_ratio`` of :func:`auto_eps` (see there for the measurements behind it)."""
+
+
+def auto_eps(z: np.ndarray, *, min_count: int | None = None,
+             min_ratio: float = AUTO_MIN_RATIO) -> float:
+    """Tolerance from the data: the *largest relative gap* in the sorted normalised scores.
+
+    Criterion. Let ``z_(1) <= ... <= z_(n)`` be the finite off-diagonal normalised scores
+    ``(s_ij - s_ii) / sigma_i``. For every split after the ``k``-th smallest score with
+    ``k >= min_count`` (default ``ceil(sqrt(n))``, about one pair per client for a dense
+    matrix) and ``z_(k+1) > 0``, compare the gap ``g_k = z_(k+1) - z_(k)`` with the upper
+    half-width of the scores below it, ``w_k = z_(k) - z_(ceil(k/2))``. The tolerance is the
+    midpoint of the gap maximising ``g_k / w_k`` when that ratio is at least ``min_ratio``:
+    the scores then fall into a low mode (peers with the same distribution) and the rest,
+    separated by an empty band wider than the low mode's own spread. When no split qualifies
+    the population shows no separated structure and ``eps`` is placed above every score (one
+    federation; nothing is incompatible).
+
+    Why relative, why ``min_count``, why ``z_(k+1) > 0``: a plain largest gap also exists in a
+    single IID population (the sparse tails of a unimodal spread) and would fragment it; a gap
+    counts only if it dominates the spread below it, the low mode must hold enough pairs to be
+    a mode rather than a tail, and a cut below zero would make clients incompatible with peers
+    that look *more* familiar than their own data.
+
+    Threshold: with ``sigma="row"`` and training-set probes, the best ratio of IID populations
+    (digits and Gaussian, 8 to 60 clients, 8 seeds each) never exceeded 0.91 and fell with the
+    number of clients (0.2 at 40), while separable grouped populations (Gaussian mixtures with
+    2-4 groups of unequal sizes, feature patterns on digits) gave 2.4 to 27; 1.5 sits between.
+    """
+    z = np.sort(np.asarray(z, np.float64)[np.isfinite(z)].ravel())
+    n = z.size
+    if n == 0:
+        return 0.0
+    top = max(float(z[-1]) + 1.0, 0.0)
+    if n < 2:
+        return top
+    m = max(1, min(int(np.ceil(np.sqrt(n))) if min_count is None else int(min_count), n - 1))
+    ks = np.arange(m - 1, n - 1)  # 0-based: split between z[k] and z[k + 1]
+    gaps = z[ks + 1] - z[ks]
+    width = z[ks] - z[ks // 2]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(width > 0, gaps / width, np.where(gaps > 0, np.inf, 0.0))
+    ratio = np.where(z[ks + 1] > 0, ratio, 0.0)
+    best = int(np.argmax(ratio))
+    if not ratio[best] >= min_ratio:
+        return top
+    k = int(ks[best])
+    return float(max(0.5 * (z[k] + z[k + 1]), 0.0))
+
+
+def _relabel(labels: np.ndarray) -> np.ndarray:
+    """Federation ids ``0..F-1`` in order of each federation's lowest client id."""
+    _, first, inv = np.unique(labels, return_index=True, return_inverse=True)
+    order = np.argsort(np.argsort(first))
+    return order[inv].astype(np.int32)
+
+
+def federations(compatible, rule: str = "mutual", s_self: np.ndarray | None = None
+                ) -> np.ndarray:
+    """Federation id per client ``[C]`` from a compatibility relation.
+
+    Args:
+      compatible: ``[C, C]`` bool (``compatible[i, j]``: ``j`` is compatible with ``i``) or a
+        scipy sparse matrix of the same meaning (sparse mode).
+      rule: ``"mutual"``: components of the graph of pairs compatible both ways;
+        ``"one_sided"``: components of pairs compatible either way; ``"leader"``: clients in
+        increasing self-novelty order become leaders when still free, each taking every free
+        client mutually compatible with it (no chaining through intermediaries).
+      s_self: ``[C]`` self-novelty (needed by ``"leader"``).
+    Returns ids ``0..F-1`` numbered by each federation's lowest client id.
+    """
+    if rule not in RULES:
+        raise ValueError(f"rule must be one of {list(RULES)}, got {rule!r}")
+    a = csr_matrix(compatible, dtype=bool) if not isinstance(compatible, csr_matrix) else compatible
+    c = a.shape[0]
+    if a.shape != (c, c):
+        raise ValueError(f"compatibility must be square, got {a.shape}")
+    a = a.astype(bool)
+    if rule == "one_sided":
+        _, lab = connected_components(a, directed=True, connection="weak")
+        return _relabel(lab)
+    mutual = a.multiply(a.T).tocsr()
+    if rule == "mutual":
+        _, lab = connected_components(mutual, directed=False)
+        return _relabel(lab)
+    if s_self is None or np.shape(s_self) != (c,):
+        raise ValueError(f"rule='leader' needs s_self of shape ({c},)")
+    lab = np.full(c, -1, np.int64)
+    for leader in np.argsort(np.asarray(s_self), kind="stable"):
+        if lab[leader] >= 0:
+            continue
+        lab[leader] = leader
+        row = mutual.getrow(leader).indices
+        free = row[lab[row] < 0]
+        lab[free] = leader
+    return _relabel(lab)
+
+
+# --------------------------------------------------------------------------------------------
+# the whole pipeline
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Discovery:
+    """Result of :func:`discover` (host arrays).
+
+    Attributes:
+      federation: ``[C]`` federation id per client, ``0..F-1``.
+      scores: ``[C, C]`` novelty matrix ``S`` (dense mode) or ``None`` (sparse mode).
+      edges, edge_scores: sparse mode: the scored edges and ``[E]`` scores ``S[dst, src]``.
+      self_novelty: ``[C]`` ``S[i, i]``; self_std: ``[C]`` per-example spread of it.
+      sigma: ``[C]`` the ``sigma_i`` used; z: normalised scores (``[C, C]`` or ``[E]``).
+      eps: the tolerance used (after ``"auto"``); compatible: ``z <= eps``.
+      bytes_up, bytes_down: ``[C]`` bytes each client sent / received for discovery.
+      predictors: leaves ``[C, ...]`` the trained predictors (kept for newcomers);
+      target_params, pair, config: what produced them.
+      train_loss: ``[C]`` predictor training loss.
+    """
+
+    federation: np.ndarray
+    scores: np.ndarray | None
+    self_novelty: np.ndarray
+    self_std: np.ndarray
+    sigma: np.ndarray
+    z: np.ndarray
+    eps: float
+    compatible: np.ndarray
+    bytes_up: np.ndarray
+    bytes_down: np.ndarray
+    predictors: PyTree
+    target_params: PyTree
+    pair: RNDPair
+    config: RNDConfig
+    train_loss: np.ndarray
+    edges: EdgeList | None = None
+    edge_scores: np.ndarray | None = None
+
+    @property
+    def num_federations(self) -> int:
+        return int(self.federation.max()) + 1 if self.federation.size else 0
+
+    @property
+    def num_clients(self) -> int:
+        return int(self.federation.shape[0])
+
+
+def _drop_self_edges(edges: EdgeList) -> tuple[np.ndarray, np.ndarray]:
+    src, dst = np.asarray(edges.src), np.asarray(edges.dst)
+    w = np.asarray(edges.weight)
+    keep = (src != dst) & (w != 0)  # self-loops and zero-weight padding carry no predictor
+    pairs = np.unique(np.stack([src[keep], dst[keep]], 1), axis=0)
+    return pairs[:, 0], pairs[:, 1]
+
+
+def discover(data: FederatedData, config: RNDConfig = RNDConfig(), *,
+             key: jax.Array | None = None, mapper: ClientMapper | None = None,
+             edges: EdgeList | None = None) -> Discovery:
+    """Discover federations among ``data``'s clients with RND (labels and ``group`` unused).
+
+    Args:
+      data: the federated data (``x`` pool and per-client train/test rows).
+      config: :class:`RNDConfig`.
+      key: randomness for predictor init and batches (default ``key(config.seed)``).
+      mapper: how the client axis is mapped (chunks / devices), as for training.
+      edges: sparse mode: client ``dst`` scores only the predictors of its in-neighbours
+        ``src`` (self-loops and zero-weight padding edges are ignored); ``None``: all pairs.
+    """
+    cfg = config
+    if not isinstance(cfg, RNDConfig):
+        raise TypeError(f"config must be an RNDConfig, got {type(cfg).__name__}")
+    mapper = mapper or ClientMapper()
+    key = jax.random.key(cfg.seed) if key is None else key
+    pair = cfg.pair(data.feature_shape)
+    c = data.num_clients
+    tr_idx, tr_cnt, pr_idx, pr_cnt = probe_split(
+        data, cfg.probe, holdout=cfg.holdout, cap=cfg.probe_cap,
+        seed=int(jax.random.randint(jax.random.fold_in(key, 7), (), 0, 2**31 - 1)))
+    t_params = pair.target_params(cfg.seed)
+    t_pool = target_features(pair, t_params, data.x)
+    preds, loss = train_predictors(pair, cfg, data.x, t_pool, tr_idx, tr_cnt, key, mapper)
+    apply = pair.predictor.apply
+    s_self, s_std = (np.asarray(v, np.float64) for v in
+                     self_novelty(apply, preds, data.x, t_pool, pr_idx, pr_cnt, mapper))
+    nbytes = tree_bytes(jax.tree.map(lambda a: a[0], preds))
+    if edges is None:
+        s = np.asarray(novelty_matrix(apply, preds, data.x, t_pool, pr_idx, pr_cnt,
+                                      row_tile=cfg.row_tile, col_tile=cfg.col_tile,
+                                      mapper=mapper), np.float64)
+        s_self = np.diag(s).copy()
+        sigma = sigma_of(cfg.sigma, s, s_std)
+        z = normalised_scores(s, s_self, sigma)
+        off = ~np.eye(c, dtype=bool)
+        eps = auto_eps(z[off]) if cfg.eps == "auto" else float(cfg.eps)
+        comp = compatibility(z, eps)
+        np.fill_diagonal(comp, True)
+        fed = federations(comp, cfg.rule, s_self)
+        # Up: its predictor and one row of scores; down: the other C - 1 predictors.
+        up = np.full(c, nbytes + c * 4, np.float64)
+        down = np.full(c, (c - 1) * nbytes, np.float64)
+        return Discovery(fed, s, s_self, s_std, sigma, z, eps, comp, up, down, preds, t_params,
+                         pair, cfg, np.asarray(loss), None, None)
+    src, dst = _drop_self_edges(edges)
+    e_scores = np.asarray(edge_novelty(apply, preds, data.x, t_pool, pr_idx, pr_cnt,
+                                       EdgeList(jnp.asarray(src), jnp.asarray(dst),
+                                                jnp.ones(len(src))), cfg.edge_chunk), np.float64)
+    sigma = (s_std if cfg.sigma == "self"
+             else _sparse_row_std(e_scores, dst, c, diag=s_self))
+    z = normalised_scores(e_scores, s_self, sigma, rows=dst)
+    eps = auto_eps(z) if cfg.eps == "auto" else float(cfg.eps)
+    ok = compatibility(z, eps)
+    # compatible[i, j]: i = dst (the scorer), j = src (the scored predictor).
+    comp = coo_matrix((ok.astype(bool), (dst, src)), shape=(c, c)).tocsr()
+    comp = (comp + csr_matrix((np.ones(c, bool), (np.arange(c), np.arange(c))),
+                              shape=(c, c))).astype(bool)
+    fed = federations(comp, cfg.rule, s_self)
+    in_deg = np.bincount(dst, minlength=c)
+    out_deg = np.bincount(src, minlength=c)
+    # Peer to peer: a predictor to each out-neighbour and, back to it, the score it gave
+    # (needed for the mutual check); received: in-neighbours' predictors and their scores.
+    up = out_deg * float(nbytes) + in_deg * 4.0
+    down = in_deg * float(nbytes) + out_deg * 4.0
+    return Discovery(fed, None, s_self, s_std, sigma, z, eps, ok, up, down, preds, t_params,
+                     pair, cfg, np.asarray(loss),
+                     EdgeList(jnp.asarray(src), jnp.asarray(dst), jnp.ones(len(src))), e_scores)
+
+
+def assign_newcomers(disc: Discovery, new: FederatedData, *, key: jax.Array | None = None,
+                     mapper: ClientMapper | None = None) -> np.ndarray:
+    """Federation ids ``[C_new]`` for clients that arrive after discovery.
+
+    Each newcomer trains its own predictor (same target, same schedule), then scores every
+    existing predictor on its own probes. Its score for federation ``F`` is the mean of its
+    scores of ``F``'s members' predictors; it joins the lowest-scoring federation when that
+    score satisfies the compatibility rule ``m_F <= s_nn + eps * sigma_n`` (``eps`` and the
+    sigma reading of ``disc``; the "row" sigma is over the newcomer's row: its self-novelty and
+    its scores of all existing predictors). Newcomers compatible with no federation are grouped
+    among themselves by ``disc``'s rule (their mutual scores) into new federations numbered
+    from ``disc.num_federations``.
+    """
+    cfg, pair = disc.config, disc.pair
+    if tuple(new.feature_shape) != tuple(disc.pair.feature_shape):
+        raise ValueError(f"newcomers have features {tuple(new.feature_shape)}, the discovery "
+                         f"was run on {disc.pair.feature_shape}")
+    mapper = mapper or ClientMapper()
+    key = jax.random.key(cfg.seed + 1) if key is None else key
+    tr_idx, tr_cnt, pr_idx, pr_cnt = probe_split(
+        new, cfg.probe, holdout=cfg.holdout, cap=cfg.probe_cap,
+        seed=int(jax.random.randint(jax.random.fold_in(key, 7), (), 0, 2**31 - 1)))
+    t_pool = target_features(pair, disc.target_params, new.x)
+    preds, _ = train_predictors(pair, cfg, new.x, t_pool, tr_idx, tr_cnt, key, mapper)
+    apply = pair.predictor.apply
+    s_self, s_std = (np.asarray(v, np.float64) for v in
+                     self_novelty(apply, preds, new.x, t_pool, pr_idx, pr_cnt, mapper))
+    rows = np.asarray(novelty_matrix(apply, disc.predictors, new.x, t_pool, pr_idx, pr_cnt,
+                                     row_tile=cfg.row_tile, col_tile=cfg.col_tile,
+                                     mapper=mapper), np.float64)  # [C_new, C]
+    f = disc.num_federations
+    member = np.eye(f)[disc.federation]  # [C, F]
+    fed_score = rows @ member / member.sum(0)  # [C_new, F]
+    if cfg.sigma == "row":
+        sigma = np.concatenate([s_self[:, None], rows], 1).std(1)
+    else:
+        sigma = s_std
+    z = normalised_scores(fed_score, s_self, sigma)
+    best = np.argmin(fed_score, axis=1)
+    ok = z[np.arange(len(best)), best] <= disc.eps
+    out = np.where(ok, best, -1).astype(np.int32)
+    lost = np.flatnonzero(~ok)
+    if lost.size:
+        sub = jax.tree.map(lambda a: a[lost], preds)
+        s_new = np.asarray(novelty_matrix(apply, sub, new.x, t_pool, pr_idx[lost],
+                                          pr_cnt[lost], row_tile=cfg.row_tile,
+                                          col_tile=cfg.col_tile, mapper=mapper), np.float64)
+        sg = sigma_of(cfg.sigma, s_new, s_std[lost])
+        zz = normalised_scores(s_new, np.diag(s_new), sg)
+        comp = compatibility(zz, disc.eps)
+        np.fill_diagonal(comp, True)
+        out[lost] = f + federations(comp, cfg.rule, np.diag(s_new))
+    return out
