@@ -27,6 +27,9 @@ from jax.sharding import PartitionSpec as P
 PyTree = Any
 CLIENT_AXIS = "clients"
 
+# CPU 1: on the throughput workload (2-core EPYC, 2026-11-22) chunk 1 ran 2836 client updates/s,
+# chunks 2/4/8/16/32 ran 1065/1135/611/772/304 and all 1000 in one vmap 214 (benchmarks/RESULTS.md).
+# The accelerator values are not yet measured.
 DEFAULT_CHUNK = {"cpu": 1, "gpu": 256, "cuda": 256, "rocm": 256, "tpu": 256}
 """Default clients per chunk by backend (measured on the throughput workload; see benchmarks)."""
 
@@ -54,6 +57,9 @@ class ClientMapper:
         n = jax.tree.leaves(xs)[0].shape[0]
         if self.chunk >= n:
             return jax.vmap(lambda x: fn(x, shared))(xs)
+        if self.chunk == 1:
+            # One client per iteration, not a vmap of one (see _chunked_sum).
+            return jax.lax.map(lambda x: fn(x, shared), xs)
         return jax.lax.map(lambda x: fn(x, shared), xs, batch_size=self.chunk)
 
     def map(self, fn: Callable[[PyTree, PyTree], PyTree], per_client: PyTree,
@@ -118,6 +124,19 @@ class ClientMapper:
 
 
 def _chunked_sum(fn, xs, shared, chunk):
+    if chunk == 1:
+        # One client per scan step, not a vmap of one: per-client scalars then stay unbatched,
+        # so a ``lax.cond`` in ``fn`` (e.g. skipping a zero proximal term in local training)
+        # is a real branch instead of a select that computes both sides. Same sums.
+        zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                            jax.eval_shape(lambda x: fn(x, shared),
+                                           jax.tree.map(lambda a: a[0], xs)))
+
+        def body1(acc, x):
+            return jax.tree.map(jnp.add, acc, fn(x, shared)), None
+
+        acc, _ = jax.lax.scan(body1, zero, xs)
+        return acc
     n = jax.tree.leaves(xs)[0].shape[0]
     blocks = jax.tree.map(lambda a: a.reshape(n // chunk, chunk, *a.shape[1:]), xs)
     zero = jax.tree.map(lambda s: jnp.zeros(s.shape[1:], s.dtype),

@@ -100,10 +100,23 @@ def local_train(
     b = min(spec.batch_size, n_max)
     anchor = params if anchor is None else anchor
 
-    def objective(p, x, y, mask):
-        return loss_fn(p, x, y, mask) + 0.5 * prox_mu * _sq_dist(p, anchor)
+    loss_and_grad = jax.value_and_grad(loss_fn)
+    prox_and_grad = jax.value_and_grad(lambda p: 0.5 * prox_mu * _sq_dist(p, anchor))
 
-    grad_fn = jax.value_and_grad(objective)
+    def with_prox(p, loss, g):
+        pl, pg = prox_and_grad(p)
+        return loss + pl, jax.tree.map(jnp.add, g, pg)
+
+    def grad_fn(p, x, y, mask):
+        # Value and gradient of ``loss + (mu / 2) ||p - anchor||^2``. The proximal term costs
+        # extra passes over the parameters every step (about half the CPU time of a FedAvg
+        # round at chunk 1, benchmarks/RESULTS.md), so it is skipped when mu is 0: statically
+        # for a Python number, with a ``cond`` for a traced mu (a real branch when mu is not
+        # batched, as with ClientMapper chunk 1; under vmap a select, no dearer than before).
+        loss, g = loss_and_grad(p, x, y, mask)
+        if isinstance(prox_mu, (int, float)):
+            return with_prox(p, loss, g) if prox_mu != 0 else (loss, g)
+        return jax.lax.cond(prox_mu != 0, with_prox, lambda _p, lo, gr: (lo, gr), p, loss, g)
 
     def step(carry, positions, valid, active):
         p, s = carry
