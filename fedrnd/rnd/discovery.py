@@ -734,8 +734,11 @@ def assign_newcomers(disc: Discovery, new: FederatedData, *, key: jax.Array | No
     score satisfies the compatibility rule ``m_F <= s_nn + eps * sigma_n`` (``eps`` and the
     sigma reading of ``disc``; the "row" sigma is over the newcomer's row: its self-novelty and
     its scores of all existing predictors). Newcomers compatible with no federation are grouped
-    among themselves by ``disc``'s rule (their mutual scores) into new federations numbered
-    from ``disc.num_federations``.
+    among themselves by ``disc``'s rule (their mutual scores, the row sigma over all they
+    scored) into new federations numbered from ``disc.num_federations``.
+
+    Returns ``[C_new]`` ids; bytes are not counted here (a newcomer downloads ``C``
+    predictors and uploads its own plus one row of scores).
     """
     cfg, pair = disc.config, disc.pair
     if tuple(new.feature_shape) != tuple(disc.pair.feature_shape):
@@ -771,7 +774,10 @@ def assign_newcomers(disc: Discovery, new: FederatedData, *, key: jax.Array | No
         s_new = np.asarray(novelty_matrix(apply, sub, new.x, t_pool, pr_idx[lost],
                                           pr_cnt[lost], row_tile=cfg.row_tile,
                                           col_tile=cfg.col_tile, mapper=mapper), np.float64)
-        sg = sigma_of(cfg.sigma, s_new, s_std[lost])
+        # The row sigma is over everything such a newcomer scored: the existing predictors
+        # and the other unmatched newcomers' (a row of two alone would say nothing).
+        sg = (np.concatenate([rows[lost], s_new], 1).std(1) if cfg.sigma == "row"
+              else s_std[lost])
         zz = normalised_scores(s_new, np.diag(s_new), sg)
         comp = compatibility(zz, disc.eps)
         np.fill_diagonal(comp, True)

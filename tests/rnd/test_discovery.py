@@ -1,0 +1,379 @@
+"""RND discovery: the novelty matrix against a per-pair reference, tiling, probes, sparse
+mode, the compatibility rule, federation extraction, automatic eps, recovery of known groups,
+newcomers and errors."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from sklearn.metrics import adjusted_rand_score
+
+from fedrnd.data import build_federated, digits, feature_pattern, iid
+from fedrnd.engine import EdgeList, tree_bytes
+from fedrnd.rnd import (
+    RNDConfig,
+    assign_newcomers,
+    auto_eps,
+    compatibility,
+    discover,
+    edge_novelty,
+    federations,
+    normalised_scores,
+    novelty_matrix,
+    probe_split,
+    self_novelty,
+    sigma_of,
+    target_features,
+    train_predictors,
+)
+from tests.rnd._data import grouped_gaussian, shuffled_groups
+
+SMALL = RNDConfig(network="mlp", target_width=(16,), predictor_width=(4,), out_dim=8,
+                  epochs=2, batch_size=8)
+
+
+# --------------------------------------------------------------------------------------------
+# the novelty matrix
+# --------------------------------------------------------------------------------------------
+
+
+def np_mlp(params, x):
+    """Plain numpy forward of a flax MLP (Dense_0 .. Dense_L, ReLU between)."""
+    h = np.asarray(x, np.float64).reshape(len(x), -1)
+    names = sorted(params, key=lambda s: int(s.split("_")[1]))
+    for k, name in enumerate(names):
+        h = h @ np.asarray(params[name]["kernel"], np.float64) + np.asarray(params[name]["bias"])
+        if k < len(names) - 1:
+            h = np.maximum(h, 0.0)
+    return h
+
+
+@pytest.fixture(scope="module")
+def small():
+    """7 ragged clients (3 groups), trained SMALL predictors, cached targets."""
+    data = grouped_gaussian([0, 1, 0, 2, 1, 0, 2], n=12, n_test=4, dim=3, seed=5)
+    # Ragged: client c keeps 5 + c of its 12 rows.
+    data = data.replace(train_count=jnp.arange(5, 12, dtype=jnp.int32))
+    pair = SMALL.pair(data.feature_shape)
+    tp = pair.target_params(SMALL.seed)
+    t_pool = target_features(pair, tp, data.x)
+    tr_idx, tr_cnt, pr_idx, pr_cnt = probe_split(data, "train", seed=1)
+    preds, _ = train_predictors(pair, SMALL, data.x, t_pool, tr_idx, tr_cnt, jax.random.key(0))
+    return dict(data=data, pair=pair, tp=tp, t=t_pool, preds=preds, pr_idx=pr_idx,
+                pr_cnt=pr_cnt)
+
+
+def reference_matrix(s, pr_idx, pr_cnt):
+    """``S[i, j]``: a Python loop over pairs, numpy forward passes of target and predictor."""
+    x = np.asarray(s["data"].x)
+    c = len(pr_cnt)
+    ref = np.zeros((c, c))
+    for i in range(c):
+        rows = pr_idx[i, : pr_cnt[i]]
+        target = np_mlp(s["tp"], x[rows])
+        for j in range(c):
+            pj = jax.tree.map(lambda a, j=j: np.asarray(a[j]), s["preds"])
+            ref[i, j] = np.mean(np.sum((np_mlp(pj, x[rows]) - target) ** 2, axis=1))
+    return ref
+
+
+def test_matrix_equals_per_pair_reference(small):
+    s = small
+    apply = s["pair"].predictor.apply
+    got = np.asarray(novelty_matrix(apply, s["preds"], s["data"].x, s["t"], s["pr_idx"],
+                                    s["pr_cnt"]))
+    ref = reference_matrix(s, s["pr_idx"], s["pr_cnt"])
+    np.testing.assert_allclose(got, ref, rtol=2e-5, atol=1e-6)
+    # The predictors were trained (not all equal to the common init) and rows differ.
+    assert np.ptp(ref[0]) > 1e-3
+    mean, std = self_novelty(apply, s["preds"], s["data"].x, s["t"], s["pr_idx"], s["pr_cnt"])
+    np.testing.assert_allclose(np.asarray(mean), np.diag(ref), rtol=2e-5)
+    x = np.asarray(s["data"].x)
+    for i in range(len(ref)):
+        rows = s["pr_idx"][i, : s["pr_cnt"][i]]
+        pi = jax.tree.map(lambda a, i=i: np.asarray(a[i]), s["preds"])
+        per = np.sum((np_mlp(pi, x[rows]) - np_mlp(s["tp"], x[rows])) ** 2, axis=1)
+        np.testing.assert_allclose(float(std[i]), per.std(), rtol=1e-4)
+
+
+@pytest.mark.parametrize("row_tile,col_tile", [(3, 2), (2, 5), (4, 3)])
+def test_blockwise_equals_unblocked(small, row_tile, col_tile):
+    s = small
+    args = (s["pair"].predictor.apply, s["preds"], s["data"].x, s["t"], s["pr_idx"],
+            s["pr_cnt"])
+    whole = np.asarray(novelty_matrix(*args, row_tile=7, col_tile=7))
+    tiled = np.asarray(novelty_matrix(*args, row_tile=row_tile, col_tile=col_tile))
+    np.testing.assert_allclose(tiled, whole, rtol=1e-5, atol=1e-7)
+
+
+def test_probe_cap_subsets_each_clients_rows(small):
+    s = small
+    data = s["data"]
+    tr = np.asarray(data.train_idx)
+    cnt = np.asarray(data.train_count)
+    _, _, idx, pc = probe_split(data, "train", cap=6, seed=3)
+    np.testing.assert_array_equal(pc, np.minimum(cnt, 6))
+    assert idx.shape == (7, 6)
+    for c in range(7):
+        chosen = idx[c, : pc[c]]
+        assert len(set(chosen.tolist())) == pc[c]
+        assert set(chosen.tolist()) <= set(tr[c, : cnt[c]].tolist())
+    # Clients with more than 6 rows get a random subset, not always their first rows.
+    assert any(set(idx[c, :6].tolist()) != set(tr[c, :6].tolist()) for c in range(2, 7))
+    apply = s["pair"].predictor.apply
+    capped = np.asarray(novelty_matrix(apply, s["preds"], data.x, s["t"], idx, pc))
+    np.testing.assert_allclose(capped, reference_matrix(s, idx, pc), rtol=2e-5, atol=1e-6)
+    full = np.asarray(novelty_matrix(apply, s["preds"], data.x, s["t"], s["pr_idx"],
+                                     s["pr_cnt"]))
+    assert np.max(np.abs(capped[2:] - full[2:])) > 1e-4  # the cap really dropped samples
+    np.testing.assert_allclose(capped[:2], full[:2], rtol=1e-5)  # <= 6 rows: unchanged
+
+
+def test_holdout_and_test_probes():
+    data = grouped_gaussian([0, 1, 0], n=9, n_test=3, dim=3)
+    tr_idx, tr_cnt, pr_idx, pr_cnt = probe_split(data, "holdout", holdout=0.25, seed=0)
+    np.testing.assert_array_equal(pr_cnt, [2, 2, 2])  # round(0.25 * 9)
+    np.testing.assert_array_equal(tr_cnt, [7, 7, 7])
+    for c in range(3):
+        train, probe = set(tr_idx[c, :7].tolist()), set(pr_idx[c, :2].tolist())
+        assert not train & probe
+        assert train | probe == set(np.asarray(data.train_idx)[c].tolist())
+    _, t_cnt, p_idx, p_cnt = probe_split(data, "test")
+    np.testing.assert_array_equal(t_cnt, 9)
+    assert set(p_idx[1].tolist()) == set(np.asarray(data.test_idx)[1].tolist())
+
+
+def test_sparse_scores_equal_dense_entries(small):
+    s = small
+    apply = s["pair"].predictor.apply
+    dense = np.asarray(novelty_matrix(apply, s["preds"], s["data"].x, s["t"], s["pr_idx"],
+                                      s["pr_cnt"]))
+    src = np.array([0, 1, 2, 3, 4, 5, 6, 3, 0, 6], np.int32)
+    dst = np.array([1, 2, 3, 4, 5, 6, 0, 0, 5, 2], np.int32)
+    edges = EdgeList(jnp.asarray(src), jnp.asarray(dst), jnp.ones(10))
+    got = np.asarray(edge_novelty(apply, s["preds"], s["data"].x, s["t"], s["pr_idx"],
+                                  s["pr_cnt"], edges, edge_chunk=3))
+    np.testing.assert_allclose(got, dense[dst, src], rtol=1e-5)
+
+
+def test_sparse_discovery_on_complete_graph_equals_dense():
+    groups = shuffled_groups([5, 3, 4], seed=2)
+    data = grouped_gaussian(groups, seed=2, shift_seed=2)
+    cfg = RNDConfig(network="mlp")
+    dense = discover(data, cfg)
+    c = data.num_clients
+    src, dst = np.meshgrid(np.arange(c), np.arange(c))
+    # Self-loops and zero-weight padding edges in the list are ignored.
+    src = np.concatenate([src.ravel(), [0, 0]])
+    dst = np.concatenate([dst.ravel(), [0, 0]])
+    w = np.concatenate([np.ones(c * c), [0.0, 0.0]])
+    sparse = discover(data, cfg, edges=EdgeList(jnp.asarray(src), jnp.asarray(dst),
+                                                jnp.asarray(w)))
+    assert sparse.scores is None and sparse.edge_scores.shape == (c * (c - 1),)
+    e_src, e_dst = np.asarray(sparse.edges.src), np.asarray(sparse.edges.dst)
+    np.testing.assert_allclose(sparse.edge_scores, dense.scores[e_dst, e_src], rtol=1e-5)
+    np.testing.assert_allclose(sparse.sigma, dense.sigma, rtol=1e-5)
+    assert sparse.eps == pytest.approx(dense.eps, rel=1e-5)
+    np.testing.assert_array_equal(sparse.federation, dense.federation)
+    assert adjusted_rand_score(groups, sparse.federation) == 1.0
+    # Peer to peer: a predictor to each of the c - 1 neighbours, a score back to each.
+    nb = tree_bytes(jax.tree.map(lambda a: a[0], sparse.predictors))
+    np.testing.assert_array_equal(sparse.bytes_up, (c - 1) * (nb + 4))
+    # A ring only: each client observes two neighbours and pays for two.
+    ring = EdgeList(jnp.arange(c), (jnp.arange(c) + 1) % c, jnp.ones(c))
+    r = discover(data, cfg, edges=ring)
+    np.testing.assert_array_equal(r.bytes_down, nb + 4)
+    assert r.edge_scores.shape == (c,)
+
+
+# --------------------------------------------------------------------------------------------
+# compatibility, federations, eps
+# --------------------------------------------------------------------------------------------
+
+
+def test_sigma_readings_and_rule():
+    s = np.array([[1.0, 1.2, 5.0], [1.15, 1.0, 6.0], [4.0, 4.5, 2.0]])
+    self_std = np.array([0.5, 0.1, 1.0])
+    np.testing.assert_allclose(sigma_of("row", s, self_std), s.std(1))
+    np.testing.assert_allclose(sigma_of("self", s, self_std), self_std)
+    z = normalised_scores(s, np.diag(s), self_std)
+    np.testing.assert_allclose(z[0], [0.0, 0.4, 8.0])
+    comp = compatibility(z, 1.0)
+    # s_ij <= s_ii + eps * sigma_i, row by row.
+    expected = s <= np.diag(s)[:, None] + 1.0 * self_std[:, None]
+    np.testing.assert_array_equal(comp, expected)
+    assert not comp[1, 0] and comp[0, 1]  # 1.15 > 1.0 + 0.1; 1.2 <= 1.0 + 0.5
+    # Zero spread: equal scores compatible, larger ones not.
+    z0 = normalised_scores(np.array([[1.0, 1.0, 2.0]] * 3), np.ones(3), np.zeros(3))
+    np.testing.assert_array_equal(z0[0], [0.0, 0.0, np.inf])
+
+
+def test_extraction_rules_differ_on_a_chain():
+    # 0~1 mutual, 1~2 mutual, 0 and 2 incompatible; 3 likes 2 but 2 not 3; 4 alone.
+    c = np.eye(5, dtype=bool)
+    for i, j in [(0, 1), (1, 0), (1, 2), (2, 1), (3, 2)]:
+        c[i, j] = True
+    s_self = np.array([0.5, 0.1, 0.3, 0.2, 0.9])
+    np.testing.assert_array_equal(federations(c, "mutual"), [0, 0, 0, 1, 2])
+    np.testing.assert_array_equal(federations(c, "one_sided"), [0, 0, 0, 0, 1])
+    # Leader 1 (lowest self-novelty) takes 0 and 2; then 3, then 4 lead alone.
+    np.testing.assert_array_equal(federations(c, "leader", s_self), [0, 0, 0, 1, 2])
+    s_self2 = np.array([0.1, 0.5, 0.3, 0.2, 0.9])  # leader 0 takes only 1; 2 is left over
+    np.testing.assert_array_equal(federations(c, "leader", s_self2), [0, 0, 1, 2, 3])
+    with pytest.raises(ValueError, match="needs s_self"):
+        federations(c, "leader")
+
+
+def test_auto_eps_criterion():
+    rng = np.random.default_rng(0)
+    # Two modes: same-distribution peers near 0, others near 3, empty band between.
+    z = np.concatenate([rng.uniform(-0.2, 0.3, 60), rng.uniform(2.0, 4.0, 180)])
+    e = auto_eps(z)
+    assert 0.3 < e < 2.0
+    assert e == pytest.approx(0.5 * (np.sort(z)[59] + np.sort(z)[60]))
+    # One unimodal population: no gap dominates its spread -> above every score.
+    u = rng.normal(size=240)
+    assert auto_eps(u) > u.max()
+    # A gap narrower than the low mode's own spread does not count.
+    z2 = np.concatenate([rng.uniform(0.0, 1.0, 60), rng.uniform(1.6, 3.0, 180)])
+    assert auto_eps(z2) > z2.max()
+    # A gap below zero (some peers look more familiar than one's own data) is never a cut.
+    z3 = np.concatenate([rng.uniform(-3.0, -2.9, 60), rng.uniform(0.0, 0.5, 180)])
+    assert auto_eps(z3) > 0.5 or auto_eps(z3) == pytest.approx(0.0)
+    assert auto_eps(np.array([])) == 0.0
+
+
+# --------------------------------------------------------------------------------------------
+# discovery end to end
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sizes", [[8, 4, 2, 2], [1, 5, 10], [3, 13]])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_recovers_separated_groups_exactly(sizes, seed):
+    groups = shuffled_groups(sizes, seed)
+    data = grouped_gaussian(groups, shift_seed=seed, seed=seed)
+    res = discover(data, RNDConfig(network="mlp"))
+    assert adjusted_rand_score(groups, res.federation) == 1.0, (res.federation, res.eps)
+    assert res.num_federations == len(sizes)
+    # Every row shows the structure: in-group novelty below cross-group novelty.
+    same = groups[:, None] == groups[None, :]
+    inf = np.inf
+    assert np.all(np.where(same, res.scores, -inf).max(1) < np.where(same, inf, res.scores).min(1))
+    # The alternative extraction rules agree here; a fixed eps between the modes too.
+    for rule in ("one_sided", "leader"):
+        fed = federations(res.compatible, rule, res.self_novelty)
+        assert adjusted_rand_score(groups, fed) == 1.0
+    if seed == 0:
+        fixed = discover(data, RNDConfig(network="mlp", eps=res.eps))
+        np.testing.assert_array_equal(fixed.federation, res.federation)
+
+
+def test_bytes_follow_the_protocol():
+    data = grouped_gaussian(shuffled_groups([8, 4, 2, 2], 0))
+    res = discover(data, RNDConfig(network="mlp"))
+    nb = tree_bytes(jax.tree.map(lambda a: a[0], res.predictors))
+    assert nb == (6 * 32 + 32 + 32 * 64 + 64) * 4
+    np.testing.assert_array_equal(res.bytes_up, nb + 16 * 4)
+    np.testing.assert_array_equal(res.bytes_down, 15 * nb)
+    assert res.scores.shape == (16, 16) and res.self_novelty.shape == (16,)
+    assert np.all(np.isfinite(res.train_loss))
+
+
+def test_iid_population_is_not_fragmented():
+    for seed in range(3):
+        data = grouped_gaussian(np.zeros(16, np.int32), seed=seed, shift_seed=seed)
+        res = discover(data, RNDConfig(network="mlp"))
+        assert res.num_federations == 1, res.eps
+    # Different samples of one image distribution, conv predictors.
+    d = digits()
+    res = discover(build_federated(d, iid(d, 12, seed=0)), RNDConfig(network="conv"))
+    assert res.num_federations == 1
+
+
+def test_conv_discovery_on_feature_patterns():
+    d = digits()
+    data = build_federated(d, feature_pattern(d, 12, num_groups=3, seed=0,
+                                              group_sizes=[2, 4, 6], rms=0.5))
+    res = discover(data, RNDConfig(network="auto"))
+    assert res.pair.kind == "conv"
+    assert adjusted_rand_score(np.asarray(data.group), res.federation) == 1.0
+
+
+def test_single_client_forms_its_own_federation():
+    data = grouped_gaussian([3], n=20)
+    res = discover(data, RNDConfig(network="mlp"))
+    np.testing.assert_array_equal(res.federation, [0])
+    assert res.scores.shape == (1, 1) and res.num_federations == 1
+    assert res.bytes_down[0] == 0.0
+
+
+def test_newcomers_join_their_groups_federation():
+    groups = shuffled_groups([5, 4, 3], seed=1)
+    data = grouped_gaussian(groups, shift_seed=1, seed=1)
+    res = discover(data, RNDConfig(network="mlp"))
+    assert adjusted_rand_score(groups, res.federation) == 1.0
+    fed_of_group = {g: int(res.federation[groups == g][0]) for g in range(3)}
+    # New clients of groups 2, 0, 1, 0 (fresh samples) and two of a group never seen.
+    new = grouped_gaussian([2, 0, 1, 0, 5, 5], shift_seed=1, seed=99)
+    got = assign_newcomers(res, new)
+    np.testing.assert_array_equal(got[:4], [fed_of_group[g] for g in (2, 0, 1, 0)])
+    assert got[4] == got[5] == res.num_federations  # together, in a new federation
+
+
+# --------------------------------------------------------------------------------------------
+# errors
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("eps", [-0.1, float("nan"), float("inf"), "large", None])
+def test_bad_eps(eps):
+    with pytest.raises(ValueError, match="eps must be"):
+        RNDConfig(eps=eps)
+    with pytest.raises(ValueError, match="eps must be"):
+        compatibility(np.zeros((2, 2)), eps)
+
+
+def test_bad_options():
+    for kw, msg in [(dict(sigma="col"), "sigma"), (dict(rule="kmeans"), "rule"),
+                    (dict(probe="valid"), "probe"), (dict(holdout=1.0), "holdout"),
+                    (dict(probe_cap=0), "probe_cap"), (dict(epochs=0), "epochs")]:
+        with pytest.raises(ValueError, match=msg):
+            RNDConfig(**kw)
+
+
+def test_empty_clients_and_shapes(small):
+    s = small
+    data = s["data"]
+    empty = data.replace(train_count=data.train_count.at[3].set(0))
+    with pytest.raises(ValueError, match=r"client\(s\) \[3\] have no training examples"):
+        discover(empty, SMALL)
+    no_test = data.replace(test_count=data.test_count.at[1].set(0))
+    with pytest.raises(ValueError, match="no test examples"):
+        probe_split(no_test, "test")
+    one = data.replace(train_count=data.train_count.at[0].set(1))
+    with pytest.raises(ValueError, match="holdout.*>= 2"):
+        probe_split(one, "holdout")
+    apply = s["pair"].predictor.apply
+    with pytest.raises(ValueError, match="target outputs have 5 rows"):
+        novelty_matrix(apply, s["preds"], data.x, s["t"][:5], s["pr_idx"], s["pr_cnt"])
+    with pytest.raises(ValueError, match="probe_idx must be"):
+        novelty_matrix(apply, s["preds"], data.x, s["t"], s["pr_idx"], s["pr_cnt"][:4])
+    with pytest.raises(ValueError, match="7 predictors but probes for 4"):
+        self_novelty(apply, s["preds"], data.x, s["t"], s["pr_idx"][:4], s["pr_cnt"][:4])
+    with pytest.raises(ValueError, match="no probe examples"):
+        novelty_matrix(apply, s["preds"], data.x, s["t"], s["pr_idx"],
+                       np.zeros_like(s["pr_cnt"]))
+    with pytest.raises(ValueError, match="client ids"):
+        edge_novelty(apply, s["preds"], data.x, s["t"], s["pr_idx"], s["pr_cnt"],
+                     EdgeList(jnp.array([0]), jnp.array([9]), jnp.ones(1)))
+    with pytest.raises(ValueError, match="must be square"):
+        federations(np.ones((2, 3), bool))
+    res = discover(data, SMALL)
+    other = grouped_gaussian([0, 1], dim=4)
+    with pytest.raises(ValueError, match="newcomers have features"):
+        assign_newcomers(res, other)
+    with pytest.raises(ValueError, match="conv RND pair needs image features"):
+        discover(data, RNDConfig(network="conv"))
