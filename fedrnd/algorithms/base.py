@@ -13,11 +13,15 @@ An algorithm is a frozen dataclass (static configuration, hashable so it can be 
 - ``host_hook(state, data, round) -> state`` runs on the host between jitted blocks, every
   ``hook_every`` rounds, for steps that are inherently host-side (a hierarchical clustering of a
   small matrix, a graph redraw). The default does nothing.
+- ``report(state, data, out_dir) -> dict`` runs once at the end of a run: it may write
+  method-specific artifacts (a novelty matrix, a heat map) into ``out_dir`` and returns extra
+  summary figures. The default writes nothing.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any, ClassVar
 
 import jax
@@ -50,6 +54,9 @@ class Algorithm:
 
     def host_hook(self, state: State, data: FederatedData, round_idx: int) -> State:
         return state
+
+    def report(self, state: State, data: FederatedData, out_dir: Path) -> dict[str, float]:
+        return {}
 
     # Helpers shared by methods.
     def cohort(self, key: jax.Array, num_clients: int) -> tuple[jax.Array | None, jax.Array]:

@@ -117,6 +117,7 @@ def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
 
 _COLUMNS = [("test_acc/mean", "test acc (mean)"), ("test_acc/weighted", "test acc (weighted)"),
             ("test_acc/worst10", "worst 10%"), ("train_loss/mean", "train loss"),
+            ("clusters", "clusters"), ("ari", "ARI"),
             ("bytes_per_client", "MB/client"), ("time", "time (s)")]
 
 
@@ -128,8 +129,12 @@ def summary_table(methods: dict[str, Any]) -> str:
         cells = []
         for k, _ in _COLUMNS:
             v = res.final.get(k, float("nan"))
+            if k in ("clusters", "ari") and k not in res.final:
+                cells.append("-")
+                continue
             cells.append(f"{v / 1e6:.2f}" if k == "bytes_per_client" else
-                         f"{v:.1f}" if k == "time" else f"{v:.4f}")
+                         f"{v:.1f}" if k == "time" else f"{v:.0f}" if k == "clusters" else
+                         f"{v:.4f}")
         lines.append(f"| {tag} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -182,3 +187,35 @@ def progress(total: int, initial: int, desc: str, show: bool):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, initial=initial, desc=desc, unit="round", leave=True)
+
+
+def clustering_scores(assign: np.ndarray, group: np.ndarray) -> dict[str, float]:
+    """ARI and NMI of a client -> cluster assignment against the ground-truth groups."""
+    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
+    return {"ari": float(adjusted_rand_score(group, assign)),
+            "nmi": float(normalized_mutual_info_score(group, assign)),
+            "clusters": float(len(np.unique(assign)))}
+
+
+def plot_matrix(path: Path, matrix: np.ndarray, group: np.ndarray, title: str = "",
+                label: str = "novelty") -> None:
+    """Heat map of a client x client matrix, clients ordered by ground-truth group (PNG)."""
+    from matplotlib.figure import Figure
+
+    order = np.argsort(np.asarray(group), kind="stable")
+    m = np.asarray(matrix)[np.ix_(order, order)]
+    fig = Figure(figsize=(5.5, 4.5), dpi=120)
+    ax = fig.subplots()
+    im = ax.imshow(m, cmap="viridis", interpolation="nearest")
+    fig.colorbar(im, ax=ax, label=label)
+    # Group boundaries, so blocks are easy to read.
+    bounds = np.flatnonzero(np.diff(np.asarray(group)[order])) + 0.5
+    for b in bounds:
+        ax.axhline(b, color="w", lw=0.6)
+        ax.axvline(b, color="w", lw=0.6)
+    ax.set_xlabel("predictor of client j (ordered by true group)")
+    ax.set_ylabel("data of client i")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path)

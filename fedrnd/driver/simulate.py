@@ -237,6 +237,11 @@ def _run_method(cfg: Config, tag: str, alg: Algorithm, data: FederatedData, hp: 
                           np.asarray(data.test_count), np.asarray(data.group))
     final = {**final, "bytes_per_client": float((ledger_up + ledger_down).mean()),
              "time": elapsed}
+    slots, assign = alg.models(state)
+    if assign is not None and jax.tree.leaves(slots)[0].shape[0] > 1:
+        # Methods that group clients are scored against the true groups (ARI, NMI).
+        final.update(outputs.clustering_scores(np.asarray(assign), np.asarray(data.group)))
+    final.update(alg.report(state, data, out))
     outputs.write_csv(out / "metrics.csv", history)
     outputs.write_json(out / "final.json", final)
     np.savez(out / "per_client.npz", **per_client, bytes_up=ledger_up, bytes_down=ledger_down,
