@@ -377,3 +377,19 @@ def test_empty_clients_and_shapes(small):
         assign_newcomers(res, other)
     with pytest.raises(ValueError, match="conv RND pair needs image features"):
         discover(data, RNDConfig(network="conv"))
+
+
+def test_common_init_by_default_per_client_init_as_option():
+    # Two clients holding the same rows: with one full batch per step their gradients match,
+    # so predictors from a common init stay identical; per-client inits make them differ.
+    data = grouped_gaussian([0, 0], n=10, dim=3)
+    data = data.replace(train_idx=jnp.stack([data.train_idx[0]] * 2))
+    pair = SMALL.pair(data.feature_shape)
+    t = target_features(pair, pair.target_params(0), data.x)
+    tr_idx, tr_cnt, _, _ = probe_split(data, "train")
+    for per_client, same in [(False, True), (True, False)]:
+        cfg = RNDConfig(network="mlp", target_width=(16,), predictor_width=(4,), out_dim=8,
+                        epochs=3, batch_size=16, per_client_init=per_client)
+        preds, _ = train_predictors(pair, cfg, data.x, t, tr_idx, tr_cnt, jax.random.key(0))
+        k = np.asarray(preds["Dense_0"]["kernel"])
+        assert np.allclose(k[0], k[1], atol=1e-6) == same
