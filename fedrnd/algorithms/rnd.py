@@ -17,11 +17,17 @@ recompile only when re-discovery finds more federations than there are slots.
 Ledger: ``up/model``, ``down/model`` (participating clients, one model each way), and
 ``up/discovery``, ``down/discovery``: the discovery traffic (a predictor and one row of scores
 up, the peers' predictors down), reported in the first round after each discovery.
+
+Discovery runs on the host in :meth:`RNDClustered.init` (its heavy parts are jitted programs;
+the driver never calls ``host_hook`` before round 0) and again in ``host_hook`` every ``tau``
+rounds. The state also keeps the ``eps`` used and, for up to 2048 clients by default, the
+novelty matrix as one row per client; :meth:`RNDClustered.report` writes it out with a heat map.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import ClassVar
 
 import jax
@@ -59,6 +65,9 @@ class RNDClustered(Algorithm):
         probe examples per client.
       rnd_seed: the global seed of the frozen target.
       max_slots: hard cap on federation slots.
+      keep_scores: keep the latest novelty matrix in the state, one row per client
+        (``state["clients"]["novelty"]``, ``C x C`` floats) for :meth:`report`; ``None``: keep
+        it up to 2048 clients.
     """
 
     name: ClassVar[str] = "rnd"
@@ -75,6 +84,7 @@ class RNDClustered(Algorithm):
     probe_cap: int | None = None
     rnd_seed: int = 0
     max_slots: int = 4096
+    keep_scores: bool | None = None
 
     @property
     def hook_every(self) -> int | None:  # type: ignore[override]
@@ -109,11 +119,19 @@ class RNDClustered(Algorithm):
         # Every federation starts from the same initial weights as the other methods.
         params = self.engine.model.init(key)
         slots = jax.tree.map(lambda p: jnp.broadcast_to(p, (k, *p.shape)).copy(), params)
-        return {"round": jnp.zeros((), jnp.int32), "slots": slots,
-                "num_federations": jnp.asarray(disc.num_federations, jnp.int32),
-                "clients": {"hp": hp, "cluster_id": jnp.asarray(disc.federation, jnp.int32),
-                            "pending_up": jnp.asarray(disc.bytes_up, jnp.float32),
-                            "pending_down": jnp.asarray(disc.bytes_down, jnp.float32)}}
+        state = {"round": jnp.zeros((), jnp.int32), "slots": slots,
+                 "num_federations": jnp.asarray(disc.num_federations, jnp.int32),
+                 "eps": jnp.asarray(disc.eps, jnp.float32),
+                 "clients": {"hp": hp, "cluster_id": jnp.asarray(disc.federation, jnp.int32),
+                             "pending_up": jnp.asarray(disc.bytes_up, jnp.float32),
+                             "pending_down": jnp.asarray(disc.bytes_down, jnp.float32)}}
+        if self._keeps_scores(data.num_clients):
+            # Row i is client i's own scores: a per-client leaf, sharded with the clients.
+            state["clients"]["novelty"] = jnp.asarray(disc.scores, jnp.float32)
+        return state
+
+    def _keeps_scores(self, num_clients: int) -> bool:
+        return num_clients <= 2048 if self.keep_scores is None else bool(self.keep_scores)
 
     def round(self, state: State, data: FederatedData, key: jax.Array) -> tuple[State, Metrics]:
         k_cohort, k_train = jax.random.split(key)
@@ -163,11 +181,30 @@ class RNDClustered(Algorithm):
         src = np.zeros(k, np.int64)
         src[:f] = np.argmax(votes, axis=1)
         slots = jax.tree.map(lambda s: s[jnp.asarray(src)], state["slots"])
+        cl = {**state["clients"], "cluster_id": jnp.asarray(new, jnp.int32)}
+        cl["pending_up"] = cl["pending_up"] + jnp.asarray(disc.bytes_up, jnp.float32)
+        cl["pending_down"] = cl["pending_down"] + jnp.asarray(disc.bytes_down, jnp.float32)
+        if "novelty" in cl and getattr(disc, "scores", None) is not None:
+            cl["novelty"] = jnp.asarray(disc.scores, jnp.float32)
+        return {**state, "slots": slots, "num_federations": jnp.asarray(f, jnp.int32),
+                "eps": jnp.asarray(disc.eps, jnp.float32), "clients": cl}
+
+    def report(self, state: State, data: FederatedData, out_dir: Path) -> dict[str, float]:
+        """Write the latest discovery (``novelty.npz``: matrix, federations, eps; and a heat map
+        ``novelty.png`` ordered by true group) and return ``eps`` and the federation count."""
+        from fedrnd.driver import outputs  # the driver imports the algorithms, not vice versa
+
         cl = state["clients"]
-        return {**state, "slots": slots,
-                "num_federations": jnp.asarray(f, jnp.int32),
-                "clients": {**cl, "cluster_id": jnp.asarray(new, jnp.int32),
-                            "pending_up": cl["pending_up"] + jnp.asarray(disc.bytes_up,
-                                                                         jnp.float32),
-                            "pending_down": cl["pending_down"] + jnp.asarray(disc.bytes_down,
-                                                                             jnp.float32)}}
+        fed = np.asarray(cl["cluster_id"])
+        eps = float(state["eps"])
+        out = {"eps": eps, "federations": float(int(state["num_federations"]))}
+        if "novelty" in cl:
+            s = np.asarray(cl["novelty"])
+            out_dir = Path(out_dir)
+            out_dir.mkdir(parents=True, exist_ok=True)
+            np.savez(out_dir / "novelty.npz", scores=s, federation=fed, eps=eps,
+                     group=np.asarray(data.group))
+            outputs.plot_matrix(out_dir / "novelty.png", s, np.asarray(data.group),
+                                title=f"RND novelty (eps={eps:.3g}, "
+                                      f"{out['federations']:.0f} federations)")
+        return out

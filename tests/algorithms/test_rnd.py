@@ -145,6 +145,8 @@ def test_adopt_relabels_and_grows_slots(clustered):
         federation = np.where(old == 0, 4, 2 - old).astype(np.int32)
         federation[np.flatnonzero(old == 0)[:2]] = [3, 5]
         num_federations = 6
+        eps = 0.75
+        scores = disc.scores
         bytes_up = disc.bytes_up
         bytes_down = disc.bytes_down
 
@@ -155,7 +157,8 @@ def test_adopt_relabels_and_grows_slots(clustered):
     for new_f, old_f in [(0, 2), (1, 1), (2, 0), (3, 0), (4, 0), (5, 0)]:
         np.testing.assert_array_equal(leaf_new[new_f], leaf_old[old_f])
     np.testing.assert_array_equal(np.asarray(moved["clients"]["cluster_id"]), Fake.federation)
-    assert int(moved["num_federations"]) == 6
+    assert int(moved["num_federations"]) == 6 and float(moved["eps"]) == 0.75
+    np.testing.assert_allclose(np.asarray(moved["clients"]["novelty"]), disc.scores)
     np.testing.assert_allclose(np.asarray(moved["clients"]["pending_up"]),
                                np.asarray(state["clients"]["pending_up"]) + disc.bytes_up)
     # The round runs on the grown state.
@@ -197,3 +200,19 @@ def test_driver_runs_rnd_with_rediscovery(tmp_path):
     disc = [h.get("bytes_up_discovery", 0.0) for h in r.history]
     assert disc[0] > 0 and disc[2] > 0 and disc[1] == 0 and disc[3] == 0
     assert adjusted_rand_score(groups, np.asarray(r.state["clients"]["cluster_id"])) == 1.0
+    assert r.final["ari"] == 1.0 and r.final["federations"] == 2.0 and r.final["eps"] > 0
+    saved = np.load(tmp_path / "run" / "rnd" / "novelty.npz")
+    assert saved["scores"].shape == (8, 8)
+    np.testing.assert_array_equal(saved["federation"], r.state["clients"]["cluster_id"])
+    assert (tmp_path / "run" / "rnd" / "novelty.png").stat().st_size > 0
+
+
+def test_keep_scores_option(clustered):
+    groups, data, model, hp = clustered
+    assert "novelty" in RNDClustered(engine=_engine(model)).init(
+        jax.random.key(0), data, hp)["clients"]
+    state = RNDClustered(engine=_engine(model), keep_scores=False).init(
+        jax.random.key(0), data, hp)
+    assert "novelty" not in state["clients"]
+    assert RNDClustered(engine=_engine(model), keep_scores=False).report(
+        state, data, "/nonexistent")["federations"] == 3.0
