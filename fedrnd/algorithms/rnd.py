@@ -46,7 +46,7 @@ from fedrnd.engine import (
     segment_weighted_mean,
     tree_bytes,
 )
-from fedrnd.rnd.discovery import Discovery, RNDConfig, check_eps, discover
+from fedrnd.rnd.discovery import Discovery, RNDConfig, check_eps, discover, normalised_scores
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,6 +128,7 @@ class RNDClustered(Algorithm):
         if self._keeps_scores(data.num_clients):
             # Row i is client i's own scores: a per-client leaf, sharded with the clients.
             state["clients"]["novelty"] = jnp.asarray(disc.scores, jnp.float32)
+            state["clients"]["sigma"] = jnp.asarray(disc.sigma, jnp.float32)
         return state
 
     def _keeps_scores(self, num_clients: int) -> bool:
@@ -186,12 +187,17 @@ class RNDClustered(Algorithm):
         cl["pending_down"] = cl["pending_down"] + jnp.asarray(disc.bytes_down, jnp.float32)
         if "novelty" in cl and getattr(disc, "scores", None) is not None:
             cl["novelty"] = jnp.asarray(disc.scores, jnp.float32)
+            cl["sigma"] = jnp.asarray(disc.sigma, jnp.float32)
         return {**state, "slots": slots, "num_federations": jnp.asarray(f, jnp.int32),
                 "eps": jnp.asarray(disc.eps, jnp.float32), "clients": cl}
 
     def report(self, state: State, data: FederatedData, out_dir: Path) -> dict[str, float]:
-        """Write the latest discovery (``novelty.npz``: matrix, federations, eps; and a heat map
-        ``novelty.png`` ordered by true group) and return ``eps`` and the federation count."""
+        """Write the latest discovery and return ``eps`` and the federation count.
+
+        Files: ``novelty.npz`` (matrix, sigma, federations, eps, true groups), heat maps of
+        the raw matrix ``novelty.png`` and of the normalised scores ``(s_ij - s_ii) / sigma_i``
+        that the rule thresholds, ``novelty_normalised.png`` (clients ordered by true group).
+        """
         from fedrnd.driver import outputs  # the driver imports the algorithms, not vice versa
 
         cl = state["clients"]
@@ -200,11 +206,19 @@ class RNDClustered(Algorithm):
         out = {"eps": eps, "federations": float(int(state["num_federations"]))}
         if "novelty" in cl:
             s = np.asarray(cl["novelty"])
+            sigma = np.asarray(cl["sigma"])
+            group = np.asarray(data.group)
             out_dir = Path(out_dir)
             out_dir.mkdir(parents=True, exist_ok=True)
-            np.savez(out_dir / "novelty.npz", scores=s, federation=fed, eps=eps,
-                     group=np.asarray(data.group))
-            outputs.plot_matrix(out_dir / "novelty.png", s, np.asarray(data.group),
-                                title=f"RND novelty (eps={eps:.3g}, "
-                                      f"{out['federations']:.0f} federations)")
+            np.savez(out_dir / "novelty.npz", scores=s, sigma=sigma, federation=fed, eps=eps,
+                     group=group)
+            title = f"eps={eps:.3g}, {out['federations']:.0f} federations"
+            outputs.plot_matrix(out_dir / "novelty.png", s, group,
+                                title=f"RND novelty S ({title})")
+            # Raw rows differ in scale (some data are more novel to everyone); the rule
+            # compares within a row, so the normalised view is the one that shows federations.
+            z = normalised_scores(s, np.diag(s), sigma)
+            outputs.plot_matrix(out_dir / "novelty_normalised.png", np.minimum(z, 3 * eps + 1),
+                                group, title=f"(s_ij - s_ii) / sigma_i ({title})",
+                                label="normalised novelty")
         return out

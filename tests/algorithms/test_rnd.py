@@ -147,6 +147,7 @@ def test_adopt_relabels_and_grows_slots(clustered):
         num_federations = 6
         eps = 0.75
         scores = disc.scores
+        sigma = disc.sigma
         bytes_up = disc.bytes_up
         bytes_down = disc.bytes_down
 
@@ -204,7 +205,8 @@ def test_driver_runs_rnd_with_rediscovery(tmp_path):
     saved = np.load(tmp_path / "run" / "rnd" / "novelty.npz")
     assert saved["scores"].shape == (8, 8)
     np.testing.assert_array_equal(saved["federation"], r.state["clients"]["cluster_id"])
-    assert (tmp_path / "run" / "rnd" / "novelty.png").stat().st_size > 0
+    for png in ("novelty.png", "novelty_normalised.png"):
+        assert (tmp_path / "run" / "rnd" / png).stat().st_size > 0
 
 
 def test_keep_scores_option(clustered):
