@@ -41,7 +41,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from scipy.sparse import coo_matrix, csr_matrix
+from scipy.sparse import coo_matrix, csr_matrix, issparse
 from scipy.sparse.csgraph import connected_components
 
 from fedrnd.data.federated import FederatedData
@@ -587,6 +587,27 @@ def _relabel(labels: np.ndarray) -> np.ndarray:
     return order[inv].astype(np.int32)
 
 
+def _dense_components(adj: np.ndarray) -> np.ndarray:
+    """Connected components of a symmetric dense boolean adjacency ``[C, C]``.
+
+    Breadth-first by whole frontiers: every client's row is read once, so the work is
+    ``O(C^2)`` boolean operations and no ``C^2``-entry sparse copy is ever built (a mostly
+    compatible 10,000-client population would otherwise need gigabytes of index arrays).
+    """
+    c = adj.shape[0]
+    lab = np.full(c, -1, np.int64)
+    for seed in range(c):
+        if lab[seed] >= 0:
+            continue
+        lab[seed] = seed
+        frontier = np.array([seed])
+        while frontier.size:
+            reach = adj[frontier].any(axis=0) & (lab < 0)
+            frontier = np.flatnonzero(reach)
+            lab[frontier] = seed
+    return lab
+
+
 def federations(compatible, rule: str = "mutual", s_self: np.ndarray | None = None
                 ) -> np.ndarray:
     """Federation id per client ``[C]`` from a compatibility relation.
@@ -603,18 +624,20 @@ def federations(compatible, rule: str = "mutual", s_self: np.ndarray | None = No
     """
     if rule not in RULES:
         raise ValueError(f"rule must be one of {list(RULES)}, got {rule!r}")
-    a = csr_matrix(compatible, dtype=bool) if not isinstance(compatible, csr_matrix) else compatible
+    sparse = issparse(compatible)
+    a = csr_matrix(compatible, dtype=bool) if sparse else np.asarray(compatible, bool)
     c = a.shape[0]
-    if a.shape != (c, c):
+    if a.ndim != 2 or a.shape != (c, c):
         raise ValueError(f"compatibility must be square, got {a.shape}")
-    a = a.astype(bool)
     if rule == "one_sided":
-        _, lab = connected_components(a, directed=True, connection="weak")
-        return _relabel(lab)
-    mutual = a.multiply(a.T).tocsr()
+        if sparse:
+            return _relabel(connected_components(a, directed=True, connection="weak")[1])
+        return _relabel(_dense_components(a | a.T))
+    mutual = a.multiply(a.T).tocsr() if sparse else a & a.T
     if rule == "mutual":
-        _, lab = connected_components(mutual, directed=False)
-        return _relabel(lab)
+        if sparse:
+            return _relabel(connected_components(mutual, directed=False)[1])
+        return _relabel(_dense_components(mutual))
     if s_self is None or np.shape(s_self) != (c,):
         raise ValueError(f"rule='leader' needs s_self of shape ({c},)")
     lab = np.full(c, -1, np.int64)
@@ -622,7 +645,7 @@ def federations(compatible, rule: str = "mutual", s_self: np.ndarray | None = No
         if lab[leader] >= 0:
             continue
         lab[leader] = leader
-        row = mutual.getrow(leader).indices
+        row = mutual.getrow(leader).indices if sparse else np.flatnonzero(mutual[leader])
         free = row[lab[row] < 0]
         lab[free] = leader
     return _relabel(lab)

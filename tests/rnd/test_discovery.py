@@ -226,6 +226,20 @@ def test_extraction_rules_differ_on_a_chain():
         federations(c, "leader")
 
 
+def test_dense_and_sparse_extraction_agree():
+    from scipy.sparse import csr_matrix
+
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        c = int(rng.integers(1, 25))
+        comp = rng.random((c, c)) < rng.uniform(0.0, 0.3)
+        np.fill_diagonal(comp, True)
+        s_self = rng.random(c)
+        for rule in ("mutual", "one_sided", "leader"):
+            np.testing.assert_array_equal(federations(comp, rule, s_self),
+                                          federations(csr_matrix(comp), rule, s_self))
+
+
 def test_auto_eps_criterion():
     rng = np.random.default_rng(0)
     # Two modes: same-distribution peers near 0, others near 3, empty band between.
