@@ -485,7 +485,14 @@ def sigma_of(kind: str, scores: np.ndarray, self_std: np.ndarray) -> np.ndarray:
         return np.asarray(self_std, np.float64)
     if kind != "row":
         raise ValueError(f"sigma must be one of {list(SIGMAS)}, got {kind!r}")
-    return np.asarray(scores).std(axis=1, dtype=np.float64)
+    s = np.asarray(scores)
+    # Blocks of rows: a float64 std of a whole 10,000-client matrix needs gigabytes of
+    # temporaries; per block it needs a few megabytes.
+    return np.concatenate([s[i:i + _ROWS].std(axis=1, dtype=np.float64)
+                           for i in range(0, max(len(s), 1), _ROWS)])[: len(s)]
+
+
+_ROWS = 512
 
 
 def _sparse_row_std(edge_scores, rows, c, diag=None):
@@ -506,18 +513,22 @@ def normalised_scores(scores: np.ndarray, s_self: np.ndarray, sigma: np.ndarray,
 
     A zero ``sigma_i`` (identical scores) gives ``z = 0`` when ``s_ij == s_ii`` and ``+inf``
     when larger, which is the rule's limit."""
-    # Dense matrices stay float32 (a 10,000-client S is 400 MB; float64 copies would double it).
+    # Dense matrices stay float32 and are built in place: a 10,000-client S is 400 MB, and
+    # float64 or temporary copies would multiply that.
     dt = np.result_type(np.asarray(scores).dtype, np.float32)
     s = np.asarray(scores, dt)
     s_self = np.asarray(s_self, dt)
     sig = np.asarray(sigma, dt)
     if rows is None:
-        diff, sg = s - s_self[:, None], sig[:, None]
+        z, sg = s - s_self[:, None], sig[:, None]
     else:
-        diff, sg = s - s_self[rows], sig[rows]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        z = diff / sg
-    return np.where(sg > 0, z, np.where(diff <= 0, 0.0, np.inf))
+        z, sg = s - s_self[rows], sig[rows]
+    np.divide(z, sg, out=z, where=np.broadcast_to(sg > 0, z.shape))
+    # Zero spread (rows or edges): the rule's limit, equal scores 0 and larger ones +inf.
+    bad = np.flatnonzero(sig <= 0) if rows is None else np.flatnonzero(sg <= 0)
+    if bad.size:
+        z[bad] = np.where(z[bad] <= 0, 0.0, np.inf)
+    return z
 
 
 def compatibility(z: np.ndarray, eps: float) -> np.ndarray:
@@ -558,8 +569,8 @@ def auto_eps(z: np.ndarray, *, min_count: int | None = None,
     number of clients (0.2 at 40), while separable grouped populations (Gaussian mixtures with
     2-4 groups of unequal sizes, feature patterns on digits) gave 2.4 to 27; 1.5 sits between.
     """
-    z = np.asarray(z)
-    z = np.sort(z[np.isfinite(z)].ravel())
+    z = np.sort(np.asarray(z), axis=None)  # one copy; +inf and NaN sort to the end
+    z = z[: int(np.searchsorted(z, np.inf, side="left"))]
     n = z.size
     if n == 0:
         return 0.0
@@ -567,17 +578,25 @@ def auto_eps(z: np.ndarray, *, min_count: int | None = None,
     if n < 2:
         return top
     m = max(1, min(int(np.ceil(np.sqrt(n))) if min_count is None else int(min_count), n - 1))
-    ks = np.arange(m - 1, n - 1)  # 0-based: split between z[k] and z[k + 1]
-    gaps = z[ks + 1] - z[ks]
-    width = z[ks] - z[ks // 2]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ratio = np.where(width > 0, gaps / width, np.where(gaps > 0, np.inf, 0.0))
-    ratio = np.where(z[ks + 1] > 0, ratio, 0.0)
-    best = int(np.argmax(ratio))
-    if not ratio[best] >= min_ratio:
+    best_ratio, best_k = -1.0, -1
+    # Candidate splits in blocks, so a 10,000-client matrix (1e8 scores) needs no 1e8-long
+    # temporaries. Split k is between z[k] and z[k + 1] (0-based).
+    for lo in range(m - 1, n - 1, _SPLITS):
+        ks = np.arange(lo, min(lo + _SPLITS, n - 1))
+        gaps = z[ks + 1] - z[ks]
+        width = z[ks] - z[ks // 2]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = np.where(width > 0, gaps / width, np.where(gaps > 0, np.inf, 0.0))
+        ratio = np.where(z[ks + 1] > 0, ratio, 0.0)
+        b = int(np.argmax(ratio))
+        if ratio[b] > best_ratio:
+            best_ratio, best_k = float(ratio[b]), int(ks[b])
+    if not best_ratio >= min_ratio:
         return top
-    k = int(ks[best])
-    return float(max(0.5 * (z[k] + z[k + 1]), 0.0))
+    return float(max(0.5 * (z[best_k] + z[best_k + 1]), 0.0))
+
+
+_SPLITS = 1 << 22
 
 
 def _relabel(labels: np.ndarray) -> np.ndarray:
@@ -745,8 +764,14 @@ def discover(data: FederatedData, config: RNDConfig = RNDConfig(), *,
         s_self = np.diag(s).copy()
         sigma = sigma_of(cfg.sigma, s, s_std)
         z = normalised_scores(s, s_self, sigma)
-        off = ~np.eye(c, dtype=bool)
-        eps = auto_eps(z[off]) if cfg.eps == "auto" else float(cfg.eps)
+        if cfg.eps == "auto":
+            # Off-diagonal scores only; +inf on the diagonal drops them without a C^2 copy.
+            diag = z.diagonal().copy()
+            np.fill_diagonal(z, np.inf)
+            eps = auto_eps(z)
+            np.fill_diagonal(z, diag)
+        else:
+            eps = float(cfg.eps)
         comp = compatibility(z, eps)
         np.fill_diagonal(comp, True)
         fed = federations(comp, cfg.rule, s_self)
