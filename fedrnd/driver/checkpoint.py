@@ -15,7 +15,10 @@ class Checkpointer:
     def __init__(self, directory: Path, max_to_keep: int = 2):
         self._mgr = ocp.CheckpointManager(
             Path(directory).absolute(),
-            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
+            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
+            # Declared up front so a new process can read a checkpoint's metadata (shapes).
+            item_handlers={"state": ocp.StandardCheckpointHandler(),
+                           "meta": ocp.JsonCheckpointHandler()})
 
     def latest(self) -> int | None:
         return self._mgr.latest_step()
@@ -26,11 +29,23 @@ class Checkpointer:
         self._mgr.wait_until_finished()
 
     def restore(self, like: Any) -> tuple[Any, dict[str, Any]]:
-        """Restore the latest checkpoint into the structure (and shardings) of ``like``."""
+        """Restore the latest checkpoint into the structure (and shardings) of ``like``.
+
+        Shapes come from the checkpoint, not from ``like``: a method whose host hook grew its
+        cluster slots mid-run restores with the grown shapes.
+        """
         step = self._mgr.latest_step()
         if step is None:
             raise FileNotFoundError("no checkpoint to resume from")
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+        stored = jax.tree.leaves(self._mgr.item_metadata(step)["state"])
+        leaves, treedef = jax.tree.flatten(like)
+        if len(stored) != len(leaves):
+            raise ValueError("the checkpoint does not match this method's state; was the config "
+                             "changed since the run was interrupted?")
+        abstract = jax.tree.unflatten(treedef, [
+            ocp.utils.to_shape_dtype_struct(x) if tuple(m.shape) == tuple(x.shape)
+            else jax.ShapeDtypeStruct(tuple(m.shape), x.dtype)
+            for m, x in zip(stored, leaves, strict=True)])
         out = self._mgr.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
         return out["state"], out["meta"]

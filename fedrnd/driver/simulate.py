@@ -223,7 +223,7 @@ def _run_method(cfg: Config, tag: str, alg: Algorithm, data: FederatedData, hp: 
         if final:
             bar.set_postfix(acc=f"{final['test_acc/mean']:.3f}")
         if alg.hook_every and r % alg.hook_every == 0 and r < cfg.rounds:
-            state = alg.host_hook(state, data, r)
+            state = _place_state(alg.host_hook(state, data, r), alg)
         if ckpt is not None and (r % cfg.checkpoint_every == 0 or r == cfg.rounds):
             ckpt.save(r, state, {"round": r, "elapsed": elapsed, "bytes_up": ledger_up.tolist(),
                                  "bytes_down": ledger_down.tolist()})

@@ -147,3 +147,19 @@ def test_divergence_is_reported(tmp_path):
     cfg = _cfg(checkpoint_every=0, local=load_config(None, ["local.lr=1e30"]).local)
     with pytest.raises(FloatingPointError, match="diverged"):
         simulate(cfg, run_dir=tmp_path / "div", verbose=False)
+
+
+def test_checkpoint_restores_grown_shapes(tmp_path):
+    # A host hook may grow cluster slots mid-run; resuming must use the stored shapes.
+    import jax.numpy as jnp
+
+    from fedrnd.driver.checkpoint import Checkpointer
+
+    ck = Checkpointer(tmp_path / "ck")
+    grown = {"slots": jnp.arange(8.0).reshape(4, 2), "round": jnp.asarray(3)}
+    ck.save(3, grown, {"round": 3})
+    like = {"slots": jnp.zeros((2, 2)), "round": jnp.asarray(0)}
+    state, meta = ck.restore(like)
+    ck.close()
+    assert meta["round"] == 3
+    np.testing.assert_array_equal(np.asarray(state["slots"]), np.arange(8.0).reshape(4, 2))
