@@ -42,6 +42,8 @@ class Algorithm:
     engine: Engine
     cohort_size: int | None = None
     hook_every: ClassVar[int | None] = None
+    clusters_clients: ClassVar[bool] = False
+    """True for methods whose ``models`` assignment is a clustering (scored by ARI/NMI)."""
 
     def init(self, key: jax.Array, data: FederatedData, hp: ClientHParams) -> State:
         raise NotImplementedError

@@ -71,6 +71,7 @@ class RNDClustered(Algorithm):
     """
 
     name: ClassVar[str] = "rnd"
+    clusters_clients: ClassVar[bool] = True
     eps: float | str = "auto"
     sigma: str = "row"
     rule: str = "mutual"

@@ -238,7 +238,7 @@ def _run_method(cfg: Config, tag: str, alg: Algorithm, data: FederatedData, hp: 
     final = {**final, "bytes_per_client": float((ledger_up + ledger_down).mean()),
              "time": elapsed}
     slots, assign = alg.models(state)
-    if assign is not None and jax.tree.leaves(slots)[0].shape[0] > 1:
+    if alg.clusters_clients and assign is not None:
         # Methods that group clients are scored against the true groups (ARI, NMI).
         final.update(outputs.clustering_scores(np.asarray(assign), np.asarray(data.group)))
     final.update(alg.report(state, data, out))
