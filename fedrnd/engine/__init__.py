@@ -7,11 +7,13 @@ from fedrnd.engine.aggregate import (
     grow_slots,
     keep_nonempty,
     segment_weighted_mean,
+    slot_means,
     weighted_mean,
 )
 from fedrnd.engine.clientmap import CLIENT_AXIS, ClientMapper, default_chunk_size, make_mesh
 from fedrnd.engine.core import Engine, client_keys, sample_cohort
 from fedrnd.engine.evaluate import evaluate_clients, summarize
+from fedrnd.engine.finetune import finetune_clients, finetune_evaluate, finetune_key
 from fedrnd.engine.ledger import comm, per_client, tree_bytes
 from fedrnd.engine.local import LocalSpec, cross_entropy_loss, local_train
 from fedrnd.engine.optim import (
@@ -42,6 +44,9 @@ __all__ = [
     "default_chunk_size",
     "edge_aggregate",
     "evaluate_clients",
+    "finetune_clients",
+    "finetune_evaluate",
+    "finetune_key",
     "grow_slots",
     "keep_nonempty",
     "local_train",
@@ -50,6 +55,7 @@ __all__ = [
     "per_client",
     "sample_cohort",
     "segment_weighted_mean",
+    "slot_means",
     "server_optimizer",
     "summarize",
     "tree_bytes",
