@@ -38,12 +38,11 @@ from fedrnd.algorithms.base import Algorithm, Metrics, State
 from fedrnd.data.federated import FederatedData
 from fedrnd.engine import (
     ClientHParams,
-    broadcast,
     comm,
     grow_slots,
     keep_nonempty,
     per_client,
-    segment_weighted_mean,
+    slot_means,
     tree_bytes,
 )
 from fedrnd.rnd.discovery import Discovery, RNDConfig, check_eps, discover, normalised_scores
@@ -116,20 +115,38 @@ class RNDClustered(Algorithm):
 
     def init(self, key: jax.Array, data: FederatedData, hp: ClientHParams) -> State:
         disc = self.discover(data, jax.random.fold_in(key, 1))
-        k = grow_slots(disc.num_federations, 1, self.max_slots)
+        found = {"federation": disc.federation, "num_federations": disc.num_federations,
+                 "eps": disc.eps, "bytes_up": disc.bytes_up, "bytes_down": disc.bytes_down}
+        if self._keeps_scores(data.num_clients):
+            found.update(scores=disc.scores, sigma=disc.sigma)
+        return self._initial_state(key, hp, found,
+                                   grow_slots(disc.num_federations, 1, self.max_slots))
+
+    def init_template(self, key: jax.Array, data: FederatedData, hp: ClientHParams) -> State:
+        """``init``'s structure without running discovery (one slot; a resumed run restores
+        the checkpoint's shapes)."""
+        c, f32 = data.num_clients, jnp.float32
+        sds = jax.ShapeDtypeStruct
+        found = {"federation": sds((c,), jnp.int32), "num_federations": sds((), jnp.int32),
+                 "eps": sds((), f32), "bytes_up": sds((c,), f32), "bytes_down": sds((c,), f32)}
+        if self._keeps_scores(c):
+            found.update(scores=sds((c, c), f32), sigma=sds((c,), f32))
+        return jax.eval_shape(lambda k, h, f: self._initial_state(k, h, f, 1), key, hp, found)
+
+    def _initial_state(self, key: jax.Array, hp: ClientHParams, found: dict, k: int) -> State:
         # Every federation starts from the same initial weights as the other methods.
         params = self.engine.model.init(key)
         slots = jax.tree.map(lambda p: jnp.broadcast_to(p, (k, *p.shape)).copy(), params)
         state = {"round": jnp.zeros((), jnp.int32), "slots": slots,
-                 "num_federations": jnp.asarray(disc.num_federations, jnp.int32),
-                 "eps": jnp.asarray(disc.eps, jnp.float32),
-                 "clients": {"hp": hp, "cluster_id": jnp.asarray(disc.federation, jnp.int32),
-                             "pending_up": jnp.asarray(disc.bytes_up, jnp.float32),
-                             "pending_down": jnp.asarray(disc.bytes_down, jnp.float32)}}
-        if self._keeps_scores(data.num_clients):
+                 "num_federations": jnp.asarray(found["num_federations"], jnp.int32),
+                 "eps": jnp.asarray(found["eps"], jnp.float32),
+                 "clients": {"hp": hp, "cluster_id": jnp.asarray(found["federation"], jnp.int32),
+                             "pending_up": jnp.asarray(found["bytes_up"], jnp.float32),
+                             "pending_down": jnp.asarray(found["bytes_down"], jnp.float32)}}
+        if "scores" in found:
             # Row i is client i's own scores: a per-client leaf, sharded with the clients.
-            state["clients"]["novelty"] = jnp.asarray(disc.scores, jnp.float32)
-            state["clients"]["sigma"] = jnp.asarray(disc.sigma, jnp.float32)
+            state["clients"]["novelty"] = jnp.asarray(found["scores"], jnp.float32)
+            state["clients"]["sigma"] = jnp.asarray(found["sigma"], jnp.float32)
         return state
 
     def _keeps_scores(self, num_clients: int) -> bool:
@@ -140,17 +157,15 @@ class RNDClustered(Algorithm):
         ids, part = self.cohort(k_cohort, data.num_clients)
         cl = state["clients"]
         slots = state["slots"]
-        num_slots = jax.tree.leaves(slots)[0].shape[0]
         cid = cl["cluster_id"] if ids is None else cl["cluster_id"][ids]
-        counts = (data.train_count if ids is None else data.train_count[ids]).astype(jnp.float32)
-        p, _, m = self.engine.train(None, data, cl["hp"], k_train, state["round"], ids=ids,
-                                    client_params=broadcast(slots, cid))
-        new, mass = segment_weighted_mean(p, counts, cid, num_slots)
-        slots = keep_nonempty(new, slots, mass)
+        # Per-slot sums straight out of the client map: memory of K models, not one per client.
+        sums, mass, m = self.engine.train_segment_sum(slots, cid, data, cl["hp"], k_train,
+                                                      state["round"], ids=ids)
+        slots = keep_nonempty(slot_means(sums, mass), slots, mass)
         nbytes = tree_bytes(jax.tree.map(lambda s: s[0], state["slots"]))
         zero = jnp.zeros_like(cl["pending_up"])
-        metrics = {"train_loss": jnp.sum(m["loss"] * counts) / jnp.sum(counts),
-                   "local_steps": jnp.sum(m["steps"]).astype(jnp.float32),
+        metrics = {"train_loss": jnp.sum(m["loss"]) / jnp.sum(mass),
+                   "local_steps": jnp.sum(m["steps"]),
                    "num_federations": state["num_federations"].astype(jnp.float32),
                    **comm(up_model=per_client(nbytes, part), down_model=per_client(nbytes, part),
                           up_discovery=cl["pending_up"], down_discovery=cl["pending_down"])}

@@ -50,6 +50,15 @@ def segment_weighted_mean(tree: PyTree, weights: jax.Array, cluster_id: jax.Arra
     return jax.tree.map(agg, tree), mass
 
 
+def slot_means(sums: PyTree, mass: jax.Array) -> PyTree:
+    """Weighted sums per slot (leaves ``[K, ...]``) divided by their mass ``[K]``; an empty slot
+    (mass 0) holds zeros (see :func:`keep_nonempty`). The second half of
+    :func:`segment_weighted_mean`, for sums made by :meth:`Engine.train_segment_sum`."""
+    safe = jnp.where(mass > 0, mass, 1.0)
+    return jax.tree.map(lambda s: s / safe.astype(s.dtype).reshape((-1,) + (1,) * (s.ndim - 1)),
+                        sums)
+
+
 def broadcast(slots: PyTree, cluster_id: jax.Array) -> PyTree:
     """Each client's copy of its cluster's model: leaves ``[K, ...] -> [C, ...]``."""
     return jax.tree.map(lambda s: s[cluster_id], slots)

@@ -58,7 +58,7 @@ class ClientMapper:
         if self.chunk >= n:
             return jax.vmap(lambda x: fn(x, shared))(xs)
         if self.chunk == 1:
-            # One client per iteration, not a vmap of one (see _chunked_sum).
+            # One client per iteration, not a vmap of one (see _chunked_reduce).
             return jax.lax.map(lambda x: fn(x, shared), xs)
         return jax.lax.map(lambda x: fn(x, shared), xs, batch_size=self.chunk)
 
@@ -79,27 +79,45 @@ class ClientMapper:
     def sum(self, fn: Callable[[PyTree, PyTree], PyTree], per_client: PyTree,
             shared: PyTree = None) -> PyTree:
         """``sum_c fn(per_client[c], shared)`` without stacking the per-client outputs."""
+        return self._reduce(fn, per_client, shared, _SUM)
 
-        def local_sum(xs, sh):
+    def segment_sum(self, fn: Callable[[PyTree, PyTree], tuple[jax.Array, PyTree]],
+                    per_client: PyTree, shared: PyTree = None, *,
+                    num_segments: int) -> PyTree:
+        """Per-segment sums of per-client outputs, without stacking them.
+
+        ``fn(client, shared)`` returns ``(segment_id, tree)``; the result has leaves
+        ``[num_segments, ...]``: leaf ``k`` is the sum of the trees of the clients whose id is
+        ``k`` (ids outside ``[0, num_segments)`` are dropped). Clustered methods aggregate into
+        ``K`` cluster slots this way while memory holds ``K`` models, not one per client.
+        """
+        if num_segments < 1:
+            raise ValueError(f"num_segments must be >= 1, got {num_segments}")
+        return self._reduce(fn, per_client, shared, _SegmentSum(int(num_segments)))
+
+    def _reduce(self, fn, per_client, shared, red):
+        def local(xs, sh):
             n = jax.tree.leaves(xs)[0].shape[0]
             chunk = min(self.chunk, n)
             if n % chunk:
                 # Peel the remainder off with a vmap so the scan sees equal chunks.
                 head = jax.tree.map(lambda a: a[: n - n % chunk], xs)
                 tail = jax.tree.map(lambda a: a[n - n % chunk:], xs)
-                tail_sum = jax.tree.map(lambda a: jnp.sum(a, 0),
-                                        jax.vmap(lambda x: fn(x, sh))(tail))
+                out = jax.vmap(lambda x: fn(x, sh))(tail)
+                tail_sum = red.add_batch(red.zero(jax.eval_shape(lambda x: fn(x, sh),
+                                                                 jax.tree.map(lambda a: a[0],
+                                                                              tail))), out)
                 if n < chunk or n - n % chunk == 0:
                     return tail_sum
-                return jax.tree.map(jnp.add, _chunked_sum(fn, head, sh, chunk), tail_sum)
-            return _chunked_sum(fn, xs, sh, chunk)
+                return jax.tree.map(jnp.add, _chunked_reduce(fn, head, sh, chunk, red), tail_sum)
+            return _chunked_reduce(fn, xs, sh, chunk, red)
 
         if self.mesh is None:
-            return local_sum(per_client, shared)
+            return local(per_client, shared)
         self._check_divisible(per_client)
 
         def sharded(xs, sh):
-            return jax.lax.psum(local_sum(xs, sh), CLIENT_AXIS)
+            return jax.lax.psum(local(xs, sh), CLIENT_AXIS)
 
         return jax.shard_map(sharded, mesh=self.mesh, in_specs=(P(CLIENT_AXIS), P()),
                              out_specs=P(), check_vma=False)(per_client, shared)
@@ -123,29 +141,63 @@ class ClientMapper:
         return jax.device_put(tree, NamedSharding(self.mesh, P()))
 
 
-def _chunked_sum(fn, xs, shared, chunk):
+class _Sum:
+    """Reduction of :meth:`ClientMapper.sum`: outputs are added up."""
+
+    @staticmethod
+    def zero(shape):
+        return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shape)
+
+    @staticmethod
+    def add(acc, out):
+        return jax.tree.map(jnp.add, acc, out)
+
+    @staticmethod
+    def add_batch(acc, out):
+        return jax.tree.map(lambda a, o: a + jnp.sum(o, 0), acc, out)
+
+
+@dataclasses.dataclass(frozen=True)
+class _SegmentSum:
+    """Reduction of :meth:`ClientMapper.segment_sum`: ``(id, tree)`` outputs, added at ``id``."""
+
+    num_segments: int
+
+    def zero(self, shape):
+        _, tree = shape
+        return jax.tree.map(lambda s: jnp.zeros((self.num_segments, *s.shape), s.dtype), tree)
+
+    def add(self, acc, out):
+        seg, tree = out
+        # mode="drop": an id outside [0, K) contributes nothing (like jax.ops.segment_sum).
+        return jax.tree.map(lambda a, o: a.at[seg].add(o, mode="drop"), acc, tree)
+
+    def add_batch(self, acc, out):
+        return self.add(acc, out)
+
+
+_SUM = _Sum()
+
+
+def _chunked_reduce(fn, xs, shared, chunk, red):
+    one = jax.tree.map(lambda a: a[0], xs)
     if chunk == 1:
         # One client per scan step, not a vmap of one: per-client scalars then stay unbatched,
         # so a ``lax.cond`` in ``fn`` (e.g. skipping a zero proximal term in local training)
         # is a real branch instead of a select that computes both sides. Same sums.
-        zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
-                            jax.eval_shape(lambda x: fn(x, shared),
-                                           jax.tree.map(lambda a: a[0], xs)))
+        zero = red.zero(jax.eval_shape(lambda x: fn(x, shared), one))
 
         def body1(acc, x):
-            return jax.tree.map(jnp.add, acc, fn(x, shared)), None
+            return red.add(acc, fn(x, shared)), None
 
         acc, _ = jax.lax.scan(body1, zero, xs)
         return acc
     n = jax.tree.leaves(xs)[0].shape[0]
     blocks = jax.tree.map(lambda a: a.reshape(n // chunk, chunk, *a.shape[1:]), xs)
-    zero = jax.tree.map(lambda s: jnp.zeros(s.shape[1:], s.dtype),
-                        jax.eval_shape(jax.vmap(lambda x: fn(x, shared)),
-                                       jax.tree.map(lambda a: a[0], blocks)))
+    zero = red.zero(jax.eval_shape(lambda x: fn(x, shared), one))
 
     def body(acc, block):
-        out = jax.vmap(lambda x: fn(x, shared))(block)
-        return jax.tree.map(lambda a, o: a + jnp.sum(o, 0), acc, out), None
+        return red.add_batch(acc, jax.vmap(lambda x: fn(x, shared))(block)), None
 
     acc, _ = jax.lax.scan(body, zero, blocks)
     return acc

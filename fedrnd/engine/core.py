@@ -2,8 +2,9 @@
 
 An :class:`Engine` bundles what is static about client work (the model, the local schedule,
 the optimizer kinds, how the client axis is mapped). Algorithms call :meth:`Engine.train` (one
-model per client out) or :meth:`Engine.train_sum` (a weighted sum of client models out, without
-stacking them); both derive each client's random key from its id (``fold_in``), so results do
+model per client out), :meth:`Engine.train_sum` (a weighted sum of client models out, without
+stacking them) or :meth:`Engine.train_segment_sum` (weighted sums per cluster slot, each client
+starting from its slot's model; memory of ``K`` models); all derive each client's random key from its id (``fold_in``), so results do
 not depend on chunking, cohort order or device count.
 """
 
@@ -119,3 +120,42 @@ class Engine:
                     {"loss": n * m["loss"], "steps": m["steps"].astype(jnp.float32)})
 
         return self.mapper.sum(fn, per, (params, data.x, data.y))
+
+    def train_segment_sum(self, slots: PyTree, cluster_id: jax.Array, data: FederatedData,
+                          hp: ClientHParams, key: jax.Array, round_idx: jax.Array, *,
+                          ids: jax.Array | None = None, weights: jax.Array | None = None,
+                          prox_mu: float | None = None
+                          ) -> tuple[PyTree, jax.Array, dict[str, jax.Array]]:
+        """Clustered training without per-client models: every client starts from its cluster's
+        slot and the result is summed back per slot.
+
+        Args:
+          slots: ``K`` models, leaves ``[K, ...]``.
+          cluster_id: ``[M]`` the slot of each cohort client (of all clients when ``ids`` is None).
+          weights: ``[M]`` aggregation weights; ``None``: training-set sizes (FedAvg).
+        Returns:
+          ``(sums, mass, metrics)``: ``sums`` leaves ``[K, ...]`` = ``sum_{c in k} w_c p_c``,
+          ``mass [K]`` = ``sum_{c in k} w_c`` and per-slot metric sums ``loss`` (weighted by
+          ``w_c``) and ``steps``, each ``[K]``. Equal to :meth:`train` followed by
+          :func:`~fedrnd.engine.segment_weighted_mean` (before dividing), at the memory of ``K``
+          models instead of ``M``.
+        """
+        per = self._per_client(data, hp, ids, key)
+        per["cid"] = cluster_id
+        if weights is not None:
+            per["w"] = weights
+        scale = self.lr_scale(round_idx)
+        num_slots = jax.tree.leaves(slots)[0].shape[0]
+
+        def fn(client, shared):
+            sl, x, y = shared
+            p0 = jax.tree.map(lambda s: s[client["cid"]], sl)
+            p, _, m = self._one(client, p0, None, x, y, scale, prox_mu)
+            w = client["w"] if "w" in client else client["count"].astype(jnp.float32)
+            out = (jax.tree.map(lambda a: w.astype(a.dtype) * a, p), w,
+                   {"loss": w * m["loss"], "steps": m["steps"].astype(jnp.float32)})
+            return client["cid"], out
+
+        sums, mass, metrics = self.mapper.segment_sum(fn, per, (slots, data.x, data.y),
+                                                      num_segments=num_slots)
+        return sums, mass, metrics

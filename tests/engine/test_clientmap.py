@@ -98,3 +98,25 @@ def test_default_chunk_and_no_mesh():
     assert mapper.num_shards == 1
     tree = {"a": jnp.ones((3, 2))}
     assert mapper.shard(tree) is tree and mapper.replicate(tree) is tree
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, C, 16])
+def test_segment_sum_matches_per_segment_loop(chunk):
+    per_client, shared = _inputs(3)
+    seg = np.array([2, 0, 2, 5, 0, 2, 7], np.int32)  # 7 is out of range for K=6: dropped
+    per_client["seg"] = seg
+    mapper = ClientMapper(chunk_size=chunk)
+    out = jax.jit(lambda p, s: mapper.segment_sum(lambda c, sh: (c["seg"], fn(c, sh)), p, s,
+                                                  num_segments=6))(per_client, shared)
+    ref = ref_map({k: v for k, v in per_client.items() if k != "seg"}, shared)
+    for k in range(6):
+        members = np.flatnonzero(seg == k)
+        expect = jax.tree.map(lambda x, m=members: x[m].sum(0), ref)
+        _close(jax.tree.map(lambda x, k=k: x[k], out), expect)
+    assert np.all(np.asarray(out["h"][1]) == 0)  # empty segment: exactly zero
+
+
+def test_segment_sum_rejects_no_segments():
+    per_client, shared = _inputs()
+    with pytest.raises(ValueError, match="num_segments"):
+        ClientMapper().segment_sum(lambda c, s: (0, c["a"]), per_client, shared, num_segments=0)

@@ -27,7 +27,7 @@ SCRIPT = textwrap.dedent('''
     import jax.numpy as jnp
     import numpy as np
 
-    from fedrnd.algorithms import FedAvg, Local
+    from fedrnd.algorithms import FedAvg, Local, RNDClustered
     from fedrnd.data import Dataset, Partition, build_federated
     from fedrnd.engine import (ClientMapper, Engine, LocalSpec, client_hparams,
                                evaluate_clients, make_mesh)
@@ -95,6 +95,8 @@ SCRIPT = textwrap.dedent('''
                                      server_lr=0.05),
         "local": Local(engine=engine),
         "local_cohort": Local(engine=engine, cohort_size=8),
+        # Discovery (host side, client map on the mesh) and per-slot sums (psum of K models).
+        "rnd_cohort": RNDClustered(engine=engine, cohort_size=8, eps=1.0, predictor_epochs=3),
     }
     results, info = {}, {"devices": jax.device_count(), "sharded": {}}
     for name, alg in algorithms.items():
@@ -156,7 +158,7 @@ def test_sharded_simulation_matches_single_device(runs):
     single, single_info = runs["single"]
     assert mesh_info["devices"] == 8 and single_info["devices"] == 1
     assert sorted(mesh) == sorted(single)
-    for name in ("fedavg", "fedavg_cohort_adam", "local", "local_cohort"):
+    for name in ("fedavg", "fedavg_cohort_adam", "local", "local_cohort", "rnd_cohort"):
         keys = [k for k in mesh if k.startswith(name + "/")]
         assert any("/params/" in k for k in keys) and f"{name}/test_acc" in keys
         # Per-client state really is split over the 8 devices.
