@@ -90,6 +90,8 @@ class Config:
     eval_batch: int = 0
     tensorboard: bool = False
     progress: bool = True
+    finetune: bool = False
+    finetune_epochs: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -246,6 +248,8 @@ def validate(cfg: Config) -> Config:
     need(cfg.chunk_size is None or cfg.chunk_size >= 1,
          f"chunk_size must be >= 1 (or unset for the backend default), got {cfg.chunk_size}")
     need(cfg.num_devices >= 1, f"num_devices must be >= 1, got {cfg.num_devices}")
+    need(cfg.finetune_epochs >= 1, f"finetune_epochs must be >= 1 (finetune = false turns the "
+                                   f"fine-tune evaluation off), got {cfg.finetune_epochs}")
     need(cfg.model.name in MODELS, f"model.name={cfg.model.name!r} is unknown; allowed: "
                                    f"{sorted(MODELS)}")
     loc = cfg.local
