@@ -9,6 +9,7 @@ from fedrnd.models._core import (
     CNN,
     MLP,
     MODELS,
+    DenseStack,
     LogisticRegression,
     Model,
     ResNet,
@@ -19,6 +20,7 @@ from fedrnd.models._core import (
 
 __all__ = [
     "CNN",
+    "DenseStack",
     "MLP",
     "MODELS",
     "LogisticRegression",

@@ -13,10 +13,27 @@ Params = Any
 
 
 @dataclasses.dataclass(frozen=True)
+class DenseStack:
+    """The layer structure of a model that is a stack of dense layers on flattened inputs.
+
+    ``apply(params, x)`` equals: ``a = x.reshape(B, -1)``; for every name in ``layers``,
+    ``h = a @ params[name]["kernel"] + params[name]["bias"]`` (kernel ``[in, out]``), and
+    ``a = activation(h)`` between layers (not after the last). ``activation`` must act
+    elementwise. The engine's low-rank fast path (:mod:`fedrnd.engine.lowrank`) reads this
+    instead of parsing modules; models without it (``None``) use the general path.
+    """
+
+    layers: tuple[str, ...]
+    activation: Callable[[jax.Array], jax.Array] = jax.nn.relu
+
+
+@dataclasses.dataclass(frozen=True)
 class Model:
     """A pure model: ``init(key) -> params``, ``apply(params, x) -> logits``.
 
     ``feature_shape`` is the shape of one example; ``apply`` takes a batch ``[B, *feature_shape]``.
+    ``dense``: the layer structure when the model is a plain stack of dense layers (MLP,
+    logistic regression), else ``None``.
     """
 
     init: Callable[[jax.Array], Params]
@@ -24,6 +41,7 @@ class Model:
     feature_shape: tuple[int, ...]
     num_classes: int
     name: str = "model"
+    dense: DenseStack | None = None
 
     def num_params(self) -> int:
         shapes = jax.eval_shape(self.init, jax.random.key(0))
@@ -31,8 +49,12 @@ class Model:
 
 
 def from_flax(module: nn.Module, feature_shape: Sequence[int], num_classes: int,
-              name: str | None = None) -> Model:
-    """Wrap any flax linen module whose ``__call__(x)`` maps ``[B, *feature_shape]`` to logits."""
+              name: str | None = None, dense: DenseStack | None = None) -> Model:
+    """Wrap any flax linen module whose ``__call__(x)`` maps ``[B, *feature_shape]`` to logits.
+
+    ``dense``: declare the module a stack of dense layers (see :class:`DenseStack`); only do so
+    when it is exactly that.
+    """
     feature_shape = tuple(int(s) for s in feature_shape)
 
     def init(key: jax.Array) -> Params:
@@ -41,7 +63,8 @@ def from_flax(module: nn.Module, feature_shape: Sequence[int], num_classes: int,
     def apply(params: Params, x: jax.Array) -> jax.Array:
         return module.apply({"params": params}, x)
 
-    return Model(init, apply, feature_shape, int(num_classes), name or type(module).__name__)
+    return Model(init, apply, feature_shape, int(num_classes), name or type(module).__name__,
+                 dense)
 
 
 class LogisticRegression(nn.Module):
@@ -157,7 +180,16 @@ def make_model(name: str, feature_shape: Sequence[int], num_classes: int, **kwar
     if name in ("cnn", "resnet") and len(tuple(feature_shape)) != 3:
         raise ValueError(f"model {name!r} needs image inputs [H, W, C], got feature shape "
                          f"{tuple(feature_shape)}")
-    return from_flax(module, feature_shape, num_classes, name)
+    return from_flax(module, feature_shape, num_classes, name, _dense_stack(module))
+
+
+def _dense_stack(module: nn.Module) -> DenseStack | None:
+    """The layer structure of the built-in dense models (flax names their layers Dense_i)."""
+    if type(module) is MLP:
+        return DenseStack(tuple(f"Dense_{i}" for i in range(len(module.hidden) + 1)), nn.relu)
+    if type(module) is LogisticRegression:
+        return DenseStack(("Dense_0",), nn.relu)
+    return None
 
 
 def count_flops(model: Model, batch: int = 1) -> float:
