@@ -5,6 +5,9 @@ An algorithm is a frozen dataclass (static configuration, hashable so it can be 
 
 - ``init(key, data, hp) -> state``: the state is a dict of arrays; ``state["clients"]`` holds the
   per-client leaves (leading axis ``C``, sharded across devices), everything else is replicated.
+- ``init_template(key, data, hp) -> state`` of ``jax.ShapeDtypeStruct``: ``init``'s structure
+  without its work, what a resumed run restores its checkpoint into. The default traces
+  ``init`` abstractly; a method whose ``init`` does host-side work (RND discovery) overrides it.
 - ``round(state, data, key) -> (state, metrics)``: one communication round, jitted by the driver
   (possibly several rounds in one ``lax.scan``). ``metrics`` holds scalars and the ledger entries
   ``up/<kind>``, ``down/<kind>``: bytes per client ``[C]`` this round.
@@ -47,6 +50,19 @@ class Algorithm:
 
     def init(self, key: jax.Array, data: FederatedData, hp: ClientHParams) -> State:
         raise NotImplementedError
+
+    def init_template(self, key: jax.Array, data: FederatedData, hp: ClientHParams) -> State:
+        """The structure, dtypes and (initial) shapes of ``init``'s state, computing nothing.
+
+        A resumed run restores its checkpoint into this (shapes then come from the checkpoint),
+        so ``init``'s expensive work is not redone. The default traces ``init`` with
+        ``jax.eval_shape``; an ``init`` that needs concrete values on the host cannot be
+        traced and is run for real (correct, but slow: such methods should override this).
+        """
+        try:
+            return jax.eval_shape(self.init, key, data, hp)
+        except jax.errors.JAXTypeError:
+            return self.init(key, data, hp)
 
     def round(self, state: State, data: FederatedData, key: jax.Array) -> tuple[State, Metrics]:
         raise NotImplementedError

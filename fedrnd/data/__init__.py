@@ -1,5 +1,6 @@
-"""Federated data: sources (numpy arrays), partitioners (client splits) and FederatedData."""
+"""Federated data: sources (numpy arrays), partitioners (client splits), FederatedData, drift."""
 
+from fedrnd.data.drift import DriftEvent, DriftingData, build_drifting, build_phases, drift_groups
 from fedrnd.data.federated import (
     Dataset,
     FederatedData,
@@ -39,6 +40,8 @@ from fedrnd.data.sources import (
 
 __all__ = [
     "Dataset", "FederatedData", "Partition", "build_federated", "estimate_bytes",
+    # drift
+    "DriftEvent", "DriftingData", "build_drifting", "build_phases", "drift_groups",
     # partitioners
     "PARTITIONS", "DirichletSplit", "IIDSplit", "QuantitySkew",
     "ShardSplit", "dirichlet", "feature_pattern", "feature_patterns", "grouped", "iid",

@@ -4,6 +4,7 @@ from fedrnd.driver.config import (
     AlgorithmConfig,
     Config,
     DataConfig,
+    DriftConfig,
     LocalConfig,
     ModelConfig,
     from_dict,
@@ -13,6 +14,6 @@ from fedrnd.driver.config import (
 from fedrnd.driver.setup import build_data, build_engine
 from fedrnd.driver.simulate import MethodResult, SimulationResult, simulate
 
-__all__ = ["AlgorithmConfig", "Config", "DataConfig", "LocalConfig", "MethodResult",
+__all__ = ["AlgorithmConfig", "Config", "DataConfig", "DriftConfig", "LocalConfig", "MethodResult",
            "ModelConfig", "SimulationResult", "build_data", "build_engine", "from_dict",
            "load_config", "simulate", "validate"]

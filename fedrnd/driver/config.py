@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +19,31 @@ import tomllib
 
 
 @dataclasses.dataclass
+class DriftConfig:
+    """Clients switching hidden group mid-run (``[data.drift]``; see :mod:`fedrnd.data.drift`).
+
+    After ``at_round`` rounds (one round or a list), ``fraction`` of the clients, or the given
+    ``clients`` ids, move to a different random group: their own examples, seen through the new
+    group's transform. ``seed`` defaults to the run's seed.
+    """
+
+    at_round: int | list[int] | None = None
+    fraction: float | None = None
+    clients: list[int] | None = None
+    seed: int | None = None
+
+    @property
+    def rounds(self) -> list[int]:
+        r = self.at_round
+        return [] if r is None else [r] if isinstance(r, int) else list(r)
+
+
+@dataclasses.dataclass
 class DataConfig:
-    """What data and how it is split. ``source``: a name from ``fedrnd list`` or ``tfds:<name>``."""
+    """What data and how it is split. ``source``: a name from ``fedrnd list`` or ``tfds:<name>``.
+
+    ``drift``: optional :class:`DriftConfig`; clients switch group mid-run.
+    """
 
     source: str = "digits"
     source_options: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -27,6 +51,7 @@ class DataConfig:
     partition_options: dict[str, Any] = dataclasses.field(
         default_factory=lambda: {"num_groups": 4})
     num_clients: int = 20
+    drift: DriftConfig | None = None
 
 
 @dataclasses.dataclass
@@ -118,6 +143,11 @@ def from_dict(raw: dict[str, Any]) -> Config:
             section = raw.pop(name)
             if not isinstance(section, dict):
                 raise ValueError(f"config: [{name}] must be a table, got {section!r}")
+            if name == "data" and section.get("drift") is not None:
+                drift = section["drift"]
+                if not isinstance(drift, dict):
+                    raise ValueError(f"config: [data.drift] must be a table, got {drift!r}")
+                section = {**section, "drift": _build(DriftConfig, drift, "data.drift.")}
             kw[name] = _build(cls, section, f"{name}.")
     if "algorithms" in raw:
         algs = raw.pop("algorithms")
@@ -151,7 +181,9 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             if isinstance(node, list):
                 node = node[int(p)]
             else:
-                node = node.setdefault(p, {})
+                if node.get(p) is None:  # an unset optional section, e.g. data.drift
+                    node[p] = {}
+                node = node[p]
         last = parts[-1]
         if isinstance(node, list):
             node[int(last)] = _parse_value(text)
@@ -266,6 +298,8 @@ def validate(cfg: Config) -> Config:
     need(loc.schedule in ("constant", "exponential", "cosine", "step"),
          f"local.schedule={loc.schedule!r} is unknown; allowed: constant, exponential, cosine, "
          "step")
+    if cfg.data.drift is not None:
+        _validate_drift(cfg.data.drift, cfg, need)
     need(len(cfg.algorithms) >= 1, "algorithms must list at least one method")
     tags = [a.tag for a in cfg.algorithms]
     need(len(set(tags)) == len(tags), f"algorithms need distinct labels, got {tags}")
@@ -276,3 +310,29 @@ def validate(cfg: Config) -> Config:
         need(not bad, f"algorithms.{i} ({a.name}) has no option(s) {bad}; allowed: "
                       f"{algorithm_options(a.name)}")
     return cfg
+
+
+def _validate_drift(d: DriftConfig, cfg: Config, need: Callable[[bool, str], None]) -> None:
+    rounds = d.rounds
+    need(len(rounds) >= 1, "data.drift.at_round must be set (the round after which clients "
+                           "switch group), or remove [data.drift]")
+    need(all(isinstance(r, int) and not isinstance(r, bool) for r in rounds),
+         f"data.drift.at_round must be an integer or a list of integers, got {d.at_round!r}")
+    need(all(1 <= r < cfg.rounds for r in rounds),
+         f"data.drift.at_round must be in [1, rounds - 1 = {cfg.rounds - 1}] (a drift after "
+         f"the last round changes nothing), got {d.at_round!r}")
+    need(all(b > a for a, b in zip(rounds, rounds[1:], strict=False)),
+         f"data.drift.at_round must be strictly increasing, got {d.at_round!r}")
+    need((d.fraction is None) != (d.clients is None),
+         "data.drift needs exactly one of fraction (share of clients that move) or clients "
+         "(their ids)")
+    if d.fraction is not None:
+        need(0 < d.fraction <= 1, f"data.drift.fraction must be in (0, 1], got {d.fraction}")
+    if d.clients is not None:
+        c = cfg.data.num_clients
+        ok = all(isinstance(i, int) and not isinstance(i, bool) for i in d.clients)
+        need(ok and len(d.clients) >= 1 and all(0 <= i < c for i in d.clients),
+             f"data.drift.clients must be a non-empty list of client ids in [0, {c}), got "
+             f"{d.clients!r}")
+        need(len(set(d.clients)) == len(d.clients),
+             f"data.drift.clients must be distinct, got {d.clients!r}")

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from fedrnd.data.drift import DriftingData, build_drifting
 from fedrnd.data.federated import Dataset, FederatedData, build_federated, estimate_bytes
 from fedrnd.driver.config import Config
 from fedrnd.engine import (
@@ -31,8 +32,12 @@ def _accepts(fn: Callable, name: str) -> bool:
 
 
 def build_data(cfg: Config, log: Callable[[str], None] | None = None
-               ) -> tuple[FederatedData, dict[str, Any]]:
-    """Load the source, partition it over ``cfg.data.num_clients`` clients, build FederatedData."""
+               ) -> tuple[FederatedData | DriftingData, dict[str, Any]]:
+    """Load the source, partition it over ``cfg.data.num_clients`` clients, build FederatedData.
+
+    With ``cfg.data.drift`` set, the data is a :class:`~fedrnd.data.drift.DriftingData` (one
+    phase per drift, all on one pool); its pool size is reported in the info as built.
+    """
     from fedrnd.data.partition import make_partition
     from fedrnd.data.sources import SOURCES, load_source
 
@@ -51,13 +56,29 @@ def build_data(cfg: Config, log: Callable[[str], None] | None = None
     if log:
         log(f"data: {dataset.name}, {part.num_clients} clients, partition {part.name or d.partition}"
             f", {need / 2**20:.1f} MiB on device")
-    data = build_federated(dataset, part)
+    if d.drift is None:
+        data = build_federated(dataset, part)
+    else:
+        # Clients switch group mid-run: every phase on one pool (fedrnd.data.drift).
+        drift = build_drifting(dataset, part, d.drift.at_round, fraction=d.drift.fraction,
+                               clients=d.drift.clients,
+                               seed=cfg.seed if d.drift.seed is None else d.drift.seed)
+        data = drift.initial
+        # The pool also holds the moved clients' examples under their new groups.
+        need = data.nbytes() + (len(drift.phases) - 1) * sum(
+            v.nbytes for v in data.client_arrays().values())
+        if log:
+            for e in drift.events:
+                log(f"drift: after round {e.at_round}, {len(e.clients)} clients switch group")
     info = {"source": dataset.name, "partition": part.name, "clients": part.num_clients,
             "train_examples": int(np.asarray(data.train_count).sum()),
             "test_examples": int(np.asarray(data.test_count).sum()),
             "pool_rows": int(data.x.shape[0]), "device_bytes": need,
             "feature_shape": list(data.feature_shape), "num_classes": data.num_classes,
             "groups": int(np.max(np.asarray(data.group))) + 1}
+    if d.drift is not None:
+        info["drift"] = drift.summary()
+        return drift, info
     return data, info
 
 

@@ -5,7 +5,13 @@ rounds (one ``lax.scan`` of the method's pure ``round``, compiled once) up to th
 evaluation, checkpoint or host hook; between blocks it evaluates, logs, checkpoints and calls the
 method's host hook. Round ``r`` always uses the key ``fold_in(key(seed), r)``, so an
 interrupted run resumed from its last checkpoint ends with the same result as an uninterrupted
-one.
+one. Resuming restores the checkpoint into the *structure* of the method's initial state
+(:meth:`Algorithm.init_template`), so expensive initial work (RND discovery) is not redone.
+
+With data drift (``[data.drift]``, :mod:`fedrnd.data.drift`) every drift round is also a block
+boundary: after evaluating the rounds just run, the driver swaps in the next phase's
+per-client arrays (same shapes, no recompilation) before the host hook, so a re-discovery at
+that round already sees the new data. A resumed run picks the phase of its checkpoint's round.
 """
 
 from __future__ import annotations
@@ -21,10 +27,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedrnd.algorithms import Algorithm, make_algorithm
+from fedrnd.data.drift import DriftingData
 from fedrnd.data.federated import FederatedData
 from fedrnd.driver import outputs
 from fedrnd.driver.checkpoint import Checkpointer
 from fedrnd.driver.config import AlgorithmConfig, Config, from_dict, load_config, validate
+from fedrnd.driver.protocol import finetune_results
 from fedrnd.driver.setup import build_data, build_engine
 from fedrnd.engine import ClientHParams, Engine, evaluate_clients, summarize
 
@@ -51,6 +59,7 @@ class SimulationResult:
     run_dir: Path
     methods: dict[str, MethodResult]
     data: FederatedData | None = None
+    drift: DriftingData | None = None
 
     def table(self) -> str:
         return outputs.summary_table(self.methods)
@@ -71,14 +80,18 @@ def _as_config(config: Config | dict | str | Path | None) -> Config:
 
 def simulate(config: Config | dict | str | Path | None = None, *, resume: bool = False,
              run_dir: str | Path | None = None, progress: bool | None = None,
-             data: FederatedData | None = None, verbose: bool = True) -> SimulationResult:
+             data: FederatedData | DriftingData | None = None,
+             verbose: bool = True) -> SimulationResult:
     """Run every method of ``config`` on the same data and initial weights.
 
     Args:
       config: a :class:`Config`, a nested dict, a TOML path, or ``None`` for the defaults.
       resume: continue from the last checkpoint in ``run_dir`` instead of starting afresh.
       run_dir: where outputs go (default ``<out_dir>/<name>``); a fresh run clears it.
-      data: a prebuilt :class:`FederatedData` (skips ``config.data``).
+      data: a prebuilt :class:`FederatedData`, or :class:`DriftingData` for data that drifts
+        (skips ``config.data``, including ``config.data.drift``).
+
+    The result's ``data`` is the data in effect at the end (after the last drift).
     """
     cfg = _as_config(config)
     show = cfg.progress if progress is None else progress
@@ -91,23 +104,31 @@ def simulate(config: Config | dict | str | Path | None = None, *, resume: bool =
         data, dataset_info = build_data(cfg, log=print if verbose else None)
     else:
         dataset_info = {"name": data.name, "clients": data.num_clients}
-    engine, hp, mapper = build_engine(cfg, data)
-    data = dataclasses.replace(data, **{k: mapper.shard(v)
-                                        for k, v in data.client_arrays().items()})
+        if isinstance(data, DriftingData):
+            dataset_info["drift"] = data.summary()
+    phases = data if isinstance(data, DriftingData) else DriftingData.static(data)
+    late = [r for r in phases.drift_rounds if r >= cfg.rounds]
+    if late:
+        raise ValueError(f"data drifts after round(s) {late}, but the run has only "
+                         f"rounds={cfg.rounds}")
+    engine, hp, mapper = build_engine(cfg, phases.initial)
+    phases = phases.map_clients(mapper.shard)
     algorithms = []
     for a in cfg.algorithms:
         alg = _make(a, engine, cfg)
-        alg.validate(data)
+        for d in phases.phases:
+            alg.validate(d)
         algorithms.append((a.tag, alg))
 
     outputs.write_json(run_dir / "config.json", cfg.to_dict())
     outputs.write_json(run_dir / "metadata.json",
-                       outputs.run_metadata(cfg, data, dataset_info, mapper))
+                       outputs.run_metadata(cfg, phases.initial, dataset_info, mapper))
     results = {}
     for tag, alg in algorithms:
-        results[tag] = _run_method(cfg, tag, alg, data, hp, run_dir / tag, resume, show,
+        results[tag] = _run_method(cfg, tag, alg, phases, hp, run_dir / tag, resume, show,
                                    verbose)
-    result = SimulationResult(cfg, run_dir, results, data)
+    result = SimulationResult(cfg, run_dir, results, phases.at(cfg.rounds),
+                              phases if phases.events else None)
     outputs.write_summary(run_dir, results)
     outputs.plot_accuracy(run_dir / "accuracy.png", results, title=cfg.name)
     if verbose:
@@ -134,9 +155,10 @@ def _block_fn(alg: Algorithm, base_key: jax.Array):
     return jax.jit(block, donate_argnums=(0,))
 
 
-def _boundaries(cfg: Config, alg: Algorithm) -> list[int]:
-    """Rounds after which the host must act (evaluation, checkpoint, hook, end)."""
+def _boundaries(cfg: Config, alg: Algorithm, drift_rounds: tuple[int, ...] = ()) -> list[int]:
+    """Rounds after which the host must act (evaluation, checkpoint, hook, data drift, end)."""
     stops = set(range(cfg.eval_every, cfg.rounds, cfg.eval_every)) | {cfg.rounds}
+    stops |= {r for r in drift_rounds if r < cfg.rounds}
     if cfg.checkpoint_every:
         stops |= set(range(cfg.checkpoint_every, cfg.rounds, cfg.checkpoint_every))
     if alg.hook_every:
@@ -144,29 +166,41 @@ def _boundaries(cfg: Config, alg: Algorithm) -> list[int]:
     return sorted(stops)
 
 
-def _run_method(cfg: Config, tag: str, alg: Algorithm, data: FederatedData, hp: ClientHParams,
-                out: Path, resume: bool, show: bool, verbose: bool) -> MethodResult:
+def _run_method(cfg: Config, tag: str, alg: Algorithm, phases: DriftingData,
+                hp: ClientHParams, out: Path, resume: bool, show: bool,
+                verbose: bool) -> MethodResult:
     out.mkdir(parents=True, exist_ok=True)
     key = jax.random.key(cfg.seed)
     # Same initial weights for every method: the model init key depends on the seed only.
-    state = alg.init(jax.random.fold_in(key, 0), data, hp)
-    # Blocks donate the state; copy so arrays shared with other methods (hp) survive.
-    state = _place_state(jax.tree.map(jnp.array, state), alg)
-    c = data.num_clients
+    init_key = jax.random.fold_in(key, 0)
+    c = phases.num_clients
     ledger_up, ledger_down = np.zeros(c), np.zeros(c)
     history: list[dict[str, Any]] = []
-    start_round, elapsed = 0, 0.0
+    start_round, elapsed, cluster_time, wall0 = 0, 0.0, 0.0, time.perf_counter()
 
     ckpt = Checkpointer(out / "checkpoints") if cfg.checkpoint_every else None
     if resume and ckpt is not None and ckpt.latest() is not None:
-        state, meta = ckpt.restore(state)
+        # Restore into init's structure without running init (no repeated discovery);
+        # shapes come from the checkpoint.
+        state, meta = ckpt.restore(alg.init_template(init_key, phases.initial, hp))
+        state = _place_state(state, alg)
         start_round, elapsed = int(meta["round"]), float(meta["elapsed"])
+        cluster_time = float(meta.get("cluster_time", 0.0))
+        wall0 -= float(meta.get("wall_time", 0.0))
         ledger_up, ledger_down = np.asarray(meta["bytes_up"]), np.asarray(meta["bytes_down"])
         history = outputs.read_history(out / "metrics.jsonl", upto=start_round)
         if verbose:
             print(f"[{tag}] resumed at round {start_round}")
-    elif resume and verbose:
-        print(f"[{tag}] no checkpoint found; starting from round 0")
+    else:
+        if resume and verbose:
+            print(f"[{tag}] no checkpoint found; starting from round 0")
+        # Clustering compute time: host-side work in init and host hooks (discovery, one-shot
+        # clustering, splits), compilation included, waited on so it is not billed to round 1.
+        t_init = time.perf_counter()
+        state = jax.block_until_ready(alg.init(init_key, phases.initial, hp))
+        cluster_time = time.perf_counter() - t_init
+        # Blocks donate the state; copy so arrays shared with other methods (hp) survive.
+        state = _place_state(jax.tree.map(jnp.array, state), alg)
     outputs.rewrite_history(out / "metrics.jsonl", history)
 
     block = _block_fn(alg, jax.random.fold_in(key, 1))
@@ -174,15 +208,23 @@ def _run_method(cfg: Config, tag: str, alg: Algorithm, data: FederatedData, hp: 
     evaluate_fn = jax.jit(lambda s, d: evaluate_clients(alg.engine.model.apply, *alg.models(s), d,
                                                         alg.engine.mapper, cfg.eval_batch))
 
-    def evaluate(s):
-        return evaluate_fn(s, data)
+    def evaluate(s, d):
+        scores = {k: np.asarray(v) for k, v in jax.device_get(evaluate_fn(s, d)).items()}
+        summary = summarize(scores, np.asarray(d.train_count), np.asarray(d.test_count),
+                            np.asarray(d.group))
+        _, assign = alg.models(s)
+        if alg.clusters_clients and assign is not None:
+            # Against the groups in effect for the rounds just run (they move with drift).
+            summary.update(outputs.clustering_scores(np.asarray(assign), np.asarray(d.group)))
+        return scores, summary
 
     logger = outputs.MetricLogger(out, cfg.tensorboard)
     bar = outputs.progress(cfg.rounds, start_round, tag, show)
     per_client: dict[str, np.ndarray] = {}
     final: dict[str, float] = {}
     r = start_round
-    for stop in _boundaries(cfg, alg):
+    data = phases.at(r)
+    for stop in _boundaries(cfg, alg, phases.drift_rounds):
         if stop <= r:
             continue
         t0 = time.perf_counter()
@@ -212,10 +254,12 @@ def _run_method(cfg: Config, tag: str, alg: Algorithm, data: FederatedData, hp: 
                 logger.log(row)
         r = stop
         if r % cfg.eval_every == 0 or r == cfg.rounds:
-            per_client = {k: np.asarray(v) for k, v in jax.device_get(evaluate(state)).items()}
-            final = summarize(per_client, np.asarray(data.train_count),
-                              np.asarray(data.test_count), np.asarray(data.group))
+            per_client, final = evaluate(state, data)
             row.update(final)
+        if phases.phase(r) != phases.phase(r - 1):
+            # Drift: the following rounds (and the host hook below) see the next phase.
+            data = phases.at(r)
+            row["drift_moved"] = float(len(phases.events[phases.phase(r) - 1].clients))
         row["time"] = elapsed
         history.append(row)
         logger.log(row)
@@ -223,25 +267,26 @@ def _run_method(cfg: Config, tag: str, alg: Algorithm, data: FederatedData, hp: 
         if final:
             bar.set_postfix(acc=f"{final['test_acc/mean']:.3f}")
         if alg.hook_every and r % alg.hook_every == 0 and r < cfg.rounds:
-            state = _place_state(alg.host_hook(state, data, r), alg)
+            t_hook = time.perf_counter()
+            state = _place_state(jax.block_until_ready(alg.host_hook(state, data, r)), alg)
+            cluster_time += time.perf_counter() - t_hook
         if ckpt is not None and (r % cfg.checkpoint_every == 0 or r == cfg.rounds):
             ckpt.save(r, state, {"round": r, "elapsed": elapsed, "bytes_up": ledger_up.tolist(),
-                                 "bytes_down": ledger_down.tolist()})
+                                 "bytes_down": ledger_down.tolist(), "cluster_time": cluster_time,
+                                 "wall_time": time.perf_counter() - wall0})
     bar.close()
     logger.close()
     if ckpt is not None:
         ckpt.close()
     if not per_client:  # resumed after the last round: evaluate once more
-        per_client = {k: np.asarray(v) for k, v in jax.device_get(evaluate(state)).items()}
-        final = summarize(per_client, np.asarray(data.train_count),
-                          np.asarray(data.test_count), np.asarray(data.group))
+        per_client, final = evaluate(state, data)
+    # Methods that group clients are scored against the true groups (ARI, NMI) in evaluate.
     final = {**final, "bytes_per_client": float((ledger_up + ledger_down).mean()),
              "time": elapsed}
-    slots, assign = alg.models(state)
-    if alg.clusters_clients and assign is not None:
-        # Methods that group clients are scored against the true groups (ARI, NMI).
-        final.update(outputs.clustering_scores(np.asarray(assign), np.asarray(data.group)))
     final.update(alg.report(state, data, out))
+    ft_per_client, ft_final = finetune_results(cfg, alg, state, data, hp)
+    per_client.update(ft_per_client)
+    final.update(ft_final, cluster_time=cluster_time, wall_time=time.perf_counter() - wall0)
     outputs.write_csv(out / "metrics.csv", history)
     outputs.write_json(out / "final.json", final)
     np.savez(out / "per_client.npz", **per_client, bytes_up=ledger_up, bytes_down=ledger_down,
