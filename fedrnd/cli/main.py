@@ -30,6 +30,36 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from fedrnd.driver.compare import load_grid, run_grid, write_report
+
+    seeds = None
+    if args.seeds:
+        try:
+            seeds = [int(s) for s in args.seeds.split(",")]
+        except ValueError:
+            raise ValueError(f"--seeds expects comma-separated integers, got {args.seeds!r}"
+                             ) from None
+    grid = load_grid(args.grid, args.set, seeds=seeds)
+    if args.results:
+        grid.results = Path(args.results)
+    if args.cache_dir:
+        grid.cache_dir = Path(args.cache_dir)
+    _enable_compilation_cache()
+    if args.report_only:
+        from fedrnd.driver.compare import load_cell
+
+        records = {}
+        for c in grid.cells():
+            rec = load_cell(c, grid.cache_dir)
+            if rec is not None:
+                records[(c.scenario.name, c.method.label, c.seed)] = rec
+        print(f"report from {len(records)} cached cells: {write_report(grid, records)}")
+        return 0
+    run_grid(grid, rerun=args.rerun)
+    return 0
+
+
 def _cmd_list(args: argparse.Namespace) -> int:
     import dataclasses
 
@@ -78,6 +108,19 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--run-dir", default=None, help="exact run directory (default out_dir/name)")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     r.set_defaults(func=_cmd_run)
+    c = sub.add_parser("compare", help="run a grid of methods x scenarios x seeds (cached per "
+                       "cell, resumable) and write a results report")
+    c.add_argument("grid", help="grid TOML file (see experiments/compare.toml)")
+    c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a field of the grid's base config, e.g. --set rounds=5")
+    c.add_argument("--seeds", default=None, help="comma-separated seeds replacing the grid's")
+    c.add_argument("--results", default=None, help="report path (default: the grid's results)")
+    c.add_argument("--cache-dir", default=None,
+                   help="cell cache directory (default: the grid's cache_dir)")
+    c.add_argument("--rerun", action="store_true", help="ignore cached cells and run all")
+    c.add_argument("--report-only", action="store_true",
+                   help="write the report from cached cells without running anything")
+    c.set_defaults(func=_cmd_compare)
     ls = sub.add_parser("list", help="list data sets, partitions, models and algorithms")
     ls.set_defaults(func=_cmd_list)
     return p

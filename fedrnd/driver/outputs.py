@@ -116,20 +116,27 @@ def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
 
 
 _COLUMNS = [("test_acc/mean", "test acc (mean)"), ("test_acc/weighted", "test acc (weighted)"),
-            ("test_acc/worst10", "worst 10%"), ("train_loss/mean", "train loss"),
-            ("clusters", "clusters"), ("ari", "ARI"),
+            ("test_acc/worst10", "worst 10%"), ("test_acc_ft/mean", "test acc +FT"),
+            ("train_loss/mean", "train loss"), ("clusters", "clusters"), ("ari", "ARI"),
             ("bytes_per_client", "MB/client"), ("time", "time (s)")]
+_OPTIONAL = ("clusters", "ari", "test_acc_ft/mean")
+"""Columns shown as "-" for methods that do not report them (no clustering, no fine-tuning)."""
 
 
 def summary_table(methods: dict[str, Any]) -> str:
-    """A markdown table, one row per method, of the final evaluation."""
-    head = "| method | " + " | ".join(c for _, c in _COLUMNS) + " |"
-    lines = [head, "|" + "---|" * (len(_COLUMNS) + 1)]
+    """A markdown table, one row per method, of the final evaluation.
+
+    The fine-tune column appears when some method was evaluated with fine-tuning.
+    """
+    cols = [(k, c) for k, c in _COLUMNS if k != "test_acc_ft/mean" or
+            any(k in res.final for res in methods.values())]
+    head = "| method | " + " | ".join(c for _, c in cols) + " |"
+    lines = [head, "|" + "---|" * (len(cols) + 1)]
     for tag, res in methods.items():
         cells = []
-        for k, _ in _COLUMNS:
+        for k, _ in cols:
             v = res.final.get(k, float("nan"))
-            if k in ("clusters", "ari") and k not in res.final:
+            if k in _OPTIONAL and k not in res.final:
                 cells.append("-")
                 continue
             cells.append(f"{v / 1e6:.2f}" if k == "bytes_per_client" else
