@@ -381,6 +381,8 @@ def run_cell(cell: Cell, cache: Path, data: Any = None) -> dict[str, Any]:
     from fedrnd.driver.simulate import simulate
 
     assert cell.config is not None
+    # Wall times are only comparable on a quiet machine: keep the load they were taken under.
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else math.nan
     t0 = time.perf_counter()
     res = simulate(cell.config, run_dir=cell.run_dir(cache), data=data, verbose=False,
                    progress=False)
@@ -391,7 +393,7 @@ def run_cell(cell: Cell, cache: Path, data: Any = None) -> dict[str, Any]:
     rec = {"scenario": cell.scenario.name, "method": cell.method.label,
            "algorithm": cell.method.name, "seed": cell.seed, "resolved": cell.resolved,
            "options": cell.config.algorithms[0].options, "config_hash": cell.config_hash,
-           "wall_time": wall, "final": m.final, "history": history,
+           "wall_time": wall, "load_avg": load, "final": m.final, "history": history,
            "finished": datetime.datetime.now().isoformat(timespec="seconds")}
     p = cell.path(cache)
     p.parent.mkdir(parents=True, exist_ok=True)
@@ -628,6 +630,15 @@ _COLUMN_NOTES = [
 ]
 
 
+def _load_note(records: dict[tuple[str, str, int], dict]) -> str:
+    loads = [r["load_avg"] for r in records.values()
+             if isinstance(r.get("load_avg"), float) and np.isfinite(r["load_avg"])]
+    if not loads:
+        return ""
+    return (f" (1-minute load average when cells started: median {np.median(loads):.1f}, "
+            f"max {max(loads):.1f}, on {os.cpu_count()} cores; times scale with it)")
+
+
 def write_report(grid: Grid, records: dict[tuple[str, str, int], dict]) -> Path:
     """Write ``grid.results`` (markdown) and one accuracy-vs-round PNG per scenario."""
     out = grid.results
@@ -647,7 +658,7 @@ def write_report(grid: Grid, records: dict[tuple[str, str, int], dict]) -> Path:
               f"{mach['commit']}.", "",
               f"Grid: {len(grid.scenarios)} scenarios x {len(grid.methods)} methods x "
               f"{len(grid.seeds)} seeds = {n_cells} runs ({len(records)} finished), "
-              f"{total / 60:.1f} min of cell wall time in all.", "",
+              f"{total / 60:.1f} min of cell wall time in all{_load_note(records)}.", "",
               "## Shared settings", "", *_describe_base(grid), "",
               "## Methods", "", "| label | algorithm | options |", "|---|---|---|"]
     for m in grid.methods:
