@@ -55,6 +55,9 @@ _NAME = re.compile(r"^[A-Za-z0-9_.+-]+$")
 _K_EXPR = re.compile(r"^\s*K\s*(?:([+-])\s*(\d+))?\s*$")
 INPUT_ONLY = frozenset({"rnd"})
 """Methods that see client inputs only by default (blind to a label permutation)."""
+IN_ROUND_CLUSTERING = frozenset({"ifca", "fesem"})
+"""Methods that (re)assign clients inside the jitted rounds by default: their clustering cost
+is part of the round time, which the clustering column says."""
 GROUPED_PARTITIONS = ("rotation", "feature_pattern", "label_permutation", "grouped")
 """Partitions with ground-truth groups (their ``num_groups`` is the scenario's ``K``)."""
 
@@ -82,6 +85,7 @@ class MethodSpec:
     options: dict[str, Any]
     input_only: bool
     ft_row: bool
+    in_round: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,7 +152,7 @@ _TOP = {"name", "title", "description", "base", "config", "seeds", "finetune_epo
         "results", "cache_dir", "tuning", "scenarios", "methods"}
 _SCENARIO = {"name", "partition", "partition_options", "source", "source_options",
              "num_clients", "groups", "negative_control", "description"}
-_METHOD = {"name", "label", "options", "input_only", "ft_row"}
+_METHOD = {"name", "label", "options", "input_only", "ft_row", "in_round"}
 
 
 def _err(msg: str) -> ValueError:
@@ -229,10 +233,11 @@ def _parse_method(raw: Any, i: int) -> MethodSpec:
         raise _err(f"{where} ({name}): label must be a non-empty string")
     input_only = raw.get("input_only", name in INPUT_ONLY)
     ft_row = raw.get("ft_row", name == "fedavg" and not opts)
-    for field, v in (("input_only", input_only), ("ft_row", ft_row)):
+    in_round = raw.get("in_round", name in IN_ROUND_CLUSTERING)
+    for field, v in (("input_only", input_only), ("ft_row", ft_row), ("in_round", in_round)):
         if not isinstance(v, bool):
             raise _err(f"{where} ({name}): {field} must be true or false")
-    return MethodSpec(name, label.strip(), dict(opts), input_only, ft_row)
+    return MethodSpec(name, label.strip(), dict(opts), input_only, ft_row, in_round)
 
 
 def resolve_k(options: dict[str, Any], k: int) -> tuple[dict[str, Any], dict[str, int]]:
@@ -487,7 +492,8 @@ def scenario_rows(grid: Grid, scenario: Scenario,
             "nmi": _pm(get("nmi"), digits=2) if clustering and scenario.has_groups else "-",
             "clusters": _pm(get("clusters")) if clustering else "-",
             "mb": _pm(get("bytes_per_client"), 1e-6, 2),
-            "cluster_time": _pm(get("cluster_time"), digits=2) if clustering else "-",
+            "cluster_time": (_pm(get("cluster_time"), digits=2)
+                             + (" + in rounds" if m.in_round else "")) if clustering else "-",
             "wall": _pm([r["wall_time"] for r in recs]),
             "raw_acc": _stats(get("test_acc/mean"))[0],
             "raw_acc_ft": _stats(get("test_acc_ft/mean"))[0],
@@ -624,7 +630,7 @@ _COLUMN_NOTES = [
     "- **clustering s**: wall seconds the driver spent in the method's host-side clustering "
     "(its `init` and host hooks: RND discovery, one-shot PACFL, CFL splits), compilation "
     "included. Clustering done inside the jitted rounds (IFCA's and FeSEM's per-round "
-    "assignment) is part of the rounds' time and not in this column.",
+    "assignment, marked \"+ in rounds\") is part of the rounds' time and not in this number.",
     "- **wall s**: wall seconds of the whole cell (build, compile, rounds, evaluation, "
     "fine-tuning); cells share the persistent compilation cache, so later seeds compile less.",
 ]

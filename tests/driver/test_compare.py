@@ -144,6 +144,10 @@ def test_negative_control_marks_input_only_methods(tmp_path):
     assert rnd_row["seeds"] == "1/1"
     compare.write_report(grid, recs)
     assert "† Negative control" in grid.results.read_text().split("## rot")[0]
+    # Clustering done inside the rounds is flagged next to the host-side time.
+    raw["methods"][1]["in_round"] = True
+    flagged = scenario_rows(parse_grid(raw, tmp_path), grid.scenarios[1], recs)[2]
+    assert flagged["cluster_time"] == "0.50 ± 0.00 + in rounds"
 
 
 @pytest.mark.parametrize("change, match", [
