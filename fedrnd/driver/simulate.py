@@ -208,10 +208,18 @@ def _run_method(cfg: Config, tag: str, alg: Algorithm, phases: DriftingData,
     evaluate_fn = jax.jit(lambda s, d: evaluate_clients(alg.engine.model.apply, *alg.models(s), d,
                                                         alg.engine.mapper, cfg.eval_batch))
 
+    drifted = (np.unique(np.concatenate([e.clients for e in phases.events]))
+               if phases.events else None)
+
     def evaluate(s, d):
         scores = {k: np.asarray(v) for k, v in jax.device_get(evaluate_fn(s, d)).items()}
         summary = summarize(scores, np.asarray(d.train_count), np.asarray(d.test_count),
                             np.asarray(d.group))
+        if drifted is not None:
+            # The clients that switch group in some drift, before and after it, against the rest.
+            for k in ("test_acc", "test_loss"):
+                summary[f"{k}/drifted"] = float(np.mean(scores[k][drifted]))
+                summary[f"{k}/stayed"] = float(np.mean(np.delete(scores[k], drifted)))
         _, assign = alg.models(s)
         if alg.clusters_clients and assign is not None:
             # Against the groups in effect for the rounds just run (they move with drift).

@@ -117,6 +117,12 @@ def test_rediscovery_recovers_the_drifted_groups(tmp_path):
     saved = np.load(tmp_path / "run" / "rnd_tau" / "per_client.npz")
     np.testing.assert_array_equal(saved["group"], new_group)
     assert "ari" not in res.methods["fedavg"].history[0]
+    # The moved clients are also scored on their own, before and after the drift.
+    fa = res.methods["fedavg"]
+    assert fa.final["test_acc/drifted"] == pytest.approx(np.mean(fa.per_client["test_acc"][moved]))
+    stayed = np.setdiff1d(np.arange(8), moved)
+    assert fa.final["test_acc/stayed"] == pytest.approx(np.mean(fa.per_client["test_acc"][stayed]))
+    assert "test_acc/drifted" in fa.history[0]
 
 
 def test_resume_does_not_rerun_discovery(tmp_path, monkeypatch):
