@@ -71,6 +71,46 @@ def _sq_dist(a: PyTree, b: PyTree) -> jax.Array:
                                                       strict=True))
 
 
+def batch_schedule(spec: LocalSpec, n_max: int, count: jax.Array, key: jax.Array
+                   ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """Which of its examples one client uses at every local step (the semantics above).
+
+    Args:
+      n_max: the static length of the client's index row; ``count``: its real examples.
+    Returns:
+      ``positions [T, b]`` (into the client's index row), ``valid [T, b]`` (real examples of
+      each batch), ``active [T]`` (steps that update) and ``n_steps`` (how many do), with
+      ``T = spec.total_steps(n_max)`` and ``b = min(batch_size, n_max)``. Every path of local
+      training draws its batches here, so they all see the same data.
+    """
+    b = min(spec.batch_size, n_max)
+    j = jnp.arange(n_max)
+    if spec.steps is None:
+        spe = spec.steps_per_epoch(n_max)
+        pad = spe * b - n_max
+
+        def epoch(e):
+            u = jax.random.uniform(jax.random.fold_in(key, e), (n_max,))
+            perm = jnp.argsort(jnp.where(j < count, u, 2.0))
+            return jnp.concatenate([perm, jnp.zeros((pad,), perm.dtype)]).reshape(spe, b)
+
+        positions = jax.vmap(epoch)(jnp.arange(spec.epochs)).reshape(-1, b)
+        pos = jnp.tile(jnp.arange(spe * b).reshape(spe, b), (spec.epochs, 1))
+        valid = pos < count
+        active = pos[:, 0] < count
+        n_steps = spec.epochs * jnp.minimum(-(-count // b), spe)
+    else:
+        def draw(t):
+            u = jax.random.uniform(jax.random.fold_in(key, t), (n_max,))
+            return jax.lax.top_k(jnp.where(j < count, u, -1.0), b)[1]
+
+        positions = jax.vmap(draw)(jnp.arange(spec.steps))
+        valid = jnp.broadcast_to(jnp.arange(b) < count, (spec.steps, b))
+        active = jnp.ones((spec.steps,), bool)
+        n_steps = jnp.asarray(spec.steps)
+    return positions, valid, active, n_steps
+
+
 def local_train(
     loss_fn: LossFn,
     optimizer: ClientOptimizer,
@@ -97,7 +137,6 @@ def local_train(
         at the start of the round).
     """
     n_max = idx.shape[0]
-    b = min(spec.batch_size, n_max)
     anchor = params if anchor is None else anchor
 
     loss_and_grad = jax.value_and_grad(loss_fn)
@@ -118,43 +157,20 @@ def local_train(
             return with_prox(p, loss, g) if prox_mu != 0 else (loss, g)
         return jax.lax.cond(prox_mu != 0, with_prox, lambda _p, lo, gr: (lo, gr), p, loss, g)
 
-    def step(carry, positions, valid, active):
+    def step(carry, plan):
+        positions, valid, active = plan
         p, s = carry
         rows = idx[positions]
         x, y = x_pool[rows], y_pool[rows]
         loss, g = grad_fn(p, x, y, valid.astype(x.dtype))
         u, s2 = optimizer.update(g, s, p, kind, lr)
         p2 = optax.apply_updates(p, u)
+        if spec.steps is not None:  # every step is real; no select to fuse
+            return (p2, s2), loss
         return (_tree_where(active, p2, p), _tree_where(active, s2, s)), jnp.where(active, loss, 0.0)
 
-    j = jnp.arange(n_max)
-    if spec.steps is None:
-        spe = spec.steps_per_epoch(n_max)
-        pad = spe * b - n_max
-
-        def epoch(carry, e):
-            u = jax.random.uniform(jax.random.fold_in(key, e), (n_max,))
-            perm = jnp.argsort(jnp.where(j < count, u, 2.0))
-            perm = jnp.concatenate([perm, jnp.zeros((pad,), perm.dtype)]).reshape(spe, b)
-            pos = jnp.arange(spe * b).reshape(spe, b)
-
-            def inner(c, t):
-                return step(c, perm[t], pos[t] < count, t * b < count)
-
-            return jax.lax.scan(inner, carry, jnp.arange(spe))
-
-        (params, opt_state), losses = jax.lax.scan(epoch, (params, opt_state),
-                                                   jnp.arange(spec.epochs))
-        losses = losses.reshape(-1)
-        n_steps = spec.epochs * jnp.minimum(-(-count // b), spe)
-    else:
-        def draw(carry, t):
-            u = jax.random.uniform(jax.random.fold_in(key, t), (n_max,))
-            _, positions = jax.lax.top_k(jnp.where(j < count, u, -1.0), b)
-            return step(carry, positions, jnp.arange(b) < count, jnp.asarray(True))
-
-        (params, opt_state), losses = jax.lax.scan(draw, (params, opt_state),
-                                                   jnp.arange(spec.steps))
-        n_steps = jnp.asarray(spec.steps)
+    positions, valid, active, n_steps = batch_schedule(spec, n_max, count, key)
+    (params, opt_state), losses = jax.lax.scan(step, (params, opt_state),
+                                               (positions, valid, active))
     mean_loss = jnp.sum(losses) / jnp.maximum(n_steps, 1)
     return params, opt_state, {"loss": mean_loss, "steps": n_steps}
