@@ -9,10 +9,13 @@ Distillation for Clustered Federated Learning", arXiv 2606.30499):
    target outputs are precomputed once per pool row and passed as the "labels" of the pool.
 2. Cross novelty ``S[i, j] = mean_{x in D_i} ||f_j(x) - f(x)||^2`` (peer ``j``'s predictor on
    client ``i``'s data, squared error summed over the output dimensions). ``S[i, i]`` is the
-   self-novelty. Computed blockwise: client rows are mapped by the engine's
-   :class:`~fedrnd.engine.ClientMapper` (``row_tile`` clients at a time) and predictors in tiles
-   of ``col_tile`` (``lax.map``), so intermediate memory is ``row_tile x col_tile x M x out_dim``
-   floats whatever ``N`` is. In *sparse* mode only the pairs of an edge list are scored.
+   self-novelty. Computed blockwise: tiles of ``row_tile`` client rows are mapped by the
+   engine's :class:`~fedrnd.engine.ClientMapper` and predictors go in tiles of ``col_tile``
+   (``lax.map``), so intermediate memory is bounded by the tile whatever ``N`` is. Each tile
+   runs its ``col_tile`` predictors on the tile's shared probe examples at once
+   (:func:`fedrnd.rnd.networks.stacked_errors`, the predictor index inside the layers); the
+   generic path (any ``apply``, one predictor at a time under a vmap) is the reference. In
+   *sparse* mode only the pairs of an edge list are scored, grouped by scoring client.
 3. Compatibility: ``j`` is compatible with ``i`` iff ``S[i, j] <= S[i, i] + eps * sigma_i``.
    ``sigma_i`` is either the standard deviation of row ``i`` of ``S`` (``sigma="row"``, the
    paper's reading) or of client ``i``'s per-example self-novelty (``sigma="self"``).
@@ -35,6 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -54,7 +58,7 @@ from fedrnd.engine import (
     LocalSpec,
     tree_bytes,
 )
-from fedrnd.rnd.networks import RNDPair, make_pair, target_features
+from fedrnd.rnd.networks import RNDPair, make_pair, stacked_errors, target_features
 
 PyTree = Any
 
@@ -111,9 +115,13 @@ class RNDConfig:
       sigma: ``"row"`` or ``"self"`` (see :func:`sigma_of`).
       rule: ``"mutual"``, ``"one_sided"`` or ``"leader"`` (see :func:`federations`).
       row_tile, col_tile: clients scored at once x predictors applied at once (memory bound of
-        the novelty matrix); ``row_tile=None``: the mapper's chunk size, capped so that a tile
-        holds at most ``tile_evals`` predictor evaluations (``row_tile * col_tile * M``).
-      edge_chunk: edges scored at once in sparse mode.
+        the novelty matrix); ``row_tile=None`` sizes tiles to at most ``tile_evals`` predictor
+        evaluations (``row_tile * col_tile * M``; see :func:`novelty_matrix`).
+      edge_chunk: sparse mode: at most this many in-neighbours of one client are scored in
+        one step (the generic path: edges scored at once).
+      fused: score with :func:`~fedrnd.rnd.networks.stacked_errors` (many predictors on shared
+        probes at once, the default) or with the generic per-predictor ``apply`` (the
+        reference; same numbers up to float rounding, several times slower).
 
     Defaults and why (MLP pair, the paper's schedule; 7 populations x 6 seeds: Gaussian
     mixtures with 4 groups, with 2 unequal groups, and with group sizes 8/4/2/2, 1/5/10 or
@@ -157,6 +165,7 @@ class RNDConfig:
     col_tile: int = 64
     tile_evals: int = 1 << 18
     edge_chunk: int = 1024
+    fused: bool = True
 
     def __post_init__(self):
         # Lists from TOML/JSON configs become tuples so the config stays hashable.
@@ -381,26 +390,35 @@ def _check_probe(preds, x_pool, t_pool, probe_idx, probe_count, rows: int | None
         raise ValueError(f"client(s) {bad} have no probe examples (empty client)")
 
 
-def novelty_matrix(apply: Callable, preds: PyTree, x_pool: jax.Array, t_pool: jax.Array,
-                   probe_idx: jax.Array, probe_count: jax.Array, *, row_tile: int | None = None,
-                   col_tile: int = 64, mapper: ClientMapper | None = None,
-                   tile_evals: int = 1 << 18) -> jax.Array:
+def novelty_matrix(apply: Callable | RNDPair, preds: PyTree, x_pool: jax.Array,
+                   t_pool: jax.Array, probe_idx: jax.Array, probe_count: jax.Array, *,
+                   row_tile: int | None = None, col_tile: int = 64,
+                   mapper: ClientMapper | None = None, tile_evals: int = 1 << 18) -> jax.Array:
     """Cross novelty ``S [R, C]``: ``S[i, j] = mean_{x in probe_i} ||f_j(x) - f(x)||^2``.
 
     Args:
-      apply: the predictor's ``apply(params, x [B, ...]) -> [B, out_dim]``.
+      apply: the :class:`~fedrnd.rnd.networks.RNDPair` (fused path: a tile's predictors run
+        together on the tile's probes, :func:`~fedrnd.rnd.networks.stacked_errors`), or any
+        predictor ``apply(params, x [B, ...]) -> [B, out_dim]`` (generic path: the engine's
+        client map over rows, a vmap over predictors).
       preds: predictors, leaves ``[C, ...]``.
       x_pool: ``[P, ...]``; t_pool: cached target outputs ``[P, out_dim]``.
       probe_idx, probe_count: ``[R, M]``, ``[R]`` pool rows each scoring client probes on
         (``R = C`` for the square matrix; newcomers score existing predictors with ``R != C``).
-      row_tile: clients per chunk of the engine's client map; ``None``: the mapper's chunk,
-        capped at ``tile_evals // (col_tile * M)`` (an accelerator's default chunk of 256 clients
-        times 64 predictors times hundreds of probes would not fit).
-      col_tile: predictors applied at once. Live memory is about ``row_tile * col_tile * M``
-      predictor activations.
+      row_tile: scoring clients per tile. ``None``: generic path: the mapper's chunk, capped at
+        ``tile_evals // (col_tile * M)`` (an accelerator's default chunk of 256 clients times
+        64 predictors times hundreds of probes would not fit); fused path: as many as fit
+        ``min(tile_evals, FUSED_TILE_EVALS[kind])`` evaluations.
+      col_tile: predictors applied at once (the fused path lowers it when ``col_tile * M``
+        exceeds that budget). Live memory is about ``row_tile * col_tile * M`` predictor
+        activations.
     """
     _check_probe(preds, x_pool, t_pool, probe_idx, probe_count)
     mapper = mapper or ClientMapper()
+    if isinstance(apply, RNDPair):
+        return _fused_matrix(apply, preds, x_pool, t_pool, probe_idx, probe_count,
+                             row_tile=row_tile, col_tile=col_tile, mapper=mapper,
+                             tile_evals=tile_evals)
     if row_tile is None:
         m = int(np.shape(probe_idx)[1])
         row_tile = max(1, min(mapper.chunk, int(tile_evals) // max(1, int(col_tile) * m)))
@@ -408,6 +426,74 @@ def novelty_matrix(apply: Callable, preds: PyTree, x_pool: jax.Array, t_pool: ja
     return _novelty_rows(apply, mapper, int(col_tile), preds, jnp.asarray(x_pool),
                          jnp.asarray(t_pool), jnp.asarray(probe_idx, jnp.int32),
                          jnp.asarray(probe_count, jnp.int32))
+
+
+FUSED_TILE_EVALS = {"mlp": 1 << 16, "conv": 1 << 11}
+"""Predictor evaluations per fused tile by network kind (``row_tile * col_tile * M``).
+
+Measured on a 2-core CPU (``benchmarks/RESULTS.md``): the MLP pair ran 200-250 GFLOP per CPU
+second for tiles of 256-4096 probe rows x 64 predictors; the conv pair's activations are 25x
+larger per evaluation (``H x W x c1`` after the first convolution) and it ran best, about 250k
+evaluations per CPU second, with 256-1024 evaluations per tile and fell to 190k at 4096.
+"""
+
+
+def _pad_rows(a: np.ndarray, n: int, fill) -> np.ndarray:
+    if n == a.shape[0]:
+        return a
+    pad = np.full((n - a.shape[0], *a.shape[1:]), fill, a.dtype)
+    return np.concatenate([a, pad])
+
+
+def _tiled_predictors(preds: PyTree, k: int) -> PyTree:
+    """Leaves ``[C, ...] -> [ceil(C / k), k, ...]``; the last tile is padded with copies of
+    predictor 0 (their scores are dropped)."""
+    c = jax.tree.leaves(preds)[0].shape[0]
+    t = -(-c // k)
+    idx = jnp.asarray(_pad_rows(np.arange(c), t * k, 0))
+    return jax.tree.map(lambda a: a[idx].reshape(t, k, *a.shape[1:]), preds)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _fused_rows(pair: RNDPair, mapper: ClientMapper, pred_tiles, x_pool, t_pool, idx, count):
+    def tile(rows, shared):
+        pt, xp, tp = shared
+        r, m = rows["idx"].shape
+        flat = rows["idx"].reshape(-1)
+        x, t = xp[flat], tp[flat]
+        mask = (jnp.arange(m)[None, :] < rows["count"][:, None]).astype(jnp.float32)
+        n = jnp.maximum(rows["count"], 1).astype(jnp.float32)
+
+        def col(p):
+            err = stacked_errors(pair, p, x, t)  # [K, R * M]
+            return jnp.sum(err.reshape(-1, r, m) * mask, axis=-1) / n  # [K, R]
+
+        out = jax.lax.map(col, pt)  # [T, K, R]
+        return out.reshape(-1, r).T
+
+    return mapper.map(tile, {"idx": idx, "count": count}, (pred_tiles, x_pool, t_pool))
+
+
+def _fused_matrix(pair: RNDPair, preds, x_pool, t_pool, probe_idx, probe_count, *, row_tile,
+                  col_tile, mapper, tile_evals):
+    c = jax.tree.leaves(preds)[0].shape[0]
+    rows, m = (int(v) for v in np.shape(probe_idx))
+    budget = max(1, min(int(tile_evals), FUSED_TILE_EVALS[pair.kind]))
+    k = max(1, min(int(col_tile), c, budget // m))
+    if row_tile is None:
+        row_tile = max(1, budget // (k * m))
+    r = max(1, min(int(row_tile), rows))
+    # Tiles of r rows; their count divisible by the mapper's devices. Padding rows probe the
+    # first pool row once and are dropped.
+    n_tiles = -(-rows // r)
+    n_tiles += (-n_tiles) % mapper.num_shards
+    idx = _pad_rows(np.asarray(probe_idx, np.int32), n_tiles * r, 0)
+    cnt = _pad_rows(np.asarray(probe_count, np.int32), n_tiles * r, 1)
+    out = _fused_rows(pair, dataclasses.replace(mapper, chunk_size=1),
+                      _tiled_predictors(preds, k), jnp.asarray(x_pool), jnp.asarray(t_pool),
+                      jnp.asarray(idx.reshape(n_tiles, r, m)),
+                      jnp.asarray(cnt.reshape(n_tiles, r)))
+    return out.reshape(n_tiles * r, -1)[:rows, :c]
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
@@ -450,11 +536,19 @@ def _edge_rows(apply, chunk: int, preds, x_pool, t_pool, probe_idx, probe_count,
     return jax.lax.map(one, (src, dst), batch_size=min(chunk, src.shape[0]))
 
 
-def edge_novelty(apply: Callable, preds: PyTree, x_pool: jax.Array, t_pool: jax.Array,
-                 probe_idx: jax.Array, probe_count: jax.Array, edges: EdgeList,
-                 edge_chunk: int = 1024) -> jax.Array:
+def edge_novelty(apply: Callable | RNDPair, preds: PyTree, x_pool: jax.Array,
+                 t_pool: jax.Array, probe_idx: jax.Array, probe_count: jax.Array,
+                 edges: EdgeList, edge_chunk: int = 1024,
+                 mapper: ClientMapper | None = None) -> jax.Array:
     """Sparse mode: ``[E]`` scores ``S[dst_e, src_e]`` (``dst`` scores the predictor ``src``
-    sent it, on ``dst``'s own probes), ``edge_chunk`` edges at a time."""
+    sent it, on ``dst``'s own probes).
+
+    ``apply``: the :class:`~fedrnd.rnd.networks.RNDPair` (fused path: edges grouped by scoring
+    client into rows of up to ``w`` in-neighbours, ``w`` the mean in-degree capped at
+    ``edge_chunk``; each row runs its ``w`` predictors together on the client's probes; rows are
+    mapped by the engine's client map), or a predictor ``apply`` (generic path: ``edge_chunk``
+    edges at a time, one predictor and one probe set per edge).
+    """
     c = jax.tree.leaves(preds)[0].shape[0]
     _check_probe(preds, x_pool, t_pool, probe_idx, probe_count, rows=c)
     src, dst = np.asarray(edges.src), np.asarray(edges.dst)
@@ -464,9 +558,59 @@ def edge_novelty(apply: Callable, preds: PyTree, x_pool: jax.Array, t_pool: jax.
         raise ValueError(f"edge endpoints must be client ids in [0, {c})")
     if src.size == 0:
         return jnp.zeros((0,), jnp.float32)
+    if isinstance(apply, RNDPair):
+        return _fused_edges(apply, preds, x_pool, t_pool, probe_idx, probe_count, src, dst,
+                            int(edge_chunk), mapper or ClientMapper())
     return _edge_rows(apply, int(edge_chunk), preds, jnp.asarray(x_pool), jnp.asarray(t_pool),
                       jnp.asarray(probe_idx, jnp.int32), jnp.asarray(probe_count, jnp.int32),
                       jnp.asarray(src, jnp.int32), jnp.asarray(dst, jnp.int32))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _fused_edge_rows(pair: RNDPair, mapper: ClientMapper, preds, x_pool, t_pool, probe_idx,
+                     probe_count, row_dst, row_src):
+    def row(r, shared):
+        ps, xp, tp, pidx, pcnt = shared
+        idx, cnt = pidx[r["dst"]], pcnt[r["dst"]]
+        x, t = xp[idx], tp[idx]
+        p = jax.tree.map(lambda a: a[r["src"]], ps)  # [w, ...] the row's in-neighbours
+        err = stacked_errors(pair, p, x, t)  # [w, M]
+        mask = (jnp.arange(idx.shape[0]) < cnt).astype(jnp.float32)
+        return jnp.sum(err * mask, axis=-1) / jnp.maximum(cnt, 1).astype(jnp.float32)
+
+    return mapper.map(row, {"dst": row_dst, "src": row_src},
+                      (preds, x_pool, t_pool, probe_idx, probe_count))
+
+
+def _fused_edges(pair, preds, x_pool, t_pool, probe_idx, probe_count, src, dst, max_width,
+                 mapper):
+    c = jax.tree.leaves(preds)[0].shape[0]
+    m = int(np.shape(probe_idx)[1])
+    deg = np.bincount(dst, minlength=c)
+    # Row width: the mean in-degree of scoring clients, so padding stays below one row per
+    # client (a skewed degree distribution gives its hubs several rows, not a wide table).
+    w = int(max(1, min(max_width, -(-len(dst) // max(1, int(np.count_nonzero(deg)))))))
+    order = np.argsort(dst, kind="stable")
+    d_sorted = dst[order]
+    rank = np.arange(len(dst)) - (np.cumsum(deg) - deg)[d_sorted]
+    per = -(-deg // w)
+    row_of = (np.cumsum(per) - per)[d_sorted] + rank // w
+    slot = rank % w
+    budget = max(1, FUSED_TILE_EVALS[pair.kind] // (w * m))
+    chunk = max(1, min(mapper.chunk, budget))
+    mapper = dataclasses.replace(mapper, chunk_size=chunk)
+    n_rows = int(per.sum())
+    n_rows += (-n_rows) % mapper.num_shards
+    row_dst = _pad_rows(np.repeat(np.arange(c), per).astype(np.int32), n_rows, 0)
+    row_src = np.zeros((n_rows, w), np.int32)  # empty slots score predictor 0, dropped
+    row_src[row_of, slot] = src[order]
+    out = _fused_edge_rows(pair, mapper, preds, jnp.asarray(x_pool), jnp.asarray(t_pool),
+                           jnp.asarray(probe_idx, jnp.int32),
+                           jnp.asarray(probe_count, jnp.int32), jnp.asarray(row_dst),
+                           jnp.asarray(row_src))
+    flat = jnp.asarray(row_of * w + slot)
+    scores = out.reshape(-1)[flat]
+    return jnp.zeros(len(dst), scores.dtype).at[jnp.asarray(order)].set(scores)
 
 
 # --------------------------------------------------------------------------------------------
@@ -690,6 +834,9 @@ class Discovery:
       predictors: leaves ``[C, ...]`` the trained predictors (kept for newcomers);
       target_params, pair, config: what produced them.
       train_loss: ``[C]`` predictor training loss.
+      timings: wall seconds per phase: ``split`` (probe rows), ``target`` (target cache),
+        ``train`` (predictors), ``self`` (self-novelty), ``scores`` (the matrix or the edge
+        scores), ``federations`` (sigma, eps, compatibility, extraction; host side).
     """
 
     federation: np.ndarray
@@ -709,6 +856,7 @@ class Discovery:
     train_loss: np.ndarray
     edges: EdgeList | None = None
     edge_scores: np.ndarray | None = None
+    timings: dict[str, float] = dataclasses.field(default_factory=dict)
 
     @property
     def num_federations(self) -> int:
@@ -717,6 +865,22 @@ class Discovery:
     @property
     def num_clients(self) -> int:
         return int(self.federation.shape[0])
+
+
+class _Clock:
+    """Wall seconds per phase of :func:`discover`; waits for a phase's device arrays, so each
+    phase is charged its own work (phases run one after another anyway)."""
+
+    def __init__(self):
+        self.times: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def __call__(self, phase: str, value=None):
+        value = jax.block_until_ready(value)
+        now = time.perf_counter()
+        self.times[phase] = self.times.get(phase, 0.0) + now - self._last
+        self._last = now
+        return value
 
 
 def _drop_self_edges(edges: EdgeList) -> tuple[np.ndarray, np.ndarray]:
@@ -747,20 +911,25 @@ def discover(data: FederatedData, config: RNDConfig = RNDConfig(), *,
     key = jax.random.key(cfg.seed) if key is None else key
     pair = cfg.pair(data.feature_shape)
     c = data.num_clients
+    clock = _Clock()
     tr_idx, tr_cnt, pr_idx, pr_cnt = probe_split(
         data, cfg.probe, holdout=cfg.holdout, cap=cfg.probe_cap,
         seed=int(jax.random.randint(jax.random.fold_in(key, 7), (), 0, 2**31 - 1)))
+    clock("split")
     t_params = pair.target_params(cfg.seed)
-    t_pool = target_features(pair, t_params, data.x)
-    preds, loss = train_predictors(pair, cfg, data.x, t_pool, tr_idx, tr_cnt, key, mapper)
+    t_pool = clock("target", target_features(pair, t_params, data.x))
+    preds, loss = clock("train", train_predictors(pair, cfg, data.x, t_pool, tr_idx, tr_cnt,
+                                                  key, mapper))
     apply = pair.predictor.apply
+    scorer = pair if cfg.fused else apply
     s_self, s_std = (np.asarray(v, np.float64) for v in
-                     self_novelty(apply, preds, data.x, t_pool, pr_idx, pr_cnt, mapper))
+                     clock("self", self_novelty(apply, preds, data.x, t_pool, pr_idx, pr_cnt,
+                                                mapper)))
     nbytes = tree_bytes(jax.tree.map(lambda a: a[0], preds))
     if edges is None:
-        s = np.asarray(novelty_matrix(apply, preds, data.x, t_pool, pr_idx, pr_cnt,
-                                      row_tile=cfg.row_tile, col_tile=cfg.col_tile,
-                                      mapper=mapper, tile_evals=cfg.tile_evals), np.float32)
+        s = np.asarray(clock("scores", novelty_matrix(
+            scorer, preds, data.x, t_pool, pr_idx, pr_cnt, row_tile=cfg.row_tile,
+            col_tile=cfg.col_tile, mapper=mapper, tile_evals=cfg.tile_evals)), np.float32)
         s_self = np.diag(s).copy()
         sigma = sigma_of(cfg.sigma, s, s_std)
         z = normalised_scores(s, s_self, sigma)
@@ -778,12 +947,14 @@ def discover(data: FederatedData, config: RNDConfig = RNDConfig(), *,
         # Up: its predictor and one row of scores; down: the other C - 1 predictors.
         up = np.full(c, nbytes + c * 4, np.float64)
         down = np.full(c, (c - 1) * nbytes, np.float64)
+        clock("federations")
         return Discovery(fed, s, s_self, s_std, sigma, z, eps, comp, up, down, preds, t_params,
-                         pair, cfg, np.asarray(loss), None, None)
+                         pair, cfg, np.asarray(loss), None, None, clock.times)
     src, dst = _drop_self_edges(edges)
-    e_scores = np.asarray(edge_novelty(apply, preds, data.x, t_pool, pr_idx, pr_cnt,
-                                       EdgeList(jnp.asarray(src), jnp.asarray(dst),
-                                                jnp.ones(len(src))), cfg.edge_chunk), np.float64)
+    e_scores = np.asarray(clock("scores", edge_novelty(
+        scorer, preds, data.x, t_pool, pr_idx, pr_cnt,
+        EdgeList(jnp.asarray(src), jnp.asarray(dst), jnp.ones(len(src))), cfg.edge_chunk,
+        mapper)), np.float64)
     sigma = (s_std if cfg.sigma == "self"
              else _sparse_row_std(e_scores, dst, c, diag=s_self))
     z = normalised_scores(e_scores, s_self, sigma, rows=dst)
@@ -800,9 +971,11 @@ def discover(data: FederatedData, config: RNDConfig = RNDConfig(), *,
     # (needed for the mutual check); received: in-neighbours' predictors and their scores.
     up = out_deg * float(nbytes) + in_deg * 4.0
     down = in_deg * float(nbytes) + out_deg * 4.0
+    clock("federations")
     return Discovery(fed, None, s_self, s_std, sigma, z, eps, ok, up, down, preds, t_params,
                      pair, cfg, np.asarray(loss),
-                     EdgeList(jnp.asarray(src), jnp.asarray(dst), jnp.ones(len(src))), e_scores)
+                     EdgeList(jnp.asarray(src), jnp.asarray(dst), jnp.ones(len(src))), e_scores,
+                     clock.times)
 
 
 def assign_newcomers(disc: Discovery, new: FederatedData, *, key: jax.Array | None = None,
@@ -833,10 +1006,11 @@ def assign_newcomers(disc: Discovery, new: FederatedData, *, key: jax.Array | No
     t_pool = target_features(pair, disc.target_params, new.x)
     preds, _ = train_predictors(pair, cfg, new.x, t_pool, tr_idx, tr_cnt, key, mapper)
     apply = pair.predictor.apply
+    scorer = pair if cfg.fused else apply
     s_self, s_std = (np.asarray(v, np.float64) for v in
                      self_novelty(apply, preds, new.x, t_pool, pr_idx, pr_cnt, mapper))
     # [C_new, C]: each newcomer scores every existing predictor on its own probes.
-    rows = np.asarray(novelty_matrix(apply, disc.predictors, new.x, t_pool, pr_idx, pr_cnt,
+    rows = np.asarray(novelty_matrix(scorer, disc.predictors, new.x, t_pool, pr_idx, pr_cnt,
                                      row_tile=cfg.row_tile, col_tile=cfg.col_tile,
                                      mapper=mapper, tile_evals=cfg.tile_evals), np.float32)
     f = disc.num_federations
@@ -853,7 +1027,7 @@ def assign_newcomers(disc: Discovery, new: FederatedData, *, key: jax.Array | No
     lost = np.flatnonzero(~ok)
     if lost.size:
         sub = jax.tree.map(lambda a: a[lost], preds)
-        s_new = np.asarray(novelty_matrix(apply, sub, new.x, t_pool, pr_idx[lost],
+        s_new = np.asarray(novelty_matrix(scorer, sub, new.x, t_pool, pr_idx[lost],
                                           pr_cnt[lost], row_tile=cfg.row_tile,
                                           col_tile=cfg.col_tile, mapper=mapper,
                                           tile_evals=cfg.tile_evals), np.float32)

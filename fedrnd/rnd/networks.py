@@ -21,6 +21,19 @@ All weights are Kaiming-normal (fan-in, ReLU gain, untruncated as in PyTorch's
 
 Because the target never changes, its output is computed once per pool example
 (:func:`target_features`, a ``[P, out_dim]`` array) and every later step reads that cache.
+
+Speed (``benchmarks/discovery.py``, figures in ``benchmarks/RESULTS.md``):
+
+* Training applies the conv predictor through :func:`conv_apply` (3x3 convolutions as im2col
+  matrix products, same numbers as the flax module): on a CPU XLA's convolution with 1-4
+  channels, and above all its gradient, ran about 2.5x slower per training step.
+* The novelty matrix evaluates ``K`` predictors on the same ``N`` probe examples at once
+  (:func:`stacked_errors`) with the predictor index inside the layers instead of a vmap over
+  predictors: the MLP's first layer is one ``[K * h, D] x [D, N]`` product; the conv pair's
+  first convolution is one convolution with ``K * c1`` output channels on the shared images
+  and the later (per-predictor, grouped) convolutions are shifted multiply-adds over a
+  ``[N, H, W, K, c]`` layout. About 3x (MLP) and 4-5x (conv) the pair evaluations per CPU
+  second of the vmapped per-predictor apply.
 """
 
 from __future__ import annotations
@@ -43,7 +56,9 @@ __all__ = [
     "RNDPair",
     "adaptive_avg_pool",
     "adaptive_pool_matrix",
+    "conv_apply",
     "make_pair",
+    "stacked_errors",
     "target_features",
 ]
 
@@ -158,8 +173,13 @@ def _make_pair(kind: str, feature_shape: tuple[int, ...], target_width: tuple[in
     else:
         t = RNDMLP(target_width, out_dim)
         p = RNDMLP(predictor_width, out_dim)
-    return RNDPair(kind, from_flax(t, feature_shape, out_dim, f"rnd_{kind}_target"),
-                   from_flax(p, feature_shape, out_dim, f"rnd_{kind}_predictor"), out_dim)
+    target = from_flax(t, feature_shape, out_dim, f"rnd_{kind}_target")
+    predictor = from_flax(p, feature_shape, out_dim, f"rnd_{kind}_predictor")
+    if kind == "conv":
+        # Same parameters and numbers as the flax module, faster to train on a CPU.
+        predictor = dataclasses.replace(predictor, apply=functools.partial(conv_apply,
+                                                                           pool=p.pool))
+    return RNDPair(kind, target, predictor, out_dim)
 
 
 def make_pair(kind: str, feature_shape: Sequence[int], *,
@@ -213,3 +233,131 @@ def target_features(pair: RNDPair, params, x: jax.Array, batch: int = 512) -> ja
                          f"{pair.feature_shape}")
     return _target_features(pair.target.apply, params, jnp.asarray(x, jnp.float32),
                             max(1, min(int(batch), int(x.shape[0]))))
+
+
+# --------------------------------------------------------------------------------------------
+# fast forward passes
+# --------------------------------------------------------------------------------------------
+
+
+def _layers(params, prefix: str) -> list[str]:
+    """``prefix_0, prefix_1, ...`` in numeric order (``_10`` after ``_9``)."""
+    names = [k for k in params if k.startswith(prefix + "_")]
+    return sorted(names, key=lambda k: int(k.rsplit("_", 1)[1]))
+
+
+def _max_pool2(x: jax.Array) -> jax.Array:
+    """2x2 max pool, stride 2, floor (``nn.max_pool(..., "VALID")``) over axes 1 and 2."""
+    h, w = x.shape[1] // 2, x.shape[2] // 2
+    x = x[:, : 2 * h, : 2 * w]
+    return x.reshape(x.shape[0], h, 2, w, 2, *x.shape[3:]).max(axis=(2, 4))
+
+
+def _shifts(x: jax.Array):
+    """The nine ``(dy, dx)`` windows of a 3x3 'same' convolution over axes 1 and 2 (pad 1)."""
+    h, w = x.shape[1], x.shape[2]
+    pad = [(0, 0), (1, 1), (1, 1)] + [(0, 0)] * (x.ndim - 3)
+    xp = jnp.pad(x, pad)
+    return [xp[:, dy:dy + h, dx:dx + w] for dy in range(3) for dx in range(3)]
+
+
+def _conv3x3(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
+    """3x3 convolution, padding 1, as one im2col product: ``[B, H, W, Ci] -> [B, H, W, Co]``.
+
+    ``kernel [3, 3, Ci, Co]`` (flax's HWIO); patch features are ordered ``(dy, dx, ci)``,
+    matching the kernel's row-major reshape.
+    """
+    patches = jnp.concatenate(_shifts(x), axis=-1)
+    return patches @ kernel.reshape(-1, kernel.shape[-1]) + bias
+
+
+def conv_apply(params, x: jax.Array, *, pool: int = 4) -> jax.Array:
+    """:class:`RNDConv`'s forward pass from its parameters, convolutions as im2col products.
+
+    ``[B, H, W, C] -> [B, out_dim]``; equal to ``RNDConv(...).apply`` up to float rounding
+    (``tests/rnd/test_networks.py``). XLA's CPU convolution is slow for the predictor's 1-4
+    channels, and slower still in the gradient; the products here are what training runs.
+    """
+    for k, name in enumerate(_layers(params, "Conv")):
+        x = jax.nn.relu(_conv3x3(x, params[name]["kernel"], params[name]["bias"]))
+        if k == 0:
+            x = _max_pool2(x)
+    x = adaptive_avg_pool(x, (pool, pool)).reshape(x.shape[0], -1)
+    return x @ params["Dense_0"]["kernel"] + params["Dense_0"]["bias"]
+
+
+def _stacked_mlp(preds, x):
+    """``[K, out, N]`` outputs of ``K`` MLP predictors on ``x [N, ...]``.
+
+    The first layer is one product ``[K * h, D] x [D, N]``: all predictors share the inputs.
+    Later layers are batched over the predictor axis, kept outermost so each is a plain
+    matrix product per predictor (``[K, N, h]`` layouts made XLA transpose every tile).
+    """
+    x = x.reshape(x.shape[0], -1)
+    names = _layers(preds, "Dense")
+    a = None
+    for i, name in enumerate(names):
+        w, b = preds[name]["kernel"], preds[name]["bias"]  # [K, in, out], [K, out]
+        if i == 0:
+            a = jnp.einsum("kdh,nd->khn", w, x) + b[:, :, None]
+        else:
+            a = jnp.einsum("khn,kho->kon", a, w) + b[:, :, None]
+        if i < len(names) - 1:
+            a = jax.nn.relu(a)
+    return a
+
+
+def _grouped_conv3x3(y: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
+    """Per-predictor 3x3 convolutions (pad 1) on ``y [N, H, W, K, Ci]`` -> ``[N, H, W, K, Co]``.
+
+    ``kernel [K, 3, 3, Ci, Co]``. Shifted multiply-adds, ``9 * Ci`` of them, fused by XLA into
+    one elementwise loop: with a few channels per predictor this beats a grouped convolution
+    (``feature_group_count=K``) about 3x on a CPU.
+    """
+    out = bias  # [K, Co], broadcast
+    ci = y.shape[-1]
+    for s, win in enumerate(_shifts(y)):
+        dy, dx = divmod(s, 3)
+        for c in range(ci):
+            out = out + win[..., c, None] * kernel[:, dy, dx, c, :]
+    return out
+
+
+def _stacked_conv(preds, x, pool: int):
+    """``[K, out, N]`` outputs of ``K`` conv predictors on shared images ``x [N, H, W, C]``."""
+    names = _layers(preds, "Conv")
+    k0 = preds[names[0]]["kernel"]  # [K, 3, 3, C, c1]
+    kk, c1 = k0.shape[0], k0.shape[-1]
+    # One convolution with K * c1 output channels (channel k * c1 + c) on the shared images.
+    w = jnp.transpose(k0, (1, 2, 3, 0, 4)).reshape(3, 3, x.shape[-1], kk * c1)
+    y = jax.lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)),
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    y = _max_pool2(jax.nn.relu(y + preds[names[0]]["bias"].reshape(-1)))
+    y = y.reshape(*y.shape[:3], kk, c1)
+    for name in names[1:]:
+        y = jax.nn.relu(_grouped_conv3x3(y, preds[name]["kernel"], preds[name]["bias"]))
+    ah = jnp.asarray(adaptive_pool_matrix(y.shape[1], pool))
+    aw = jnp.asarray(adaptive_pool_matrix(y.shape[2], pool))
+    q = jnp.einsum("ih,jw,nhwkc->nijkc", ah, aw, y)
+    wd = preds["Dense_0"]["kernel"]  # [K, pool * pool * c, out]; flax flattens (i, j, c)
+    wd = wd.reshape(kk, pool, pool, y.shape[-1], wd.shape[-1])
+    return jnp.einsum("nijkc,kijco->kon", q, wd) + preds["Dense_0"]["bias"][:, :, None]
+
+
+def stacked_errors(pair: RNDPair, preds, x: jax.Array, t: jax.Array) -> jax.Array:
+    """Per-example novelty of ``K`` predictors on the same examples: ``[K, N]``.
+
+    ``preds``: predictor parameters with leaves ``[K, ...]``; ``x [N, *feature_shape]``;
+    ``t [N, out_dim]`` the target's outputs on ``x``. Entry ``[k, n]`` is
+    ``||f_k(x_n) - t_n||^2`` (summed over output dimensions), equal up to float rounding to
+    ``vmap`` of ``pair.predictor.apply`` over predictors, computed with the predictor index
+    inside the layers (see the module docstring).
+    """
+    if pair.kind == "mlp":
+        out = _stacked_mlp(preds, x)
+    else:
+        out = _stacked_conv(preds, x, _POOL)
+    return jnp.sum((out - t.T[None]) ** 2, axis=1)
+
+
+_POOL = RNDConv.pool
