@@ -29,10 +29,14 @@ class Checkpointer:
         self._mgr.wait_until_finished()
 
     def restore(self, like: Any) -> tuple[Any, dict[str, Any]]:
-        """Restore the latest checkpoint into the structure (and shardings) of ``like``.
+        """Restore the latest checkpoint into the structure of ``like``.
 
-        Shapes come from the checkpoint, not from ``like``: a method whose host hook grew its
-        cluster slots mid-run restores with the grown shapes.
+        ``like`` holds arrays or ``jax.ShapeDtypeStruct`` leaves (an abstract state such as
+        :meth:`Algorithm.init_template`, so nothing has to be computed to resume); its pytree
+        structure and dtypes are used, and its shardings where it has them (otherwise the
+        arrays land on the default device and the caller places them). Shapes come from the
+        checkpoint, not from ``like``: a method whose host hook grew its cluster slots mid-run
+        restores with the grown shapes.
         """
         step = self._mgr.latest_step()
         if step is None:

@@ -143,6 +143,8 @@ def test_resume_does_not_rerun_discovery(tmp_path, monkeypatch):
     calls.clear()
     resumed = simulate(cfg, run_dir=tmp_path / "full", resume=True, verbose=False)
     assert calls == [], "resuming re-ran RND discovery"
+    # The template has one slot; the checkpoint's (grown) slot count is what is restored.
+    assert jax.tree.leaves(resumed.methods["rnd"].state["slots"])[0].shape[0] == 2
     for a, b in zip(_leaves(full, "rnd"), _leaves(resumed, "rnd"), strict=True):
         np.testing.assert_array_equal(a, b)
 
