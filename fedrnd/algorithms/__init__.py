@@ -11,12 +11,13 @@ from typing import Any
 
 from fedrnd.algorithms.base import Algorithm, Metrics, State
 from fedrnd.algorithms.fedavg import FedAvg, FedProx
+from fedrnd.algorithms.fesem import FeSEM
 from fedrnd.algorithms.ifca import IFCA
 from fedrnd.algorithms.local import Local
 from fedrnd.algorithms.rnd import RNDClustered
 from fedrnd.engine import Engine
 
-ALGORITHMS: dict[str, type[Algorithm]] = {cls.name: cls for cls in (FedAvg, FedProx, Local, RNDClustered, IFCA)}
+ALGORITHMS: dict[str, type[Algorithm]] = {cls.name: cls for cls in (FedAvg, FedProx, Local, RNDClustered, IFCA, FeSEM)}
 
 
 def algorithm_options(name: str) -> list[str]:
@@ -34,5 +35,5 @@ def make_algorithm(name: str, engine: Engine, **options: Any) -> Algorithm:
     return ALGORITHMS[name](engine=engine, **options)
 
 
-__all__ = ["ALGORITHMS", "Algorithm", "FedAvg", "FedProx", "IFCA", "Local", "Metrics", "State",
+__all__ = ["ALGORITHMS", "Algorithm", "FeSEM", "FedAvg", "FedProx", "IFCA", "Local", "Metrics", "State",
            "algorithm_options", "make_algorithm"]
