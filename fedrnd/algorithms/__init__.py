@@ -10,14 +10,17 @@ import dataclasses
 from typing import Any
 
 from fedrnd.algorithms.base import Algorithm, Metrics, State
+from fedrnd.algorithms.cfl import CFL
 from fedrnd.algorithms.fedavg import FedAvg, FedProx
 from fedrnd.algorithms.fesem import FeSEM
 from fedrnd.algorithms.ifca import IFCA
 from fedrnd.algorithms.local import Local
+from fedrnd.algorithms.pacfl import PACFL
 from fedrnd.algorithms.rnd import RNDClustered
 from fedrnd.engine import Engine
 
-ALGORITHMS: dict[str, type[Algorithm]] = {cls.name: cls for cls in (FedAvg, FedProx, Local, RNDClustered, IFCA, FeSEM)}
+ALGORITHMS: dict[str, type[Algorithm]] = {cls.name: cls for cls in (FedAvg, FedProx, Local, RNDClustered, IFCA, FeSEM,
+                                                                  CFL, PACFL)}
 
 
 def algorithm_options(name: str) -> list[str]:
@@ -35,5 +38,5 @@ def make_algorithm(name: str, engine: Engine, **options: Any) -> Algorithm:
     return ALGORITHMS[name](engine=engine, **options)
 
 
-__all__ = ["ALGORITHMS", "Algorithm", "FeSEM", "FedAvg", "FedProx", "IFCA", "Local", "Metrics", "State",
+__all__ = ["ALGORITHMS", "Algorithm", "CFL", "FeSEM", "FedAvg", "FedProx", "IFCA", "Local", "Metrics", "PACFL", "State",
            "algorithm_options", "make_algorithm"]

@@ -1,0 +1,376 @@
+"""PACFL: one-shot clustering by principal angles between client data subspaces.
+
+Vahidian et al., "Efficient Distribution Similarity Identification in Clustered Federated
+Learning via Principal Angles Between Client Data Subspaces" (AAAI 2023). Before training,
+every client sends the server a small basis of its data: the top-``p`` left singular vectors of
+its data matrix ``D_i = [x_1 ... x_n]`` (features x samples). The server measures how far
+apart the clients' subspaces are, clusters the clients hierarchically with a distance
+threshold (the number of clusters is never given), and runs FedAvg inside each cluster.
+
+Bases (option ``basis``):
+  ``"per_class"`` (default): the top-``p`` left singular vectors of each class's data matrix,
+    for every class the client holds, side by side (what REFERENCES.md summarises, and the
+    authors' code for labelled data): up to ``L * p`` vectors. Labels make a label
+    permutation between groups visible.
+  ``"all"``: the top-``p`` left singular vectors of all the client's samples (unsupervised:
+    inputs only, like RND).
+Data are used as they are (no centring), as in the paper.
+
+Proximity ``A[i, j]`` in degrees (option ``proximity``):
+  ``"sum_angles"`` (default): the sum of the principal angles between the two spanned
+    subspaces, ``sum_k arccos(sigma_k(Q_i^T Q_j))`` over ``min(rank_i, rank_j)`` angles, with
+    ``Q`` an orthonormal basis of the client's vectors (one of the paper's two measures).
+  ``"smallest_angle"``: the smallest principal angle ``arccos(sigma_1(Q_i^T Q_j))`` (the
+    paper's other measure).
+  ``"elementwise"``: the authors' code: the smallest angle between any vector of client i and
+    any vector of client j, ``min arccos |U_i^T U_j|``. We take the absolute value because a
+    singular vector's sign is arbitrary (the authors' code inherits LAPACK's signs).
+
+Clusters: agglomerative clustering of ``A`` (``linkage``: ``"complete"``, default, or
+``"average"``) cut at ``threshold`` degrees (``scipy.cluster.hierarchy.fcluster`` with the
+distance criterion: clusters whose linkage distance is at most the threshold merge).
+``threshold = "auto"`` cuts the dendrogram at its largest gap instead (see :func:`auto_cut`).
+See the README for the defaults and the measurements behind them.
+
+Subspaces are computed for all clients in one jitted program mapped over clients (padded
+rows masked to zero), the proximity matrix blockwise in one jitted program, the clustering on
+the host in :meth:`PACFL.init`. Ledger: ``up/subspace`` (the basis vectors each client sends,
+``d`` floats each) in the first round; ``up/model``, ``down/model`` every round.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from pathlib import Path
+from typing import ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fedrnd.algorithms.base import Algorithm, Metrics, State
+from fedrnd.data.federated import FederatedData
+from fedrnd.engine import (
+    ClientHParams,
+    ClientMapper,
+    comm,
+    grow_slots,
+    keep_nonempty,
+    per_client,
+    slot_means,
+    tree_bytes,
+)
+
+BASES = ("per_class", "all")
+PROXIMITIES = ("sum_angles", "smallest_angle", "elementwise")
+LINKAGES = ("complete", "average")
+DEFAULT_THRESHOLD = 45.0  # placeholder, set from measurements
+
+
+# ------------------------------------------------------------------------------------------
+# Subspaces (per client, jitted and mapped over clients)
+def _rank_mask(s: jax.Array, shape: tuple[int, int]) -> jax.Array:
+    """Singular values that count (numpy's matrix_rank tolerance) ``s: [..., k]`` -> bool."""
+    tol = jnp.max(s, axis=-1, keepdims=True) * max(shape) * jnp.finfo(s.dtype).eps
+    return s > jnp.maximum(tol, jnp.finfo(s.dtype).tiny)
+
+
+def _top_vectors(m: jax.Array, p: int) -> tuple[jax.Array, jax.Array]:
+    """Top-``p`` right singular vectors of ``m: [..., n, d]`` (the left singular vectors of
+    ``m^T``, the features x samples matrix) and which of them are real: ``[..., p, d]``,
+    ``[..., p]``. Fewer than ``p`` real directions (few samples) leave masked zero rows."""
+    _, s, vt = jnp.linalg.svd(m, full_matrices=False)
+    ok = _rank_mask(s, m.shape[-2:])
+    k = s.shape[-1]
+    if k < p:
+        pad = [(0, 0)] * (vt.ndim - 2) + [(0, p - k), (0, 0)]
+        vt = jnp.pad(vt, pad)
+        ok = jnp.pad(ok, pad[:-1])
+    vt, ok = vt[..., :p, :], ok[..., :p]
+    return vt * ok[..., None], ok
+
+
+def client_basis(x: jax.Array, y: jax.Array, count: jax.Array, *, p: int, num_classes: int,
+                 basis: str) -> tuple[jax.Array, jax.Array]:
+    """One client's bases: for each class (``"per_class"``) or for all samples (``"all"``).
+
+    Args:
+      x: ``[N, d]`` the client's (padded) samples; y: ``[N]`` labels; count: valid rows.
+    Returns:
+      ``(vectors [G, p, d], valid [G, p])``, ``G = num_classes`` or 1: orthonormal rows, the
+      top-``p`` left singular vectors of each data matrix; rows past its rank (few or no
+      samples of a class) are zero and invalid.
+    """
+    valid = jnp.arange(x.shape[0]) < count
+    if basis == "all":
+        masks = valid[None, :]
+    else:
+        masks = valid[None, :] & (y[None, :] == jnp.arange(num_classes)[:, None])  # [L, N]
+    return _top_vectors(x[None] * masks[..., None], p)
+
+
+def subspaces(data: FederatedData, *, p: int, basis: str,
+              mapper: ClientMapper | None = None) -> tuple[jax.Array, jax.Array]:
+    """Every client's bases ``(vectors [C, G, p, d], valid [C, G, p])`` (see
+    :func:`client_basis`), mapped over clients in one jitted program."""
+    if basis not in BASES:
+        raise ValueError(f"pacfl basis must be one of {BASES}, got {basis!r}")
+    fn = _subspaces_fn(mapper or ClientMapper(), p, basis, data.num_classes)
+    return fn(data.train_idx, data.train_count, data.x, data.y)
+
+
+@functools.lru_cache(maxsize=16)
+def _subspaces_fn(mapper: ClientMapper, p: int, basis: str, num_classes: int):
+    def one(client, shared):
+        x_pool, y_pool = shared
+        idx = client["idx"]
+        x = x_pool[idx].reshape(idx.shape[0], -1).astype(jnp.float32)
+        return client_basis(x, y_pool[idx], client["count"], p=p, num_classes=num_classes,
+                            basis=basis)
+
+    @jax.jit
+    def run(idx, count, x, y):
+        return mapper.map(one, {"idx": idx, "count": count}, (x, y))
+
+    return run
+
+
+# ------------------------------------------------------------------------------------------
+# Proximity (all pairs, blockwise, jitted)
+def _pair_angles(vi, oi, v, o, proximity: str) -> jax.Array:
+    """Proximity in degrees of one client ``(vi [G, p, d], oi [G, p])`` to all clients
+    ``(v [C, G, p, d], o [C, G, p])``."""
+    if proximity == "elementwise":
+        # Any vector of client i against any vector of client j, classes ignored.
+        m = jnp.einsum("gpd,chqd->cgphq", vi, v)
+        both = oi[None, :, :, None, None] & o[:, None, None, :, :]
+        cos = jnp.max(jnp.where(both, jnp.abs(m), 0.0), axis=(1, 2, 3, 4))
+        return jnp.degrees(jnp.arccos(jnp.clip(cos, 0.0, 1.0)))
+    m = jnp.einsum("gpd,cgqd->cgpq", vi, v)  # the same class's subspaces; invalid rows zero
+    sv = jnp.linalg.svd(m, compute_uv=False)  # [C, G, p] descending: cosines of the angles
+    angles = jnp.degrees(jnp.arccos(jnp.clip(sv, 0.0, 1.0)))
+    p = vi.shape[1]
+    if proximity == "smallest_angle":
+        per, worst = angles[..., 0], 90.0
+    else:
+        rank = jnp.minimum(jnp.sum(oi, -1)[None], jnp.sum(o, -1))  # [C, G]
+        per = jnp.sum(jnp.where(jnp.arange(p) < rank[..., None], angles, 0.0), -1)
+        worst = 90.0 * p
+    held_i, held_j = jnp.any(oi, -1)[None], jnp.any(o, -1)  # [1, G], [C, G]
+    # A class only one of the two holds counts as the largest possible angle.
+    per = jnp.where(held_i & held_j, per, worst)
+    either = held_i | held_j
+    return jnp.sum(jnp.where(either, per, 0.0), -1) / jnp.maximum(jnp.sum(either, -1), 1)
+
+
+@functools.partial(jax.jit, static_argnames=("proximity", "block"))
+def proximity_matrix(vectors: jax.Array, valid: jax.Array, *, proximity: str = "sum_angles",
+                     block: int = 0) -> jax.Array:
+    """``A [C, C]`` in degrees between every pair of clients, ``block`` rows at a time.
+
+    ``vectors: [C, G, p, d]`` orthonormal bases per class (or one, ``G = 1``), ``valid:
+    [C, G, p]``. Principal-angle measures compare the same class's subspaces and average
+    over the classes either client holds; ``"elementwise"`` compares all vectors.
+    ``block = 0`` picks a block so one block's products stay near 64 MiB. The result is
+    symmetrised with a zero diagonal.
+    """
+    if proximity not in PROXIMITIES:
+        raise ValueError(f"pacfl proximity must be one of {PROXIMITIES}, got {proximity!r}")
+    c, g, p, _ = vectors.shape
+    per_row = c * (g * p) ** 2 if proximity == "elementwise" else c * g * p * p
+    b = block or max(1, min(c, (1 << 24) // max(1, per_row)))
+    pad = (-c) % b
+    vp = jnp.pad(vectors, [(0, pad)] + [(0, 0)] * 3)
+    op = jnp.pad(valid, [(0, pad), (0, 0), (0, 0)])
+    rows = (vp.reshape(-1, b, *vectors.shape[1:]), op.reshape(-1, b, *valid.shape[1:]))
+    out = jax.lax.map(lambda blk: jax.vmap(
+        lambda vi, oi: _pair_angles(vi, oi, vectors, valid, proximity))(*blk), rows)
+    a = out.reshape(-1, c)[:c]
+    a = (a + a.T) / 2
+    return jnp.where(jnp.eye(c, dtype=bool), 0.0, a)
+
+
+# ------------------------------------------------------------------------------------------
+# Hierarchical clustering (host)
+def auto_cut(merge_heights: np.ndarray) -> float:
+    """A threshold at the largest gap between consecutive dendrogram merge heights.
+
+    Placeholder.
+    """
+    h = np.sort(np.asarray(merge_heights, np.float64))
+    if len(h) < 2:
+        return float(h[-1]) + 1.0 if len(h) else 0.0
+    gaps = np.diff(h)
+    i = int(np.argmax(gaps))
+    return float((h[i] + h[i + 1]) / 2)
+
+
+def cluster_clients(a: np.ndarray, threshold: float | str, linkage: str = "complete"
+                    ) -> np.ndarray:
+    """Agglomerative clustering of the proximity ``a [C, C]`` cut at ``threshold``.
+
+    Returns ``[C]`` cluster ids ``0 .. K-1``, numbered in order of each cluster's first client.
+    """
+    from scipy.cluster.hierarchy import fcluster
+    from scipy.cluster.hierarchy import linkage as hlinkage
+    from scipy.spatial.distance import squareform
+
+    if linkage not in LINKAGES:
+        raise ValueError(f"pacfl linkage must be one of {LINKAGES}, got {linkage!r}")
+    a = np.asarray(a, np.float64)
+    c = a.shape[0]
+    if c == 1:
+        return np.zeros(1, np.int64)
+    d = np.maximum((a + a.T) / 2, 0.0)
+    np.fill_diagonal(d, 0.0)
+    z = hlinkage(squareform(d, checks=False), method=linkage)
+    t = auto_cut(z[:, 2]) if threshold == "auto" else float(threshold)
+    raw = fcluster(z, t=t, criterion="distance")
+    _, first = np.unique(raw, return_index=True)
+    order = np.argsort(np.argsort(first))  # rank of each raw label by first appearance
+    return order[np.searchsorted(np.unique(raw), raw)].astype(np.int64)
+
+
+@dataclasses.dataclass(frozen=True)
+class Clustering:
+    """What PACFL's one-shot step found (host arrays)."""
+
+    cluster_id: np.ndarray  # [C]
+    num_clusters: int
+    proximity: np.ndarray  # [C, C] degrees
+    bytes_up: np.ndarray  # [C] basis bytes each client sent
+
+
+# ------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class PACFL(Algorithm):
+    """PACFL (Vahidian et al. 2023): one-shot subspace clustering, then FedAvg per cluster.
+
+    Options (besides the engine and ``cohort_size``):
+      p: singular vectors per basis (the paper's 3).
+      basis: ``"per_class"`` (default) or ``"all"`` (unsupervised).
+      proximity: ``"sum_angles"`` (default), ``"smallest_angle"`` or ``"elementwise"``.
+      linkage: ``"complete"`` (default) or ``"average"``.
+      threshold: distance threshold in degrees, or ``"auto"`` (largest dendrogram gap).
+      max_slots: hard cap on cluster slots.
+      keep_proximity: keep the proximity matrix in the state (one row per client) for
+        :meth:`report`; ``None``: up to 2048 clients.
+    """
+
+    name: ClassVar[str] = "pacfl"
+    clusters_clients: ClassVar[bool] = True
+    p: int = 3
+    basis: str = "per_class"
+    proximity: str = "sum_angles"
+    linkage: str = "complete"
+    threshold: float | str = DEFAULT_THRESHOLD
+    max_slots: int = 4096
+    keep_proximity: bool | None = None
+
+    def validate(self, data: FederatedData) -> None:
+        super().validate(data)
+        if not isinstance(self.p, int | np.integer) or self.p < 1:
+            raise ValueError(f"pacfl p (singular vectors per basis) must be an integer >= 1, "
+                             f"got {self.p!r}")
+        if self.basis not in BASES:
+            raise ValueError(f"pacfl basis must be one of {BASES}, got {self.basis!r}")
+        if self.proximity not in PROXIMITIES:
+            raise ValueError(f"pacfl proximity must be one of {PROXIMITIES}, "
+                             f"got {self.proximity!r}")
+        if self.linkage not in LINKAGES:
+            raise ValueError(f"pacfl linkage must be one of {LINKAGES}, got {self.linkage!r}")
+        t = self.threshold
+        if not (t == "auto" or (isinstance(t, int | float) and not isinstance(t, bool)
+                                and np.isfinite(t) and t >= 0)):
+            raise ValueError(f"pacfl threshold must be a number of degrees >= 0 or 'auto', "
+                             f"got {t!r}")
+        if self.max_slots < 1:
+            raise ValueError(f"max_slots must be >= 1, got {self.max_slots}")
+        if self.basis == "per_class" and data.num_classes < 1:
+            raise ValueError("pacfl basis='per_class' needs labelled data (num_classes >= 1)")
+
+    # ---------------------------------------------------------------------------------------
+    def cluster(self, data: FederatedData) -> Clustering:
+        """The one-shot step: bases (jitted, mapped over clients), proximity, clustering."""
+        self.validate(data)
+        vectors, valid = subspaces(data, p=self.p, basis=self.basis, mapper=self.engine.mapper)
+        a = np.asarray(proximity_matrix(vectors, valid, proximity=self.proximity))
+        ids = cluster_clients(a, self.threshold, self.linkage)
+        # Each client sends its valid basis vectors, d floats each.
+        sent = np.asarray(jnp.sum(valid, axis=(1, 2)), np.float64)
+        nbytes = sent * vectors.shape[-1] * np.dtype(vectors.dtype).itemsize
+        return Clustering(ids, int(ids.max()) + 1, a, nbytes)
+
+    def init(self, key: jax.Array, data: FederatedData, hp: ClientHParams) -> State:
+        found = self.cluster(data)
+        k = grow_slots(found.num_clusters, 1, self.max_slots)
+        return self._initial_state(key, hp, found.cluster_id, found.num_clusters,
+                                   found.bytes_up, found.proximity
+                                   if self._keeps(data.num_clients) else None, k)
+
+    def init_template(self, key: jax.Array, data: FederatedData, hp: ClientHParams) -> State:
+        """``init``'s structure without the clustering (one slot; a resumed run restores the
+        checkpoint's shapes)."""
+        c = data.num_clients
+        sds = jax.ShapeDtypeStruct
+        prox = sds((c, c), jnp.float32) if self._keeps(c) else None
+        return jax.eval_shape(
+            lambda k, h, i, n, b, a: self._initial_state(k, h, i, n, b, a, 1), key, hp,
+            sds((c,), jnp.int32), sds((), jnp.int32), sds((c,), jnp.float32), prox)
+
+    def _keeps(self, num_clients: int) -> bool:
+        return num_clients <= 2048 if self.keep_proximity is None else bool(self.keep_proximity)
+
+    def _initial_state(self, key, hp, cluster_id, num_clusters, bytes_up, proximity,
+                       k: int) -> State:
+        # Every cluster starts from the same initial weights as the other methods.
+        params = self.engine.model.init(key)
+        slots = jax.tree.map(lambda p: jnp.broadcast_to(p, (k, *p.shape)).copy(), params)
+        state = {"round": jnp.zeros((), jnp.int32), "slots": slots,
+                 "num_clusters": jnp.asarray(num_clusters, jnp.int32),
+                 "clients": {"hp": hp, "cluster_id": jnp.asarray(cluster_id, jnp.int32),
+                             "pending_up": jnp.asarray(bytes_up, jnp.float32)}}
+        if proximity is not None:
+            state["clients"]["proximity"] = jnp.asarray(proximity, jnp.float32)
+        return state
+
+    def round(self, state: State, data: FederatedData, key: jax.Array) -> tuple[State, Metrics]:
+        k_cohort, k_train = jax.random.split(key)
+        ids, part = self.cohort(k_cohort, data.num_clients)
+        cl = state["clients"]
+        slots = state["slots"]
+        cid = cl["cluster_id"] if ids is None else cl["cluster_id"][ids]
+        sums, mass, m = self.engine.train_segment_sum(slots, cid, data, cl["hp"], k_train,
+                                                      state["round"], ids=ids)
+        slots = keep_nonempty(slot_means(sums, mass), slots, mass)
+        nbytes = tree_bytes(jax.tree.map(lambda s: s[0], state["slots"]))
+        metrics = {"train_loss": jnp.sum(m["loss"]) / jnp.sum(mass),
+                   "local_steps": jnp.sum(m["steps"]),
+                   "num_clusters": state["num_clusters"].astype(jnp.float32),
+                   **comm(up_model=per_client(nbytes, part), down_model=per_client(nbytes, part),
+                          up_subspace=cl["pending_up"])}
+        state = {**state, "round": state["round"] + 1, "slots": slots,
+                 "clients": {**cl, "pending_up": jnp.zeros_like(cl["pending_up"])}}
+        return state, metrics
+
+    def models(self, state: State):
+        return state["slots"], state["clients"]["cluster_id"]
+
+    def report(self, state: State, data: FederatedData, out_dir: Path) -> dict[str, float]:
+        """Write the proximity matrix (``proximity.npz``) and its heat map (``proximity.png``)."""
+        from fedrnd.driver import outputs  # the driver imports the algorithms, not vice versa
+
+        cl = state["clients"]
+        k = int(state["num_clusters"])
+        if "proximity" in cl:
+            a = np.asarray(cl["proximity"])
+            group = np.asarray(data.group)
+            out_dir = Path(out_dir)
+            out_dir.mkdir(parents=True, exist_ok=True)
+            np.savez(out_dir / "proximity.npz", proximity=a, cluster=np.asarray(cl["cluster_id"]),
+                     group=group, threshold=str(self.threshold))
+            outputs.plot_matrix(out_dir / "proximity.png", a, group,
+                                title=f"PACFL {self.proximity} (deg), {k} clusters",
+                                label="degrees")
+        return {}
