@@ -36,7 +36,9 @@ from fedrnd.rnd.networks import (
     RNDPair,
     adaptive_avg_pool,
     adaptive_pool_matrix,
+    conv_apply,
     make_pair,
+    stacked_errors,
     target_features,
 )
 
@@ -58,6 +60,7 @@ __all__ = [
     "auto_eps",
     "check_eps",
     "compatibility",
+    "conv_apply",
     "discover",
     "edge_novelty",
     "federations",
@@ -68,6 +71,7 @@ __all__ = [
     "probe_split",
     "self_novelty",
     "sigma_of",
+    "stacked_errors",
     "target_features",
     "train_predictors",
 ]
