@@ -205,3 +205,22 @@ name = "fedavg"
     grid.write_text("seeds = [\n")
     assert main(["compare", str(grid)]) == 2
     assert "not valid TOML" in capsys.readouterr().err
+
+
+def test_pool_padding_changes_shapes_not_results(tmp_path):
+    from fedrnd.driver import load_config, simulate
+    from fedrnd.driver.compare import pad_pool
+    from fedrnd.driver.setup import build_data
+
+    cfg = load_config(None, ["rounds=2", "eval_every=2", "checkpoint_every=0", "progress=false",
+                             "data.num_clients=6", 'model.name="logreg"', "model.options={}",
+                             'algorithms=["fedavg"]', "finetune=true"])
+    data, _ = build_data(cfg)
+    padded = pad_pool(data, 256)
+    assert padded.x.shape[0] % 256 == 0 and padded.x.shape[0] > data.x.shape[0]
+    np.testing.assert_array_equal(np.asarray(padded.x[: data.x.shape[0]]), np.asarray(data.x))
+    a = simulate(cfg, data=data, run_dir=tmp_path / "a", verbose=False).methods["fedavg"]
+    b = simulate(cfg, data=padded, run_dir=tmp_path / "b", verbose=False).methods["fedavg"]
+    for k in ("test_acc/mean", "test_acc_ft/mean", "train_loss/mean"):
+        assert a.final[k] == b.final[k], k
+    assert pad_pool(padded, 256) is padded
