@@ -27,7 +27,7 @@ SCRIPT = textwrap.dedent('''
     import jax.numpy as jnp
     import numpy as np
 
-    from fedrnd.algorithms import FedAvg, Local, RNDClustered
+    from fedrnd.algorithms import FeSEM, FedAvg, IFCA, Local, RNDClustered
     from fedrnd.data import Dataset, Partition, build_federated
     from fedrnd.engine import (ClientMapper, Engine, LocalSpec, client_hparams,
                                evaluate_clients, make_mesh)
@@ -97,6 +97,9 @@ SCRIPT = textwrap.dedent('''
         "local_cohort": Local(engine=engine, cohort_size=8),
         # Discovery (host side, client map on the mesh) and per-slot sums (psum of K models).
         "rnd_cohort": RNDClustered(engine=engine, cohort_size=8, eps=1.0, predictor_epochs=3),
+        # K-model choice inside the round; k-means of client models (segment means on the mesh).
+        "ifca_cohort": IFCA(engine=engine, num_clusters=3, cohort_size=8),
+        "fesem_cohort": FeSEM(engine=engine, num_clusters=3, cohort_size=8),
     }
     results, info = {}, {"devices": jax.device_count(), "sharded": {}}
     for name, alg in algorithms.items():
