@@ -42,8 +42,10 @@ def _cluster_lines(res, group: np.ndarray | None) -> list[str]:
     f = res.final
     kind = "federations" if "federations" in f else "clusters"
     head = f"{res.label}: {f.get('clusters', float('nan')):.0f} {kind} found"
-    if "eps" in f:
-        head += f" (eps = {f['eps']:.3g})"
+    notes = ([f"eps = {f['eps']:.3g}"] if "eps" in f else []) + (
+        [f"{f['cluster_time']:.1f} s, compilation included"] if "cluster_time" in f else [])
+    if notes:
+        head += f" ({'; '.join(notes)})"
     state = res.state if isinstance(res.state, dict) else {}
     assign = state.get("clients", {}).get("cluster_id") if isinstance(
         state.get("clients"), dict) else None
