@@ -79,7 +79,7 @@ def test_stacked_errors_equal_numpy_forward_passes(kind, shape, width):
     preds = _perturbed(pair, k)
     x = jax.random.uniform(jax.random.key(2), (n, *shape))
     t = jax.random.normal(jax.random.key(3), (n, 8))
-    got = np.asarray(stacked_errors(pair, preds, x, t))
+    got = np.asarray(jax.jit(stacked_errors, static_argnums=0)(pair, preds, x, t))
     assert got.shape == (k, n)
     fwd = np_conv if kind == "conv" else np_mlp
     for j in range(k):
@@ -95,19 +95,20 @@ def test_im2col_conv_predictor_equals_flax_module(shape, width):
     module = from_flax(RNDConv(width, 8), shape, 8)
     p = jax.tree.map(lambda a: a[0], _perturbed(pair, 1, seed=4))
     x = jax.random.uniform(jax.random.key(5), (3, *shape))
-    np.testing.assert_allclose(np.asarray(pair.predictor.apply(p, x)),
-                               np.asarray(module.apply(p, x)), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(np.asarray(conv_apply(p, x)),
+    assert pair.predictor.apply.func is conv_apply
+    np.testing.assert_allclose(np.asarray(jax.jit(pair.predictor.apply)(p, x)),
+                               np.asarray(jax.jit(module.apply)(p, x)), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(jax.jit(conv_apply)(p, x)),
                                np_conv(jax.tree.map(np.asarray, p), np.asarray(x)),
                                rtol=1e-5, atol=1e-6)
     # Training differentiates it: the gradients agree with the flax module's too.
     t = jax.random.normal(jax.random.key(6), (3, 8))
 
-    def loss(apply):
-        return jax.grad(lambda q: jnp.sum((apply(q, x) - t) ** 2))(p)
+    def grads(apply):
+        return jax.jit(jax.grad(lambda q: jnp.sum((apply(q, x) - t) ** 2)))(p)
 
-    for a, b in zip(jax.tree.leaves(loss(pair.predictor.apply)), jax.tree.leaves(loss(module.apply)),
-                    strict=True):
+    for a, b in zip(jax.tree.leaves(grads(pair.predictor.apply)),
+                    jax.tree.leaves(grads(module.apply)), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
 
 
