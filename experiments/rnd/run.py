@@ -1,0 +1,827 @@
+#!/usr/bin/env python
+"""RND experiments (issue 3): federation discovery and RND-clustered FL on known groups.
+
+Run from the repository root::
+
+    python experiments/rnd/run.py                     # every missing cell, then RESULTS.md
+    python experiments/rnd/run.py --parts paper grid  # only some parts (then RESULTS.md)
+    python experiments/rnd/run.py --report            # rebuild RESULTS.md from the cells only
+    python experiments/rnd/run.py --quick --out /tmp/q  # smoke test: tiny settings, ~1 min
+
+Parts (each result is one JSON *cell* per (part, population, variant, seed) under
+``experiments/rnd/cells/``; existing cells are never recomputed, so an interrupted run resumes
+where it stopped and partial results are kept):
+
+``paper``    the paper's setup (``paper_fmnist.toml``, ``paper_cifar10.toml``): 12 clients in 4
+             groups of 3 under additive feature patterns; RND's ARI/NMI against the true groups,
+             the novelty heat maps and the final accuracy of ``rnd`` vs ``fedavg`` vs ``local``.
+             CIFAR-10 goes through tfds and is skipped, with the loader's message, where the
+             data is not prepared.
+``control``  the negative control (``control_labelperm.toml``): the same 12 clients, same
+             inputs, each group with its own label permutation; RND sees inputs only.
+``grid``     discovery alone on the 12-client populations: predictor network (conv / MLP) x
+             probe (train / holdout) x predictor budget (the library's 10 epochs / 400 steps).
+             Every run's novelty matrix is then re-read with sigma ``row``/``self`` and eps
+             ``auto``/0.25/0.5/1/2 (host-side, exactly what :func:`fedrnd.rnd.discover` does
+             with that setting; ``tests/experiments`` checks the equivalence).
+``scaled``   discovery alone at 1,000 clients (``scaled_*.toml``): unequal feature-pattern and
+             rotation groups, a Dirichlet label skew (no crisp groups) and label permutation.
+``scaled_acc``  accuracy of rnd / fedavg / local on the 1,000-client pattern population.
+
+All accuracy figures come from the task model, rounds and local schedule of the config file
+named in the tables; the configs' headers state them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tomllib
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent.parent
+
+SIGMAS = ("row", "self")
+EPS_READS: tuple[str | float, ...] = ("auto", 0.25, 0.5, 1.0, 2.0)
+DEFAULT_READ = "row/auto"
+
+
+# --------------------------------------------------------------------------------------------
+# what to run
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One discovery setting: :class:`fedrnd.rnd.RNDConfig` fields (sigma and eps are re-read)."""
+
+    name: str
+    rnd: dict[str, Any]
+    label: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Population:
+    """A config file (its ``[data]`` section is the population) and the seeds to run it on."""
+
+    name: str
+    config: str
+    title: str
+
+
+PAPER = [Population("paper_fmnist", "paper_fmnist.toml",
+                    "Fashion-MNIST, 12 clients, 4 pattern groups of 3"),
+         Population("paper_cifar10", "paper_cifar10.toml",
+                    "CIFAR-10 (tfds), 12 clients, 4 pattern groups of 3")]
+CONTROL = [Population("control_labelperm", "control_labelperm.toml",
+                      "Fashion-MNIST, 12 clients, 4 label-permutation groups of 3")]
+SCALED = [Population("scaled_pattern", "scaled_pattern.toml",
+                     "1,000 clients, feature patterns, groups 400/300/200/100"),
+          Population("scaled_rotation", "scaled_rotation.toml",
+                     "1,000 clients, rotations, groups 400/300/200/100"),
+          Population("scaled_dirichlet", "scaled_dirichlet.toml",
+                     "1,000 clients, Dirichlet(0.3) label skew, no groups"),
+          Population("scaled_labelperm", "scaled_labelperm.toml",
+                     "1,000 clients, label permutation, groups 400/300/200/100")]
+
+GRID = [Variant("conv-train-400", {"network": "conv", "steps": 400},
+                "conv, train probes, 400 steps"),
+        Variant("mlp-train-400", {"network": "mlp", "steps": 400},
+                "MLP, train probes, 400 steps"),
+        Variant("conv-holdout-400", {"network": "conv", "steps": 400, "probe": "holdout"},
+                "conv, holdout probes, 400 steps"),
+        Variant("mlp-holdout-400", {"network": "mlp", "steps": 400, "probe": "holdout"},
+                "MLP, holdout probes, 400 steps"),
+        Variant("conv-train-e10", {"network": "conv"}, "conv, train probes, 10 epochs"),
+        Variant("mlp-train-e10", {"network": "mlp"}, "MLP, train probes, 10 epochs")]
+# The control only needs the settings the paper run uses (does RND split it? it must not).
+CONTROL_GRID = GRID[:2]
+# 1,000 clients of 60 images: probes capped at 10 per client (the matrix is 10^6 pairs).
+SCALED_GRID = [Variant("mlp-train-e10", {"network": "mlp", "probe_cap": 10},
+                       "MLP, train probes, 10 epochs (10 steps), cap 10"),
+               Variant("conv-train-e10", {"network": "conv", "probe_cap": 10},
+                       "conv, train probes, 10 epochs (10 steps), cap 10"),
+               Variant("mlp-train-100", {"network": "mlp", "steps": 100, "probe_cap": 10},
+                       "MLP, train probes, 100 steps, cap 10"),
+               Variant("conv-train-100", {"network": "conv", "steps": 100, "probe_cap": 10},
+                       "conv, train probes, 100 steps, cap 10"),
+               Variant("mlp-holdout-100", {"network": "mlp", "steps": 100, "probe": "holdout",
+                                           "probe_cap": 10},
+                       "MLP, holdout probes, 100 steps, cap 10")]
+
+
+@dataclasses.dataclass
+class Plan:
+    seeds: list[int]
+    control_acc_seeds: list[int]
+    scaled_seeds: list[int]
+    scaled_acc_seeds: list[int]
+    quick: bool = False
+
+
+FULL = Plan(seeds=list(range(10)), control_acc_seeds=list(range(3)),
+            scaled_seeds=list(range(3)), scaled_acc_seeds=[0])
+QUICK = Plan(seeds=[0], control_acc_seeds=[0], scaled_seeds=[0], scaled_acc_seeds=[0],
+             quick=True)
+
+
+# --------------------------------------------------------------------------------------------
+# configs
+# --------------------------------------------------------------------------------------------
+
+
+def _quick_raw(raw: dict[str, Any]) -> dict[str, Any]:
+    """Tiny settings for a smoke test: scikit-learn digits instead of Fashion-MNIST, at most 24
+    clients of 40 images, 2 rounds, 20 predictor steps."""
+    raw = json.loads(json.dumps(raw))
+    d = raw["data"]
+    if d["source"] == "fashion_mnist":  # 8x8 digits: same code paths, a fraction of the work
+        d["source"] = "digits"
+    opts = d.setdefault("partition_options", {})
+    n = d["num_clients"]
+    if n > 24:
+        gs = opts.get("group_sizes")
+        if gs is not None:
+            scaled = np.maximum(1, np.floor(np.asarray(gs) * 24 / n)).astype(int)
+            scaled[0] += 24 - scaled.sum()
+            opts["group_sizes"] = scaled.tolist()
+        n = d["num_clients"] = 24
+        if raw.get("cohort_size"):
+            raw["cohort_size"] = 8
+    opts["sizes"] = [40] * n
+    if d["partition"] == "dirichlet":  # sizes do not combine with a Dirichlet split
+        opts.pop("sizes")
+        d.setdefault("source_options", {})
+    opts["test_size"] = 20
+    raw.update(rounds=2, eval_every=1)
+    for a in raw.get("algorithms", []):
+        if a["name"] == "rnd":
+            a.setdefault("options", {})["predictor_steps"] = 20
+    return raw
+
+
+def load_cfg(pop: Population, seed: int, quick: bool = False, out_dir: Path | None = None):
+    """The population's config with ``seed`` (and the quick settings) applied."""
+    from fedrnd.driver.config import from_dict, validate
+
+    with open(HERE / pop.config, "rb") as f:
+        raw = from_dict(tomllib.load(f)).to_dict()
+    if quick:
+        raw = _quick_raw(raw)
+    raw["seed"] = int(seed)
+    raw["progress"] = False
+    if out_dir is not None:
+        raw["out_dir"] = str(out_dir)
+    return validate(from_dict(raw))
+
+
+def rnd_config(variant: Variant, quick: bool = False):
+    from fedrnd.rnd import RNDConfig
+
+    kw = dict(variant.rnd)
+    if quick:
+        kw["steps"] = 20
+    return RNDConfig(**kw)
+
+
+# --------------------------------------------------------------------------------------------
+# cells
+# --------------------------------------------------------------------------------------------
+
+
+def host_info() -> dict[str, Any]:
+    import jax
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        load = float("nan")
+    return {"cpu": cpu, "cores": os.cpu_count(), "backend": jax.default_backend(),
+            "jax": jax.__version__, "python": platform.python_version(),
+            "date": datetime.datetime.now().isoformat(timespec="seconds"),
+            "load_avg_1min": round(load, 2)}
+
+
+def cell_path(cells: Path, part: str, pop: str, variant: str, seed: int) -> Path:
+    return cells / part / pop / variant / f"seed{seed}.json"
+
+
+def write_cell(path: Path, cell: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(cell, indent=1, default=_jsonable) + "\n")
+    tmp.replace(path)  # atomic: a killed run never leaves half a cell
+
+
+def _jsonable(o: Any) -> Any:
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    return str(o)
+
+
+def read_cells(cells: Path, part: str, pop: str, variant: str) -> list[dict[str, Any]]:
+    d = cells / part / pop / variant
+    if not d.is_dir():
+        return []
+    out = [json.loads(p.read_text()) for p in d.glob("seed*.json")]
+    return sorted(out, key=lambda c: c["seed"])
+
+
+def skip_path(cells: Path, part: str, pop: str) -> Path:
+    return cells / part / pop / "skipped.json"
+
+
+def load_data(cfg, cells: Path, part: str, pop: Population):
+    """Build the population's data, or record why it cannot be built here (``None``)."""
+    from fedrnd.driver.setup import build_data
+
+    try:
+        data, _ = build_data(cfg)
+    except (FileNotFoundError, ImportError, RuntimeError) as e:
+        msg = f"{type(e).__name__}: {e}"
+        print(f"[{pop.name}] skipped: {msg}")
+        write_cell(skip_path(cells, part, pop.name), {"population": pop.name, "reason": msg,
+                                                      **host_info()})
+        return None
+    sp = skip_path(cells, part, pop.name)
+    if sp.exists():
+        sp.unlink()
+    return data
+
+
+# --------------------------------------------------------------------------------------------
+# reading a novelty matrix with another sigma / eps (host side)
+# --------------------------------------------------------------------------------------------
+
+
+def read_federations(scores: np.ndarray, self_std: np.ndarray, sigma: str,
+                     eps: str | float, rule: str = "mutual") -> tuple[np.ndarray, float]:
+    """Federations of a dense novelty matrix under ``sigma`` and ``eps``: what
+    :func:`fedrnd.rnd.discover` returns for the same scores with that setting."""
+    from fedrnd.rnd import auto_eps, compatibility, federations, normalised_scores, sigma_of
+
+    s = np.asarray(scores, np.float32)
+    s_self = np.diag(s).copy()
+    sig = sigma_of(sigma, s, np.asarray(self_std, np.float64))
+    z = normalised_scores(s, s_self, sig)
+    if eps == "auto":
+        diag = z.diagonal().copy()
+        np.fill_diagonal(z, np.inf)
+        e = auto_eps(z)
+        np.fill_diagonal(z, diag)
+    else:
+        e = float(eps)
+    comp = compatibility(z, e)
+    np.fill_diagonal(comp, True)
+    return federations(comp, rule, s_self), float(e)
+
+
+def label_tv(y_hist: np.ndarray, fed: np.ndarray) -> tuple[float, float]:
+    """Mean total-variation distance of client label distributions within / across federations.
+
+    ``y_hist [C, K]`` label proportions. ``nan`` where there is no such pair.
+    """
+    p = np.asarray(y_hist, np.float64)
+    tv = 0.5 * np.abs(p[:, None, :] - p[None, :, :]).sum(-1)
+    same = fed[:, None] == fed[None, :]
+    off = ~np.eye(len(fed), dtype=bool)
+    w, b = tv[same & off], tv[~same]
+    return (float(w.mean()) if w.size else float("nan"),
+            float(b.mean()) if b.size else float("nan"))
+
+
+def score_reads(scores, self_std, group, y_hist=None) -> dict[str, dict[str, Any]]:
+    """Every (sigma, eps) read of one novelty matrix: ARI/NMI vs ``group``, federation sizes."""
+    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
+    reads = {}
+    for sg in SIGMAS:
+        for e in EPS_READS:
+            fed, used = read_federations(scores, self_std, sg, e)
+            sizes = np.sort(np.bincount(fed))[::-1]
+            r = {"eps": used, "federations": int(fed.max()) + 1, "sizes": sizes.tolist(),
+                 "ari": float(adjusted_rand_score(group, fed)),
+                 "nmi": float(normalized_mutual_info_score(group, fed))}
+            if y_hist is not None:
+                r["label_tv_within"], r["label_tv_across"] = label_tv(y_hist, fed)
+            reads[f"{sg}/{e}"] = r
+    return reads
+
+
+def _label_hist(data) -> np.ndarray:
+    y = np.asarray(data.y)
+    idx, cnt = np.asarray(data.train_idx), np.asarray(data.train_count)
+    valid = np.arange(idx.shape[1])[None, :] < cnt[:, None]
+    k = data.num_classes
+    h = np.zeros((idx.shape[0], k))
+    rows = np.repeat(np.arange(idx.shape[0]), valid.sum(1))
+    np.add.at(h, (rows, y[idx[valid]]), 1.0)
+    return h / np.maximum(h.sum(1, keepdims=True), 1)
+
+
+# --------------------------------------------------------------------------------------------
+# running cells
+# --------------------------------------------------------------------------------------------
+
+
+def run_discovery_cell(pop: Population, variant: Variant, seed: int, cells: Path, part: str,
+                       quick: bool, figures: Path | None, keep_matrix: bool) -> None:
+    path = cell_path(cells, part, pop.name, variant.name, seed)
+    if path.exists():
+        return
+    import jax
+
+    from fedrnd.rnd import discover
+
+    cfg = load_cfg(pop, seed, quick)
+    data = load_data(cfg, cells, part, pop)
+    if data is None:
+        return
+    rc = rnd_config(variant, quick)
+    info = host_info()
+    print(f"[{part}/{pop.name}/{variant.name}] seed {seed}: {data.num_clients} clients ...",
+          flush=True)
+    t0 = time.perf_counter()
+    disc = discover(data, rc, key=jax.random.key(seed))
+    elapsed = time.perf_counter() - t0
+    group = np.asarray(data.group)
+    y_hist = _label_hist(data)
+    reads = score_reads(disc.scores, disc.self_std, group, y_hist)
+    d = reads[DEFAULT_READ]
+    # The re-read of the run's own setting must be the run itself.
+    assert d["federations"] == disc.num_federations and np.isclose(d["eps"], disc.eps), \
+        (d["federations"], disc.num_federations, d["eps"], disc.eps)
+    cell = {"part": part, "population": pop.name, "variant": variant.name, "seed": seed,
+            "config": pop.config, "rnd": dataclasses.asdict(rc), "quick": quick,
+            "num_clients": data.num_clients, "group_sizes": np.bincount(group).tolist(),
+            "train_per_client": float(np.mean(np.asarray(data.train_count))),
+            "time_s": elapsed, "predictor_loss": float(np.mean(disc.train_loss)),
+            "reads": reads, "host": {**info, "load_avg_1min_end": round(os.getloadavg()[0], 2)}}
+    if keep_matrix:
+        cell.update(scores=disc.scores, self_std=disc.self_std, group=group)
+    if figures is not None and seed == min(FULL.seeds) and not keep_matrix:
+        _plot_normalised(figures / f"{pop.name}_{variant.name}_seed{seed}.png", disc.scores,
+                         disc.sigma, group,
+                         f"{pop.name}, {variant.name}: eps={disc.eps:.2f}, "
+                         f"{disc.num_federations} federations")
+    write_cell(path, cell)
+    print(f"  {elapsed:.0f} s, {d['federations']} federations, ARI {d['ari']:.3f}", flush=True)
+
+
+def _plot_normalised(path: Path, scores, sigma, group, title: str) -> None:
+    from fedrnd.driver import outputs
+    from fedrnd.rnd import normalised_scores
+
+    s = np.asarray(scores)
+    z = normalised_scores(s, np.diag(s), np.asarray(sigma))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    outputs.plot_matrix(path, np.clip(z, -1.0, 4.0), group, title=title,
+                        label="(s_ij - s_ii) / sigma_i, clipped to [-1, 4]")
+
+
+def run_sim_cell(pop: Population, seed: int, cells: Path, part: str, quick: bool,
+                 runs: Path, figures: Path | None) -> None:
+    """One seed of rnd vs fedavg vs local through :func:`fedrnd.simulate`."""
+    path = cell_path(cells, part, pop.name, "sim", seed)
+    if path.exists():
+        return
+    import fedrnd
+
+    cfg = load_cfg(pop, seed, quick, out_dir=runs)
+    data = load_data(cfg, cells, part, pop)
+    if data is None:
+        return
+    info = host_info()
+    print(f"[{part}/{pop.name}] seed {seed}: simulate {[a.tag for a in cfg.algorithms]} ...",
+          flush=True)
+    run_dir = runs / part / pop.name / f"seed{seed}"
+    t0 = time.perf_counter()
+    res = fedrnd.simulate(cfg, run_dir=run_dir, progress=False, verbose=False, data=data)
+    elapsed = time.perf_counter() - t0
+    methods = {}
+    for tag, m in res.methods.items():
+        curve = [(h["round"], h["test_acc/mean"]) for h in m.history if "test_acc/mean" in h]
+        methods[tag] = {k: m.final.get(k) for k in
+                        ("test_acc/mean", "test_acc/weighted", "test_acc/worst10",
+                         "train_acc/mean", "ari", "nmi", "clusters", "eps", "federations",
+                         "time", "bytes_per_client")}
+        methods[tag]["curve"] = curve
+    cell = {"part": part, "population": pop.name, "variant": "sim", "seed": seed,
+            "config": pop.config, "quick": quick, "num_clients": data.num_clients,
+            "rounds": cfg.rounds, "model": {"name": cfg.model.name, **cfg.model.options},
+            "local": dataclasses.asdict(cfg.local), "wall_s": elapsed, "methods": methods,
+            "host": {**info, "load_avg_1min_end": round(os.getloadavg()[0], 2)}}
+    rnd_tag = next((a.tag for a in cfg.algorithms if a.name == "rnd"), None)
+    npz = run_dir / rnd_tag / "novelty.npz" if rnd_tag else None
+    if npz is not None and npz.exists():
+        z = np.load(npz)
+        cell.update(scores=z["scores"], sigma=z["sigma"], federation=z["federation"],
+                    group=z["group"])
+        if figures is not None and seed == min(FULL.seeds):
+            figures.mkdir(parents=True, exist_ok=True)
+            for f in ("novelty.png", "novelty_normalised.png"):
+                shutil.copyfile(run_dir / rnd_tag / f,
+                                figures / f"{pop.name}_{f[:-4]}_seed{seed}.png")
+    write_cell(path, cell)
+    acc = {t: round(m["test_acc/mean"], 4) for t, m in methods.items()}
+    print(f"  {elapsed:.0f} s, test acc {acc}", flush=True)
+
+
+def run_part(part: str, plan: Plan, cells: Path, runs: Path, figures: Path | None) -> None:
+    q = plan.quick
+    if part == "paper":
+        for seed in plan.seeds:
+            for pop in PAPER:
+                run_sim_cell(pop, seed, cells, part, q, runs, figures)
+    elif part == "control":
+        for seed in plan.control_acc_seeds:
+            for pop in CONTROL:
+                run_sim_cell(pop, seed, cells, part, q, runs, figures)
+    elif part == "grid":
+        for seed in plan.seeds:
+            for pop, grid in [(p, GRID) for p in PAPER] + [(c, CONTROL_GRID) for c in CONTROL]:
+                for v in grid:
+                    if skip_path(cells, part, pop.name).exists() and seed != plan.seeds[0]:
+                        continue  # data known to be absent; tried again once per run
+                    run_discovery_cell(pop, v, seed, cells, part, q, figures, keep_matrix=True)
+    elif part == "scaled":
+        for seed in plan.scaled_seeds:
+            for pop in SCALED:
+                for v in SCALED_GRID:
+                    run_discovery_cell(pop, v, seed, cells, part, q, figures, keep_matrix=False)
+    elif part == "scaled_acc":
+        for seed in plan.scaled_acc_seeds:
+            run_sim_cell(SCALED[0], seed, cells, part, q, runs, figures)
+    else:
+        raise ValueError(f"unknown part {part!r}; allowed: {PARTS}")
+
+
+PARTS = ("paper", "control", "grid", "scaled", "scaled_acc")
+
+
+# --------------------------------------------------------------------------------------------
+# report
+# --------------------------------------------------------------------------------------------
+
+
+def mean_std(values: Sequence[float], fmt: str = "{:.3f}") -> str:
+    """``mean ± std`` (population std over seeds) of the finite values, ``n/a`` if none."""
+    v = np.asarray([x for x in values if x is not None], np.float64)
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        return "n/a"
+    if v.size == 1:
+        return fmt.format(v[0])
+    return f"{fmt.format(v.mean())} ± {fmt.format(v.std())}"
+
+
+def _table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return out
+
+
+def _sizes_summary(sizes_per_seed: list[list[int]], top: int = 4) -> str:
+    """Federation counts and largest sizes, one entry per seed (e.g. ``4: 400/300/200/100``)."""
+    parts = []
+    for s in sizes_per_seed:
+        head = "/".join(str(x) for x in s[:top]) + ("/..." if len(s) > top else "")
+        single = sum(1 for x in s if x == 1)
+        parts.append(f"{len(s)}: {head}" + (f" ({single} singletons)" if single > 1 else ""))
+    return "; ".join(parts)
+
+
+def _config_header(name: str) -> str:
+    """The ``# ...`` header of a config file (what runs, with which model and rounds)."""
+    lines = []
+    for line in (HERE / name).read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        lines.append(line[1:].strip())
+    return " ".join(lines)
+
+
+def _plot_seeds(path: Path, cells: list[dict[str, Any]], title: str) -> None:
+    """Normalised novelty of every seed, clients ordered by true group (small multiples)."""
+    from matplotlib.figure import Figure
+
+    from fedrnd.rnd import normalised_scores
+
+    cells = [c for c in cells if "scores" in c]
+    if not cells:
+        return
+    cols = min(5, len(cells))
+    rows = -(-len(cells) // cols)
+    fig = Figure(figsize=(2.4 * cols, 2.4 * rows + 0.4), dpi=110)
+    axes = np.atleast_1d(fig.subplots(rows, cols)).ravel()
+    for ax, c in zip(axes, cells, strict=False):
+        s = np.asarray(c["scores"], np.float32)
+        g = np.asarray(c["group"])
+        o = np.argsort(g, kind="stable")
+        z = normalised_scores(s, np.diag(s), np.asarray(c["sigma"]))[np.ix_(o, o)]
+        ax.imshow(np.clip(z, -1, 4), cmap="viridis", vmin=-1, vmax=4, interpolation="nearest")
+        for b in np.flatnonzero(np.diff(g[o])) + 0.5:
+            ax.axhline(b, color="w", lw=0.5)
+            ax.axvline(b, color="w", lw=0.5)
+        fed = c["methods"]["rnd"]
+        ax.set_title(f"seed {c['seed']}: {fed['federations']:.0f} fed., ARI {fed['ari']:.2f}",
+                     fontsize=8)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    for ax in axes[len(cells):]:
+        ax.axis("off")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def report(cells: Path, out: Path, figures: Path, plan: Plan) -> str:
+    """RESULTS.md from the cells (every number below is computed here)."""
+    L: list[str] = []
+    all_cells = [json.loads(p.read_text()) for p in sorted(cells.rglob("seed*.json"))]
+    hosts = [c["host"] for c in all_cells]
+    L += ["# RND experiments (issue 3): results", "",
+          "Generated by `python experiments/rnd/run.py` from the cells in "
+          f"`{_rel(cells)}/` (one JSON per part, population, setting and seed; delete a cell "
+          "to recompute it). Do not edit by hand.", ""]
+    if plan.quick:
+        L += ["**QUICK SMOKE RUN: tiny settings, the numbers mean nothing.**", ""]
+    if hosts:
+        dates = sorted(h["date"] for h in hosts)
+        loads = [h["load_avg_1min"] for h in hosts]
+        L += ["## Machine and settings", "",
+              f"- machine: {hosts[0]['cpu']}, {hosts[0]['cores']} cores, "
+              f"backend {hosts[0]['backend']}; jax {hosts[0]['jax']}, "
+              f"Python {hosts[0]['python']}",
+              f"- cells computed {dates[0][:16]} to {dates[-1][:16]}; the CPU was shared with "
+              f"other jobs (1-minute load average at cell start: median {np.median(loads):.1f}, "
+              f"max {max(loads):.1f} on {hosts[0]['cores']} cores), so wall times are only "
+              "comparable within a table and carry that noise",
+              "- mean ± std over seeds (population std); ARI/NMI from scikit-learn against the "
+              "true groups; a seed is one data split (partition, patterns/permutations), model "
+              "init and discovery key",
+              "- RND discovery defaults of the library: network auto (= conv for images), "
+              "Adam 1e-3, batch 128, 10 epochs, sigma row, probe train, eps auto, mutual rule",
+              ""]
+    L += _paper_section(cells, figures, plan)
+    L += _control_section(cells, plan)
+    L += _grid_section(cells)
+    L += _scaled_section(cells, figures)
+    L += _scaled_acc_section(cells)
+    disc = HERE / "DISCUSSION.md"
+    if disc.exists() and not plan.quick:
+        L += ["## Discussion", "", disc.read_text().strip(), ""]
+    text = "\n".join(L) + "\n"
+    out.write_text(text)
+    return text
+
+
+def _rel(p: Path) -> str:
+    try:
+        return str(p.resolve().relative_to(ROOT))
+    except ValueError:
+        return str(p)
+
+
+def _acc_rows(sims: list[dict[str, Any]]) -> list[list[str]]:
+    tags = list(sims[0]["methods"])
+    rows = []
+    for t in tags:
+        ms = [c["methods"][t] for c in sims]
+        rows.append([t, mean_std([m["test_acc/mean"] for m in ms]),
+                     mean_std([m["test_acc/worst10"] for m in ms]),
+                     mean_std([m["train_acc/mean"] for m in ms]),
+                     mean_std([m.get("clusters") for m in ms], "{:.1f}")
+                     if ms[0].get("clusters") is not None else "-",
+                     mean_std([m["time"] for m in ms], "{:.0f}")])
+    return rows
+
+
+_ACC_HEAD = ["method", "test acc (client mean)", "worst 10%", "train acc", "federations",
+             "training time (s)"]
+
+
+def _paper_section(cells: Path, figures: Path, plan: Plan) -> list[str]:
+    L = ["## 1. The paper's setup: 12 clients in 4 feature-pattern groups of 3", ""]
+    for pop in PAPER:
+        L += [f"### {pop.title} (`{pop.config}`)", ""]
+        sp = skip_path(cells, "paper", pop.name)
+        sims = read_cells(cells, "paper", pop.name, "sim")
+        if sp.exists() and not sims:
+            L += [f"**Skipped here**: the data is not available on this machine. The loader "
+                  f"says: `{json.loads(sp.read_text())['reason']}`", ""]
+            continue
+        if not sims:
+            L += ["(no cells yet)", ""]
+            continue
+        L += [f"Setup: {_config_header(pop.config)}", ""]
+        rnd = [c["methods"]["rnd"] for c in sims]
+        exact = sum(1 for c in sims if c["methods"]["rnd"]["ari"] == 1.0)
+        L += [f"**Discovery** ({len(sims)} seeds, the `rnd` method's own discovery): "
+              f"ARI {mean_std([r['ari'] for r in rnd])}, NMI {mean_std([r['nmi'] for r in rnd])}, "
+              f"federations {mean_std([r['federations'] for r in rnd], '{:.1f}')} "
+              f"(4 true groups; exact recovery in {exact}/{len(sims)} seeds), "
+              f"eps (auto) {mean_std([r['eps'] for r in rnd], '{:.2f}')}.", ""]
+        L += [f"**Accuracy** after {sims[0]['rounds']} rounds ({len(sims)} seeds; each "
+              "client's test set is drawn from its own distribution):", ""]
+        L += _table(_ACC_HEAD, _acc_rows(sims)) + [""]
+        seeds_png = figures / f"{pop.name}_novelty_seeds.png"
+        _plot_seeds(seeds_png, sims, f"{pop.name}: normalised novelty (s_ij - s_ii)/sigma_i, "
+                                     "clients ordered by true group")
+        for name, what in ((f"{pop.name}_novelty_seed0.png", "raw novelty S, seed 0"),
+                           (f"{pop.name}_novelty_normalised_seed0.png",
+                            "normalised novelty, seed 0"),
+                           (seeds_png.name, "normalised novelty, every seed")):
+            if (figures / name).exists():
+                L += [f"![{what}](figures/{name})", ""]
+    return L
+
+
+def _control_section(cells: Path, plan: Plan) -> list[str]:
+    L = []
+    for pop in CONTROL:
+        L += ["## 2. Negative control: label permutation (same inputs, different labels)", "",
+              f"`{pop.config}`: {_config_header(pop.config)}", "",
+              "RND scores inputs only, so groups that differ only in their labelling are "
+              "invisible to it by design: the expected answer is one federation (ARI 0 against "
+              "the true groups), after which RND-clustered FL is FedAvg.", ""]
+        rows = []
+        for v in CONTROL_GRID:
+            cs = read_cells(cells, "grid", pop.name, v.name)
+            if not cs:
+                continue
+            r = [c["reads"][DEFAULT_READ] for c in cs]
+            one = sum(1 for x in r if x["federations"] == 1)
+            rows.append([v.label, len(cs), f"{one}/{len(cs)}",
+                         mean_std([x["federations"] for x in r], "{:.1f}"),
+                         mean_std([x["ari"] for x in r])])
+        if rows:
+            L += ["Discovery (sigma row, eps auto):", ""]
+            L += _table(["setting", "seeds", "one federation", "federations", "ARI"], rows)
+            L += [""]
+        sims = read_cells(cells, "control", pop.name, "sim")
+        if sims:
+            L += [f"Accuracy after {sims[0]['rounds']} rounds ({len(sims)} seeds):", ""]
+            L += _table(_ACC_HEAD, _acc_rows(sims)) + [""]
+    return L
+
+
+def _read_row(cs: list[dict[str, Any]], read: str) -> list[str]:
+    r = [c["reads"][read] for c in cs]
+    return [mean_std([x["ari"] for x in r]), mean_std([x["nmi"] for x in r]),
+            mean_std([x["federations"] for x in r], "{:.1f}")]
+
+
+def _grid_section(cells: Path) -> list[str]:
+    L = ["## 3. Discovery settings on the 12-client populations", "",
+         "Discovery alone (`fedrnd.rnd.discover`), same populations and seeds as above. "
+         "Each run's novelty matrix is re-read with every sigma x eps; the eps = auto, "
+         "sigma = row read is the run itself. Time: wall seconds of one `discover` call "
+         "(compilation included; cached across seeds by shape).", ""]
+    for pop in PAPER:
+        have = [(v, read_cells(cells, "grid", pop.name, v.name)) for v in GRID]
+        have = [(v, cs) for v, cs in have if cs]
+        if not have:
+            if skip_path(cells, "grid", pop.name).exists():
+                L += [f"### {pop.title}: skipped (data not available here)", ""]
+            continue
+        L += [f"### {pop.title}", "", "Network, probe and predictor budget "
+              "(sigma row, eps auto):", ""]
+        rows = [[v.label, len(cs), *_read_row(cs, DEFAULT_READ),
+                 mean_std([c["time_s"] for c in cs], "{:.0f}"),
+                 mean_std([c["predictor_loss"] for c in cs], "{:.2f}")] for v, cs in have]
+        L += _table(["setting", "seeds", "ARI", "NMI", "federations", "time (s)",
+                     "predictor loss"], rows) + [""]
+        L += ["sigma x eps, ARI (mean ± std over seeds) for each setting:", ""]
+        reads = [f"{s}/{e}" for s in SIGMAS for e in EPS_READS]
+        rows = [[v.label, *[mean_std([c["reads"][r]["ari"] for c in cs], "{:.2f}")
+                            for r in reads]] for v, cs in have]
+        L += _table(["setting", *[r.replace("/", " ") for r in reads]], rows) + [""]
+    return L
+
+
+def _scaled_section(cells: Path, figures: Path) -> list[str]:
+    L = ["## 4. Scaled: 1,000 clients", "",
+         "Discovery alone; 60 training images per client (all 60,000 Fashion-MNIST training "
+         "images over 1,000 clients), probes capped at 10 per client; fewer seeds than above "
+         "(the CPU budget). Federation sizes are listed per seed as `count: largest sizes`.", ""]
+    for pop in SCALED:
+        have = [(v, read_cells(cells, "scaled", pop.name, v.name)) for v in SCALED_GRID]
+        have = [(v, cs) for v, cs in have if cs]
+        if not have:
+            continue
+        L += [f"### {pop.title} (`{pop.config}`)", ""]
+        rows = []
+        for v, cs in have:
+            r = [c["reads"][DEFAULT_READ] for c in cs]
+            row = [v.label, len(cs), *_read_row(cs, DEFAULT_READ),
+                   _sizes_summary([x["sizes"] for x in r]),
+                   mean_std([c["time_s"] for c in cs], "{:.0f}")]
+            if pop.name == "scaled_dirichlet":
+                row.insert(5, f"{mean_std([x['label_tv_within'] for x in r], '{:.2f}')} / "
+                              f"{mean_std([x['label_tv_across'] for x in r], '{:.2f}')}")
+            rows.append(row)
+        head = ["setting", "seeds", "ARI", "NMI", "federations", "sizes per seed", "time (s)"]
+        if pop.name == "scaled_dirichlet":
+            head.insert(5, "label TV within / across")
+            L += ["No true groups here (ARI/NMI against one group are degenerate). The label "
+                  "column compares clients' label distributions (total variation distance) "
+                  "inside federations with pairs across federations: lower inside means RND "
+                  "grouped clients with similar label mixes (it sees only their images).", ""]
+        L += _table(head, rows) + [""]
+        reads = [f"{s}/{e}" for s in SIGMAS for e in EPS_READS]
+        rows = [[v.label, *[f"{mean_std([c['reads'][r]['ari'] for c in cs], '{:.2f}')} "
+                            f"({mean_std([c['reads'][r]['federations'] for c in cs], '{:.0f}')})"
+                            for r in reads]] for v, cs in have]
+        L += ["sigma x eps: ARI (federations):", ""]
+        L += _table(["setting", *[r.replace("/", " ") for r in reads]], rows) + [""]
+        for v, _ in have:
+            png = figures / f"{pop.name}_{v.name}_seed0.png"
+            if png.exists():
+                L += [f"![{pop.name} {v.name}](figures/{png.name})", ""]
+                break
+    return L
+
+
+def _scaled_acc_section(cells: Path) -> list[str]:
+    pop = SCALED[0]
+    sims = read_cells(cells, "scaled_acc", pop.name, "sim")
+    if not sims:
+        return []
+    return ["## 5. Scaled accuracy: 1,000 clients, feature patterns", "",
+            f"`{pop.config}`: {_config_header(pop.config)}", "",
+            *_table(_ACC_HEAD, _acc_rows(sims)), ""]
+
+
+# --------------------------------------------------------------------------------------------
+# entry point
+# --------------------------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS),
+                   help="parts to run (default: all, in order)")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke test: tiny populations and schedules, one seed")
+    p.add_argument("--report", action="store_true", help="only rebuild RESULTS.md")
+    p.add_argument("--out", type=Path, default=None,
+                   help="where cells, figures and RESULTS.md go (default: experiments/rnd; "
+                        "--quick needs it)")
+    p.add_argument("--seeds", type=int, default=None, help="seeds of the 12-client parts")
+    p.add_argument("--scaled-seeds", type=int, default=None, help="seeds of the scaled part")
+    args = p.parse_args(argv)
+    if args.quick and args.out is None:
+        p.error("--quick writes to --out DIR (it must not overwrite the real cells)")
+    plan = dataclasses.replace(QUICK if args.quick else FULL)
+    if args.seeds is not None:
+        plan.seeds = list(range(args.seeds))
+        plan.control_acc_seeds = plan.control_acc_seeds[: args.seeds]
+    if args.scaled_seeds is not None:
+        plan.scaled_seeds = list(range(args.scaled_seeds))
+    out = (args.out or HERE).resolve()
+    cells, figures, runs = out / "cells", out / "figures", out / "runs"
+    if out == HERE:
+        runs = ROOT / "runs" / "rnd_experiments"  # git-ignored
+    _compilation_cache()
+    if not args.report:
+        for part in args.parts:
+            run_part(part, plan, cells, runs, figures)
+    report(cells, out / "RESULTS.md", figures, plan)
+    print(f"wrote {out / 'RESULTS.md'}")
+    return 0
+
+
+def _compilation_cache() -> None:
+    import jax
+
+    cache = os.environ.get("FEDRND_CACHE_DIR", str(Path.home() / ".cache" / "fedrnd" / "jax"))
+    if cache != "0":
+        jax.config.update("jax_compilation_cache_dir", cache)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

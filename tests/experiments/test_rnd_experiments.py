@@ -1,0 +1,147 @@
+"""The RND experiment script (experiments/rnd/run.py): re-reads, caching, skips and the report."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from fedrnd.rnd import RNDConfig, discover
+from tests.rnd._data import grouped_gaussian, shuffled_groups
+
+SCRIPT = Path(__file__).resolve().parents[2] / "experiments" / "rnd" / "run.py"
+
+
+@pytest.fixture(scope="module")
+def run():
+    spec = importlib.util.spec_from_file_location("rnd_experiments_run", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def population():
+    groups = shuffled_groups([5, 4, 3], seed=1)
+    return groups, grouped_gaussian(groups, n=40, dim=6, sep=6.0)
+
+
+@pytest.mark.parametrize("sigma,eps", [("row", "auto"), ("self", 0.5), ("row", 1.0),
+                                       ("self", "auto"), ("row", 0.0)])
+def test_reading_a_matrix_with_another_setting_is_discover_with_that_setting(
+        run, population, sigma, eps):
+    _, data = population
+    base = RNDConfig(network="mlp", epochs=3)
+    ref = discover(data, base, key=jax.random.key(3))
+    other = discover(data, dataclasses.replace(base, sigma=sigma, eps=eps),
+                     key=jax.random.key(3))
+    fed, used = run.read_federations(ref.scores, ref.self_std, sigma, eps)
+    np.testing.assert_array_equal(fed, other.federation)
+    assert used == pytest.approx(other.eps)
+
+
+def test_score_reads_finds_separable_groups_and_reports_sizes(run, population):
+    groups, data = population
+    disc = discover(data, RNDConfig(network="mlp", epochs=3), key=jax.random.key(0))
+    reads = run.score_reads(disc.scores, disc.self_std, groups)
+    assert set(reads) == {f"{s}/{e}" for s in run.SIGMAS for e in run.EPS_READS}
+    r = reads[run.DEFAULT_READ]
+    assert r["federations"] == disc.num_federations
+    assert sum(r["sizes"]) == len(groups) and r["sizes"] == sorted(r["sizes"], reverse=True)
+    assert r["ari"] == 1.0 and r["sizes"] == [5, 4, 3]
+
+
+def test_label_tv_within_and_across_federations(run):
+    hist = np.array([[1, 0], [1, 0], [0.5, 0.5], [0, 1]], float)
+    fed = np.array([0, 0, 1, 1])
+    within, across = run.label_tv(hist, fed)
+    # Within: pairs (0,1) -> 0 and (2,3) -> 0.5, both ordered ways: mean 0.25.
+    assert within == pytest.approx(0.25)
+    # Across: (0,2) 0.5, (0,3) 1, (1,2) 0.5, (1,3) 1: mean 0.75.
+    assert across == pytest.approx(0.75)
+    assert np.isnan(run.label_tv(hist, np.zeros(4, int))[1])
+
+
+def test_label_hist_counts_each_clients_training_labels(run, population):
+    _, data = population
+    h = run._label_hist(data)
+    y, idx, cnt = np.asarray(data.y), np.asarray(data.train_idx), np.asarray(data.train_count)
+    for c in range(data.num_clients):
+        ref = np.bincount(y[idx[c, :cnt[c]]], minlength=data.num_classes) / cnt[c]
+        np.testing.assert_allclose(h[c], ref)
+
+
+def test_mean_std_format(run):
+    assert run.mean_std([1.0, 3.0]) == "2.000 ± 1.000"
+    assert run.mean_std([0.5], "{:.1f}") == "0.5"
+    assert run.mean_std([]) == "n/a" and run.mean_std([float("nan")]) == "n/a"
+    assert run.mean_std([None, 2.0, 4.0], "{:.0f}") == "3 ± 1"
+
+
+def test_quick_settings_shrink_every_population(run):
+    for pop in run.PAPER + run.CONTROL + run.SCALED:
+        cfg = run.load_cfg(pop, seed=3, quick=True)
+        assert cfg.seed == 3 and cfg.rounds == 2 and cfg.data.num_clients <= 24
+        opts = cfg.data.partition_options
+        if "group_sizes" in opts:
+            assert sum(opts["group_sizes"]) == cfg.data.num_clients
+            assert min(opts["group_sizes"]) >= 1
+        assert cfg.data.source != "fashion_mnist"
+
+
+def test_quick_discovery_parts_cache_cells_skip_missing_data_and_report(
+        run, tmp_path, monkeypatch):
+    mlp = run.Variant("mlp-train-e10", {"network": "mlp"}, "MLP")
+    # One cheap setting per population keeps this a smoke test of the plumbing.
+    monkeypatch.setattr(run, "GRID", [mlp])
+    monkeypatch.setattr(run, "CONTROL_GRID", [mlp])
+    monkeypatch.setattr(run, "SCALED_GRID", [dataclasses.replace(mlp, rnd={"network": "mlp",
+                                                                           "probe_cap": 10})])
+    monkeypatch.setattr(run, "CONTROL", [])
+    monkeypatch.setattr(run, "SCALED", [p for p in run.SCALED if p.name == "scaled_dirichlet"])
+    assert run.main(["--quick", "--out", str(tmp_path), "--parts", "grid", "scaled"]) == 0
+    cells = sorted(p.relative_to(tmp_path / "cells").as_posix()
+                   for p in (tmp_path / "cells").rglob("*.json"))
+    assert cells == ["grid/paper_cifar10/skipped.json",
+                     "grid/paper_fmnist/mlp-train-e10/seed0.json",
+                     "scaled/scaled_dirichlet/mlp-train-e10/seed0.json"]
+    cell = json.loads((tmp_path / "cells/grid/paper_fmnist/mlp-train-e10/seed0.json").read_text())
+    assert cell["num_clients"] == 12 and cell["quick"] and len(cell["scores"]) == 12
+    assert cell["reads"]["row/auto"]["federations"] >= 1
+    skip = json.loads((tmp_path / "cells/grid/paper_cifar10/skipped.json").read_text())
+    assert "cifar10" in skip["reason"] and "not prepared" in skip["reason"]
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert "QUICK SMOKE RUN" in text and "skipped (data not available here)" in text
+    assert "| MLP | 1 |" in text  # the grid table row, generated from the cell
+    assert "label TV within / across" in text
+    # A second run finds every cell and computes nothing.
+    import fedrnd.rnd as rnd_pkg
+
+    def boom(*a, **k):
+        raise AssertionError("a cached cell was recomputed")
+
+    monkeypatch.setattr(rnd_pkg, "discover", boom)
+    assert run.main(["--quick", "--out", str(tmp_path), "--parts", "grid", "scaled"]) == 0
+
+
+@pytest.mark.slow
+def test_quick_paper_part_runs_all_methods_and_writes_heat_maps(run, tmp_path, monkeypatch):
+    monkeypatch.setattr(run, "PAPER", run.PAPER[:1])
+    assert run.main(["--quick", "--out", str(tmp_path), "--parts", "paper"]) == 0
+    cell = json.loads((tmp_path / "cells/paper/paper_fmnist/sim/seed0.json").read_text())
+    assert set(cell["methods"]) == {"rnd", "fedavg", "local"}
+    rnd = cell["methods"]["rnd"]
+    assert 0.0 <= rnd["test_acc/mean"] <= 1.0 and rnd["federations"] >= 1
+    assert np.asarray(cell["scores"]).shape == (12, 12)
+    for f in ("paper_fmnist_novelty_seed0.png", "paper_fmnist_novelty_normalised_seed0.png",
+              "paper_fmnist_novelty_seeds.png"):
+        assert (tmp_path / "figures" / f).stat().st_size > 0
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert "| rnd |" in text and "| fedavg |" in text and "| local |" in text
