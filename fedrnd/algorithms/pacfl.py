@@ -3,39 +3,40 @@
 Vahidian et al., "Efficient Distribution Similarity Identification in Clustered Federated
 Learning via Principal Angles Between Client Data Subspaces" (AAAI 2023). Before training,
 every client sends the server a small basis of its data: the top-``p`` left singular vectors of
-its data matrix ``D_i = [x_1 ... x_n]`` (features x samples). The server measures how far
-apart the clients' subspaces are, clusters the clients hierarchically with a distance
-threshold (the number of clusters is never given), and runs FedAvg inside each cluster.
+its data matrix ``D = [x_1 ... x_n]`` (features x samples). The server measures how far apart
+the clients' subspaces are, clusters the clients hierarchically with a distance threshold (the
+number of clusters is never given), and runs FedAvg inside each cluster.
 
 Bases (option ``basis``):
-  ``"per_class"`` (default): the top-``p`` left singular vectors of each class's data matrix,
-    for every class the client holds, side by side (what REFERENCES.md summarises, and the
-    authors' code for labelled data): up to ``L * p`` vectors. Labels make a label
-    permutation between groups visible.
-  ``"all"``: the top-``p`` left singular vectors of all the client's samples (unsupervised:
-    inputs only, like RND).
+  ``"per_class"`` (default): one basis per class the client holds, from that class's samples
+    (REFERENCES.md's reading; the authors' code does this for labelled data). Labels make a
+    label permutation between groups visible, and clients with different label sets far apart.
+  ``"all"``: one basis from all the client's samples (unsupervised: inputs only, like RND).
 Data are used as they are (no centring), as in the paper.
 
 Proximity ``A[i, j]`` in degrees (option ``proximity``):
-  ``"sum_angles"`` (default): the sum of the principal angles between the two spanned
-    subspaces, ``sum_k arccos(sigma_k(Q_i^T Q_j))`` over ``min(rank_i, rank_j)`` angles, with
-    ``Q`` an orthonormal basis of the client's vectors (one of the paper's two measures).
-  ``"smallest_angle"``: the smallest principal angle ``arccos(sigma_1(Q_i^T Q_j))`` (the
-    paper's other measure).
-  ``"elementwise"``: the authors' code: the smallest angle between any vector of client i and
-    any vector of client j, ``min arccos |U_i^T U_j|``. We take the absolute value because a
-    singular vector's sign is arbitrary (the authors' code inherits LAPACK's signs).
+  ``"smallest_angle"`` (default): the smallest principal angle between the two subspaces,
+    ``arccos sigma_1(U_i^T U_j)`` (the paper's measure).
+  ``"sum_angles"``: the sum of the ``min(rank_i, rank_j)`` principal angles (the paper's
+    alternative); it grows with ``p``.
+  With per-class bases both compare the two clients' subspaces *of the same class* and average
+  over the classes either client holds; a class only one of them holds counts as the largest
+  angle (90 degrees per angle). (Principal angles between the spans of all classes' vectors
+  together say little: ``L * p`` directions nearly fill a small feature space.)
+  ``"elementwise"``: the authors' code: the smallest angle between any basis vector of client
+    i and any of client j, classes ignored, ``min arccos |U_i^T U_j|``. We take the absolute
+    value because a singular vector's sign is arbitrary (the authors' code inherits LAPACK's).
 
 Clusters: agglomerative clustering of ``A`` (``linkage``: ``"complete"``, default, or
-``"average"``) cut at ``threshold`` degrees (``scipy.cluster.hierarchy.fcluster`` with the
-distance criterion: clusters whose linkage distance is at most the threshold merge).
-``threshold = "auto"`` cuts the dendrogram at its largest gap instead (see :func:`auto_cut`).
-See the README for the defaults and the measurements behind them.
+``"average"``), cut at ``threshold`` degrees (``scipy.cluster.hierarchy.fcluster``, distance
+criterion: clusters merge while their linkage distance is at most the threshold). See the
+README for the default threshold and the measurements behind it.
 
-Subspaces are computed for all clients in one jitted program mapped over clients (padded
-rows masked to zero), the proximity matrix blockwise in one jitted program, the clustering on
-the host in :meth:`PACFL.init`. Ledger: ``up/subspace`` (the basis vectors each client sends,
-``d`` floats each) in the first round; ``up/model``, ``down/model`` every round.
+The bases are computed for all clients in one jitted program mapped over clients (padded rows
+masked to zero; ``max_samples`` caps the samples per client), the proximity matrix blockwise
+in one jitted program, the clustering on the host in :meth:`PACFL.init`. Ledger:
+``up/subspace`` (each client's basis vectors, ``d`` floats each) in the first round;
+``up/model``, ``down/model`` every round for participating clients.
 """
 
 from __future__ import annotations
@@ -65,7 +66,8 @@ from fedrnd.engine import (
 BASES = ("per_class", "all")
 PROXIMITIES = ("sum_angles", "smallest_angle", "elementwise")
 LINKAGES = ("complete", "average")
-DEFAULT_THRESHOLD = 45.0  # placeholder, set from measurements
+DEFAULT_THRESHOLD = 20.0
+"""Degrees, for the default smallest principal angle (see the README's measurements)."""
 
 
 # ------------------------------------------------------------------------------------------
@@ -110,22 +112,24 @@ def client_basis(x: jax.Array, y: jax.Array, count: jax.Array, *, p: int, num_cl
     return _top_vectors(x[None] * masks[..., None], p)
 
 
-def subspaces(data: FederatedData, *, p: int, basis: str,
+def subspaces(data: FederatedData, *, p: int, basis: str, max_samples: int | None = None,
               mapper: ClientMapper | None = None) -> tuple[jax.Array, jax.Array]:
     """Every client's bases ``(vectors [C, G, p, d], valid [C, G, p])`` (see
-    :func:`client_basis`), mapped over clients in one jitted program."""
+    :func:`client_basis`), mapped over clients in one jitted program. ``max_samples``: use
+    only each client's first ``max_samples`` training samples (``None``: all)."""
     if basis not in BASES:
         raise ValueError(f"pacfl basis must be one of {BASES}, got {basis!r}")
-    fn = _subspaces_fn(mapper or ClientMapper(), p, basis, data.num_classes)
-    return fn(data.train_idx, data.train_count, data.x, data.y)
+    n = data.max_train if max_samples is None else min(int(max_samples), data.max_train)
+    fn = _subspaces_fn(mapper or ClientMapper(), p, basis, data.num_classes, n)
+    return fn(data.train_idx[:, :n], jnp.minimum(data.train_count, n), data.x, data.y)
 
 
 @functools.lru_cache(maxsize=16)
-def _subspaces_fn(mapper: ClientMapper, p: int, basis: str, num_classes: int):
+def _subspaces_fn(mapper: ClientMapper, p: int, basis: str, num_classes: int, n: int):
     def one(client, shared):
         x_pool, y_pool = shared
         idx = client["idx"]
-        x = x_pool[idx].reshape(idx.shape[0], -1).astype(jnp.float32)
+        x = x_pool[idx].reshape(n, -1).astype(jnp.float32)
         return client_basis(x, y_pool[idx], client["count"], p=p, num_classes=num_classes,
                             basis=basis)
 
@@ -165,7 +169,7 @@ def _pair_angles(vi, oi, v, o, proximity: str) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("proximity", "block"))
-def proximity_matrix(vectors: jax.Array, valid: jax.Array, *, proximity: str = "sum_angles",
+def proximity_matrix(vectors: jax.Array, valid: jax.Array, *, proximity: str = "smallest_angle",
                      block: int = 0) -> jax.Array:
     """``A [C, C]`` in degrees between every pair of clients, ``block`` rows at a time.
 
@@ -193,21 +197,7 @@ def proximity_matrix(vectors: jax.Array, valid: jax.Array, *, proximity: str = "
 
 # ------------------------------------------------------------------------------------------
 # Hierarchical clustering (host)
-def auto_cut(merge_heights: np.ndarray) -> float:
-    """A threshold at the largest gap between consecutive dendrogram merge heights.
-
-    Placeholder.
-    """
-    h = np.sort(np.asarray(merge_heights, np.float64))
-    if len(h) < 2:
-        return float(h[-1]) + 1.0 if len(h) else 0.0
-    gaps = np.diff(h)
-    i = int(np.argmax(gaps))
-    return float((h[i] + h[i + 1]) / 2)
-
-
-def cluster_clients(a: np.ndarray, threshold: float | str, linkage: str = "complete"
-                    ) -> np.ndarray:
+def cluster_clients(a: np.ndarray, threshold: float, linkage: str = "complete") -> np.ndarray:
     """Agglomerative clustering of the proximity ``a [C, C]`` cut at ``threshold``.
 
     Returns ``[C]`` cluster ids ``0 .. K-1``, numbered in order of each cluster's first client.
@@ -225,8 +215,7 @@ def cluster_clients(a: np.ndarray, threshold: float | str, linkage: str = "compl
     d = np.maximum((a + a.T) / 2, 0.0)
     np.fill_diagonal(d, 0.0)
     z = hlinkage(squareform(d, checks=False), method=linkage)
-    t = auto_cut(z[:, 2]) if threshold == "auto" else float(threshold)
-    raw = fcluster(z, t=t, criterion="distance")
+    raw = fcluster(z, t=float(threshold), criterion="distance")
     _, first = np.unique(raw, return_index=True)
     order = np.argsort(np.argsort(first))  # rank of each raw label by first appearance
     return order[np.searchsorted(np.unique(raw), raw)].astype(np.int64)
@@ -250,9 +239,10 @@ class PACFL(Algorithm):
     Options (besides the engine and ``cohort_size``):
       p: singular vectors per basis (the paper's 3).
       basis: ``"per_class"`` (default) or ``"all"`` (unsupervised).
-      proximity: ``"sum_angles"`` (default), ``"smallest_angle"`` or ``"elementwise"``.
+      proximity: ``"smallest_angle"`` (default), ``"sum_angles"`` or ``"elementwise"``.
       linkage: ``"complete"`` (default) or ``"average"``.
-      threshold: distance threshold in degrees, or ``"auto"`` (largest dendrogram gap).
+      threshold: the distance threshold in degrees (default 20, for ``smallest_angle``).
+      max_samples: use at most this many training samples per client (``None``: all).
       max_slots: hard cap on cluster slots.
       keep_proximity: keep the proximity matrix in the state (one row per client) for
         :meth:`report`; ``None``: up to 2048 clients.
@@ -262,9 +252,10 @@ class PACFL(Algorithm):
     clusters_clients: ClassVar[bool] = True
     p: int = 3
     basis: str = "per_class"
-    proximity: str = "sum_angles"
+    proximity: str = "smallest_angle"
     linkage: str = "complete"
-    threshold: float | str = DEFAULT_THRESHOLD
+    threshold: float = DEFAULT_THRESHOLD
+    max_samples: int | None = None
     max_slots: int = 4096
     keep_proximity: bool | None = None
 
@@ -281,20 +272,22 @@ class PACFL(Algorithm):
         if self.linkage not in LINKAGES:
             raise ValueError(f"pacfl linkage must be one of {LINKAGES}, got {self.linkage!r}")
         t = self.threshold
-        if not (t == "auto" or (isinstance(t, int | float) and not isinstance(t, bool)
-                                and np.isfinite(t) and t >= 0)):
-            raise ValueError(f"pacfl threshold must be a number of degrees >= 0 or 'auto', "
+        if isinstance(t, bool) or not isinstance(t, int | float) or not np.isfinite(t) or t < 0:
+            raise ValueError(f"pacfl threshold must be a finite number of degrees >= 0, "
                              f"got {t!r}")
+        if self.max_samples is not None and (
+                not isinstance(self.max_samples, int | np.integer) or self.max_samples < 1):
+            raise ValueError(f"pacfl max_samples must be an integer >= 1 or None, "
+                             f"got {self.max_samples!r}")
         if self.max_slots < 1:
             raise ValueError(f"max_slots must be >= 1, got {self.max_slots}")
-        if self.basis == "per_class" and data.num_classes < 1:
-            raise ValueError("pacfl basis='per_class' needs labelled data (num_classes >= 1)")
 
     # ---------------------------------------------------------------------------------------
     def cluster(self, data: FederatedData) -> Clustering:
         """The one-shot step: bases (jitted, mapped over clients), proximity, clustering."""
         self.validate(data)
-        vectors, valid = subspaces(data, p=self.p, basis=self.basis, mapper=self.engine.mapper)
+        vectors, valid = subspaces(data, p=self.p, basis=self.basis,
+                                   max_samples=self.max_samples, mapper=self.engine.mapper)
         a = np.asarray(proximity_matrix(vectors, valid, proximity=self.proximity))
         ids = cluster_clients(a, self.threshold, self.linkage)
         # Each client sends its valid basis vectors, d floats each.
@@ -369,7 +362,7 @@ class PACFL(Algorithm):
             out_dir = Path(out_dir)
             out_dir.mkdir(parents=True, exist_ok=True)
             np.savez(out_dir / "proximity.npz", proximity=a, cluster=np.asarray(cl["cluster_id"]),
-                     group=group, threshold=str(self.threshold))
+                     group=group, threshold=float(self.threshold))
             outputs.plot_matrix(out_dir / "proximity.png", a, group,
                                 title=f"PACFL {self.proximity} (deg), {k} clusters",
                                 label="degrees")
