@@ -115,6 +115,11 @@ class Cell:
         d = self.config.to_dict()
         for k in ("progress", "out_dir", "name", "tensorboard"):
             d.pop(k, None)
+        # The method's defaults too: a changed default makes the cached cell stale.
+        from fedrnd.algorithms import ALGORITHMS
+
+        d["defaults"] = {f.name: repr(f.default) for f in
+                         dataclasses.fields(ALGORITHMS[self.method.name]) if f.name != "engine"}
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
