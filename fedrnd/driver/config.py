@@ -68,6 +68,8 @@ class LocalConfig:
 
     ``optimizer``: one kind, or a mix ``{sgd = 0.5, adam = 0.5}``; ``lr``: one value or per kind.
     ``steps`` (if set) replaces ``epochs``. ``schedule``: lr multiplier over rounds.
+    ``path``: ``auto`` (the exact low-rank fast path where it applies and pays), ``general`` or
+    ``lowrank`` (forced; see :mod:`fedrnd.engine.lowrank`).
     """
 
     batch_size: int = 16
@@ -79,6 +81,7 @@ class LocalConfig:
     optimizer_options: dict[str, float] = dataclasses.field(default_factory=dict)
     schedule: str = "constant"
     schedule_options: dict[str, float] = dataclasses.field(default_factory=dict)
+    path: str = "auto"
 
 
 @dataclasses.dataclass
@@ -295,6 +298,8 @@ def validate(cfg: Config) -> Config:
     need(all(isinstance(v, int | float) and v > 0 for v in lrs),
          f"local.lr must be > 0, got {loc.lr}")
     need(loc.prox_mu >= 0, f"local.prox_mu must be >= 0, got {loc.prox_mu}")
+    need(loc.path in ("auto", "general", "lowrank"),
+         f"local.path={loc.path!r} is unknown; allowed: auto, general, lowrank")
     need(loc.schedule in ("constant", "exponential", "cosine", "step"),
          f"local.schedule={loc.schedule!r} is unknown; allowed: constant, exponential, cosine, "
          "step")

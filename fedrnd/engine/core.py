@@ -6,6 +6,13 @@ model per client out), :meth:`Engine.train_sum` (a weighted sum of client models
 stacking them) or :meth:`Engine.train_segment_sum` (weighted sums per cluster slot, each client
 starting from its slot's model; memory of ``K`` models); all derive each client's random key from its id (``fold_in``), so results do
 not depend on chunking, cohort order or device count.
+
+``path`` picks how local training runs: ``"general"`` is :func:`~fedrnd.engine.local_train`
+mapped over clients; ``"lowrank"`` is the exact fast path of :mod:`fedrnd.engine.lowrank`
+(dense models, optimizers linear in the gradient; no per-client weight copies); ``"auto"``
+(default) takes the fast path where it applies and its cost model says it pays. A call the
+fast path cannot serve (per-client start models, carried optimizer state) always runs the
+general path.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from fedrnd.data.federated import FederatedData
+from fedrnd.engine import lowrank
 from fedrnd.engine.clientmap import ClientMapper
 from fedrnd.engine.local import LocalSpec, LossFn, cross_entropy_loss, local_train
 from fedrnd.engine.optim import ClientHParams, ClientOptimizer
@@ -48,6 +56,32 @@ class Engine:
     mapper: ClientMapper = ClientMapper()
     schedule: Callable[[jax.Array], jax.Array] | None = None
     loss: LossFn | None = None
+    path: str = "auto"
+
+    def __post_init__(self):
+        if self.path not in lowrank.PATHS:
+            raise ValueError(f"Engine path={self.path!r} is unknown; allowed: {list(lowrank.PATHS)}")
+        if self.path == "lowrank":
+            reason = lowrank.why_not(self.model, self.optimizer, self.loss)
+            if reason:
+                raise ValueError(f"Engine path='lowrank' cannot be used: {reason}")
+
+    def use_lowrank(self, data: FederatedData, *, slots: int = 1, materialize: int = 0) -> bool:
+        """Whether a call on ``data`` takes the low-rank fast path (a static decision)."""
+        if self.path == "general":
+            return False
+        if self.path == "lowrank":
+            return True
+        if lowrank.why_not(self.model, self.optimizer, self.loss) is not None:
+            return False
+        return lowrank.pays(self.model, self.local, data.train_idx.shape[1], slots=slots,
+                            materialize=materialize)
+
+    def _lowrank(self, mode, slots, per, data, round_idx, prox_mu, num_slots=1):
+        if prox_mu is not None:
+            per = {**per, "mu": jnp.full_like(per["lr"], prox_mu)}
+        return lowrank.run(self.model, self.local, self.optimizer, self.mapper, mode, slots, per,
+                           data.x, data.y, self.lr_scale(round_idx), num_slots=num_slots)
 
     @property
     def loss_fn(self) -> LossFn:
@@ -87,6 +121,11 @@ class Engine:
           prox_mu: a proximal weight for all clients (FedProx); ``None`` = per-client ``hp``.
         """
         per = self._per_client(data, hp, ids, key)
+        if client_params is None and opt_state is None and self.use_lowrank(
+                data, materialize=1 + any(k in ("momentum", "nesterov")
+                                          for k in self.optimizer.kinds)):
+            return self._lowrank("clients", jax.tree.map(lambda a: a[None], params), per, data,
+                                 round_idx, prox_mu)
         if client_params is not None:
             per["params"] = client_params
         if opt_state is not None:
@@ -110,6 +149,10 @@ class Engine:
         cohort (``loss`` weighted by ``n_c``, ``steps``), so memory stays that of one model.
         """
         per = self._per_client(data, hp, ids, key)
+        if self.use_lowrank(data):
+            per["w"] = per["count"].astype(jnp.float32)
+            return self._lowrank("sum", jax.tree.map(lambda a: a[None], params), per, data,
+                                 round_idx, prox_mu)
         scale = self.lr_scale(round_idx)
 
         def fn(client, shared):
@@ -146,6 +189,9 @@ class Engine:
             per["w"] = weights
         scale = self.lr_scale(round_idx)
         num_slots = jax.tree.leaves(slots)[0].shape[0]
+        if self.use_lowrank(data, slots=num_slots):
+            per["w"] = per.get("w", per["count"].astype(jnp.float32)).astype(jnp.float32)
+            return self._lowrank("segment", slots, per, data, round_idx, prox_mu, num_slots)
 
         def fn(client, shared):
             sl, x, y = shared
