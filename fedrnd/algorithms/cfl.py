@@ -67,7 +67,7 @@ from fedrnd.engine import (
 )
 
 THRESHOLD_MODES = ("relative", "absolute")
-DEFAULT_EPS = {"relative": (0.25, 0.5), "absolute": (0.4, 1.6)}
+DEFAULT_EPS = {"relative": (0.35, 0.75), "absolute": (0.4, 1.6)}
 """``(eps1, eps2)`` per threshold mode (relative: units of the first round's mean update norm)."""
 
 MIN_SPLIT_SIZE = 3
@@ -141,8 +141,8 @@ class CFL(Algorithm):
     eps2: float | None = None
     min_round: int = 20
     check_every: int = 1
-    gamma_max: float | None = None
-    smoothing: float = 0.0
+    gamma_max: float | None = 0.6
+    smoothing: float = 0.9
     max_slots: int = 4096
 
     @property

@@ -102,7 +102,7 @@ def test_round_is_fedavg_per_cluster_with_update_statistics(two_groups):
 def test_smoothing_is_an_exponential_average_of_updates(two_groups):
     groups, data, model, hp = two_groups
     engine = _engine(model, batch_size=64, steps=1)
-    plain, smooth = CFL(engine=engine), CFL(engine=engine, smoothing=0.75)
+    plain, smooth = CFL(engine=engine, smoothing=0.0), CFL(engine=engine, smoothing=0.75)
     s_plain = plain.init(jax.random.key(0), data, hp)
     s_smooth = smooth.init(jax.random.key(0), data, hp)
     ema = None
@@ -213,7 +213,7 @@ def test_no_split_unless_every_condition_holds(eight, case):
     assert int(out["num_clusters"]) == 1
     np.testing.assert_array_equal(np.asarray(out["clients"]["cluster_id"]), 0)
     if case == "gamma_check":  # the same state splits without the check
-        assert int(CFL(engine=_engine(model), eps1=0.4, eps2=1.6).host_hook(
+        assert int(CFL(engine=_engine(model), eps1=0.4, eps2=1.6, gamma_max=None).host_hook(
             state, data, round_idx)["num_clusters"]) == 2
 
 
@@ -282,7 +282,7 @@ def _simulate(groups, run_dir, *, rounds, checkpoint_every=0, resume=False, **op
                             group_labels=True, shift_seed=1)
     cfg = Config(rounds=rounds, eval_every=4, checkpoint_every=checkpoint_every,
                  progress=False, model=ModelConfig("logreg", {}),
-                 algorithms=[AlgorithmConfig("cfl", {"min_round": 6, **options})])
+                 algorithms=[AlgorithmConfig("cfl", {"min_round": 6, "eps2": 0.5, **options})])
     return simulate(cfg, run_dir=run_dir, data=data, resume=resume, verbose=False)
 
 
