@@ -109,3 +109,18 @@ def test_notebook_runs(path, kernel_env):
         assert "| fedavg |" in text and "| local |" in text, "result.table() missing"
         # The per-group example images and the accuracy plot are shown inline.
         assert _images(nb) >= 2, f"expected at least 2 inline figures, got {_images(nb)}"
+
+    if path.name == "02_rnd_discovery.ipynb":
+        text = "\n".join(_text(c) for c in nb.cells if c.cell_type == "code")
+        m = re.search(r"(\d+) federations, eps = ([0-9.]+) \(auto\)\n.*\n.*\nARI ([0-9.-]+)",
+                      text)
+        assert m, "the discovery notebook did not print its federations and ARI"
+        assert int(m.group(1)) == 4 and float(m.group(3)) > 0.9, m.group(0)
+        # Every held-back client joins the federation of its own true group; the stranger
+        # (rotated digits, no pattern) gets a new federation.
+        joins = re.findall(r"true group (\d)\) -> federation \d+, whose members are in "
+                           r"group\(s\) \[([0-9, ]+)\]", text)
+        assert len(joins) == 4 and all(g == m2 for g, m2 in joins), joins
+        assert "rotated stranger -> federation 4 (new" in text
+        # Patterns, heat maps, eps sweep, sigma comparison.
+        assert _images(nb) >= 4, f"expected at least 4 inline figures, got {_images(nb)}"
