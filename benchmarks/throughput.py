@@ -28,13 +28,23 @@ FLOPs: training FLOPs per round = 3 x (forward FLOPs per example) x (examples pr
 forward FLOPs come from XLA's cost analysis (``fedrnd.models.count_flops``, multiply-adds count
 2) for a batch of ``--batch`` examples divided by the batch; the analytic ``2 x MACs`` of the
 dense layers is printed next to it. Padding steps (none here: every client has the same count)
-are not counted.
+are not counted. These *model* FLOPs (``GFLOP/s``) are what the general path executes; the
+low-rank fast path (``--path lowrank``, :mod:`fedrnd.engine.lowrank`) executes a different
+count (``exec GF/s``; from ``lowrank.flops``: shared products plus Gram corrections), printed
+beside them.
+
+Paths: ``--path auto|general|lowrank`` (or a comma list to compare, e.g. ``general,lowrank``)
+sets ``Engine.path``; ``auto`` takes the fast path where it applies and the cost model says it
+pays (it does on this workload at one epoch). The fast path runs clients in blocks of its own
+and ignores ``--chunk-size``. The load average (``os.getloadavg``) before and after each run is
+recorded, since other processes on the machine move CPU timings.
 
 Usage::
 
     python benchmarks/throughput.py                       # backend default chunk size
     python benchmarks/throughput.py --sweep 1,2,4,8,16,32,all --json sweep.json
     python benchmarks/throughput.py --clients 10000 --rounds 3
+    python benchmarks/throughput.py --path general,lowrank       # both paths, same data
 """
 
 from __future__ import annotations
@@ -81,6 +91,7 @@ from fedrnd.engine import (  # noqa: E402
     LocalSpec,
     client_hparams,
     default_chunk_size,
+    lowrank,
     make_mesh,
 )
 from fedrnd.models import count_flops, make_model  # noqa: E402
@@ -143,6 +154,28 @@ def current_rss_mib() -> float | None:
         return None
 
 
+def reset_peak_rss() -> bool:
+    """Reset the process's peak RSS (Linux ``clear_refs``), so a run's own peak can be read."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_since_reset_mib() -> float | None:
+    """``VmHWM`` (peak RSS since the last :func:`reset_peak_rss`), Linux only."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 def device_memory() -> dict | None:
     try:
         stats = jax.devices()[0].memory_stats()
@@ -156,7 +189,7 @@ def device_memory() -> dict | None:
 
 def run_one(data, model, *, chunk_size: int | None, rounds: int, batch: int, lr: float,
             epochs: int, fwd_flops_per_example: float, seed: int = 0, devices: int = 1,
-            accuracy: bool = True) -> dict:
+            accuracy: bool = True, path: str = "auto") -> dict:
     """Build FedAvg with ``chunk_size`` and time ``rounds`` steady rounds after a compile round.
 
     ``chunk_size`` is clients per vmapped chunk *per device*; ``devices > 1`` splits the client
@@ -166,7 +199,12 @@ def run_one(data, model, *, chunk_size: int | None, rounds: int, batch: int, lr:
     mesh = make_mesh(devices) if devices > 1 else None
     opt, hp = client_hparams(clients, optimizer="sgd", lr=lr)
     engine = Engine(model=model, local=LocalSpec(batch_size=batch, epochs=epochs),
-                    optimizer=opt, mapper=ClientMapper(chunk_size=chunk_size, mesh=mesh))
+                    optimizer=opt, mapper=ClientMapper(chunk_size=chunk_size, mesh=mesh),
+                    path=path)
+    fast = engine.use_lowrank(data)
+    load_before = os.getloadavg()
+    rss_start = current_rss_mib()
+    run_peak = reset_peak_rss()
     alg = FedAvg(engine=engine, server_opt="sgd", server_lr=1.0)
     state = alg.init(jax.random.key(seed), data, hp)
     step = jax.jit(alg.round)
@@ -193,7 +231,13 @@ def run_one(data, model, *, chunk_size: int | None, rounds: int, batch: int, lr:
     round_s = statistics.median(times)
     examples = float(np.sum(np.asarray(data.train_count))) * epochs
     train_flops = 3.0 * fwd_flops_per_example * examples
+    executed = train_flops
+    if fast:
+        executed = lowrank.executed_flops(model, engine.local, data.train_idx.shape[1],
+                                          clients)["executed"]
     out = {
+        "path": path,
+        "lowrank": fast,
         "chunk_size": chunk_size,
         "effective_chunk": engine.mapper.chunk,
         "devices": devices,
@@ -215,7 +259,16 @@ def run_one(data, model, *, chunk_size: int | None, rounds: int, batch: int, lr:
         "compile_s": lower_compile_s + max(0.0, first_s - round_s),
         "train_loss_per_round": losses,
         "train_flops_per_round": train_flops,
+        # What the chosen path executes (the fast path's own count; else the model FLOPs).
+        "executed_flops_per_round": executed,
+        "executed_gflops": executed / round_s / 1e9,
+        "loadavg_before": load_before,
+        "loadavg_after": os.getloadavg(),
         "peak_rss_mib": peak_rss_mib(),
+        # This run's own peak (compile + rounds; the data already built), and the RSS it
+        # started from: the difference is what training added.
+        "run_peak_rss_mib": peak_rss_since_reset_mib() if run_peak else None,
+        "run_start_rss_mib": rss_start,
         "current_rss_mib": current_rss_mib(),
         "device_memory": device_memory(),
     }
@@ -261,6 +314,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--devices", type=int, default=1,
                     help="split clients over this many devices (on CPU: host devices made with "
                          "--xla_force_host_platform_device_count, one per core)")
+    ap.add_argument("--path", type=str, default="auto",
+                    help="Engine path: auto, general, lowrank, or a comma list to compare")
     ap.add_argument("--json", type=str, default=None, help="save the results here")
     args = ap.parse_args(argv)
 
@@ -309,6 +364,13 @@ def main(argv: list[str] | None = None) -> dict:
           f"SGD lr {args.lr}, server SGD lr 1")
     print(f"forward FLOPs/example: {xla_fwd:,.0f} (XLA cost analysis; used), "
           f"{analytic_fwd:,.0f} (analytic 2*MACs); training = 3x forward")
+    lr_flops = lowrank.flops(lowrank.layer_dims(model), info["workload"]["steps_per_client"],
+                             min(args.batch, args.samples))
+    info["lowrank_flops_per_client"] = lr_flops
+    print(f"per client and round: model {lr_flops['model'] / 1e6:.1f} MFLOP (analytic); low-rank "
+          f"path executes {lr_flops['executed'] / 1e6:.1f} MFLOP ({lr_flops['shared'] / 1e6:.1f} "
+          f"shared + {lr_flops['corrections'] / 1e6:.1f} corrections)")
+    print(f"load average at start: {os.getloadavg()[0]:.1f} (1 min), {os.cpu_count()} cpus")
     print(f"data: {info['data_device_mib']:.0f} MiB federated arrays, built in {data_s:.1f} s; "
           f"peak RSS after building {rss_data:.0f} MiB")
 
@@ -316,28 +378,41 @@ def main(argv: list[str] | None = None) -> dict:
         ap.error(f"--clients {args.clients} must be divisible by --devices {args.devices}")
     per_device = args.clients // args.devices
     chunks = parse_chunks(args.sweep, per_device) if args.sweep else [args.chunk_size]
+    paths = [p.strip() for p in args.path.split(",") if p.strip()]
+    for p in paths:
+        if p not in lowrank.PATHS:
+            ap.error(f"--path {p!r} is unknown; allowed: {', '.join(lowrank.PATHS)}")
     results = []
-    header = (f"{'chunk':>7} {'upd/s':>8} {'GFLOP/s':>8} {'round s':>8} {'min s':>7} "
-              f"{'cpu s':>7} {'compile s':>9} {'RSS MiB':>8} {'acc':>6}")
+    header = (f"{'path':>12} {'chunk':>7} {'upd/s':>8} {'GFLOP/s':>8} {'exec GF/s':>9} "
+              f"{'round s':>8} {'min s':>7} {'cpu s':>7} {'compile s':>9} {'RSS MiB':>8} "
+              f"{'+run MiB':>8} {'acc':>6} {'load':>5}")
     print(header)
-    for ch in chunks:
-        r = run_one(data, model, chunk_size=ch, rounds=args.rounds, batch=args.batch, lr=args.lr,
-                    epochs=args.epochs, fwd_flops_per_example=fwd, devices=args.devices)
-        results.append(r)
-        label = f"{r['effective_chunk']}" + ("*" if ch is None else "")
-        print(f"{label:>7} {r['updates_per_s']:8.1f} {r['gflops']:8.2f} {r['round_s']:8.3f} "
-              f"{r['round_s_min']:7.3f} {r['round_cpu_s']:7.3f} {r['compile_s']:9.2f} "
-              f"{r['peak_rss_mib']:8.0f} {r.get('test_acc', float('nan')):6.3f}", flush=True)
+    for p in paths:
+        for ch in chunks:
+            r = run_one(data, model, chunk_size=ch, rounds=args.rounds, batch=args.batch,
+                        lr=args.lr, epochs=args.epochs, fwd_flops_per_example=fwd,
+                        devices=args.devices, path=p)
+            results.append(r)
+            label = f"{r['effective_chunk']}" + ("*" if ch is None else "")
+            used = f"{p}:{'lowrank' if r['lowrank'] else 'general'}" if p == "auto" else p
+            added = (r["run_peak_rss_mib"] - r["run_start_rss_mib"]
+                     if r["run_peak_rss_mib"] and r["run_start_rss_mib"] else float("nan"))
+            print(f"{used:>12} {label:>7} {r['updates_per_s']:8.1f} {r['gflops']:8.2f} "
+                  f"{r['executed_gflops']:9.2f} {r['round_s']:8.3f} {r['round_s_min']:7.3f} "
+                  f"{r['round_cpu_s']:7.3f} {r['compile_s']:9.2f} {r['peak_rss_mib']:8.0f} "
+                  f"{added:8.0f} {r.get('test_acc', float('nan')):6.3f} "
+                  f"{r['loadavg_after'][0]:5.1f}", flush=True)
     if any(ch is None for ch in chunks):
         print("(* = backend default chunk size)")
-    print(f"RSS is the process peak so far (cumulative over a sweep); current RSS "
-          f"{current_rss_mib() or float('nan'):.0f} MiB.")
+    print(f"RSS is the process peak so far (cumulative over a sweep; generating the data "
+          f"usually sets it); +run is the run's own peak (compile and rounds) over the RSS it "
+          f"started from; current RSS {current_rss_mib() or float('nan'):.0f} MiB.")
     dm = device_memory()
     if dm:
         print(f"device memory: {dm}")
     if len(results) > 1:
         best = max(results, key=lambda r: r["updates_per_s"])
-        print(f"best chunk size: {best['effective_chunk']} "
+        print(f"best: path {best['path']}, chunk size {best['effective_chunk']} "
               f"({best['updates_per_s']:.1f} updates/s)")
     out = {**info, "results": results}
     if args.json:

@@ -85,9 +85,13 @@ the past steps (triangular); beyond it, a ``scan`` over steps with full-length b
 BLOCK_ROWS = 2048
 """Target of stored rows (clients x steps x batch) per block of clients (see block_size)."""
 
-CORRECTION_WEIGHT = 2.0
-"""Cost of one correction FLOP (small per-client products) in units of one FLOP of a large
-matrix product; calibrated on the throughput workload on CPU (benchmarks/RESULTS.md)."""
+SHARED_WEIGHT = 0.7
+CORRECTION_WEIGHT = 1.0
+"""Time per FLOP of the fast path's shared products (large matrix products) and of its
+corrections (small per-client products), in units of the general path's time per FLOP. Fitted
+to CPU seconds per round on the throughput workload (MLP 784-200-200-10, batch 16) at 1, 2 and
+4 local epochs (64, 128, 256 samples per round): fast / general = 0.67, 0.82, 1.15
+(benchmarks/RESULTS.md), so the cost model crosses over near 200 samples per round."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -128,28 +132,29 @@ def flops(dims: list[tuple[int, int]], steps: int, batch: int, *, slots: int = 1
       biases, activations and the loss not counted); ``executed``: the fast path's, split into
       ``shared`` (products with the start model and the aggregated update) and
       ``corrections`` (Gram matrices and the products with them); ``cost``: the cost model's
-      estimate, ``shared + CORRECTION_WEIGHT x corrections``.
+      estimate of the fast path's time in general-path FLOPs,
+      ``SHARED_WEIGHT x shared + CORRECTION_WEIGHT x corrections``.
     """
     n = steps * batch
-    # sum_{t < T} t: past batches each step looks at (triangular when unrolled).
-    past = steps * (steps - 1) / 2 if steps <= UNROLL_MAX else steps * steps
+    # Rows of past batches that the corrections of all steps together look at: only the past
+    # when the step loop is unrolled, the full buffers in the scan.
+    past = batch * (steps * (steps - 1) // 2 if steps <= UNROLL_MAX else steps * steps)
     model = sum(6.0 * n * i * o for i, o in dims)
     shared = corr = 0.0
     for li, (i, o) in enumerate(dims):
         shared += 2.0 * n * i * o * slots                     # forward with W0
-        if li > 0:
+        shared += 2.0 * n * i * o * slots                     # aggregated update (per slot)
+        shared += 2.0 * n * i * o * materialize               # per-client trees formed
+        corr += 2.0 * batch * past * o                        # forward: (Gram * p) @ past G
+        if li == 0:
+            corr += 2.0 * n * n * i                           # Gram of all inputs, one product
+        else:
             shared += 2.0 * n * i * o * slots                 # input gradient with W0
-        shared += 2.0 * n * i * o * (slots if slots > 1 else 1)  # aggregated update
-        shared += 2.0 * n * i * o * materialize
-        # forward: Gram of inputs [B, tB] and its product with past G; backward (li > 0):
-        # Gram of output gradients and its product with past inputs.
-        corr += 2.0 * past * batch * batch * (i + o)
-        if li > 0:
-            corr += 2.0 * past * batch * batch * (o + i)
+            corr += 2.0 * batch * past * (i + o + i)          # Grams and backward correction
         if prox:
             corr += 2.0 * n * n * (i + o)
     return {"model": model, "executed": shared + corr, "shared": shared, "corrections": corr,
-            "cost": shared + CORRECTION_WEIGHT * corr}
+            "cost": SHARED_WEIGHT * shared + CORRECTION_WEIGHT * corr}
 
 
 def pays(model: Model, spec: LocalSpec, n_max: int, *, slots: int = 1,
