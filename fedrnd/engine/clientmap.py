@@ -24,6 +24,8 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from fedrnd.engine import multihost
+
 PyTree = Any
 CLIENT_AXIS = "clients"
 
@@ -133,12 +135,13 @@ class ClientMapper:
         """Place a per-client pytree with its leading axis split over the mesh."""
         if self.mesh is None:
             return tree
-        return jax.device_put(tree, NamedSharding(self.mesh, P(CLIENT_AXIS)))
+        # multihost.put: on a mesh spanning processes each host places only its own shards.
+        return multihost.put(tree, NamedSharding(self.mesh, P(CLIENT_AXIS)))
 
     def replicate(self, tree: PyTree) -> PyTree:
         if self.mesh is None:
             return tree
-        return jax.device_put(tree, NamedSharding(self.mesh, P()))
+        return multihost.put(tree, NamedSharding(self.mesh, P()))
 
 
 class _Sum:
@@ -204,7 +207,11 @@ def _chunked_reduce(fn, xs, shared, chunk, red):
 
 
 def make_mesh(num_devices: int | None = None) -> Mesh:
-    """A 1-D mesh over the first ``num_devices`` local devices (all by default), axis ``clients``."""
+    """A 1-D mesh over the first ``num_devices`` devices (all by default), axis ``clients``.
+
+    With ``jax.distributed`` initialised, ``jax.devices()`` lists the devices of every process,
+    so the default mesh spans all hosts (the order groups each process's devices together).
+    """
     devices = jax.devices()
     if num_devices is not None:
         if num_devices > len(devices):

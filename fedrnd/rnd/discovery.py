@@ -58,6 +58,7 @@ from fedrnd.engine import (
     LocalSpec,
     tree_bytes,
 )
+from fedrnd.engine.multihost import to_host
 from fedrnd.rnd.networks import RNDPair, make_pair, stacked_errors, target_features
 
 PyTree = Any
@@ -408,7 +409,7 @@ def novelty_matrix(apply: Callable | RNDPair, preds: PyTree, x_pool: jax.Array,
       row_tile: scoring clients per tile. ``None``: generic path: the mapper's chunk, capped at
         ``tile_evals // (col_tile * M)`` (an accelerator's default chunk of 256 clients times
         64 predictors times hundreds of probes would not fit); fused path: as many as fit
-        ``min(tile_evals, FUSED_TILE_EVALS[kind])`` evaluations.
+        ``tile_evals`` evaluations, on a CPU at most ``FUSED_TILE_EVALS[kind]``.
       col_tile: predictors applied at once (the fused path lowers it when ``col_tile * M``
         exceeds that budget). Live memory is about ``row_tile * col_tile * M`` predictor
         activations.
@@ -435,7 +436,13 @@ Measured on a 2-core CPU (``benchmarks/RESULTS.md``): the MLP pair ran 200-250 G
 second for tiles of 256-4096 probe rows x 64 predictors; the conv pair's activations are 25x
 larger per evaluation (``H x W x c1`` after the first convolution) and it ran best, about 250k
 evaluations per CPU second, with 256-1024 evaluations per tile and fell to 190k at 4096.
+These caps apply on a CPU; other backends use ``tile_evals`` alone (not yet measured).
 """
+
+
+def _fused_budget(kind: str, tile_evals: int) -> int:
+    cap = FUSED_TILE_EVALS[kind] if jax.default_backend() == "cpu" else tile_evals
+    return max(1, min(int(tile_evals), cap))
 
 
 def _pad_rows(a: np.ndarray, n: int, fill) -> np.ndarray:
@@ -478,7 +485,7 @@ def _fused_matrix(pair: RNDPair, preds, x_pool, t_pool, probe_idx, probe_count, 
                   col_tile, mapper, tile_evals):
     c = jax.tree.leaves(preds)[0].shape[0]
     rows, m = (int(v) for v in np.shape(probe_idx))
-    budget = max(1, min(int(tile_evals), FUSED_TILE_EVALS[pair.kind]))
+    budget = _fused_budget(pair.kind, tile_evals)
     k = max(1, min(int(col_tile), c, budget // m))
     if row_tile is None:
         row_tile = max(1, budget // (k * m))
@@ -596,8 +603,7 @@ def _fused_edges(pair, preds, x_pool, t_pool, probe_idx, probe_count, src, dst, 
     per = -(-deg // w)
     row_of = (np.cumsum(per) - per)[d_sorted] + rank // w
     slot = rank % w
-    budget = max(1, FUSED_TILE_EVALS[pair.kind] // (w * m))
-    chunk = max(1, min(mapper.chunk, budget))
+    chunk = max(1, min(mapper.chunk, _fused_budget(pair.kind, 1 << 18) // (w * m)))
     mapper = dataclasses.replace(mapper, chunk_size=chunk)
     n_rows = int(per.sum())
     n_rows += (-n_rows) % mapper.num_shards
@@ -922,12 +928,13 @@ def discover(data: FederatedData, config: RNDConfig = RNDConfig(), *,
                                                   key, mapper))
     apply = pair.predictor.apply
     scorer = pair if cfg.fused else apply
-    s_self, s_std = (np.asarray(v, np.float64) for v in
+    # to_host: with a mesh over several processes, per-client results are spread over hosts.
+    s_self, s_std = (to_host(v, np.float64) for v in
                      clock("self", self_novelty(apply, preds, data.x, t_pool, pr_idx, pr_cnt,
                                                 mapper)))
     nbytes = tree_bytes(jax.tree.map(lambda a: a[0], preds))
     if edges is None:
-        s = np.asarray(clock("scores", novelty_matrix(
+        s = to_host(clock("scores", novelty_matrix(
             scorer, preds, data.x, t_pool, pr_idx, pr_cnt, row_tile=cfg.row_tile,
             col_tile=cfg.col_tile, mapper=mapper, tile_evals=cfg.tile_evals)), np.float32)
         s_self = np.diag(s).copy()
@@ -949,9 +956,9 @@ def discover(data: FederatedData, config: RNDConfig = RNDConfig(), *,
         down = np.full(c, (c - 1) * nbytes, np.float64)
         clock("federations")
         return Discovery(fed, s, s_self, s_std, sigma, z, eps, comp, up, down, preds, t_params,
-                         pair, cfg, np.asarray(loss), None, None, clock.times)
+                         pair, cfg, to_host(loss), None, None, clock.times)
     src, dst = _drop_self_edges(edges)
-    e_scores = np.asarray(clock("scores", edge_novelty(
+    e_scores = to_host(clock("scores", edge_novelty(
         scorer, preds, data.x, t_pool, pr_idx, pr_cnt,
         EdgeList(jnp.asarray(src), jnp.asarray(dst), jnp.ones(len(src))), cfg.edge_chunk,
         mapper)), np.float64)
@@ -973,7 +980,7 @@ def discover(data: FederatedData, config: RNDConfig = RNDConfig(), *,
     down = in_deg * float(nbytes) + out_deg * 4.0
     clock("federations")
     return Discovery(fed, None, s_self, s_std, sigma, z, eps, ok, up, down, preds, t_params,
-                     pair, cfg, np.asarray(loss),
+                     pair, cfg, to_host(loss),
                      EdgeList(jnp.asarray(src), jnp.asarray(dst), jnp.ones(len(src))), e_scores,
                      clock.times)
 
