@@ -21,9 +21,10 @@ def _enable_compilation_cache() -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from fedrnd.configs import default_config_path
     from fedrnd.driver import load_config, simulate
 
-    cfg = load_config(args.config, args.set)
+    cfg = load_config(args.config or default_config_path(), args.set)
     if args.out:
         cfg.out_dir = args.out
     _enable_compilation_cache()

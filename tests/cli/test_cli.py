@@ -114,3 +114,24 @@ def test_default_run_prints_federations_and_heat_maps(tmp_path, capsys):
     maps = re.search(r"^rnd heat maps: (.+)$", out, re.M).group(1).split(", ")
     assert {Path(p).name for p in maps} >= {"novelty.png", "novelty_normalised.png"}
     assert all(Path(p).is_file() for p in maps)
+
+
+def test_builtin_default_config_is_the_experiments_default():
+    from fedrnd.configs import default_config_path
+    from fedrnd.driver import load_config
+
+    shipped = default_config_path()
+    assert shipped.read_bytes() == (Path(__file__).parents[2] / "experiments" /
+                                    "default.toml").read_bytes(), \
+        "fedrnd/configs/default.toml must be a copy of experiments/default.toml"
+    cfg = load_config(shipped)
+    assert [a.name for a in cfg.algorithms] == ["rnd", "fedavg", "local"]
+
+
+def test_run_without_config_uses_builtin_default(tmp_path, capsys):
+    rc = main(["run", "--no-progress", "--out", str(tmp_path), "--set", "rounds=1",
+               "--set", "data.num_clients=6", "--set", "checkpoint_every=0",
+               "--set", 'algorithms=["local"]'])
+    assert rc == 0
+    cfg = json.loads((tmp_path / "default" / "config.json").read_text())
+    assert cfg["data"]["partition_options"] == {"num_groups": 2}
