@@ -23,14 +23,14 @@ self, scores, federations); process CPU seconds; pair evaluations per second, wh
 one entry ``S[i, j]`` (``C^2`` dense, edges sparse) and an *evaluation* is one predictor applied
 to one probe image (``pairs x probes``), both over the ``scores`` phase; peak memory (process
 ``ru_maxrss``, which includes the data set); federations found and ARI / NMI against the true
-groups; the load average before and after (other jobs share the CPU: compare ``cpu_s`` when the
+groups (and with ``--ari-eps`` the ARI at fixed tolerances, from the same scores); the load average before and after (other jobs share the CPU: compare ``cpu_s`` when the
 load is high); machine, jax version and date.
 
 Usage::
 
     python benchmarks/discovery.py                                   # MLP, 1000 clients
     python benchmarks/discovery.py --network conv --probe-cap 10
-    python benchmarks/discovery.py --network conv --clients 200      # ARI with / without cap
+    python benchmarks/discovery.py --network conv --clients 200 --rms 0.5 --ari-eps 0.5,1
     python benchmarks/discovery.py --clients 10000 --sparse-degree 20
     python benchmarks/discovery.py --generic                         # the reference path
 """
@@ -56,7 +56,7 @@ import numpy as np  # noqa: E402
 
 from fedrnd.data import FederatedData, fashion_mnist, feature_patterns  # noqa: E402
 from fedrnd.engine import EdgeList  # noqa: E402
-from fedrnd.rnd import RNDConfig, discover  # noqa: E402
+from fedrnd.rnd import RNDConfig, compatibility, discover, federations  # noqa: E402
 
 
 def population(clients: int, per_client: int, groups: int = 4, rms: float = 0.15,
@@ -108,6 +108,22 @@ def random_graph(clients: int, degree: int, seed: int = 0) -> EdgeList:
     pairs = np.unique(np.stack([np.concatenate([a, b]), np.concatenate([b, a])], 1), axis=0)
     return EdgeList(jnp.asarray(pairs[:, 0], jnp.int32), jnp.asarray(pairs[:, 1], jnp.int32),
                     jnp.ones(len(pairs), jnp.float32))
+
+
+def federations_at(res, eps: float) -> np.ndarray:
+    """The federations ``res`` would give with a fixed ``eps`` (same scores, sigma and rule)."""
+    from scipy.sparse import coo_matrix, identity
+
+    c = res.num_clients
+    ok = compatibility(res.z, eps)
+    if res.scores is not None:
+        np.fill_diagonal(ok, True)
+        comp = ok
+    else:
+        src, dst = np.asarray(res.edges.src), np.asarray(res.edges.dst)
+        comp = (coo_matrix((ok, (dst, src)), shape=(c, c)).tocsr()
+                + identity(c, dtype=bool, format="csr")).astype(bool)
+    return federations(comp, res.config.rule, res.self_novelty)
 
 
 def _machine() -> dict:
@@ -173,6 +189,8 @@ def run(args: argparse.Namespace) -> dict:
         "federations": res.num_federations, "eps": res.eps,
         "ari": float(adjusted_rand_score(groups, res.federation)),
         "nmi": float(normalized_mutual_info_score(groups, res.federation)),
+        "ari_at_eps": {str(e): float(adjusted_rand_score(groups, federations_at(res, e)))
+                       for e in args.ari_eps},
         "load_before": [round(v, 2) for v in load_before],
         "load_after": [round(v, 2) for v in os.getloadavg()],
         "runs": runs, **_machine(),
@@ -195,6 +213,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--generic", action="store_true",
                    help="score with the generic per-predictor apply (the reference path)")
+    p.add_argument("--ari-eps", default="",
+                   type=lambda v: [float(e) for e in v.split(",") if e.strip()],
+                   help="also report the ARI at these fixed eps (comma-separated)")
     p.add_argument("--data-dir", default=None, help="Fashion-MNIST IDX files")
     p.add_argument("--json", default=None, help="also write the figures to this file")
     args = p.parse_args(argv)
