@@ -73,17 +73,19 @@ def population(clients: int, per_client: int, groups: int = 4, rms: float = 0.15
         raise ValueError(f"per_client={per_client} exceeds the {share} images of a group")
     perm = rng.permutation(len(x))
     pats = feature_patterns(x.shape[1:], groups, rms=rms, seed=seed)
-    pool = np.empty((groups * share, *x.shape[1:]), np.float32)
-    for g in range(groups):
-        pool[g * share:(g + 1) * share] = np.clip(x[perm[g * share:(g + 1) * share]] + pats[g],
-                                                  0.0, 1.0)
     group = rng.permutation(np.arange(clients) % groups).astype(np.int32)
     idx = np.empty((clients, per_client), np.int32)
+    blocks, start = [], 0
     for g in range(groups):
         members = np.flatnonzero(group == g)
+        used = min(share, len(members) * per_client)  # only images some client holds
+        src = perm[g * share:g * share + used]
+        blocks.append(np.clip(x[src] + pats[g], 0.0, 1.0))
         # Consecutive windows of the group's images: disjoint until they run out, then reused.
-        rows = np.arange(len(members) * per_client) % share + g * share
+        rows = np.arange(len(members) * per_client) % max(used, 1) + start
         idx[members] = rows.reshape(len(members), per_client)
+        start += used
+    pool = np.concatenate(blocks)
     one = np.zeros((clients, 1), np.int32)
     return FederatedData(x=jnp.asarray(pool), y=jnp.zeros(len(pool), jnp.int32),
                          train_idx=jnp.asarray(idx),
