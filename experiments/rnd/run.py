@@ -70,6 +70,12 @@ class Variant:
     name: str
     rnd: dict[str, Any]
     label: str
+    only: tuple[str, ...] | None = None  # populations it runs on (None: all)
+    max_seeds: int | None = None  # at most this many seeds (None: the plan's)
+
+    def runs(self, pop: str, seed_index: int) -> bool:
+        return ((self.only is None or pop in self.only)
+                and (self.max_seeds is None or seed_index < self.max_seeds))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +85,7 @@ class Population:
     name: str
     config: str
     title: str
+    max_seeds: int | None = None  # at most this many of the plan's seeds (None: all)
 
 
 PAPER = [Population("paper_fmnist", "paper_fmnist.toml",
@@ -92,9 +99,9 @@ SCALED = [Population("scaled_pattern", "scaled_pattern.toml",
           Population("scaled_rotation", "scaled_rotation.toml",
                      "1,000 clients, rotations, groups 400/300/200/100"),
           Population("scaled_dirichlet", "scaled_dirichlet.toml",
-                     "1,000 clients, Dirichlet(0.3) label skew, no groups"),
+                     "1,000 clients, Dirichlet(0.3) label skew, no groups", max_seeds=2),
           Population("scaled_labelperm", "scaled_labelperm.toml",
-                     "1,000 clients, label permutation, groups 400/300/200/100")]
+                     "1,000 clients, label permutation, groups 400/300/200/100", max_seeds=2)]
 
 GRID = [Variant("conv-train-400", {"network": "conv", "steps": 400},
                 "conv, train probes, 400 steps"),
@@ -108,18 +115,17 @@ GRID = [Variant("conv-train-400", {"network": "conv", "steps": 400},
         Variant("mlp-train-e10", {"network": "mlp"}, "MLP, train probes, 10 epochs")]
 # The control only needs the settings the paper run uses (does RND split it? it must not).
 CONTROL_GRID = GRID[:2]
-# 1,000 clients of 60 images: probes capped at 10 per client (the matrix is 10^6 pairs).
+# 1,000 clients of 60 images: probes capped at 10 per client (the matrix is 10^6 pairs). The
+# conv pair costs about 7x the MLP pair here, so the 10-epoch conv run is kept to one cell.
 SCALED_GRID = [Variant("mlp-train-e10", {"network": "mlp", "probe_cap": 10},
                        "MLP, train probes, 10 epochs (10 steps), cap 10"),
-               Variant("conv-train-e10", {"network": "conv", "probe_cap": 10},
-                       "conv, train probes, 10 epochs (10 steps), cap 10"),
                Variant("mlp-train-100", {"network": "mlp", "steps": 100, "probe_cap": 10},
                        "MLP, train probes, 100 steps, cap 10"),
                Variant("conv-train-100", {"network": "conv", "steps": 100, "probe_cap": 10},
                        "conv, train probes, 100 steps, cap 10"),
-               Variant("mlp-holdout-100", {"network": "mlp", "steps": 100, "probe": "holdout",
-                                           "probe_cap": 10},
-                       "MLP, holdout probes, 100 steps, cap 10")]
+               Variant("conv-train-e10", {"network": "conv", "probe_cap": 10},
+                       "conv, train probes, 10 epochs (10 steps), cap 10",
+                       only=("scaled_pattern",), max_seeds=1)]
 
 
 @dataclasses.dataclass
@@ -298,13 +304,16 @@ def read_federations(scores: np.ndarray, self_std: np.ndarray, sigma: str,
     return federations(comp, rule, s_self), float(e)
 
 
-def label_tv(y_hist: np.ndarray, fed: np.ndarray) -> tuple[float, float]:
+def label_tv(y_hist: np.ndarray, fed: np.ndarray, tv: np.ndarray | None = None
+             ) -> tuple[float, float]:
     """Mean total-variation distance of client label distributions within / across federations.
 
-    ``y_hist [C, K]`` label proportions. ``nan`` where there is no such pair.
+    ``y_hist [C, K]`` label proportions (``tv``: their ``[C, C]`` distances, if already known).
+    ``nan`` where there is no such pair.
     """
-    p = np.asarray(y_hist, np.float64)
-    tv = 0.5 * np.abs(p[:, None, :] - p[None, :, :]).sum(-1)
+    if tv is None:
+        p = np.asarray(y_hist, np.float64)
+        tv = 0.5 * np.abs(p[:, None, :] - p[None, :, :]).sum(-1)
     same = fed[:, None] == fed[None, :]
     off = ~np.eye(len(fed), dtype=bool)
     w, b = tv[same & off], tv[~same]
@@ -312,21 +321,41 @@ def label_tv(y_hist: np.ndarray, fed: np.ndarray) -> tuple[float, float]:
             float(b.mean()) if b.size else float("nan"))
 
 
+RULES = ("mutual", "leader")
+
+
+def read_key(sigma: str, eps: str | float, rule: str = "mutual") -> str:
+    """``"row/auto"`` for the mutual rule (the default), ``"row/auto/leader"`` otherwise."""
+    return f"{sigma}/{eps}" if rule == "mutual" else f"{sigma}/{eps}/{rule}"
+
+
 def score_reads(scores, self_std, group, y_hist=None) -> dict[str, dict[str, Any]]:
-    """Every (sigma, eps) read of one novelty matrix: ARI/NMI vs ``group``, federation sizes."""
+    """Every (sigma, eps, rule) read of one novelty matrix: ARI/NMI vs ``group``, sizes.
+
+    Rules: ``mutual`` (connected components of mutually compatible pairs, the default) and
+    ``leader`` (no chaining through intermediaries); see :func:`fedrnd.rnd.federations`.
+    """
     from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
+    tv = None
+    if y_hist is not None:
+        p = np.asarray(y_hist, np.float32)
+        tv = np.zeros((len(p), len(p)), np.float32)
+        for k in range(p.shape[1]):  # per class: no [C, C, K] temporary at 1,000 clients
+            tv += np.abs(p[:, None, k] - p[None, :, k])
+        tv *= 0.5
     reads = {}
-    for sg in SIGMAS:
-        for e in EPS_READS:
-            fed, used = read_federations(scores, self_std, sg, e)
-            sizes = np.sort(np.bincount(fed))[::-1]
-            r = {"eps": used, "federations": int(fed.max()) + 1, "sizes": sizes.tolist(),
-                 "ari": float(adjusted_rand_score(group, fed)),
-                 "nmi": float(normalized_mutual_info_score(group, fed))}
-            if y_hist is not None:
-                r["label_tv_within"], r["label_tv_across"] = label_tv(y_hist, fed)
-            reads[f"{sg}/{e}"] = r
+    for rule in RULES:
+        for sg in SIGMAS:
+            for e in EPS_READS:
+                fed, used = read_federations(scores, self_std, sg, e, rule)
+                sizes = np.sort(np.bincount(fed))[::-1]
+                r = {"eps": used, "federations": int(fed.max()) + 1, "sizes": sizes.tolist(),
+                     "ari": float(adjusted_rand_score(group, fed)),
+                     "nmi": float(normalized_mutual_info_score(group, fed))}
+                if tv is not None:
+                    r["label_tv_within"], r["label_tv_across"] = label_tv(y_hist, fed, tv)
+                reads[read_key(sg, e, rule)] = r
     return reads
 
 
@@ -347,7 +376,8 @@ def _label_hist(data) -> np.ndarray:
 
 
 def run_discovery_cell(pop: Population, variant: Variant, seed: int, cells: Path, part: str,
-                       quick: bool, figures: Path | None, keep_matrix: bool) -> None:
+                       quick: bool, figures: Path | None, keep_matrix: bool,
+                       matrices: Path | None = None) -> None:
     path = cell_path(cells, part, pop.name, variant.name, seed)
     if path.exists():
         return
@@ -381,6 +411,12 @@ def run_discovery_cell(pop: Population, variant: Variant, seed: int, cells: Path
             "reads": reads, "host": {**info, "load_avg_1min_end": round(os.getloadavg()[0], 2)}}
     if keep_matrix:
         cell.update(scores=disc.scores, self_std=disc.self_std, group=group)
+    elif matrices is not None:
+        # Too big for a cell (4 MB per 1,000 clients); kept outside git for later re-reads.
+        m = matrices / part / pop.name / variant.name
+        m.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(m / f"seed{seed}.npz", scores=disc.scores, self_std=disc.self_std,
+                            sigma=disc.sigma, group=group, label_hist=y_hist)
     if figures is not None and seed == min(FULL.seeds) and not keep_matrix:
         _plot_normalised(figures / f"{pop.name}_{variant.name}_seed{seed}.png", disc.scores,
                          disc.sigma, group,
@@ -467,10 +503,15 @@ def run_part(part: str, plan: Plan, cells: Path, runs: Path, figures: Path | Non
                         continue  # data known to be absent; tried again once per run
                     run_discovery_cell(pop, v, seed, cells, part, q, figures, keep_matrix=True)
     elif part == "scaled":
-        for seed in plan.scaled_seeds:
+        for i, seed in enumerate(plan.scaled_seeds):
             for pop in SCALED:
+                if pop.max_seeds is not None and i >= pop.max_seeds:
+                    continue
                 for v in SCALED_GRID:
-                    run_discovery_cell(pop, v, seed, cells, part, q, figures, keep_matrix=False)
+                    if not v.runs(pop.name, i):
+                        continue
+                    run_discovery_cell(pop, v, seed, cells, part, q, figures, keep_matrix=False,
+                                       matrices=runs / "matrices")
     elif part == "scaled_acc":
         for seed in plan.scaled_acc_seeds:
             run_sim_cell(SCALED[0], seed, cells, part, q, runs, figures)
@@ -479,6 +520,30 @@ def run_part(part: str, plan: Plan, cells: Path, runs: Path, figures: Path | Non
 
 
 PARTS = ("paper", "control", "grid", "scaled", "scaled_acc")
+
+
+def reread(cells: Path, runs: Path) -> int:
+    """Recompute the sigma/eps/rule reads of existing discovery cells from their stored
+    matrices (in the cell for 12 clients, ``runs/matrices`` for 1,000); returns how many."""
+    n = 0
+    for path in sorted(cells.rglob("seed*.json")):
+        cell = json.loads(path.read_text())
+        if "reads" not in cell:
+            continue
+        if "scores" in cell:
+            s, sd, g, yh = cell["scores"], cell["self_std"], cell["group"], None
+        else:
+            npz = runs / "matrices" / cell["part"] / cell["population"] / cell["variant"] \
+                / path.name.replace(".json", ".npz")
+            if not npz.exists():
+                continue
+            z = np.load(npz)
+            s, sd, g, yh = z["scores"], z["self_std"], z["group"], z["label_hist"]
+        cell["reads"] = score_reads(np.asarray(s, np.float32), np.asarray(sd), np.asarray(g),
+                                    yh)
+        write_cell(path, cell)
+        n += 1
+    return n
 
 
 # --------------------------------------------------------------------------------------------
@@ -714,12 +779,31 @@ def _grid_section(cells: Path) -> list[str]:
                  mean_std([c["predictor_loss"] for c in cs], "{:.2f}")] for v, cs in have]
         L += _table(["setting", "seeds", "ARI", "NMI", "federations", "time (s)",
                      "predictor loss"], rows) + [""]
-        L += ["sigma x eps, ARI (mean ± std over seeds) for each setting:", ""]
-        reads = [f"{s}/{e}" for s in SIGMAS for e in EPS_READS]
-        rows = [[v.label, *[mean_std([c["reads"][r]["ari"] for c in cs], "{:.2f}")
-                            for r in reads]] for v, cs in have]
-        L += _table(["setting", *[r.replace("/", " ") for r in reads]], rows) + [""]
+        L += _eps_table(have, with_federations=False)
     return L
+
+
+def _read_values(cs: list[dict[str, Any]], key: str, field: str) -> list[float]:
+    return [c["reads"][key][field] for c in cs if key in c["reads"]]
+
+
+def _eps_table(have, with_federations: bool) -> list[str]:
+    """ARI (and federations) for every sigma x eps, one row per (setting, rule)."""
+    cols = [(s, e) for s in SIGMAS for e in EPS_READS]
+    rows = []
+    for v, cs in have:
+        for rule in RULES:
+            cells_ = []
+            for s, e in cols:
+                k = read_key(s, e, rule)
+                a = mean_std(_read_values(cs, k, "ari"), "{:.2f}")
+                if with_federations:
+                    a += f" ({mean_std(_read_values(cs, k, 'federations'), '{:.0f}')})"
+                cells_.append(a)
+            rows.append([v.label, rule, *cells_])
+    head = ["setting", "rule", *[f"{s} {e}" for s, e in cols]]
+    what = "ARI (federations)" if with_federations else "ARI"
+    return [f"sigma x eps x rule, {what}, mean ± std over seeds:", "", *_table(head, rows), ""]
 
 
 def _scaled_section(cells: Path, figures: Path) -> list[str]:
@@ -751,12 +835,7 @@ def _scaled_section(cells: Path, figures: Path) -> list[str]:
                   "inside federations with pairs across federations: lower inside means RND "
                   "grouped clients with similar label mixes (it sees only their images).", ""]
         L += _table(head, rows) + [""]
-        reads = [f"{s}/{e}" for s in SIGMAS for e in EPS_READS]
-        rows = [[v.label, *[f"{mean_std([c['reads'][r]['ari'] for c in cs], '{:.2f}')} "
-                            f"({mean_std([c['reads'][r]['federations'] for c in cs], '{:.0f}')})"
-                            for r in reads]] for v, cs in have]
-        L += ["sigma x eps: ARI (federations):", ""]
-        L += _table(["setting", *[r.replace("/", " ") for r in reads]], rows) + [""]
+        L += _eps_table(have, with_federations=True)
         for v, _ in have:
             png = figures / f"{pop.name}_{v.name}_seed0.png"
             if png.exists():
@@ -787,6 +866,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true",
                    help="smoke test: tiny populations and schedules, one seed")
     p.add_argument("--report", action="store_true", help="only rebuild RESULTS.md")
+    p.add_argument("--reread", action="store_true",
+                   help="recompute the sigma/eps/rule reads of existing discovery cells from "
+                        "their stored novelty matrices (no discovery), then the report")
     p.add_argument("--out", type=Path, default=None,
                    help="where cells, figures and RESULTS.md go (default: experiments/rnd; "
                         "--quick needs it)")
@@ -806,7 +888,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if out == HERE:
         runs = ROOT / "runs" / "rnd_experiments"  # git-ignored
     _compilation_cache()
-    if not args.report:
+    if args.reread:
+        print(f"re-read {reread(cells, runs)} cells")
+    elif not args.report:
         for part in args.parts:
             run_part(part, plan, cells, runs, figures)
     report(cells, out / "RESULTS.md", figures, plan)

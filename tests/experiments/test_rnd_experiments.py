@@ -33,16 +33,18 @@ def population():
     return groups, grouped_gaussian(groups, n=40, dim=6, sep=6.0)
 
 
-@pytest.mark.parametrize("sigma,eps", [("row", "auto"), ("self", 0.5), ("row", 1.0),
-                                       ("self", "auto"), ("row", 0.0)])
+@pytest.mark.parametrize("sigma,eps,rule", [("row", "auto", "mutual"), ("self", 0.5, "mutual"),
+                                            ("row", 1.0, "mutual"), ("self", "auto", "mutual"),
+                                            ("row", 0.0, "mutual"), ("row", 1.0, "leader"),
+                                            ("self", 2.0, "leader")])
 def test_reading_a_matrix_with_another_setting_is_discover_with_that_setting(
-        run, population, sigma, eps):
+        run, population, sigma, eps, rule):
     _, data = population
     base = RNDConfig(network="mlp", epochs=3)
     ref = discover(data, base, key=jax.random.key(3))
-    other = discover(data, dataclasses.replace(base, sigma=sigma, eps=eps),
+    other = discover(data, dataclasses.replace(base, sigma=sigma, eps=eps, rule=rule),
                      key=jax.random.key(3))
-    fed, used = run.read_federations(ref.scores, ref.self_std, sigma, eps)
+    fed, used = run.read_federations(ref.scores, ref.self_std, sigma, eps, rule)
     np.testing.assert_array_equal(fed, other.federation)
     assert used == pytest.approx(other.eps)
 
@@ -51,7 +53,9 @@ def test_score_reads_finds_separable_groups_and_reports_sizes(run, population):
     groups, data = population
     disc = discover(data, RNDConfig(network="mlp", epochs=3), key=jax.random.key(0))
     reads = run.score_reads(disc.scores, disc.self_std, groups)
-    assert set(reads) == {f"{s}/{e}" for s in run.SIGMAS for e in run.EPS_READS}
+    assert set(reads) == {run.read_key(s, e, r) for s in run.SIGMAS for e in run.EPS_READS
+                          for r in run.RULES}
+    assert "row/auto" in reads and "row/auto/leader" in reads
     r = reads[run.DEFAULT_READ]
     assert r["federations"] == disc.num_federations
     assert sum(r["sizes"]) == len(groups) and r["sizes"] == sorted(r["sizes"], reverse=True)
@@ -121,6 +125,18 @@ def test_quick_discovery_parts_cache_cells_skip_missing_data_and_report(
     assert "QUICK SMOKE RUN" in text and "skipped (data not available here)" in text
     assert "| MLP | 1 |" in text  # the grid table row, generated from the cell
     assert "label TV within / across" in text
+    # Re-reading from the stored matrices (in the cell; runs/matrices at scale) restores reads.
+    for rel in ("grid/paper_fmnist/mlp-train-e10/seed0.json",
+                "scaled/scaled_dirichlet/mlp-train-e10/seed0.json"):
+        path = tmp_path / "cells" / rel
+        before = json.loads(path.read_text())
+        path.write_text(json.dumps({**before, "reads": {}}))
+    assert run.reread(tmp_path / "cells", tmp_path / "runs") == 2
+    for rel in ("grid/paper_fmnist/mlp-train-e10/seed0.json",
+                "scaled/scaled_dirichlet/mlp-train-e10/seed0.json"):
+        after = json.loads((tmp_path / "cells" / rel).read_text())
+        assert after["reads"]["row/auto"]["federations"] >= 1
+        assert "self/0.5/leader" in after["reads"]
     # A second run finds every cell and computes nothing.
     import fedrnd.rnd as rnd_pkg
 
