@@ -120,6 +120,11 @@ class Config:
     progress: bool = True
     finetune: bool = False
     finetune_epochs: int = 1
+    autotune: bool = False
+    memory_limit: int | str | None = None
+    coordinator: str | None = None
+    num_processes: int = 1
+    process_id: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -283,6 +288,7 @@ def validate(cfg: Config) -> Config:
     need(cfg.chunk_size is None or cfg.chunk_size >= 1,
          f"chunk_size must be >= 1 (or unset for the backend default), got {cfg.chunk_size}")
     need(cfg.num_devices >= 1, f"num_devices must be >= 1, got {cfg.num_devices}")
+    _validate_scale(cfg, need)
     need(cfg.finetune_epochs >= 1, f"finetune_epochs must be >= 1 (finetune = false turns the "
                                    f"fine-tune evaluation off), got {cfg.finetune_epochs}")
     need(cfg.model.name in MODELS, f"model.name={cfg.model.name!r} is unknown; allowed: "
@@ -315,6 +321,31 @@ def validate(cfg: Config) -> Config:
         need(not bad, f"algorithms.{i} ({a.name}) has no option(s) {bad}; allowed: "
                       f"{algorithm_options(a.name)}")
     return cfg
+
+
+def _validate_scale(cfg: Config, need: Callable[[bool, str], None]) -> None:
+    """Multi-host and memory fields (see fedrnd.driver.distributed, fedrnd.driver.memory)."""
+    if cfg.memory_limit is not None and not (
+            isinstance(cfg.memory_limit, str) and cfg.memory_limit.strip().lower() == "off"):
+        from fedrnd.driver.memory import parse_bytes
+
+        try:
+            parse_bytes(cfg.memory_limit)
+        except ValueError as e:
+            raise ValueError(f"config: {e}") from None
+    n = cfg.num_processes
+    need(n >= 0, f"num_processes must be >= 1 (or 0 to detect the cluster), got {n}")
+    if n > 1:
+        need(cfg.process_id is not None and cfg.coordinator is not None,
+             f"num_processes = {n} needs coordinator (process 0's host:port) and process_id "
+             "(this process's rank in [0, num_processes))")
+    if cfg.process_id is not None:
+        need(cfg.process_id >= 0 and (n == 0 or cfg.process_id < n),
+             f"process_id must be in [0, num_processes = {n}), got {cfg.process_id}")
+    if cfg.coordinator is not None:
+        host, _, port = cfg.coordinator.rpartition(":")
+        need(bool(host) and port.isdigit() and 0 < int(port) < 65536,
+             f"coordinator must be host:port (e.g. '10.0.0.1:1234'), got {cfg.coordinator!r}")
 
 
 def _validate_drift(d: DriftConfig, cfg: Config, need: Callable[[bool, str], None]) -> None:

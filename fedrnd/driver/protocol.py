@@ -19,6 +19,7 @@ import numpy as np
 
 from fedrnd.data.federated import FederatedData
 from fedrnd.engine import ClientHParams, finetune_evaluate, finetune_key, summarize
+from fedrnd.engine.multihost import to_host
 
 
 def finetune_results(cfg: Any, alg: Any, state: Any, data: FederatedData, hp: ClientHParams
@@ -36,11 +37,12 @@ def finetune_results(cfg: Any, alg: Any, state: Any, data: FederatedData, hp: Cl
     fn = jax.jit(lambda s, d, h, k: finetune_evaluate(engine, *alg.models(s), d, h, k, epochs,
                                                       cfg.eval_batch))
     t0 = time.perf_counter()
+    # to_host: scores and counts may be spread over several processes (multi-host runs).
     scores = {k: np.asarray(v) for k, v in
-              jax.device_get(fn(state, data, hp, finetune_key(cfg.seed))).items()}
+              to_host(fn(state, data, hp, finetune_key(cfg.seed))).items()}
     seconds = time.perf_counter() - t0
-    summary = summarize(scores, np.asarray(data.train_count), np.asarray(data.test_count),
-                        np.asarray(data.group))
+    summary = summarize(scores, to_host(data.train_count), to_host(data.test_count),
+                        to_host(data.group))
     summary = {k.replace("/", "_ft/", 1): v for k, v in summary.items()}
     summary["finetune_time"] = seconds
     return {f"{k}_ft": v for k, v in scores.items()}, summary

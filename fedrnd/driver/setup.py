@@ -82,6 +82,20 @@ def build_data(cfg: Config, log: Callable[[str], None] | None = None
     return data, info
 
 
+def _mesh(cfg: Config):
+    import jax
+
+    if jax.process_count() > 1:
+        # Multi-host: the client axis always spans the devices of every process.
+        n = jax.device_count()
+        if cfg.num_devices not in (1, n):
+            raise ValueError(f"config: num_devices = {cfg.num_devices}, but a run over "
+                             f"{jax.process_count()} processes shards the clients over all "
+                             f"{n} devices; leave num_devices unset or set it to {n}")
+        return make_mesh(n)
+    return make_mesh(cfg.num_devices) if cfg.num_devices > 1 else None
+
+
 def build_engine(cfg: Config, data: FederatedData) -> tuple[Engine, ClientHParams, ClientMapper]:
     """The task model, local schedule, per-client optimizers and the client map of a run."""
     loc = cfg.local
@@ -95,7 +109,7 @@ def build_engine(cfg: Config, data: FederatedData) -> tuple[Engine, ClientHParam
         if loc.schedule == "cosine":
             opts.setdefault("rounds", cfg.rounds)
         schedule = lr_schedule(loc.schedule, **opts)
-    mesh = make_mesh(cfg.num_devices) if cfg.num_devices > 1 else None
+    mesh = _mesh(cfg)
     mapper = ClientMapper(cfg.chunk_size, mesh)
     if mesh is not None:
         mapper._check_divisible(data.train_count)
