@@ -66,31 +66,47 @@ from fedrnd.engine import (
 BASES = ("per_class", "all")
 PROXIMITIES = ("sum_angles", "smallest_angle", "elementwise")
 LINKAGES = ("complete", "average")
+OVERSAMPLE = 8
+"""Extra directions in the refinement of the top singular vectors (see :func:`_top_vectors`)."""
 DEFAULT_THRESHOLD = 20.0
 """Degrees, for the default smallest principal angle (see the README's measurements)."""
 
 
 # ------------------------------------------------------------------------------------------
 # Subspaces (per client, jitted and mapped over clients)
-def _rank_mask(s: jax.Array, shape: tuple[int, int]) -> jax.Array:
-    """Singular values that count (numpy's matrix_rank tolerance) ``s: [..., k]`` -> bool."""
-    tol = jnp.max(s, axis=-1, keepdims=True) * max(shape) * jnp.finfo(s.dtype).eps
-    return s > jnp.maximum(tol, jnp.finfo(s.dtype).tiny)
-
-
 def _top_vectors(m: jax.Array, p: int) -> tuple[jax.Array, jax.Array]:
     """Top-``p`` right singular vectors of ``m: [..., n, d]`` (the left singular vectors of
     ``m^T``, the features x samples matrix) and which of them are real: ``[..., p, d]``,
-    ``[..., p]``. Fewer than ``p`` real directions (few samples) leave masked zero rows."""
-    _, s, vt = jnp.linalg.svd(m, full_matrices=False)
-    ok = _rank_mask(s, m.shape[-2:])
-    k = s.shape[-1]
+    ``[..., p]``. Fewer than ``p`` real directions (few samples) leave masked zero rows.
+
+    Computed from the eigenvectors of the smaller Gram matrix (``m m^T`` or ``m^T m``), on a
+    CPU about 20x faster than an SVD of ``m``, then refined in ``m``'s own space.
+    """
+    n, d = m.shape[-2:]
+    mt = jnp.swapaxes(m, -1, -2)
+    k = min(p, n, d)
+    kk = min(p + OVERSAMPLE, n, d)
+    if n < d:
+        w, a = jnp.linalg.eigh(m @ mt)  # ascending
+        w, a = w[..., ::-1][..., :kk], a[..., ::-1][..., :kk]
+        v = mt @ a  # [..., d, kk]: columns s_i * v_i
+    else:
+        w, vecs = jnp.linalg.eigh(mt @ m)
+        w, v = w[..., ::-1][..., :kk], vecs[..., ::-1][..., :kk]
+    # Numerical rank on the eigenvalues (squared singular values) of the Gram matrix.
+    w = w[..., :k]
+    top = jnp.max(w, axis=-1, keepdims=True)
+    ok = w > jnp.maximum(top * max(n, d) * jnp.finfo(w.dtype).eps, jnp.finfo(w.dtype).tiny)
+    # The Gram matrix squares the condition number; one block power step on a few extra
+    # directions and a Rayleigh-Ritz SVD of the small ``n x kk`` projection in ``m``'s own
+    # space win the lost float32 digits back (an SVD of ``m`` itself is the slow part).
+    q, _ = jnp.linalg.qr(mt @ (m @ v))  # [..., d, kk]
+    _, _, wt = jnp.linalg.svd(m @ q, full_matrices=False)  # [..., kk, kk]
+    v = jnp.where(ok[..., None], (wt @ jnp.swapaxes(q, -1, -2))[..., :k, :], 0.0)
     if k < p:
-        pad = [(0, 0)] * (vt.ndim - 2) + [(0, p - k), (0, 0)]
-        vt = jnp.pad(vt, pad)
-        ok = jnp.pad(ok, pad[:-1])
-    vt, ok = vt[..., :p, :], ok[..., :p]
-    return vt * ok[..., None], ok
+        v = jnp.pad(v, [(0, 0)] * (v.ndim - 2) + [(0, p - k), (0, 0)])
+        ok = jnp.pad(ok, [(0, 0)] * (ok.ndim - 1) + [(0, p - k)])
+    return v, ok
 
 
 def client_basis(x: jax.Array, y: jax.Array, count: jax.Array, *, p: int, num_classes: int,
