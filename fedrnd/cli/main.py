@@ -30,7 +30,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     _enable_compilation_cache()
     result = simulate(cfg, resume=args.resume, run_dir=args.run_dir,
                       progress=False if args.no_progress else None)
-    print(run_report(result))
+    from fedrnd.driver.distributed import is_primary
+
+    if is_primary():  # multi-host: one report, from process 0
+        print(run_report(result))
     return 0
 
 

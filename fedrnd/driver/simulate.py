@@ -95,7 +95,8 @@ def simulate(config: Config | dict | str | Path | None = None, *, resume: bool =
       data: a prebuilt :class:`FederatedData`, or :class:`DriftingData` for data that drifts
         (skips ``config.data``, including ``config.data.drift``).
 
-    The result's ``data`` is the data in effect at the end (after the last drift).
+    The result's ``data`` is the data in effect at the end (after the last drift); with
+    several processes, as host arrays (and each method's ``state`` too).
 
     Multi-host (``num_processes``, :mod:`fedrnd.driver.distributed`): call it on every
     process with the same config; process 0 writes the outputs and prints.
@@ -157,8 +158,8 @@ def simulate(config: Config | dict | str | Path | None = None, *, resume: bool =
         with _CompileClock() as clock:
             results[tag] = _run_method(cfg, tag, alg, phases, host, hp, run_dir / tag, resume,
                                        show, verbose, clock)
-    result = SimulationResult(cfg, run_dir, results, phases.at(cfg.rounds),
-                              phases if phases.events else None, plan)
+    result = SimulationResult(cfg, run_dir, results, host.at(cfg.rounds),
+                              host if host.events else None, plan)
     if primary:
         outputs.write_summary(run_dir, results)
         outputs.plot_accuracy(run_dir / "accuracy.png", results, title=cfg.name)
