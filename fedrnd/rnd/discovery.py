@@ -452,33 +452,33 @@ def _pad_rows(a: np.ndarray, n: int, fill) -> np.ndarray:
     return np.concatenate([a, pad])
 
 
-def _tiled_predictors(preds: PyTree, k: int) -> PyTree:
-    """Leaves ``[C, ...] -> [ceil(C / k), k, ...]``; the last tile is padded with copies of
-    predictor 0 (their scores are dropped)."""
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _fused_rows(pair: RNDPair, mapper: ClientMapper, k: int, preds, x_pool, t_pool, idx, count):
     c = jax.tree.leaves(preds)[0].shape[0]
-    t = -(-c // k)
-    idx = jnp.asarray(_pad_rows(np.arange(c), t * k, 0))
-    return jax.tree.map(lambda a: a[idx].reshape(t, k, *a.shape[1:]), preds)
+    n_cols = -(-c // k)
+    # Predictor tiles are slices [s, s + k) of preds, not a padded copy of them (1 GB for
+    # 10,000 MLP predictors): the last tile starts at c - k and overlaps the one before it.
+    starts = jnp.minimum(jnp.arange(n_cols) * k, c - k)
 
-
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _fused_rows(pair: RNDPair, mapper: ClientMapper, pred_tiles, x_pool, t_pool, idx, count):
     def tile(rows, shared):
-        pt, xp, tp = shared
+        ps, xp, tp = shared
         r, m = rows["idx"].shape
         flat = rows["idx"].reshape(-1)
         x, t = xp[flat], tp[flat]
         mask = (jnp.arange(m)[None, :] < rows["count"][:, None]).astype(jnp.float32)
         n = jnp.maximum(rows["count"], 1).astype(jnp.float32)
 
-        def col(p):
+        def col(s):
+            p = jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, s, k), ps)
             err = stacked_errors(pair, p, x, t)  # [K, R * M]
-            return jnp.sum(err.reshape(-1, r, m) * mask, axis=-1) / n  # [K, R]
+            return jnp.sum(err.reshape(k, r, m) * mask, axis=-1) / n  # [K, R]
 
-        out = jax.lax.map(col, pt)  # [T, K, R]
-        return out.reshape(-1, r).T
+        out = jax.lax.map(col, starts)  # [T, K, R]
+        j = jnp.arange(c)
+        tj = jnp.minimum(j // k, n_cols - 1)
+        return out[tj, j - starts[tj]].T  # [R, C]
 
-    return mapper.map(tile, {"idx": idx, "count": count}, (pred_tiles, x_pool, t_pool))
+    return mapper.map(tile, {"idx": idx, "count": count}, (preds, x_pool, t_pool))
 
 
 def _fused_matrix(pair: RNDPair, preds, x_pool, t_pool, probe_idx, probe_count, *, row_tile,
@@ -496,11 +496,11 @@ def _fused_matrix(pair: RNDPair, preds, x_pool, t_pool, probe_idx, probe_count, 
     n_tiles += (-n_tiles) % mapper.num_shards
     idx = _pad_rows(np.asarray(probe_idx, np.int32), n_tiles * r, 0)
     cnt = _pad_rows(np.asarray(probe_count, np.int32), n_tiles * r, 1)
-    out = _fused_rows(pair, dataclasses.replace(mapper, chunk_size=1),
-                      _tiled_predictors(preds, k), jnp.asarray(x_pool), jnp.asarray(t_pool),
+    out = _fused_rows(pair, dataclasses.replace(mapper, chunk_size=1), k, preds,
+                      jnp.asarray(x_pool), jnp.asarray(t_pool),
                       jnp.asarray(idx.reshape(n_tiles, r, m)),
                       jnp.asarray(cnt.reshape(n_tiles, r)))
-    return out.reshape(n_tiles * r, -1)[:rows, :c]
+    return out.reshape(n_tiles * r, c)[:rows]
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
