@@ -203,12 +203,14 @@ def run_one(data, model, *, chunk_size: int | None, rounds: int, batch: int, lr:
                     path=path)
     fast = engine.use_lowrank(data)
     load_before = os.getloadavg()
-    rss_start = current_rss_mib()
-    run_peak = reset_peak_rss()
     alg = FedAvg(engine=engine, server_opt="sgd", server_lr=1.0)
     state = alg.init(jax.random.key(seed), data, hp)
     step = jax.jit(alg.round)
     keys = jax.random.split(jax.random.key(seed + 1), rounds + 1)
+    # From here on (after alg.init, whose input checks copy the data to the host once):
+    # compile and rounds only.
+    rss_start = current_rss_mib()
+    run_peak = reset_peak_rss()
 
     t0 = time.perf_counter()
     compiled = step.lower(state, data, keys[0]).compile()
@@ -265,8 +267,8 @@ def run_one(data, model, *, chunk_size: int | None, rounds: int, batch: int, lr:
         "loadavg_before": load_before,
         "loadavg_after": os.getloadavg(),
         "peak_rss_mib": peak_rss_mib(),
-        # This run's own peak (compile + rounds; the data already built), and the RSS it
-        # started from: the difference is what training added.
+        # This run's own peak (compile + rounds; data built, state initialised), and the RSS
+        # it started from: the difference is what compiling and training added.
         "run_peak_rss_mib": peak_rss_since_reset_mib() if run_peak else None,
         "run_start_rss_mib": rss_start,
         "current_rss_mib": current_rss_mib(),
@@ -405,8 +407,8 @@ def main(argv: list[str] | None = None) -> dict:
     if any(ch is None for ch in chunks):
         print("(* = backend default chunk size)")
     print(f"RSS is the process peak so far (cumulative over a sweep; generating the data "
-          f"usually sets it); +run is the run's own peak (compile and rounds) over the RSS it "
-          f"started from; current RSS {current_rss_mib() or float('nan'):.0f} MiB.")
+          f"usually sets it); +run is the run's own peak (compile and rounds) over the RSS "
+          f"before compiling; current RSS {current_rss_mib() or float('nan'):.0f} MiB.")
     dm = device_memory()
     if dm:
         print(f"device memory: {dm}")
