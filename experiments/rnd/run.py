@@ -579,13 +579,14 @@ def _sizes_summary(sizes_per_seed: list[list[int]], top: int = 4) -> str:
 
 
 def _config_header(name: str) -> str:
-    """The ``# ...`` header of a config file (what runs, with which model and rounds)."""
+    """The ``# Data: ...`` part of a config file's header (data, model, rounds, methods)."""
     lines = []
     for line in (HERE / name).read_text().splitlines():
         if not line.startswith("#"):
             break
         lines.append(line[1:].strip())
-    return " ".join(lines)
+    text = " ".join(lines)
+    return text[text.find("Data:"):] if "Data:" in text else text
 
 
 def _plot_seeds(path: Path, cells: list[dict[str, Any]], title: str) -> None:
