@@ -133,7 +133,7 @@ class CFL(Algorithm):
       check_every: test the criterion every this many rounds (host hook period; default 1).
       gamma_max: the paper's check: split only when ``gamma_max < sqrt((1 - alpha_cross) / 2)``,
         ``alpha_cross`` the largest cosine similarity across the two sides (default 0.6, i.e.
-        ``alpha_cross < 0.28``); ``None``: no check (the authors' code).
+        ``alpha_cross < 0.28``); ``None`` or 0: no check (the authors' code).
       smoothing: average each client's updates over rounds with this factor for the split
         statistics (default 0.9; 0: the latest update only, as published).
       max_slots: hard cap on cluster slots.
@@ -300,7 +300,7 @@ class CFL(Algorithm):
             u = _flat(cl["update"], part)
             alpha = cosine_similarity(u)
             side = bipartition(alpha)
-            if self.gamma_max is not None:
+            if self.gamma_max:
                 cross = alpha[np.ix_(side == 0, side == 1)].max()
                 if not self.gamma_max < np.sqrt((1.0 - cross) / 2.0):
                     continue

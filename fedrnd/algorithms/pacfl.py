@@ -110,22 +110,28 @@ def _top_vectors(m: jax.Array, p: int) -> tuple[jax.Array, jax.Array]:
 
 
 def client_basis(x: jax.Array, y: jax.Array, count: jax.Array, *, p: int, num_classes: int,
-                 basis: str) -> tuple[jax.Array, jax.Array]:
+                 basis: str, class_cap: int | None = None) -> tuple[jax.Array, jax.Array]:
     """One client's bases: for each class (``"per_class"``) or for all samples (``"all"``).
 
     Args:
       x: ``[N, d]`` the client's (padded) samples; y: ``[N]`` labels; count: valid rows.
+      class_cap: static bound on the client's samples of any one class (default ``N``): each
+        class's data matrix is gathered into ``class_cap`` rows instead of masking all ``N``.
     Returns:
       ``(vectors [G, p, d], valid [G, p])``, ``G = num_classes`` or 1: orthonormal rows, the
       top-``p`` left singular vectors of each data matrix; rows past its rank (few or no
       samples of a class) are zero and invalid.
     """
-    valid = jnp.arange(x.shape[0]) < count
+    n = x.shape[0]
+    valid = jnp.arange(n) < count
     if basis == "all":
-        masks = valid[None, :]
-    else:
-        masks = valid[None, :] & (y[None, :] == jnp.arange(num_classes)[:, None])  # [L, N]
-    return _top_vectors(x[None] * masks[..., None], p)
+        return _top_vectors((x * valid[:, None])[None], p)
+    cap = n if class_cap is None else min(int(class_cap), n)
+    mine = valid[None, :] & (y[None, :] == jnp.arange(num_classes)[:, None])  # [L, N]
+    # Each class's own rows first (in order), the rest after: take the first ``cap``.
+    order = jnp.argsort(jnp.where(mine, 0, 1) * n + jnp.arange(n), axis=1)[:, :cap]
+    keep = jnp.take_along_axis(mine, order, axis=1)
+    return _top_vectors(x[order] * keep[..., None], p)  # [L, cap, d]
 
 
 def subspaces(data: FederatedData, *, p: int, basis: str, max_samples: int | None = None,
@@ -136,18 +142,28 @@ def subspaces(data: FederatedData, *, p: int, basis: str, max_samples: int | Non
     if basis not in BASES:
         raise ValueError(f"pacfl basis must be one of {BASES}, got {basis!r}")
     n = data.max_train if max_samples is None else min(int(max_samples), data.max_train)
-    fn = _subspaces_fn(mapper or ClientMapper(), p, basis, data.num_classes, n)
-    return fn(data.train_idx[:, :n], jnp.minimum(data.train_count, n), data.x, data.y)
+    idx = data.train_idx[:, :n]
+    count = jnp.minimum(data.train_count, n)
+    cap = None
+    if basis == "per_class":
+        # The largest class of any client bounds the per-class matrices (a static shape).
+        y = np.asarray(data.y)[np.asarray(idx)]
+        y = np.where(np.arange(n)[None, :] < np.asarray(count)[:, None], y, data.num_classes)
+        per = np.stack([np.bincount(row, minlength=data.num_classes + 1) for row in y])
+        cap = max(1, int(per[:, :data.num_classes].max()))
+    fn = _subspaces_fn(mapper or ClientMapper(), p, basis, data.num_classes, n, cap)
+    return fn(idx, count, data.x, data.y)
 
 
 @functools.lru_cache(maxsize=16)
-def _subspaces_fn(mapper: ClientMapper, p: int, basis: str, num_classes: int, n: int):
+def _subspaces_fn(mapper: ClientMapper, p: int, basis: str, num_classes: int, n: int,
+                  cap: int | None):
     def one(client, shared):
         x_pool, y_pool = shared
         idx = client["idx"]
         x = x_pool[idx].reshape(n, -1).astype(jnp.float32)
         return client_basis(x, y_pool[idx], client["count"], p=p, num_classes=num_classes,
-                            basis=basis)
+                            basis=basis, class_cap=cap)
 
     @jax.jit
     def run(idx, count, x, y):
