@@ -224,3 +224,20 @@ def test_pool_padding_changes_shapes_not_results(tmp_path):
     for k in ("test_acc/mean", "test_acc_ft/mean", "train_loss/mean"):
         assert a.final[k] == b.final[k], k
     assert pad_pool(padded, 256) is padded
+
+
+def test_shipped_grid_is_valid():
+    from fedrnd.driver.compare import load_grid
+
+    grid = load_grid("experiments/compare.toml")
+    assert [s.name for s in grid.scenarios] == [
+        "feature_pattern", "rotation", "label_permutation", "dirichlet-0.1", "dirichlet-0.5",
+        "shards-2"]
+    assert [s.groups for s in grid.scenarios] == [4, 4, 4, 1, 1, 1]
+    assert grid.scenarios[2].negative_control and grid.seeds == [0, 1, 2]
+    cells = grid.cells()
+    ks = {(c.scenario.name, c.method.label): c.resolved.get("num_clusters") for c in cells}
+    assert ks[("rotation", "ifca K-1")] == 3 and ks[("rotation", "fesem K+2")] == 6
+    assert ks[("shards-2", "ifca K+2")] == 3
+    assert sum(c.config is not None for c in cells) == 198
+    assert {m.label for m in grid.methods if m.input_only} == {"rnd", "pacfl unsupervised"}
