@@ -21,8 +21,8 @@ Per device (the client axis is split over ``S`` devices; everything else is repl
 :func:`plan` compares ``data + states + history + chunk x per_client`` with the budget
 (``memory_limit`` from the config, else the device's ``memory_stats()`` limit minus what is in
 use, else on a CPU the host's ``MemAvailable`` shared by the local devices), keeps
-``headroom`` for XLA's own buffers, and returns the largest chunk size that fits up to the
-preferred one. If even one client at a time does not fit, or an explicit ``chunk_size`` does
+``headroom`` for XLA's own buffers, and keeps the preferred chunk size if it fits, else
+lowers it to the largest that does. If even one client at a time does not fit, or an explicit ``chunk_size`` does
 not, it raises ``MemoryError``-flavoured ``ValueError`` naming every figure.
 """
 
@@ -242,7 +242,7 @@ class MemoryPlan:
 
     def with_chunk(self, chunk: int) -> MemoryPlan:
         """The same plan running ``chunk`` clients at a time (at most :attr:`max_chunk`)."""
-        cap = self.max_chunk or chunk
+        cap = self.max_chunk or int(chunk)
         return dataclasses.replace(self, chunk=max(1, min(int(chunk), cap)))
 
     def to_dict(self) -> dict[str, Any]:
@@ -315,7 +315,10 @@ def plan(data: FederatedData | DriftingData, engine: Engine, hp: ClientHParams,
             f"memory: chunk_size = {preferred_chunk} needs "
             f"{p.total(preferred_chunk) / MiB:.1f} MiB per device: {figures}. The largest "
             f"chunk size that fits is {fit}; set chunk_size <= {fit} or leave it unset")
-    return dataclasses.replace(p, chunk=max(1, min(preferred_chunk, fit)), max_chunk=fit)
+    # Lowered only when memory requires it: a preferred chunk above the clients in flight
+    # (an accelerator's default with few clients) is kept, evaluation runs all clients with it.
+    chunk = preferred_chunk if min(preferred_chunk, p.in_flight) <= fit else fit
+    return dataclasses.replace(p, chunk=max(1, chunk), max_chunk=fit)
 
 
 def history_bytes(alg: Any, state: PyTree, data: FederatedData, block: int) -> int:

@@ -221,8 +221,8 @@ def _plan(cfg: Config, phases: DriftingData, hp: ClientHParams,
     tuned = None
     if cfg.autotune and cfg.chunk_size is None:
         # Timed on this process's devices; process 0's choice is everyone's (same program).
-        host = phases.initial if not multiprocess() else jax.tree.map(to_host, phases.initial)
-        tuned = tune_chunk(engine, host, hp if not multiprocess() else to_host(hp),
+        # phases are not placed yet: local arrays on every process; hp may be spread.
+        tuned = tune_chunk(engine, phases.initial, hp if not multiprocess() else to_host(hp),
                            clients_per_device=in_flight, max_chunk=plan.max_chunk,
                            write=distributed.is_primary(), log=log)
         plan = plan.with_chunk(int(distributed.agree(tuned.chunk)))

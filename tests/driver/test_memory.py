@@ -168,9 +168,11 @@ def test_plan_picks_the_largest_chunk_that_fits_and_refuses_clearly(make_federat
                     source="test")
     assert (p.chunk, p.max_chunk) == (3, 3)
     assert p.total() <= 0.9 * budget < p.total(4)
-    # Preferring less than fits keeps the preference; the cap is the clients in flight.
+    # Preferring less than fits keeps the preference.
     assert memory.plan(data, engine, hp, states, preferred_chunk=2, budget=budget).chunk == 2
-    assert memory.plan(data, engine, hp, states, preferred_chunk=8, budget=10**12).chunk == 6
+    # A preference above the clients in flight is kept (it means "all at once").
+    roomy = memory.plan(data, engine, hp, states, preferred_chunk=8, budget=10**12)
+    assert (roomy.chunk, roomy.max_chunk) == (8, 6) and roomy.total() == roomy.total(6)
     # An explicit chunk_size above the cap is refused, naming the figures and the cap.
     with pytest.raises(ValueError, match=r"chunk_size = 8 needs .* MiB per device: data .*"
                                          r"largest chunk size that fits is 3"):
