@@ -50,15 +50,19 @@ def initialize(coordinator: str | None, num_processes: int, process_id: int | No
             raise ValueError(f"jax.distributed is already running with {jax.process_count()} "
                              f"processes, the config asks for num_processes={num_processes}")
         return False
-    if num_processes:
-        if coordinator is None or process_id is None:
-            raise ValueError("config: num_processes > 1 needs coordinator (process 0's "
-                             "host:port) and process_id (this process's rank) unless the "
-                             "cluster is detected (num_processes = 0)")
+    if num_processes and (coordinator is None or process_id is None):
+        raise ValueError("config: num_processes > 1 needs coordinator (process 0's host:port) "
+                         "and process_id (this process's rank) unless the cluster is detected "
+                         "(num_processes = 0)")
+    try:
         jax.distributed.initialize(coordinator_address=coordinator,
-                                   num_processes=num_processes, process_id=process_id)
-    else:
-        jax.distributed.initialize(coordinator_address=coordinator, process_id=process_id)
+                                   num_processes=num_processes or None, process_id=process_id)
+    except RuntimeError as e:
+        if "before" not in str(e):
+            raise
+        raise ValueError("a multi-host run must start jax.distributed before any JAX "
+                         "computation in the process: run it in a fresh process (fedrnd run), "
+                         "or call fedrnd.driver.distributed.initialize(...) first") from e
     return True
 
 
@@ -75,15 +79,13 @@ def barrier(name: str) -> None:
         multihost_utils.sync_global_devices(f"fedrnd:{name}")
 
 
-def agree(value: Any) -> Any:
-    """Process 0's ``value`` (a number or a pytree of numbers), on every process."""
+def agree(value: int) -> int:
+    """Process 0's integer ``value``, on every process."""
     if not multiprocess():
         return value
     from jax.experimental import multihost_utils
 
-    out = multihost_utils.broadcast_one_to_all(jax.tree.map(np.asarray, value))
-    return jax.tree.map(lambda a, v: type(v)(np.asarray(a).item()) if np.ndim(a) == 0 and
-                        isinstance(v, int | float) else np.asarray(a), out, value)
+    return int(np.asarray(multihost_utils.broadcast_one_to_all(np.asarray(value, np.int32))))
 
 
 def smallest(value: float) -> float:

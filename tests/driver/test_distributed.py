@@ -193,3 +193,13 @@ def test_single_process_initialize_is_a_no_op():
     assert distributed.is_primary()
     assert distributed.agree(3) == 3 and distributed.smallest(2.5) == 2.5
     assert distributed.describe()["process_count"] == 1
+
+
+def test_multihost_after_jax_started_is_a_clear_error():
+    import jax.numpy as jnp
+
+    from fedrnd.driver import distributed
+
+    jnp.ones(1).block_until_ready()  # this process's backend is running already
+    with pytest.raises(ValueError, match="before any JAX computation"):
+        distributed.initialize("localhost:1", 2, 0)
