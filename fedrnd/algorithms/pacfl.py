@@ -397,5 +397,5 @@ class PACFL(Algorithm):
                      group=group, threshold=float(self.threshold))
             outputs.plot_matrix(out_dir / "proximity.png", a, group,
                                 title=f"PACFL {self.proximity} (deg), {k} clusters",
-                                label="degrees")
+                                label="degrees", xlabel="client j", ylabel="client i")
         return {}

@@ -206,8 +206,12 @@ def clustering_scores(assign: np.ndarray, group: np.ndarray) -> dict[str, float]
 
 
 def plot_matrix(path: Path, matrix: np.ndarray, group: np.ndarray, title: str = "",
-                label: str = "novelty") -> None:
-    """Heat map of a client x client matrix, clients ordered by ground-truth group (PNG)."""
+                label: str = "novelty", xlabel: str = "predictor of client j",
+                ylabel: str = "data of client i") -> None:
+    """Heat map of a client x client matrix, clients ordered by ground-truth group (PNG).
+
+    The default axis names are those of RND's novelty matrix (row i: client i's data, column j:
+    client j's predictor); other methods pass their own (e.g. PACFL's proximity)."""
     from matplotlib.figure import Figure
 
     order = np.argsort(np.asarray(group), kind="stable")
@@ -221,8 +225,8 @@ def plot_matrix(path: Path, matrix: np.ndarray, group: np.ndarray, title: str = 
     for b in bounds:
         ax.axhline(b, color="w", lw=0.6)
         ax.axvline(b, color="w", lw=0.6)
-    ax.set_xlabel("predictor of client j (ordered by true group)")
-    ax.set_ylabel("data of client i")
+    ax.set_xlabel(f"{xlabel} (ordered by true group)")
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path)
