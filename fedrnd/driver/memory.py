@@ -16,7 +16,10 @@ Per device (the client axis is split over ``S`` devices; everything else is repl
 - working set: local training and evaluation run ``chunk`` clients at a time on each
   device. The bytes of one client in flight are bounded by the sum of every intermediate
   array in the traced program of one client's local training (and of its evaluation), with
-  loop bodies counted once; XLA reuses buffers, so the bound errs on the safe side.
+  loop bodies counted once; XLA fuses and reuses buffers, so the bound errs on the safe side
+  (several times over for models whose parameters dominate). When that bound would lower the
+  chunk size or refuse the run, the planner compiles the two one-client programs and uses
+  XLA's buffer assignment (temporaries plus outputs) instead.
 
 :func:`plan` compares ``data + states + history + chunk x per_client`` with the budget
 (``memory_limit`` from the config, else the device's ``memory_stats()`` limit minus what is in
@@ -169,6 +172,38 @@ def per_client_bytes(engine: Engine, data: FederatedData, hp: ClientHParams,
     return {"train": intermediate_bytes(train), "eval": intermediate_bytes(ev)}
 
 
+def xla_per_client_bytes(engine: Engine, data: FederatedData, hp: ClientHParams,
+                         eval_batch: int = 0) -> dict[str, int] | None:
+    """Working bytes of one client in flight from XLA's buffer assignment (compiles both).
+
+    The same programs as :func:`per_client_bytes`, compiled for one client: temporaries plus
+    outputs (``memory_analysis()``). Tighter than the traced bound, at the price of two
+    compilations; ``None`` where the backend gives no analysis.
+    """
+    from fedrnd.engine import ClientMapper
+
+    one = jax.tree.map(lambda a: jax.ShapeDtypeStruct((1, *np.shape(a)[1:]), a.dtype),
+                       data.client_arrays())
+    d1 = _abstract(data).replace(**one)
+    h1 = jax.tree.map(lambda a: jax.ShapeDtypeStruct((1, *np.shape(a)[1:]), a.dtype), hp)
+    params = jax.eval_shape(engine.model.init, jax.random.key(0))
+    local = dataclasses.replace(engine, mapper=ClientMapper(chunk_size=1))
+    slots = jax.tree.map(lambda s: jax.ShapeDtypeStruct((1, *s.shape), s.dtype), params)
+    programs = {
+        "train": jax.jit(lambda p, d, h, k: local.train_sum(p, d, h, k, jnp.zeros((), jnp.int32))
+                         ).lower(params, d1, h1, jax.random.key(0)),
+        "eval": jax.jit(lambda s, a, d: evaluate_clients(engine.model.apply, s, a, d,
+                                                         ClientMapper(chunk_size=1), eval_batch)
+                        ).lower(slots, jax.ShapeDtypeStruct((1,), jnp.int32), d1)}
+    out = {}
+    for name, lowered in programs.items():
+        stats = lowered.compile().memory_analysis()
+        if stats is None:
+            return None
+        out[name] = int(stats.temp_size_in_bytes + stats.output_size_in_bytes)
+    return out
+
+
 def device_budget(limit: int | str | None = None) -> tuple[int | None, str]:
     """``(bytes available per device, where the figure comes from)``.
 
@@ -230,6 +265,7 @@ class MemoryPlan:
     in_flight: int
     chunk: int
     max_chunk: int | None
+    working: str = "traced bound"
 
     @property
     def fixed(self) -> int:
@@ -254,7 +290,8 @@ class MemoryPlan:
         states = ", ".join(f"{k} {v / MiB:.1f}" for k, v in self.states.items())
         head = (f"memory per device: data {self.data / MiB:.1f} MiB, states ({states}) MiB, "
                 f"block history {max(self.histories.values(), default=0) / MiB:.1f} MiB, "
-                f"{self.per_client / MiB:.2f} MiB per client in flight x chunk {self.chunk} "
+                f"{self.per_client / MiB:.2f} MiB per client in flight ({self.working}) "
+                f"x chunk {self.chunk} "
                 f"= {self.total() / MiB:.1f} MiB")
         if self.budget is None:
             return f"{head}; {self.source}"
@@ -266,7 +303,7 @@ def plan(data: FederatedData | DriftingData, engine: Engine, hp: ClientHParams,
          states: dict[str, PyTree], histories: dict[str, int] | None = None, *,
          shards: int = 1, in_flight: int | None = None, preferred_chunk: int,
          explicit_chunk: bool = False, budget: int | None = None, source: str = "",
-         eval_batch: int = 0, headroom: float = HEADROOM) -> MemoryPlan:
+         eval_batch: int = 0, headroom: float = HEADROOM, refine: bool = True) -> MemoryPlan:
     """Check a run against ``budget`` bytes per device and pick its chunk size.
 
     Args:
@@ -279,6 +316,9 @@ def plan(data: FederatedData | DriftingData, engine: Engine, hp: ClientHParams,
         cohort's share); chunks beyond it change nothing.
       preferred_chunk: the chunk size the run would use (config, autotuned or default).
       explicit_chunk: the config set ``chunk_size``: refuse instead of shrinking it.
+      refine: when the traced per-client bound would lower the chunk or refuse the run,
+        measure the working set with XLA's buffer assignment (:func:`xla_per_client_bytes`,
+        two compilations) and decide on that figure instead.
     Raises:
       ValueError: the run does not fit even one client at a time, or ``chunk_size`` is set
         above the largest chunk that fits; the message names every figure.
@@ -295,12 +335,18 @@ def plan(data: FederatedData | DriftingData, engine: Engine, hp: ClientHParams,
     if budget is None:
         return p
     usable = int(budget * (1.0 - headroom))
-    room = usable - p.fixed
-    fit = room // max(p.per_client, 1)
+    fit = (usable - p.fixed) // max(p.per_client, 1)
+    if refine and fit < min(preferred_chunk, p.in_flight):
+        # The loose bound constrains the run: ask XLA for the real figure before acting on it.
+        exact = xla_per_client_bytes(engine, first, hp, eval_batch)
+        if exact is not None:
+            p = dataclasses.replace(p, per_client=max(exact.values()),
+                                    working="XLA buffer assignment")
+            fit = (usable - p.fixed) // max(p.per_client, 1)
     figures = (f"data {p.data / MiB:.1f} MiB + method states "
                f"{sum(p.states.values()) / MiB:.1f} MiB ({', '.join(f'{k} {v / MiB:.1f}' for k, v in p.states.items())}) "
                f"+ block history {max(p.histories.values(), default=0) / MiB:.1f} MiB + "
-               f"{p.per_client / MiB:.2f} MiB per client in flight; "
+               f"{p.per_client / MiB:.2f} MiB per client in flight ({p.working}); "
                f"{budget / MiB:.1f} MiB available per device ({source}), "
                f"{usable / MiB:.1f} MiB usable after {headroom:.0%} headroom")
     if fit < 1:

@@ -165,11 +165,12 @@ def test_plan_picks_the_largest_chunk_that_fits_and_refuses_clearly(make_federat
     # A budget with room for exactly 3 clients in flight (after the 10% headroom).
     budget = int((free.fixed + 3.5 * free.per_client) / 0.9) + 1
     p = memory.plan(data, engine, hp, states, {"m": 1000}, preferred_chunk=8, budget=budget,
-                    source="test")
+                    source="test", refine=False)
     assert (p.chunk, p.max_chunk) == (3, 3)
     assert p.total() <= 0.9 * budget < p.total(4)
     # Preferring less than fits keeps the preference.
-    assert memory.plan(data, engine, hp, states, preferred_chunk=2, budget=budget).chunk == 2
+    assert memory.plan(data, engine, hp, states, preferred_chunk=2, budget=budget,
+                       refine=False).chunk == 2
     # A preference above the clients in flight is kept (it means "all at once").
     roomy = memory.plan(data, engine, hp, states, preferred_chunk=8, budget=10**12)
     assert (roomy.chunk, roomy.max_chunk) == (8, 6) and roomy.total() == roomy.total(6)
@@ -177,11 +178,11 @@ def test_plan_picks_the_largest_chunk_that_fits_and_refuses_clearly(make_federat
     with pytest.raises(ValueError, match=r"chunk_size = 8 needs .* MiB per device: data .*"
                                          r"largest chunk size that fits is 3"):
         memory.plan(data, engine, hp, states, {"m": 1000}, preferred_chunk=8,
-                    explicit_chunk=True, budget=budget, source="test")
+                    explicit_chunk=True, budget=budget, source="test", refine=False)
     # Not even one client fits: refused with every figure and the budget's source.
     with pytest.raises(ValueError) as e:
         memory.plan(data, engine, hp, states, {"m": 1000}, preferred_chunk=1,
-                    budget=free.fixed, source="memory_limit = 'x'")
+                    budget=free.fixed, source="memory_limit = 'x'", refine=False)
     msg = str(e.value)
     for part in ("memory: this run needs", "data ", "method states", "block history",
                  "per client in flight", "available per device (memory_limit = 'x')"):
@@ -197,20 +198,24 @@ def test_simulate_refuses_before_placing_anything(tmp_path):
         simulate(_cfg(memory_limit="lots"), run_dir=tmp_path / "r", verbose=False)
 
 
-def test_working_set_bound_covers_xla_buffers(make_federated):
-    """The traced per-client bound is at least XLA's own temp buffers for that program."""
+def test_working_set_bound_covers_xla_buffers_and_is_refined_when_it_binds(make_federated):
+    """The traced per-client bound is at least XLA's buffers for the same programs; when the
+    bound would lower the chunk, the plan decides on XLA's figure instead."""
     engine, data, hp = _engine_data(make_federated)
     bound = memory.per_client_bytes(engine, data, hp)
-    one = data.select(jnp.arange(1))
-    h1 = jax.tree.map(lambda a: a[:1], hp)
-    params = engine.model.init(jax.random.key(0))
-    compiled = jax.jit(lambda p, d, h, k: engine.train_sum(p, d, h, k, jnp.zeros((), jnp.int32))
-                       ).lower(params, one, h1, jax.random.key(0)).compile()
-    stats = compiled.memory_analysis()
-    assert bound["train"] >= stats.temp_size_in_bytes + stats.output_size_in_bytes > 0
-    # And it grows with the work: a wider model needs more per client.
+    exact = memory.xla_per_client_bytes(engine, data, hp)
+    assert bound["train"] >= exact["train"] > 0 and bound["eval"] >= exact["eval"] > 0
+    # It grows with the work: a wider model needs more per client.
     wide = Engine(make_model("mlp", (6,), 3, hidden=[256]), engine.local, engine.optimizer)
     assert memory.per_client_bytes(wide, data, hp)["train"] > bound["train"]
+    # A budget where the bound fits 1 client at a time but XLA's figure fits all 6.
+    states = {"m": jax.eval_shape(lambda: {"p": jnp.zeros((50, 50))})}
+    loose = memory.plan(data, engine, hp, states, preferred_chunk=6, budget=None)
+    assert loose.working == "traced bound"
+    budget = int((loose.fixed + max(1.5 * loose.per_client, 6.5 * max(exact.values()))) / 0.9)
+    p = memory.plan(data, engine, hp, states, preferred_chunk=6, budget=budget)
+    assert p.working == "XLA buffer assignment" and p.per_client == max(exact.values())
+    assert p.chunk == 6 and p.total() <= 0.9 * budget
 
 
 def test_intermediate_bytes_counts_loop_bodies_once():
