@@ -125,6 +125,10 @@ SCALED_GRID = [Variant("mlp-train-e10", {"network": "mlp", "probe_cap": 10},
                        "conv, train probes, 100 steps, cap 10"),
                Variant("conv-train-e10", {"network": "conv", "probe_cap": 10},
                        "conv, train probes, 10 epochs (10 steps), cap 10",
+                       only=("scaled_pattern",), max_seeds=1),
+               Variant("mlp-holdout-100", {"network": "mlp", "steps": 100, "probe": "holdout",
+                                           "probe_cap": 10},
+                       "MLP, holdout probes, 100 steps, cap 10",
                        only=("scaled_pattern",), max_seeds=1)]
 
 
