@@ -59,8 +59,10 @@ __all__ = [
 SplitFn = Callable[[np.ndarray, int, int, np.random.Generator], list[np.ndarray]]
 """``split(y, num_classes, num_clients, rng) -> list of index arrays into y``, one per client."""
 
-SizeSpec = Sequence[int] | np.ndarray | Callable[[int, int, np.random.Generator], np.ndarray] | None
-"""Client sizes: ``None`` (equal), explicit ints, or ``sizes(n, num_clients, rng) -> [C] ints``."""
+SizeSpec = (int | Sequence[int] | np.ndarray | Callable[[int, int, np.random.Generator], np.ndarray]
+            | None)
+"""Client sizes: ``None`` (equal), one int (every client that many rows), explicit ints, or
+``sizes(n, num_clients, rng) -> [C] ints``."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -122,8 +124,10 @@ def _resolve_sizes(sizes: SizeSpec, n: int, num_clients: int,
                    rng: np.random.Generator) -> np.ndarray:
     if sizes is None:
         return np.full(num_clients, n // num_clients) + (np.arange(num_clients) < n % num_clients)
-    s = sizes(n, num_clients, rng) if callable(sizes) else sizes
-    s = np.asarray(s)
+    if isinstance(sizes, int | np.integer) and not isinstance(sizes, bool):
+        s = np.full(num_clients, int(sizes))  # e.g. IFCA's 100 images per client
+    else:
+        s = np.asarray(sizes(n, num_clients, rng) if callable(sizes) else sizes)
     if s.shape != (num_clients,) or not np.issubdtype(s.dtype, np.integer):
         raise ValueError(f"sizes must give one integer per client ({num_clients}), got "
                          f"shape {s.shape} dtype {s.dtype}")

@@ -86,6 +86,20 @@ def test_iid_explicit_sizes_and_test_size(dg):
         iid(dg, 3, seed=0, test_size=0)
 
 
+def test_one_int_size_gives_every_client_that_many_rows(dg):
+    p = iid(dg, 6, seed=0, sizes=50)
+    assert [len(t) for t in p.train] == [50] * 6
+    assert_disjoint(p, len(dg.y_train), all_used=False)
+    # Grouped partitions too (IFCA's rotated setting: a fixed number of images per client).
+    r = rotation(dg, 8, num_groups=4, seed=0, sizes=np.int64(30))
+    assert [len(t) for t in r.train] == [30] * 8
+    assert_disjoint(r, len(dg.y_train), all_used=False)
+    with pytest.raises(ValueError, match="sizes sum to"):
+        iid(dg, 2, seed=0, sizes=1000)
+    with pytest.raises(ValueError, match="sizes must all be >= 1"):
+        iid(dg, 2, seed=0, sizes=0)
+
+
 # ----------------------------------------------------------------------------- dirichlet
 
 
