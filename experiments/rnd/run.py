@@ -86,12 +86,17 @@ class Population:
     config: str
     title: str
     max_seeds: int | None = None  # at most this many of the plan's seeds (None: all)
+    algorithms: tuple[dict[str, Any], ...] | None = None  # replaces the config's methods
 
 
 PAPER = [Population("paper_fmnist", "paper_fmnist.toml",
                     "Fashion-MNIST, 12 clients, 4 pattern groups of 3"),
          Population("paper_cifar10", "paper_cifar10.toml",
                     "CIFAR-10 (tfds), 12 clients, 4 pattern groups of 3")]
+# RND-clustered FL with a fixed eps = 0.5 on the paper setup (eps auto finds one federation
+# there, which makes it FedAvg): what the method gains when discovery recovers the groups.
+PAPER_EPS = [dataclasses.replace(PAPER[0], algorithms=(
+    {"name": "rnd", "label": "rnd (eps 0.5)", "options": {"predictor_steps": 400, "eps": 0.5}},))]
 CONTROL = [Population("control_labelperm", "control_labelperm.toml",
                       "Fashion-MNIST, 12 clients, 4 label-permutation groups of 3")]
 SCALED = [Population("scaled_pattern", "scaled_pattern.toml",
@@ -190,6 +195,10 @@ def load_cfg(pop: Population, seed: int, quick: bool = False, out_dir: Path | No
         raw = from_dict(tomllib.load(f)).to_dict()
     if quick:
         raw = _quick_raw(raw)
+    if pop.algorithms is not None:
+        raw["algorithms"] = [dict(a) for a in pop.algorithms]
+        if quick:
+            raw = _quick_raw(raw)
     raw["seed"] = int(seed)
     raw["progress"] = False
     if out_dir is not None:
@@ -481,9 +490,10 @@ def run_sim_cell(pop: Population, seed: int, cells: Path, part: str, quick: bool
                     group=z["group"])
         if figures is not None and seed == min(FULL.seeds):
             figures.mkdir(parents=True, exist_ok=True)
+            prefix = pop.name if part in ("paper", "control") else f"{pop.name}_{part}"
             for f in ("novelty.png", "novelty_normalised.png"):
                 shutil.copyfile(run_dir / rnd_tag / f,
-                                figures / f"{pop.name}_{f[:-4]}_seed{seed}.png")
+                                figures / f"{prefix}_{f[:-4]}_seed{seed}.png")
     write_cell(path, cell)
     acc = {t: round(m["test_acc/mean"], 4) for t, m in methods.items()}
     print(f"  {elapsed:.0f} s, test acc {acc}", flush=True)
@@ -494,6 +504,10 @@ def run_part(part: str, plan: Plan, cells: Path, runs: Path, figures: Path | Non
     if part == "paper":
         for seed in plan.seeds:
             for pop in PAPER:
+                run_sim_cell(pop, seed, cells, part, q, runs, figures)
+    elif part == "paper_eps":
+        for seed in plan.seeds:
+            for pop in PAPER_EPS:
                 run_sim_cell(pop, seed, cells, part, q, runs, figures)
     elif part == "control":
         for seed in plan.control_acc_seeds:
@@ -523,7 +537,7 @@ def run_part(part: str, plan: Plan, cells: Path, runs: Path, figures: Path | Non
         raise ValueError(f"unknown part {part!r}; allowed: {PARTS}")
 
 
-PARTS = ("paper", "control", "grid", "scaled", "scaled_acc")
+PARTS = ("paper", "control", "grid", "scaled", "paper_eps", "scaled_acc")
 
 
 def reread(cells: Path, runs: Path) -> int:
@@ -627,7 +641,7 @@ def _plot_seeds(path: Path, cells: list[dict[str, Any]], title: str) -> None:
     fig.savefig(path)
 
 
-def report(cells: Path, out: Path, figures: Path, plan: Plan) -> str:
+def report(cells: Path, out: Path, figures: Path, plan: Plan, runs: Path) -> str:
     """RESULTS.md from the cells (every number below is computed here)."""
     L: list[str] = []
     all_cells = [json.loads(p.read_text()) for p in sorted(cells.rglob("seed*.json"))]
@@ -658,7 +672,7 @@ def report(cells: Path, out: Path, figures: Path, plan: Plan) -> str:
     L += _paper_section(cells, figures, plan)
     L += _control_section(cells, plan)
     L += _grid_section(cells)
-    L += _scaled_section(cells, figures)
+    L += _scaled_section(cells, figures, runs)
     L += _scaled_acc_section(cells)
     disc = HERE / "DISCUSSION.md"
     if disc.exists() and not plan.quick:
@@ -680,7 +694,7 @@ def _acc_rows(sims: list[dict[str, Any]]) -> list[list[str]]:
     rows = []
     for t in tags:
         ms = [c["methods"][t] for c in sims]
-        rows.append([t, mean_std([m["test_acc/mean"] for m in ms]),
+        rows.append([t, len(ms), mean_std([m["test_acc/mean"] for m in ms]),
                      mean_std([m["test_acc/worst10"] for m in ms]),
                      mean_std([m["train_acc/mean"] for m in ms]),
                      mean_std([m.get("clusters") for m in ms], "{:.1f}")
@@ -689,8 +703,8 @@ def _acc_rows(sims: list[dict[str, Any]]) -> list[list[str]]:
     return rows
 
 
-_ACC_HEAD = ["method", "test acc (client mean)", "worst 10%", "train acc", "federations",
-             "training time (s)"]
+_ACC_HEAD = ["method", "seeds", "test acc (client mean)", "worst 10%", "train acc",
+             "federations", "training time (s)"]
 
 
 def _paper_section(cells: Path, figures: Path, plan: Plan) -> list[str]:
@@ -700,13 +714,13 @@ def _paper_section(cells: Path, figures: Path, plan: Plan) -> list[str]:
         sp = skip_path(cells, "paper", pop.name)
         sims = read_cells(cells, "paper", pop.name, "sim")
         if sp.exists() and not sims:
-            L += [f"**Skipped here**: the data is not available on this machine. The loader "
-                  f"says: `{json.loads(sp.read_text())['reason']}`", ""]
+            L += ["**Skipped here**: the data is not available on this machine. The loader "
+                  "says:", "", f"> {json.loads(sp.read_text())['reason']}", ""]
             continue
         if not sims:
             L += ["(no cells yet)", ""]
             continue
-        L += [f"Setup: {_config_header(pop.config)}", ""]
+        L += [_config_header(pop.config), ""]
         rnd = [c["methods"]["rnd"] for c in sims]
         exact = sum(1 for c in sims if c["methods"]["rnd"]["ari"] == 1.0)
         L += [f"**Discovery** ({len(sims)} seeds, the `rnd` method's own discovery): "
@@ -716,7 +730,15 @@ def _paper_section(cells: Path, figures: Path, plan: Plan) -> list[str]:
               f"eps (auto) {mean_std([r['eps'] for r in rnd], '{:.2f}')}.", ""]
         L += [f"**Accuracy** after {sims[0]['rounds']} rounds ({len(sims)} seeds; each "
               "client's test set is drawn from its own distribution):", ""]
-        L += _table(_ACC_HEAD, _acc_rows(sims)) + [""]
+        extra = [c for p in PAPER_EPS if p.name == pop.name
+                 for c in read_cells(cells, "paper_eps", p.name, "sim")]
+        L += _table(_ACC_HEAD, _acc_rows(sims) + (_acc_rows(extra) if extra else [])) + [""]
+        if extra:
+            r = [c["methods"]["rnd (eps 0.5)"] for c in extra]
+            L += [f"`rnd (eps 0.5)`: the same runs with a fixed eps = 0.5 instead of auto "
+                  f"(`paper_eps` part; eps chosen after seeing the discovery grid below, so "
+                  f"this row is not a blind test): ARI {mean_std([x['ari'] for x in r])}, "
+                  f"federations {mean_std([x['federations'] for x in r], '{:.1f}')}.", ""]
         seeds_png = figures / f"{pop.name}_novelty_seeds.png"
         _plot_seeds(seeds_png, sims, f"{pop.name}: normalised novelty (s_ij - s_ii)/sigma_i, "
                                      "clients ordered by true group")
@@ -811,7 +833,45 @@ def _eps_table(have, with_federations: bool) -> list[str]:
     return [f"sigma x eps x rule, {what}, mean ± std over seeds:", "", *_table(head, rows), ""]
 
 
-def _scaled_section(cells: Path, figures: Path) -> list[str]:
+def _plot_z_hist(path: Path, npz: Path, title: str) -> bool:
+    """Histogram of the normalised scores (sigma row) of same-group and cross-group pairs, with
+    the auto eps of that matrix: what the compatibility rule has to separate."""
+    from matplotlib.figure import Figure
+
+    from fedrnd.rnd import auto_eps, normalised_scores
+
+    if not npz.exists():
+        return False
+    m = np.load(npz)
+    s, g = np.asarray(m["scores"], np.float32), np.asarray(m["group"])
+    z = normalised_scores(s, np.diag(s).copy(), np.asarray(m["sigma"]))
+    off = ~np.eye(len(g), dtype=bool)
+    same = (g[:, None] == g[None, :]) & off
+    cross = g[:, None] != g[None, :]
+    zz = z.copy()
+    np.fill_diagonal(zz, np.inf)
+    eps = auto_eps(zz)
+    fig = Figure(figsize=(6, 3.4), dpi=110)
+    ax = fig.subplots()
+    lo, hi = np.percentile(z[off], [0.1, 99.9])
+    bins = np.linspace(lo, hi, 120)
+    ax.hist(z[same], bins=bins, alpha=0.6, density=True, label=f"same group ({same.sum():,})")
+    if cross.any():
+        ax.hist(z[cross], bins=bins, alpha=0.6, density=True,
+                label=f"different groups ({cross.sum():,})")
+    if lo <= eps <= hi:
+        ax.axvline(eps, color="k", lw=1, ls="--", label=f"auto eps {eps:.2f}")
+    ax.set_xlabel("(s_ij - s_ii) / sigma_i  (sigma row)")
+    ax.set_ylabel("density")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    return True
+
+
+def _scaled_section(cells: Path, figures: Path, runs: Path) -> list[str]:
     L = ["## 4. Scaled: 1,000 clients", "",
          "Discovery alone; 60 training images per client (all 60,000 Fashion-MNIST training "
          "images over 1,000 clients), probes capped at 10 per client; fewer seeds than above "
@@ -841,10 +901,16 @@ def _scaled_section(cells: Path, figures: Path) -> list[str]:
                   "grouped clients with similar label mixes (it sees only their images).", ""]
         L += _table(head, rows) + [""]
         L += _eps_table(have, with_federations=True)
-        for v, _ in have:
+        for v, _ in sorted(have, key=lambda vc: "conv-train-100" not in vc[0].name):
             png = figures / f"{pop.name}_{v.name}_seed0.png"
             if png.exists():
-                L += [f"![{pop.name} {v.name}](figures/{png.name})", ""]
+                L += [f"Normalised novelty, {v.label}, seed 0 (clients ordered by true group):",
+                      "", f"![{pop.name} {v.name}](figures/{png.name})", ""]
+                hist = figures / f"{pop.name}_{v.name}_zhist_seed0.png"
+                npz = runs / "matrices" / "scaled" / pop.name / v.name / "seed0.npz"
+                if _plot_z_hist(hist, npz, f"{pop.name}, {v.label}, seed 0") or hist.exists():
+                    L += ["Distribution of the normalised scores the rule thresholds:", "",
+                          f"![{pop.name} {v.name} scores](figures/{hist.name})", ""]
                 break
     return L
 
@@ -898,7 +964,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif not args.report:
         for part in args.parts:
             run_part(part, plan, cells, runs, figures)
-    report(cells, out / "RESULTS.md", figures, plan)
+    report(cells, out / "RESULTS.md", figures, plan, runs)
     print(f"wrote {out / 'RESULTS.md'}")
     return 0
 
