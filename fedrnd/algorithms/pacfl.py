@@ -62,6 +62,7 @@ from fedrnd.engine import (
     slot_means,
     tree_bytes,
 )
+from fedrnd.engine.multihost import to_host
 
 BASES = ("per_class", "all")
 PROXIMITIES = ("sum_angles", "smallest_angle", "elementwise")
@@ -320,10 +321,11 @@ class PACFL(Algorithm):
         self.validate(data)
         vectors, valid = subspaces(data, p=self.p, basis=self.basis,
                                    max_samples=self.max_samples, mapper=self.engine.mapper)
-        a = np.asarray(proximity_matrix(vectors, valid, proximity=self.proximity))
+        # to_host: on a mesh over several processes the rows are spread over the hosts.
+        a = to_host(proximity_matrix(vectors, valid, proximity=self.proximity))
         ids = cluster_clients(a, self.threshold, self.linkage)
         # Each client sends its valid basis vectors, d floats each.
-        sent = np.asarray(jnp.sum(valid, axis=(1, 2)), np.float64)
+        sent = to_host(jnp.sum(valid, axis=(1, 2)), np.float64)
         nbytes = sent * vectors.shape[-1] * np.dtype(vectors.dtype).itemsize
         return Clustering(ids, int(ids.max()) + 1, a, nbytes)
 
