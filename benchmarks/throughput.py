@@ -406,9 +406,9 @@ def main(argv: list[str] | None = None) -> dict:
                   f"{r['loadavg_after'][0]:5.1f}", flush=True)
     if any(ch is None for ch in chunks):
         print("(* = backend default chunk size)")
-    print(f"RSS is the process peak so far (cumulative over a sweep; generating the data "
-          f"usually sets it); +run is the run's own peak (compile and rounds) over the RSS "
-          f"before compiling; current RSS {current_rss_mib() or float('nan'):.0f} MiB.")
+    print(f"RSS is the peak of each run from compiling on (on Linux the peak is reset before "
+          f"compiling, else the process peak so far); +run is that peak over the RSS before "
+          f"compiling; current RSS {current_rss_mib() or float('nan'):.0f} MiB.")
     dm = device_memory()
     if dm:
         print(f"device memory: {dm}")
