@@ -7,8 +7,9 @@ from Gaussian class means; MLP 784-200-200-10; batch 16; one local epoch of plai
 
 Reported: client updates per second (steady state: clients / median round time over
 ``--rounds`` timed rounds after the first round), achieved GFLOP/s, compile time, steady round
-time (median, min, and the process CPU seconds per round), peak memory (process max RSS;
-device ``memory_stats()`` where the backend has them), test accuracy of the final global model,
+time (median, min, and the process CPU seconds per round), peak memory (max RSS of each run
+from compiling on, the peak being reset there on Linux; device ``memory_stats()`` where the
+backend has them), test accuracy of the final global model,
 backend, device, jax version, date. ``--sweep`` repeats the measurement for several chunk
 sizes; ``--json PATH`` saves everything, per-round times included.
 
