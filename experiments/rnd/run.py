@@ -439,14 +439,25 @@ def run_discovery_cell(pop: Population, variant: Variant, seed: int, cells: Path
     print(f"  {elapsed:.0f} s, {d['federations']} federations, ARI {d['ari']:.3f}", flush=True)
 
 
-def _plot_normalised(path: Path, scores, sigma, group, title: str) -> None:
+def _plot_normalised(path: Path, scores, sigma, group, title: str, max_side: int = 250) -> None:
+    """Heat map of the normalised novelty, clients ordered by true group; above ``max_side``
+    clients, the ordered matrix is shown as means of ``f x f`` blocks (an image of 1,000^2
+    cells would be megabytes and no more readable)."""
     from fedrnd.driver import outputs
     from fedrnd.rnd import normalised_scores
 
     s = np.asarray(scores)
-    z = normalised_scores(s, np.diag(s), np.asarray(sigma))
+    z = np.clip(normalised_scores(s, np.diag(s), np.asarray(sigma)), -1.0, 4.0)
+    g = np.asarray(group)
+    f = -(-len(g) // max_side)
+    if f > 1:
+        o = np.argsort(g, kind="stable")
+        n = len(g) // f * f
+        z = z[np.ix_(o, o)][:n, :n].reshape(n // f, f, n // f, f).mean(axis=(1, 3))
+        g = g[o][:n:f]
+        title += f" ({f}x{f} block means)"
     path.parent.mkdir(parents=True, exist_ok=True)
-    outputs.plot_matrix(path, np.clip(z, -1.0, 4.0), group, title=title,
+    outputs.plot_matrix(path, z, g, title=title,
                         label="(s_ij - s_ii) / sigma_i, clipped to [-1, 4]")
 
 
