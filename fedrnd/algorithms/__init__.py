@@ -11,6 +11,7 @@ from typing import Any
 
 from fedrnd.algorithms.base import Algorithm, Metrics, State
 from fedrnd.algorithms.cfl import CFL
+from fedrnd.algorithms.decentralized import DPSGD, DFedAvg, DFedAvgM
 from fedrnd.algorithms.fedavg import FedAvg, FedProx
 from fedrnd.algorithms.fesem import FeSEM
 from fedrnd.algorithms.ifca import IFCA
@@ -20,7 +21,8 @@ from fedrnd.algorithms.rnd import RNDClustered
 from fedrnd.engine import Engine
 
 ALGORITHMS: dict[str, type[Algorithm]] = {cls.name: cls for cls in (FedAvg, FedProx, Local, RNDClustered, IFCA, FeSEM,
-                                                                  CFL, PACFL)}
+                                                                  CFL, PACFL, DPSGD, DFedAvg,
+                                                                  DFedAvgM)}
 
 
 def algorithm_options(name: str) -> list[str]:
@@ -38,5 +40,5 @@ def make_algorithm(name: str, engine: Engine, **options: Any) -> Algorithm:
     return ALGORITHMS[name](engine=engine, **options)
 
 
-__all__ = ["ALGORITHMS", "Algorithm", "CFL", "FeSEM", "FedAvg", "FedProx", "IFCA", "Local", "Metrics", "PACFL", "State",
+__all__ = ["ALGORITHMS", "Algorithm", "CFL", "DFedAvg", "DFedAvgM", "DPSGD", "FeSEM", "FedAvg", "FedProx", "IFCA", "Local", "Metrics", "PACFL", "State",
            "algorithm_options", "make_algorithm"]

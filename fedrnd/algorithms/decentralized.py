@@ -1,0 +1,261 @@
+"""Decentralized FL on a communication graph: D-PSGD, DFedAvg, DFedAvgM.
+
+No server: every node keeps its own model (``state["clients"]["params"]``, leaves ``[C, ...]``)
+and, each round, trains locally with its own optimizer (the engine's per-client kinds and
+learning rates) and averages with its graph neighbours by gossip ``x_i <- sum_j W_ij x_j``
+(:mod:`fedrnd.graphs`; ``W`` uniform or Metropolis-Hastings, chunked over edges).
+
+- **D-PSGD** (Lian et al., NeurIPS 2017, Algorithm 1): one stochastic gradient step per round,
+  computed at the node's own model and applied to the neighbour average,
+  ``x_i <- sum_j W_ij x_j - lr g_i(x_i)``. ``step_then_gossip = true`` gossips the stepped
+  models instead, ``x <- W (x - lr g(x))`` (adapt-then-combine).
+- **DFedAvg** (Sun, Li, Wang, IEEE TPAMI 2022): the configured local work (``local.epochs`` or
+  ``local.steps``) from the node's model, then gossip of the trained models.
+- **DFedAvgM** (same paper): as DFedAvg with heavy-ball local steps
+  ``y <- y - lr g(y) + theta (y - y_prev)``, momentum reset at the start of every round
+  (every node uses momentum ``theta``, at its own learning rate).
+
+Each node keeps its optimizer state across rounds (``state["clients"]["opt"]``) unless
+``reset_opt`` (DFedAvgM's default). The graph is static (drawn once in ``init`` from the seed,
+checked connected, kept in ``state["graph"]``) or, with ``redraw``, drawn afresh from every
+round's key inside the jitted round (a fixed number of edge slots).
+
+Metrics: ``consensus_distance`` (mean over nodes of ``||x_i - mean x||^2`` after the round),
+``links`` (undirected links used), ``bytes_per_link`` (both directions, per round) and the
+ledger: every gossip step a node sends its model to each neighbour and receives one from each
+(``up/model``, ``down/model`` = degree x model bytes x ``gossip_steps``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fedrnd.algorithms.base import Algorithm, Metrics, State
+from fedrnd.data.federated import FederatedData
+from fedrnd.engine import ClientHParams, ClientOptimizer, Engine, LocalSpec, comm, tree_bytes
+from fedrnd.graphs import (
+    Graph,
+    Topology,
+    check_mixing,
+    consensus_distance,
+    degrees,
+    edge_chunk_for,
+    gossip,
+    make_topology,
+    mixing_edges,
+)
+
+_GRAPH_KEY = 0x6EA7  # folded into a key to draw graphs, apart from training keys
+
+
+class _Options(dict):
+    """A dict of scalar options that hashes by value, so the frozen algorithm stays hashable
+    (``jax.jit(alg.round)`` hashes the bound method, hence the algorithm)."""
+
+    def __hash__(self) -> int:  # type: ignore[override]
+        return hash(tuple(sorted(self.items())))
+
+
+@dataclasses.dataclass(frozen=True)
+class Gossip(Algorithm):
+    """Shared machinery: per-node models and optimizer state, a graph, local work, gossip.
+
+    Options:
+      topology: a name of :data:`fedrnd.graphs.TOPOLOGIES` (``ring``, ``grid``,
+        ``random_geometric``, ``erdos_renyi``, ``d_regular``, ``small_world``, ``complete``).
+      graph: the topology's options, e.g. ``{radius = 0.2}``, ``{p = 0.1}``, ``{degree = 5}``.
+      mixing: ``"metropolis"`` (doubly stochastic, default) or ``"uniform"``.
+      redraw: draw a new graph every round inside the jitted round.
+      connected: a static graph must be connected (``ValueError`` otherwise).
+      gossip_steps: gossip iterations per round.
+      edge_chunk: edges per gossip chunk (``None``: as many as fit 64 MiB of messages).
+      reset_opt: fresh optimizer state every round instead of a persistent one.
+    """
+
+    name: ClassVar[str] = "gossip"
+    topology: str = "ring"
+    graph: dict[str, Any] = dataclasses.field(default_factory=dict)
+    mixing: str = "metropolis"
+    redraw: bool = False
+    connected: bool = True
+    gossip_steps: int = 1
+    edge_chunk: int | None = None
+    reset_opt: bool = False
+
+    def __post_init__(self):
+        if isinstance(self.graph, dict) and not isinstance(self.graph, _Options):
+            object.__setattr__(self, "graph", _Options(self.graph))
+
+    # -- configuration ------------------------------------------------------------------------
+    def make_topology(self, num_nodes: int) -> Topology:
+        if not isinstance(self.graph, dict):
+            raise ValueError(f"{self.name}: graph must be a table of topology options, got "
+                             f"{self.graph!r}")
+        return make_topology(self.topology, num_nodes, **self.graph)
+
+    @property
+    def local_engine(self) -> Engine:
+        """The engine of the local work (subclasses fix its schedule or optimizer)."""
+        return self.engine
+
+    def validate(self, data: FederatedData) -> None:
+        super().validate(data)
+        c = data.num_clients
+        if self.cohort_size is not None and self.cohort_size < c:
+            raise ValueError(f"{self.name}: every node trains and gossips every round; "
+                             f"cohort_size={self.cohort_size} < {c} nodes is not supported")
+        check_mixing(self.mixing)
+        if not (isinstance(self.gossip_steps, int) and self.gossip_steps >= 1):
+            raise ValueError(f"{self.name}: gossip_steps must be an integer >= 1, got "
+                             f"{self.gossip_steps!r}")
+        if self.edge_chunk is not None and not (isinstance(self.edge_chunk, int)
+                                                and self.edge_chunk >= 1):
+            raise ValueError(f"{self.name}: edge_chunk must be an integer >= 1, got "
+                             f"{self.edge_chunk!r}")
+        topo = self.make_topology(c)
+        if self.redraw and not topo.random:
+            raise ValueError(f"{self.name}: redraw = true, but {topo.describe()} is the same "
+                             "graph in every draw; use a random topology (or shuffle = true "
+                             "for ring and grid)")
+
+    # -- state --------------------------------------------------------------------------------
+    def static_graph(self, key: jax.Array, num_nodes: int) -> Graph:
+        """The static graph of a run, drawn on the host from the init key."""
+        return self.make_topology(num_nodes).static(jax.random.fold_in(key, _GRAPH_KEY),
+                                                    connected=self.connected)
+
+    def _state(self, key: jax.Array, hp: ClientHParams, num_nodes: int,
+               graph: Graph | None) -> State:
+        # Every node starts from the same weights (the other methods' initial model).
+        params = self.engine.model.init(key)
+        stacked = jax.tree.map(lambda p: jnp.broadcast_to(p, (num_nodes, *p.shape)), params)
+        clients = {"hp": hp, "params": stacked}
+        if not self.reset_opt:
+            clients["opt"] = jax.vmap(self.local_engine.optimizer.init)(stacked)
+        state = {"round": jnp.zeros((), jnp.int32), "clients": clients}
+        if graph is not None:
+            state["graph"] = graph
+        return state
+
+    def init(self, key: jax.Array, data: FederatedData, hp: ClientHParams) -> State:
+        graph = None if self.redraw else self.static_graph(key, data.num_clients)
+        return self._state(key, hp, data.num_clients, graph)
+
+    def init_template(self, key: jax.Array, data: FederatedData, hp: ClientHParams) -> State:
+        c = data.num_clients
+        graph = None if self.redraw else self.static_graph(key, c)
+        return jax.eval_shape(lambda k, h, g: self._state(k, h, c, g), key, hp, graph)
+
+    # -- one round ----------------------------------------------------------------------------
+    def round_graph(self, state: State, key: jax.Array, num_nodes: int) -> Graph:
+        """This round's graph: the static one, or a fresh draw from the round key."""
+        if not self.redraw:
+            return state["graph"]
+        return self.make_topology(num_nodes).draw(jax.random.fold_in(key, _GRAPH_KEY))
+
+    def combine(self, start: Any, trained: Any, gossip_fn) -> Any:
+        """New models from the round's start models and the locally trained ones."""
+        return gossip_fn(trained)
+
+    def round(self, state: State, data: FederatedData, key: jax.Array) -> tuple[State, Metrics]:
+        c = data.num_clients
+        k_graph, k_train = jax.random.split(key)
+        graph = self.round_graph(state, k_graph, c)
+        edges = mixing_edges(graph, self.mixing)
+        cl = state["clients"]
+        x = cl["params"]
+        z, opt, m = self.local_engine.train(None, data, cl["hp"], k_train, state["round"],
+                                            client_params=x,
+                                            opt_state=None if self.reset_opt else cl["opt"])
+        one = jax.tree.map(lambda a: a[0], x)
+        nbytes = tree_bytes(one)
+        chunk = self.edge_chunk or edge_chunk_for(nbytes)
+        new = self.combine(x, z, lambda t: gossip(t, edges, c, self.gossip_steps, chunk))
+        deg = degrees(graph).astype(jnp.float32)
+        sent = deg * float(nbytes * self.gossip_steps)
+        counts = data.train_count.astype(jnp.float32)
+        metrics = {"train_loss": jnp.sum(m["loss"] * counts) / jnp.sum(counts),
+                   "local_steps": jnp.sum(m["steps"]).astype(jnp.float32),
+                   "consensus_distance": consensus_distance(new),
+                   "links": jnp.sum(deg) / 2,
+                   "bytes_per_link": jnp.asarray(2.0 * nbytes * self.gossip_steps, jnp.float32),
+                   **comm(up_model=sent, down_model=sent)}
+        clients = {**cl, "params": new}
+        if not self.reset_opt:
+            clients["opt"] = opt
+        return {**state, "round": state["round"] + 1, "clients": clients}, metrics
+
+    def models(self, state: State):
+        return state["clients"]["params"], None
+
+    def report(self, state: State, data: FederatedData, out_dir: Path) -> dict[str, float]:
+        """Write the static graph (``graph.npz``: edges, positions) and its size."""
+        if "graph" not in state:
+            return {}
+        g = state["graph"]
+        u, v, ok = (np.asarray(a) for a in (g.u, g.v, g.valid))
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        np.savez(out_dir / "graph.npz", u=u[ok], v=v[ok], positions=np.asarray(g.positions),
+                 group=np.asarray(data.group))
+        return {"graph_edges": float(ok.sum()),
+                "graph_mean_degree": float(2 * ok.sum() / max(1, data.num_clients))}
+
+
+@dataclasses.dataclass(frozen=True)
+class DPSGD(Gossip):
+    """D-PSGD (Lian et al. 2017): one local SGD step (each node's own optimizer), gossip.
+
+    ``step_then_gossip``: ``x <- W (x - lr g)`` instead of the paper's ``W x - lr g``.
+    """
+
+    name: ClassVar[str] = "dpsgd"
+    step_then_gossip: bool = False
+
+    @property
+    def local_engine(self) -> Engine:
+        return dataclasses.replace(self.engine,
+                                   local=LocalSpec(self.engine.local.batch_size, steps=1))
+
+    def combine(self, start, trained, gossip_fn):
+        if self.step_then_gossip:
+            return gossip_fn(trained)
+        # Gradient at the own model, applied to the neighbour average (the paper's order).
+        return jax.tree.map(lambda w, z, s: w + (z - s), gossip_fn(start), trained, start)
+
+
+@dataclasses.dataclass(frozen=True)
+class DFedAvg(Gossip):
+    """DFedAvg (Sun et al. 2022): the configured local epochs/steps, then gossip."""
+
+    name: ClassVar[str] = "dfedavg"
+
+
+@dataclasses.dataclass(frozen=True)
+class DFedAvgM(Gossip):
+    """DFedAvgM (Sun et al. 2022): local heavy-ball steps (``momentum``), then gossip.
+
+    Every node runs momentum SGD at its own learning rate; the momentum restarts from zero
+    every round (``reset_opt = true``), as in the paper.
+    """
+
+    name: ClassVar[str] = "dfedavgm"
+    momentum: float = 0.9
+    reset_opt: bool = True
+
+    @property
+    def local_engine(self) -> Engine:
+        settings = {**dict(self.engine.optimizer.settings), "momentum": float(self.momentum)}
+        return dataclasses.replace(self.engine, optimizer=ClientOptimizer(
+            ("momentum",), tuple(sorted(settings.items()))))
+
+    def validate(self, data: FederatedData) -> None:
+        super().validate(data)
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"dfedavgm: momentum must be in [0, 1), got {self.momentum}")

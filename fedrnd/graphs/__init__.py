@@ -1,0 +1,45 @@
+"""Communication graphs for decentralized methods: topologies, mixing weights, gossip.
+
+Static graphs are drawn once on the host (:meth:`Topology.static`, with connectivity checks);
+redrawn graphs come from the round key inside the jitted round (:meth:`Topology.draw`), with a
+fixed number of edge slots. Gossip runs on the engine's chunked
+:func:`~fedrnd.engine.edge_aggregate`.
+"""
+
+from fedrnd.graphs.graph import (
+    MIXINGS,
+    Graph,
+    adjacency,
+    check_mixing,
+    components,
+    consensus_distance,
+    degrees,
+    edge_chunk_for,
+    gossip,
+    is_connected,
+    mixing_edges,
+    mixing_matrix,
+    num_edges,
+    to_numpy_edges,
+)
+from fedrnd.graphs.topology import TOPOLOGIES, Topology, make_topology
+
+__all__ = [
+    "MIXINGS",
+    "TOPOLOGIES",
+    "Graph",
+    "Topology",
+    "adjacency",
+    "check_mixing",
+    "components",
+    "consensus_distance",
+    "degrees",
+    "edge_chunk_for",
+    "gossip",
+    "is_connected",
+    "make_topology",
+    "mixing_edges",
+    "mixing_matrix",
+    "num_edges",
+    "to_numpy_edges",
+]
