@@ -24,6 +24,10 @@ Grid file::
     name = "ifca"
     label = "ifca K-1"
     options = { num_clusters = "K-1" }   # "K", "K-1", "K+2": the scenario's number of groups
+    [margins]                        # optional: each method's gain over a baseline, by seed
+    baseline = "fedavg"              # a method label
+    reference = 7.0                  # optional: a published gap in points, to compare with
+    reference_note = "IFCA paper, rotated MNIST"
 
 Fairness: within a seed every method gets the same data split, the same initial weights (the
 model init key depends on the seed only), the same task model and local budget, and the same
@@ -123,6 +127,16 @@ class Cell:
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+@dataclasses.dataclass(frozen=True)
+class Margins:
+    """Report each method's accuracy gain over ``baseline`` (a method label), paired by seed;
+    ``reference`` (points) is a published gap the mean gain is compared with."""
+
+    baseline: str
+    reference: float | None = None
+    reference_note: str = ""
+
+
 @dataclasses.dataclass
 class Grid:
     """A parsed grid file."""
@@ -139,6 +153,7 @@ class Grid:
     title: str = ""
     description: str = ""
     tuning: str = ""
+    margins: Margins | None = None
 
     def cells(self) -> list[Cell]:
         out = []
@@ -154,10 +169,11 @@ class Grid:
 # ------------------------------------------------------------------------------------------
 
 _TOP = {"name", "title", "description", "base", "config", "seeds", "finetune_epochs",
-        "results", "cache_dir", "tuning", "scenarios", "methods"}
+        "results", "cache_dir", "tuning", "scenarios", "methods", "margins"}
 _SCENARIO = {"name", "partition", "partition_options", "source", "source_options",
              "num_clients", "groups", "negative_control", "description"}
 _METHOD = {"name", "label", "options", "input_only", "ft_row", "in_round"}
+_MARGINS = {"baseline", "reference", "reference_note"}
 
 
 def _err(msg: str) -> ValueError:
@@ -243,6 +259,24 @@ def _parse_method(raw: Any, i: int) -> MethodSpec:
         if not isinstance(v, bool):
             raise _err(f"{where} ({name}): {field} must be true or false")
     return MethodSpec(name, label.strip(), dict(opts), input_only, ft_row, in_round)
+
+
+def _parse_margins(raw: Any, labels: set[str]) -> Margins | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise _err("[margins] must be a table")
+    _check_keys(raw, _MARGINS, "[margins]")
+    base = raw.get("baseline")
+    if base not in labels:
+        raise _err(f"margins.baseline must be one of the method labels {sorted(labels)}, "
+                   f"got {base!r}")
+    ref = raw.get("reference")
+    if ref is not None and (isinstance(ref, bool) or not isinstance(ref, int | float)
+                            or not math.isfinite(ref) or ref <= 0):
+        raise _err(f"margins.reference must be a number of points > 0, got {ref!r}")
+    return Margins(base, None if ref is None else float(ref),
+                   str(raw.get("reference_note", "")))
 
 
 def resolve_k(options: dict[str, Any], k: int) -> tuple[dict[str, Any], dict[str, int]]:
@@ -338,13 +372,14 @@ def parse_grid(raw: dict[str, Any], root: Path | str = ".", *, overrides: list[s
     if clash:
         raise _err(f"labels {clash} clash with the derived fine-tune rows; rename them")
 
+    margins = _parse_margins(raw.get("margins"), labels)
     results = root / raw.get("results", "RESULTS.md")
     cache = Path(raw["cache_dir"]) if "cache_dir" in raw else Path(base.out_dir) / "compare" / name
     if "cache_dir" in raw and not cache.is_absolute():
         cache = root / cache
     grid = Grid(name, path, base, scenarios, methods, list(seeds), ft, results, cache,
                 title=str(raw.get("title", "")), description=str(raw.get("description", "")),
-                tuning=str(raw.get("tuning", "")))
+                tuning=str(raw.get("tuning", "")), margins=margins)
     grid.cells()  # builds and validates every cell's config before anything runs
     return grid
 
@@ -533,6 +568,72 @@ def scenario_rows(grid: Grid, scenario: Scenario,
     return rows
 
 
+def margin_rows(grid: Grid, scenario: Scenario,
+                records: dict[tuple[str, str, int], dict]) -> list[dict[str, Any]]:
+    """Per method: its accuracy minus the baseline's, seed by seed (same split and init).
+
+    Returns one dict per method other than the baseline with the paired gains in points
+    (``gain``, ``gain_ft``: lists over the seeds where both ran), their mean, sample std, min
+    and max, and ``ratio``: the mean gain over ``grid.margins.reference`` (``nan`` without one).
+    """
+    mg = grid.margins
+    if mg is None:
+        return []
+    rows = []
+    for m in grid.methods:
+        if m.label == mg.baseline:
+            continue
+        row: dict[str, Any] = {"method": m.label}
+        for key, name in (("test_acc/mean", "gain"), ("test_acc_ft/mean", "gain_ft")):
+            g = []
+            for seed in grid.seeds:
+                a = records.get((scenario.name, m.label, seed))
+                b = records.get((scenario.name, mg.baseline, seed))
+                if a is None or b is None:
+                    continue
+                x, y = a["final"].get(key), b["final"].get(key)
+                if x is not None and y is not None and np.isfinite(x) and np.isfinite(y):
+                    g.append(100.0 * (float(x) - float(y)))
+            mean, std, n = _stats(g)
+            row.update({name: g, f"{name}_mean": mean, f"{name}_std": std,
+                        f"{name}_min": min(g) if g else math.nan,
+                        f"{name}_max": max(g) if g else math.nan,
+                        f"{name}_wins": sum(v > 0 for v in g)})
+        row["ratio"] = (row["gain_mean"] / mg.reference if mg.reference else math.nan)
+        if row["gain"] or row["gain_ft"]:
+            rows.append(row)
+    return rows
+
+
+def margin_table(grid: Grid, rows: list[dict[str, Any]]) -> list[str]:
+    """Markdown lines for :func:`margin_rows` (empty when there is nothing to show)."""
+    mg = grid.margins
+    if mg is None or not rows:
+        return []
+    ref = mg.reference
+    head = ["method", "gain, points (mean ± std)", "min", "max", "seeds > 0"]
+    if ref:
+        head.append(f"mean / {ref:g}")
+    head += ["gain +FT (mean ± std)", "min +FT"]
+    f = lambda v: "-" if not np.isfinite(v) else f"{v:+.1f}"  # noqa: E731
+    lines = [f"Gain over `{mg.baseline}` in points of mean client test accuracy, paired by "
+             "seed (same split and initial weights; positive: the method is better)"
+             + (f"; the last ratio compares the mean gain with the reference gap of {ref:g} "
+                f"points ({mg.reference_note or 'reference'})" if ref else "") + ".", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        n = len(r["gain"])
+        cells = [r["method"],
+                 "-" if n == 0 else f"{r['gain_mean']:+.1f} ± {r['gain_std']:.1f}",
+                 f(r["gain_min"]), f(r["gain_max"]), f"{r['gain_wins']}/{n}"]
+        if ref:
+            cells.append("-" if not np.isfinite(r["ratio"]) else f"{r['ratio']:.2f}")
+        cells += ["-" if not r["gain_ft"] else
+                  f"{r['gain_ft_mean']:+.1f} ± {r['gain_ft_std']:.1f}", f(r["gain_ft_min"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 _TABLE = [("method", "method"), ("acc", "test acc %"), ("acc_ft", "test acc % +FT"),
           ("ari", "ARI"), ("nmi", "NMI"), ("clusters", "clusters"), ("mb", "MB/client"),
           ("cluster_time", "clustering s"), ("wall", "wall s"), ("seeds", "seeds")]
@@ -711,6 +812,7 @@ def write_report(grid: Grid, records: dict[tuple[str, str, int], dict]) -> Path:
             lines += [s.description.strip(), ""]
         rows = scenario_rows(grid, s, records)
         lines += [scenario_table(rows), ""]
+        lines += margin_table(grid, margin_rows(grid, s, records))
         skipped = [m.label for m in grid.methods
                    if _make_cell(grid, s, m, grid.seeds[0]).config is None]
         if skipped:

@@ -169,6 +169,9 @@ def test_negative_control_marks_input_only_methods(tmp_path):
     ({"methods": ["fedavg", {"name": "local", "label": "fedavg+ft"}]}, "clash"),
     ({"config": {"rounds": 0}}, "base config: config: rounds must be >= 1"),
     ({"config": {"algorithms": ["fedavg"]}}, "must not set algorithms"),
+    ({"margins": {"baseline": "nope"}}, "margins.baseline must be one of the method labels"),
+    ({"margins": {"baseline": "fedavg", "reference": 0}}, "margins.reference must be"),
+    ({"margins": {"baseline": "fedavg", "gap": 7}}, r"unknown field\(s\) \['gap'\] in \[margins\]"),
 ])
 def test_bad_grid_errors_name_the_problem(tmp_path, change, match):
     with pytest.raises(ValueError, match=match):
@@ -241,3 +244,55 @@ def test_shipped_grid_is_valid():
     assert ks[("shards-2", "ifca K+2")] == 3
     assert sum(c.config is not None for c in cells) == 198
     assert {m.label for m in grid.methods if m.input_only} == {"rnd", "pacfl unsupervised"}
+
+
+def _record(acc: float, acc_ft: float) -> dict:
+    return {"final": {"test_acc/mean": acc, "test_acc_ft/mean": acc_ft}, "wall_time": 1.0,
+            "history": [{"round": 1, "test_acc": acc}]}
+
+
+def test_margins_are_paired_by_seed_against_the_baseline(tmp_path):
+    from fedrnd.driver.compare import margin_rows, margin_table, write_report
+
+    raw = _raw(tmp_path, seeds=[0, 1, 2], scenarios=[{"name": "iid", "partition": "iid"}],
+               methods=["fedavg", "local", {"name": "fedavg", "label": "other"}],
+               margins={"baseline": "fedavg", "reference": 7.0, "reference_note": "paper"})
+    grid = parse_grid(raw, tmp_path)
+    acc = {"fedavg": [0.80, 0.70, 0.75], "local": [0.90, 0.72, 0.70], "other": [0.85, 0.0, 0.0]}
+    ft = {"fedavg": [0.81, 0.71, 0.76], "local": [0.91, 0.74, 0.77], "other": [0.85, 0.0, 0.0]}
+    records = {("iid", m, s): _record(acc[m][s], ft[m][s]) for m in acc for s in range(3)}
+    del records[("iid", "other", 1)], records[("iid", "other", 2)]  # one seed finished
+    rows = {r["method"]: r for r in margin_rows(grid, grid.scenarios[0], records)}
+    assert set(rows) == {"local", "other"}  # the baseline has no row
+    want = 100 * (np.array(acc["local"]) - np.array(acc["fedavg"]))
+    np.testing.assert_allclose(rows["local"]["gain"], want)
+    assert rows["local"]["gain_mean"] == pytest.approx(want.mean())
+    assert rows["local"]["gain_std"] == pytest.approx(want.std(ddof=1))
+    assert rows["local"]["gain_min"] == pytest.approx(-5.0)
+    assert rows["local"]["gain_max"] == pytest.approx(10.0)
+    assert rows["local"]["gain_wins"] == 2
+    assert rows["local"]["ratio"] == pytest.approx(want.mean() / 7.0)
+    np.testing.assert_allclose(rows["local"]["gain_ft"],
+                               100 * (np.array(ft["local"]) - np.array(ft["fedavg"])))
+    np.testing.assert_allclose(rows["other"]["gain"], [5.0])  # only the seed both finished
+    lines = margin_table(grid, list(rows.values()))
+    assert "| local | +2.3 ± 7.5 | -5.0 | +10.0 | 2/3 | 0.33 | +4.7 ± 4.7 | +1.0 |" in lines
+    write_report(grid, records)
+    assert "Gain over `fedavg`" in grid.results.read_text()
+    # Without [margins] nothing is added.
+    plain = parse_grid({k: v for k, v in raw.items() if k != "margins"}, tmp_path)
+    assert margin_rows(plain, plain.scenarios[0], records) == []
+
+
+def test_shipped_ifca_rotation_grid_is_valid():
+    from fedrnd.driver.compare import load_grid
+
+    grid = load_grid("experiments/ifca_rotation.toml")
+    assert len(grid.seeds) >= 5 and grid.margins.baseline == "fedavg"
+    assert grid.margins.reference == 7.0
+    (scen,) = grid.scenarios
+    assert scen.groups == 4 and grid.base.data.source == "fashion_mnist"
+    cells = {c.method.label: c for c in grid.cells() if c.seed == grid.seeds[0]}
+    assert cells["ifca K"].resolved == {"num_clusters": 4}
+    opts = cells["rnd eps=1"].config.algorithms[0].options
+    assert opts["predictor_steps"] == 300 and opts["predictor_batch"] == 32
