@@ -148,7 +148,10 @@ def measure(grid_path: str | Path, *, seed: int = 0, repeat: int = 5, rnd_repeat
 
     grid = load_grid(grid_path, overrides=overrides, seeds=[seed])
     scen = grid.scenarios[0]
-    cells = {c.method.name: c for c in grid.cells() if c.scenario is scen and c.config}
+    cells: dict[str, Any] = {}
+    for c in grid.cells():  # the first method of each algorithm in the grid
+        if c.scenario is scen and c.config is not None:
+            cells.setdefault(c.method.name, c)
     for need in ("ifca", "rnd", "fedavg"):
         if need not in cells:
             raise ValueError(f"grid {grid.name!r} needs a {need!r} method for this benchmark; "
@@ -231,7 +234,7 @@ def measure(grid_path: str | Path, *, seed: int = 0, repeat: int = 5, rnd_repeat
         "task_model": f"{cfg.model.name} {json.dumps(cfg.model.options)}",
         "task_params": _num_params(engine.model), "other_models": extra,
         "ifca_clusters": ifca.num_clusters,
-        "rnd": {"network": disc.pair.kind, "predictor_steps": rc.steps,
+        "rnd": {"label": cells["rnd"].method.label, "network": disc.pair.kind, "predictor_steps": rc.steps,
                 "predictor_epochs": rc.epochs, "predictor_batch": rc.batch_size,
                 "probe": rc.probe, "probe_cap": rc.probe_cap,
                 "federations": disc.num_federations, "eps": float(disc.eps)},
@@ -288,7 +291,7 @@ def markdown(r: dict[str, Any]) -> str:
         f"Setting: `{r['grid']}`, scenario `{r['scenario']}`, seed {r['seed']}: "
         f"{r['clients']} clients, {r['train_examples']} training examples in all, task model "
         f"{r['task_model']}, a run of R = {R} rounds. IFCA with K = {r['ifca_clusters']}; RND "
-        f"with the grid's options ({rnd['network']} pair, predictors trained {budget}, probes "
+        f"with the options of the grid's `{rnd.get('label', 'rnd')}` ({rnd['network']} pair, predictors trained {budget}, probes "
         f"`{rnd['probe']}`; it found {rnd['federations']} federation(s), eps {rnd['eps']:.2f}).",
         "",
         "IFCA's clustering per round is the evaluation of all K cluster models on every "
