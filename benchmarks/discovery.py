@@ -21,7 +21,8 @@ Reported (one JSON line; ``--json PATH`` also writes it to a file): wall seconds
 ``--repeat`` later ones, with per-phase seconds (``Discovery.timings``: split, target, train,
 self, scores, federations); process CPU seconds; pair evaluations per second, where a *pair* is
 one entry ``S[i, j]`` (``C^2`` dense, edges sparse) and an *evaluation* is one predictor applied
-to one probe image (``pairs x probes``), both over the ``scores`` phase; peak memory (process
+to one probe image (``pairs x probes``), both over the ``scores`` phase (and evaluations per
+process CPU second, ``Discovery.cpu_timings``, the figure to compare under outside load); peak memory (process
 ``ru_maxrss``, which includes the data set); federations found and ARI / NMI against the true
 groups (and with ``--ari-eps`` the ARI at fixed tolerances, from the same scores); the load average before and after (other jobs share the CPU: compare ``cpu_s`` when the
 load is high); machine, jax version and date.
@@ -161,7 +162,7 @@ def run(args: argparse.Namespace) -> dict:
         c0, w0 = time.process_time(), time.perf_counter()
         res = discover(data, cfg, edges=edges)
         runs.append({"wall_s": time.perf_counter() - w0, "cpu_s": time.process_time() - c0,
-                     "phases": dict(res.timings)})
+                     "phases": dict(res.timings), "cpu_phases": dict(res.cpu_timings)})
     groups = np.asarray(data.group)
     probes = np.minimum(np.asarray(data.train_count), args.probe_cap or np.inf)
     if edges is None:
@@ -172,6 +173,7 @@ def run(args: argparse.Namespace) -> dict:
         evals = float(probes[np.asarray(res.edges.dst)].sum())
     warm = runs[1:] or runs
     scores_s = statistics.median(r["phases"]["scores"] for r in warm)
+    scores_cpu = statistics.median(r["cpu_phases"]["scores"] for r in warm)
     whole = [r["wall_s"] for r in warm]
     out = {
         "benchmark": "discovery",
@@ -184,9 +186,12 @@ def run(args: argparse.Namespace) -> dict:
         "cpu_s": statistics.median(r["cpu_s"] for r in warm),
         "phases_s": {k: statistics.median(r["phases"][k] for r in warm)
                      for k in warm[0]["phases"]},
+        "cpu_phases_s": {k: statistics.median(r["cpu_phases"][k] for r in warm)
+                         for k in warm[0]["cpu_phases"]},
         "first_phases_s": runs[0]["phases"],
         "pairs": pairs, "evals": evals,
         "pairs_per_s": pairs / scores_s, "evals_per_s": evals / scores_s,
+        "evals_per_cpu_s": evals / scores_cpu,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
         "data_s": data_s,
         "federations": res.num_federations, "eps": res.eps,

@@ -843,6 +843,8 @@ class Discovery:
       timings: wall seconds per phase: ``split`` (probe rows), ``target`` (target cache),
         ``train`` (predictors), ``self`` (self-novelty), ``scores`` (the matrix or the edge
         scores), ``federations`` (sigma, eps, compatibility, extraction; host side).
+      cpu_timings: process CPU seconds (all threads) per phase, the same keys; steadier than
+        wall seconds when other jobs share the CPU.
     """
 
     federation: np.ndarray
@@ -863,6 +865,7 @@ class Discovery:
     edges: EdgeList | None = None
     edge_scores: np.ndarray | None = None
     timings: dict[str, float] = dataclasses.field(default_factory=dict)
+    cpu_timings: dict[str, float] = dataclasses.field(default_factory=dict)
 
     @property
     def num_federations(self) -> int:
@@ -874,17 +877,19 @@ class Discovery:
 
 
 class _Clock:
-    """Wall seconds per phase of :func:`discover`; waits for a phase's device arrays, so each
-    phase is charged its own work (phases run one after another anyway)."""
+    """Wall and process CPU seconds per phase of :func:`discover`; waits for a phase's device
+    arrays, so each phase is charged its own work (phases run one after another anyway)."""
 
     def __init__(self):
         self.times: dict[str, float] = {}
-        self._last = time.perf_counter()
+        self.cpu: dict[str, float] = {}
+        self._last = (time.perf_counter(), time.process_time())
 
     def __call__(self, phase: str, value=None):
         value = jax.block_until_ready(value)
-        now = time.perf_counter()
-        self.times[phase] = self.times.get(phase, 0.0) + now - self._last
+        now = (time.perf_counter(), time.process_time())
+        self.times[phase] = self.times.get(phase, 0.0) + now[0] - self._last[0]
+        self.cpu[phase] = self.cpu.get(phase, 0.0) + now[1] - self._last[1]
         self._last = now
         return value
 
@@ -956,7 +961,7 @@ def discover(data: FederatedData, config: RNDConfig = RNDConfig(), *,
         down = np.full(c, (c - 1) * nbytes, np.float64)
         clock("federations")
         return Discovery(fed, s, s_self, s_std, sigma, z, eps, comp, up, down, preds, t_params,
-                         pair, cfg, to_host(loss), None, None, clock.times)
+                         pair, cfg, to_host(loss), None, None, clock.times, clock.cpu)
     src, dst = _drop_self_edges(edges)
     e_scores = to_host(clock("scores", edge_novelty(
         scorer, preds, data.x, t_pool, pr_idx, pr_cnt,
@@ -982,7 +987,7 @@ def discover(data: FederatedData, config: RNDConfig = RNDConfig(), *,
     return Discovery(fed, None, s_self, s_std, sigma, z, eps, ok, up, down, preds, t_params,
                      pair, cfg, to_host(loss),
                      EdgeList(jnp.asarray(src), jnp.asarray(dst), jnp.ones(len(src))), e_scores,
-                     clock.times)
+                     clock.times, clock.cpu)
 
 
 def assign_newcomers(disc: Discovery, new: FederatedData, *, key: jax.Array | None = None,

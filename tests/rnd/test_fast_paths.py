@@ -193,6 +193,7 @@ def test_discovery_fused_and_generic_agree():
     np.testing.assert_array_equal(fast.federation, ref.federation)
     assert fast.num_federations == 3
     assert set(fast.timings) == {"split", "target", "train", "self", "scores", "federations"}
+    assert set(fast.cpu_timings) == set(fast.timings)
     assert all(v >= 0 for v in fast.timings.values())
     # Sparse mode through both paths: a ring plus chords, both directions.
     c = len(groups)
