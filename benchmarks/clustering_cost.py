@@ -134,6 +134,27 @@ def parse_model(spec: str) -> tuple[str, dict[str, Any]]:
     return name, options
 
 
+def federations_at(disc, group: np.ndarray, eps_values) -> list[dict[str, Any]]:
+    """Federations of one discovery re-read at other tolerances (``"auto"`` or numbers):
+    the same novelty matrix, thresholds only. Each entry: eps used, count, ARI vs ``group``."""
+    from sklearn.metrics import adjusted_rand_score
+
+    from fedrnd.rnd import auto_eps, compatibility, federations
+
+    z = np.array(disc.z, dtype=np.float64, copy=True)
+    off = z.copy()
+    np.fill_diagonal(off, np.inf)  # auto_eps reads off-diagonal scores only
+    out = []
+    for e in eps_values:
+        eps = auto_eps(off) if e == "auto" else float(e)
+        comp = compatibility(z, eps)
+        np.fill_diagonal(comp, True)
+        fed = federations(comp, disc.config.rule, disc.self_novelty)
+        out.append({"eps": e, "eps_used": float(eps), "federations": int(fed.max()) + 1,
+                    "ari": float(adjusted_rand_score(group, fed))})
+    return out
+
+
 def measure(grid_path: str | Path, *, seed: int = 0, repeat: int = 5, rnd_repeat: int = 1,
             overrides: list[str] | None = None, also_models: list[str] = (),
             log=print) -> dict[str, Any]:
@@ -209,6 +230,8 @@ def measure(grid_path: str | Path, *, seed: int = 0, repeat: int = 5, rnd_repeat
                     probe_examples=int(probes.sum()) if rc.probe == "train" else None)
     flops = flop_counts(engine.model, disc.pair, **count_kw)
 
+    reread = (federations_at(disc, np.asarray(data.group), dict.fromkeys(["auto", rc.eps]))
+              if disc.scores is not None else [])
     extra = []
     for spec in also_models:
         name, opts = parse_model(spec)
@@ -238,6 +261,7 @@ def measure(grid_path: str | Path, *, seed: int = 0, repeat: int = 5, rnd_repeat
                 "predictor_epochs": rc.epochs, "predictor_batch": rc.batch_size,
                 "probe": rc.probe, "probe_cap": rc.probe_cap,
                 "federations": disc.num_federations, "eps": float(disc.eps)},
+        "eps_reread": reread,
         "ifca_estimate": t_est, "round": t_round, "round_difference": diff,
         "rnd_cold": cold, "rnd_warm": t_disc,
         "rnd_phases": {k: float(v) for k, v in disc.timings.items()},
@@ -313,6 +337,10 @@ def markdown(r: dict[str, Any]) -> str:
         f"| RND discovery, warm = RND once | {rw['wall']:.1f} | {rw['cpu']:.1f} |",
         f"| RND every round (x {R}) | {R * rw['wall']:,.0f} | {R * rw['cpu']:,.0f} |",
         "",
+        *(["The same novelty matrix read at other tolerances: " + "; ".join(
+            f"eps {q['eps']} (= {q['eps_used']:.2f}): {q['federations']} federation(s), ARI "
+            f"{q['ari']:.2f}" for q in r["eps_reread"]) + ".", ""] if r.get("eps_reread")
+          else []),
         "RND phases (last warm call, wall s): " + ", ".join(
             f"{k} {v:.2f}" for k, v in r["rnd_phases"].items()) + ".",
         "",

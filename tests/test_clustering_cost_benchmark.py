@@ -4,10 +4,13 @@ section of RESULTS.md, and one tiny end-to-end measurement."""
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 from benchmarks.clustering_cost import (
+    federations_at,
     flop_counts,
     main,
     markdown,
@@ -46,6 +49,21 @@ def test_flop_counts_add_up_the_phases():
     only = flop_counts(task, pair, clusters=3, train_examples=500, pool_rows=700,
                        num_clients=20, predictor_examples=64, probe_examples=None)
     assert set(only) == {"ifca_round"}
+
+
+def test_federations_reread_at_other_tolerances():
+    # Two groups of 5: normalised scores about 0 inside a group and 3 across.
+    group = np.repeat([0, 1], 5)
+    rng = np.random.default_rng(0)
+    z = np.where(group[:, None] == group[None, :], 0.0, 3.0) + rng.uniform(0, 0.2, (10, 10))
+    np.fill_diagonal(z, 0.0)
+    disc = SimpleNamespace(z=z, config=RNDConfig(), self_novelty=np.ones(10))
+    auto, low, high = federations_at(disc, group, ["auto", 1.0, 10.0])
+    assert 0.2 < auto["eps_used"] < 3.0  # the empty band between the two modes
+    assert (auto["federations"], auto["ari"]) == (2, 1.0)
+    assert (low["federations"], low["ari"]) == (2, 1.0)
+    assert (high["federations"], high["ari"]) == (1, 0.0)  # everything compatible
+    np.testing.assert_array_equal(np.diag(disc.z), 0.0)  # the input is not modified
 
 
 def test_parse_model():
@@ -105,6 +123,8 @@ options = {{ network = "mlp", predictor_steps = 5, predictor_batch = 8, eps = 1.
     assert r["ratio_flops"]["once"] == pytest.approx(
         r["flops"]["rnd"] / (7 * r["flops"]["ifca_round"]))
     assert set(r["rnd_phases"]) >= {"train", "scores", "federations"}
+    assert [q["eps"] for q in r["eps_reread"]] == ["auto", 1.0]
+    assert r["eps_reread"][1]["federations"] == r["rnd"]["federations"]
     (other,) = r["other_models"]
     assert other["model"].startswith("mlp") and other["params"] == 64 * 16 + 16 + 16 * 10 + 10
     text = out.read_text()
