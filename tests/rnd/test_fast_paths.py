@@ -1,5 +1,5 @@
-"""RND fast paths: stacked predictor errors against numpy forward passes, the im2col conv
-predictor against the flax module (values and gradients), the fused novelty matrix and fused
+"""RND fast paths: stacked predictor errors against numpy forward passes, the matrix-product
+conv predictor against the flax module (values and gradients), the fused novelty matrix and fused
 edge scores against the generic per-predictor path, and discovery through both paths."""
 
 from __future__ import annotations
@@ -88,9 +88,10 @@ def test_stacked_errors_equal_numpy_forward_passes(kind, shape, width):
         np.testing.assert_allclose(got[j], ref, rtol=2e-5, atol=1e-6)
 
 
+# Widths up to 48 take the banded-matrix convolution, wider images im2col.
 @pytest.mark.parametrize("shape,width", [((28, 28, 1), (2, 4)), ((7, 9, 2), (3, 2, 2)),
-                                         ((4, 4, 3), (2,))])
-def test_im2col_conv_predictor_equals_flax_module(shape, width):
+                                         ((4, 4, 3), (2,)), ((5, 50, 2), (2, 3))])
+def test_conv_predictor_equals_flax_module(shape, width):
     pair = make_pair("conv", shape, predictor_width=width, target_width=(4, 8), out_dim=8)
     module = from_flax(RNDConv(width, 8), shape, 8)
     p = jax.tree.map(lambda a: a[0], _perturbed(pair, 1, seed=4))
