@@ -10,8 +10,8 @@ equidistant patterns of per-pixel RMS ``--rms`` (0.15, the paper's value;
 
 ``--network mlp`` is the MLP pair (target 784-256-256-64, predictor 784-32-64), ``conv`` the
 authors' conv pair (target channels 32/64, predictor 2/4, max pool after the first
-convolution, adaptive average pool to 4x4, 64 outputs). Predictors train as in the paper
-(Adam 1e-3, 10 epochs, batch 128). ``--probe-cap`` scores on at most that many of each
+convolution, adaptive average pool to 4x4, 64 outputs). Predictors train with Adam 1e-3,
+batch 128, ``--epochs`` (the paper's 10) or ``--steps``; with 64 images an epoch is one step. ``--probe-cap`` scores on at most that many of each
 client's images; ``--sparse-degree d`` scores only a random graph in which every client scores
 about ``d`` random peers, both ways (sparse mode), instead of the whole ``C x C``
 matrix.
@@ -155,7 +155,7 @@ def run(args: argparse.Namespace) -> dict:
     edges = (random_graph(args.clients, args.sparse_degree, args.seed)
              if args.sparse_degree else None)
     cfg = RNDConfig(network=args.network, probe_cap=args.probe_cap, fused=not args.generic,
-                    seed=args.seed)
+                    seed=args.seed, epochs=args.epochs, steps=args.steps)
     runs, res = [], None
     for _ in range(1 + args.repeat):
         res = None  # the previous result is not part of this run's peak memory
@@ -180,6 +180,7 @@ def run(args: argparse.Namespace) -> dict:
         "date": _dt.datetime.now().isoformat(timespec="seconds"),
         "clients": args.clients, "per_client": args.per_client, "network": args.network,
         "probe_cap": args.probe_cap, "sparse_degree": args.sparse_degree,
+        "epochs": args.epochs, "steps": args.steps,
         "path": "generic" if args.generic else "fused", "groups": args.groups, "rms": args.rms,
         "first_s": runs[0]["wall_s"],
         "whole_s": statistics.median(whole), "whole_min_s": min(whole),
@@ -216,6 +217,10 @@ def main(argv: list[str] | None = None) -> dict:
                    help="score about d random peers per client, both ways, not all (0: dense)")
     p.add_argument("--repeat", type=int, default=1,
                    help="timed runs after the first (which includes compilation)")
+    p.add_argument("--epochs", type=int, default=10, help="predictor epochs (the paper's 10)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="predictor Adam steps instead of epochs (64 images, batch 128: one "
+                        "epoch is one step)")
     p.add_argument("--groups", type=int, default=4)
     p.add_argument("--rms", type=float, default=0.15)
     p.add_argument("--seed", type=int, default=0)
