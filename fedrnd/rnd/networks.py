@@ -250,10 +250,19 @@ def _layers(params, prefix: str) -> list[str]:
 def _max_pool2(x: jax.Array) -> jax.Array:
     """2x2 max pool, stride 2, floor (``nn.max_pool(..., "VALID")``) over axes 1 and 2.
 
-    The maximum of four strided slices: its gradient is a few selects, where a reshape-max
-    or ``reduce_window`` costs 1.4-1.8x as much per training step on a CPU. (Ties split the
-    gradient differently; after a ReLU they are zeros, whose gradient is zero either way.)
+    A reshape and a max: the faster forward pass (the novelty matrix; 1.4x the strided slices
+    of :func:`_max_pool2_slices` on the conv pair's first layer for 64 predictors).
     """
+    h, w = x.shape[1] // 2, x.shape[2] // 2
+    x = x[:, : 2 * h, : 2 * w]
+    return x.reshape(x.shape[0], h, 2, w, 2, *x.shape[3:]).max(axis=(2, 4))
+
+
+def _max_pool2_slices(x: jax.Array) -> jax.Array:
+    """:func:`_max_pool2` as the maximum of four strided slices, for training: its gradient is
+    a few selects, where the reshape-max's or ``reduce_window``'s cost 1.4-1.8x as much per
+    training step on a CPU. (Ties split the gradient differently; after a ReLU they are zeros,
+    whose gradient is zero either way.)"""
     h, w = x.shape[1] // 2, x.shape[2] // 2
     a, b = x[:, 0:2 * h:2, 0:2 * w:2], x[:, 0:2 * h:2, 1:2 * w:2]
     c, d = x[:, 1:2 * h:2, 0:2 * w:2], x[:, 1:2 * h:2, 1:2 * w:2]
@@ -315,7 +324,7 @@ def conv_apply(params, x: jax.Array, *, pool: int = 4) -> jax.Array:
     for k, name in enumerate(_layers(params, "Conv")):
         x = jax.nn.relu(_conv3x3(x, params[name]["kernel"], params[name]["bias"]))
         if k == 0:
-            x = _max_pool2(x)
+            x = _max_pool2_slices(x)
     x = adaptive_avg_pool(x, (pool, pool)).reshape(x.shape[0], -1)
     return x @ params["Dense_0"]["kernel"] + params["Dense_0"]["bias"]
 
