@@ -317,6 +317,32 @@ def read_federations(scores: np.ndarray, self_std: np.ndarray, sigma: str,
     return federations(comp, rule, s_self), float(e)
 
 
+def gap_ratio(scores: np.ndarray, self_std: np.ndarray, sigma: str, hi: float = 1e3) -> float:
+    """The best gap-to-spread ratio :func:`fedrnd.rnd.auto_eps` finds in a matrix's normalised
+    scores: it splits the population iff this is ``>= min_ratio`` (1.5). Found by bisection on
+    ``min_ratio`` through the public function (the ratio itself is not returned by it)."""
+    from fedrnd.rnd import auto_eps, normalised_scores, sigma_of
+
+    s = np.asarray(scores, np.float32)
+    z = normalised_scores(s, np.diag(s).copy(), sigma_of(sigma, s, np.asarray(self_std)))
+    np.fill_diagonal(z, np.inf)
+    zf = z[np.isfinite(z)]
+    top = max(float(zf.max()) + 1.0, 0.0) if zf.size else 0.0
+
+    def splits(r: float) -> bool:
+        return auto_eps(z, min_ratio=r) != top
+
+    if not splits(1e-9):
+        return 0.0
+    lo, up = 1e-9, hi
+    if splits(up):
+        return float("inf")
+    for _ in range(40):
+        mid = np.sqrt(lo * up)
+        lo, up = (mid, up) if splits(mid) else (lo, mid)
+    return float(lo)
+
+
 def label_tv(y_hist: np.ndarray, fed: np.ndarray, tv: np.ndarray | None = None
              ) -> tuple[float, float]:
     """Mean total-variation distance of client label distributions within / across federations.
@@ -368,6 +394,8 @@ def score_reads(scores, self_std, group, y_hist=None) -> dict[str, dict[str, Any
                      "nmi": float(normalized_mutual_info_score(group, fed))}
                 if tv is not None:
                     r["label_tv_within"], r["label_tv_across"] = label_tv(y_hist, fed, tv)
+                if e == "auto" and rule == "mutual":
+                    r["gap_ratio"] = gap_ratio(scores, self_std, sg)
                 reads[read_key(sg, e, rule)] = r
     return reads
 
@@ -390,7 +418,9 @@ def _label_hist(data) -> np.ndarray:
 
 def run_discovery_cell(pop: Population, variant: Variant, seed: int, cells: Path, part: str,
                        quick: bool, figures: Path | None, keep_matrix: bool,
-                       matrices: Path | None = None) -> None:
+                       matrices: Path | None = None, data_seed: int | None = None) -> None:
+    """Discovery on ``pop`` split with ``data_seed`` (default ``seed``), discovery key
+    ``key(seed)``: one cell with every sigma/eps/rule read."""
     path = cell_path(cells, part, pop.name, variant.name, seed)
     if path.exists():
         return
@@ -398,7 +428,8 @@ def run_discovery_cell(pop: Population, variant: Variant, seed: int, cells: Path
 
     from fedrnd.rnd import discover
 
-    cfg = load_cfg(pop, seed, quick)
+    data_seed = seed if data_seed is None else data_seed
+    cfg = load_cfg(pop, data_seed, quick)
     data = load_data(cfg, cells, part, pop)
     if data is None:
         return
@@ -417,6 +448,7 @@ def run_discovery_cell(pop: Population, variant: Variant, seed: int, cells: Path
     assert d["federations"] == disc.num_federations and np.isclose(d["eps"], disc.eps), \
         (d["federations"], disc.num_federations, d["eps"], disc.eps)
     cell = {"part": part, "population": pop.name, "variant": variant.name, "seed": seed,
+            "data_seed": data_seed, "key": seed,
             "config": pop.config, "rnd": dataclasses.asdict(rc), "quick": quick,
             "num_clients": data.num_clients, "group_sizes": np.bincount(group).tolist(),
             "train_per_client": float(np.mean(np.asarray(data.train_count))),
@@ -516,6 +548,12 @@ def run_part(part: str, plan: Plan, cells: Path, runs: Path, figures: Path | Non
         for seed in plan.seeds:
             for pop in PAPER:
                 run_sim_cell(pop, seed, cells, part, q, runs, figures)
+    elif part == "keys":
+        # Same data (split seed 0), discovery keys 100, 101, ...: what the key alone changes.
+        for k in plan.seeds:
+            for pop in PAPER[:1]:
+                run_discovery_cell(pop, GRID[0], 100 + k, cells, part, q, None,
+                                   keep_matrix=True, data_seed=0)
     elif part == "paper_eps":
         for seed in plan.seeds:
             for pop in PAPER_EPS:
@@ -548,7 +586,7 @@ def run_part(part: str, plan: Plan, cells: Path, runs: Path, figures: Path | Non
         raise ValueError(f"unknown part {part!r}; allowed: {PARTS}")
 
 
-PARTS = ("paper", "control", "grid", "scaled", "paper_eps", "scaled_acc")
+PARTS = ("paper", "control", "grid", "keys", "scaled", "paper_eps", "scaled_acc")
 
 
 def reread(cells: Path, runs: Path) -> int:
@@ -734,11 +772,14 @@ def _paper_section(cells: Path, figures: Path, plan: Plan) -> list[str]:
         L += [_config_header(pop.config), ""]
         rnd = [c["methods"]["rnd"] for c in sims]
         exact = sum(1 for c in sims if c["methods"]["rnd"]["ari"] == 1.0)
+        ratios = [gap_ratio(c["scores"], np.zeros(len(c["group"])), "row")
+                  for c in sims if "scores" in c]
         L += [f"**Discovery** ({len(sims)} seeds, the `rnd` method's own discovery): "
               f"ARI {mean_std([r['ari'] for r in rnd])}, NMI {mean_std([r['nmi'] for r in rnd])}, "
               f"federations {mean_std([r['federations'] for r in rnd], '{:.1f}')} "
               f"(4 true groups; exact recovery in {exact}/{len(sims)} seeds), "
-              f"eps (auto) {mean_std([r['eps'] for r in rnd], '{:.2f}')}.", ""]
+              f"eps (auto) {mean_std([r['eps'] for r in rnd], '{:.2f}')}, gap ratio "
+              f"{_ratio_summary(ratios)} (auto splits iff >= 1.5; see section 3).", ""]
         L += [f"**Accuracy** after {sims[0]['rounds']} rounds ({len(sims)} seeds; each "
               "client's test set is drawn from its own distribution):", ""]
         extra = [c for p in PAPER_EPS if p.name == pop.name
@@ -813,16 +854,40 @@ def _grid_section(cells: Path) -> list[str]:
         L += [f"### {pop.title}", "", "Network, probe and predictor budget "
               "(sigma row, eps auto):", ""]
         rows = [[v.label, len(cs), *_read_row(cs, DEFAULT_READ),
+                 _ratio_summary(_read_values(cs, DEFAULT_READ, "gap_ratio")),
                  mean_std([c["time_s"] for c in cs], "{:.0f}"),
                  mean_std([c["predictor_loss"] for c in cs], "{:.2f}")] for v, cs in have]
-        L += _table(["setting", "seeds", "ARI", "NMI", "federations", "time (s)",
-                     "predictor loss"], rows) + [""]
+        L += _table(["setting", "seeds", "ARI", "NMI", "federations", "gap ratio",
+                     "time (s)", "predictor loss"], rows) + [""]
+        L += ["Gap ratio: the best gap-to-spread ratio eps = auto finds in the normalised scores "
+              "(sigma row), median (min); auto splits the population only when it is >= 1.5, "
+              "otherwise it returns one federation.", ""]
         L += _eps_table(have, with_federations=False)
+    for pop in PAPER[:1]:
+        cs = read_cells(cells, "keys", pop.name, GRID[0].name)
+        if not cs:
+            continue
+        r = [c["reads"][DEFAULT_READ] for c in cs]
+        exact = sum(1 for x in r if x["ari"] == 1.0)
+        L += [f"**Discovery key alone** ({pop.name}, {GRID[0].label}, library defaults "
+              f"otherwise): one data split (seed 0), {len(cs)} discovery keys (predictor "
+              f"init and batch order): exact recovery with eps auto in {exact}/{len(cs)}, "
+              f"ARI {mean_std([x['ari'] for x in r])}, gap ratio "
+              f"{_ratio_summary(_read_values(cs, DEFAULT_READ, 'gap_ratio'))}; with eps 0.5 "
+              f"(sigma row): ARI {mean_std(_read_values(cs, read_key('row', 0.5), 'ari'))}.",
+              ""]
     return L
 
 
+def _ratio_summary(values: Sequence[float]) -> str:
+    v = np.asarray(values, np.float64)
+    if v.size == 0:
+        return "n/a"
+    return f"{np.median(v):.2f} (min {v.min():.2f})"
+
+
 def _read_values(cs: list[dict[str, Any]], key: str, field: str) -> list[float]:
-    return [c["reads"][key][field] for c in cs if key in c["reads"]]
+    return [c["reads"][key][field] for c in cs if field in c["reads"].get(key, {})]
 
 
 def _eps_table(have, with_federations: bool) -> list[str]:
