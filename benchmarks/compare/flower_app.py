@@ -1,0 +1,104 @@
+"""Flower's side of the comparison: the ClientApp (run by Ray's workers) and the simulation.
+
+Imported only when ``flwr`` is installed (:func:`benchmarks.compare.peers.run_flower`). Ray's
+workers import this module by name to run :data:`app` (Flower hands them the driver's
+``sys.path``), so it holds no data: a worker
+memory-maps the workload ``.npz`` named in the train config once and keeps one PyTorch model.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from benchmarks.compare.harness import Workload
+from benchmarks.compare.peers import torch_layers, torch_mlp
+
+_CACHE: dict[str, tuple[Workload, torch.nn.Module, torch.optim.Optimizer]] = {}
+
+app = ClientApp()
+
+
+def _client_state(path: str):
+    if path not in _CACHE:
+        w = Workload.load(path)
+        net = torch_mlp(w.init)
+        _CACHE[path] = (w, net, torch.optim.SGD(net.parameters(), lr=w.lr))
+    return _CACHE[path]
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """One client's local epoch: the global arrays in, SGD on this round's batches, arrays out."""
+    cfg = msg.content["config"]
+    torch.set_num_threads(int(cfg["torch-threads"]))
+    w, net, opt = _client_state(str(cfg["workload"]))
+    r = int(cfg["server-round"]) - 1
+    c = int(context.node_config["partition-id"])
+    net.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    xc = torch.from_numpy(np.array(w.x_train[c]))
+    yc = torch.from_numpy(np.array(w.y_train[c]))
+    loss_sum = 0.0
+    for t in range(w.steps):
+        pos = torch.from_numpy(w.order[r, c, t].astype(np.int64))
+        opt.zero_grad(set_to_none=False)
+        loss = F.cross_entropy(net(xc[pos]), yc[pos])
+        loss.backward()
+        opt.step()
+        loss_sum += float(loss)
+    content = RecordDict({
+        "arrays": ArrayRecord(net.state_dict()),
+        "metrics": MetricRecord({"train_loss": loss_sum / w.steps,
+                                 "num-examples": int(w.y_train.shape[1])})})
+    return Message(content=content, reply_to=msg)
+
+
+def simulate(path: str, *, num_cpus: int, torch_threads: int) -> dict:
+    """Run FedAvg for the workload at ``path`` in Flower's simulation engine.
+
+    Returns ``{"stamps": [perf_counter before round 1, after round 1, ...], "layers",
+    "num_cpus"}``, or ``{"error": ...}`` when the ServerApp failed. Ray and the SuperNodes
+    start while round 1 waits for them, so round 1 carries the start-up.
+    """
+    from flwr.serverapp import Grid, ServerApp
+    from flwr.serverapp.strategy import FedAvg
+    from flwr.simulation import run_simulation
+
+    w = Workload.load(path)
+    out: dict = {"stamps": [], "layers": None, "num_cpus": num_cpus}
+    server = ServerApp()
+
+    @server.main()
+    def main(grid: Grid, context: Context) -> None:
+        strategy = FedAvg(fraction_train=1.0, fraction_evaluate=0.0,
+                          min_train_nodes=w.clients, min_available_nodes=w.clients)
+
+        def evaluate(server_round: int, arrays: ArrayRecord):
+            out["stamps"].append(time.perf_counter())
+            if server_round == w.rounds:
+                net = torch_mlp(w.init)
+                net.load_state_dict(arrays.to_torch_state_dict())
+                out["layers"] = torch_layers(net)
+            return None
+
+        try:
+            strategy.start(grid=grid, initial_arrays=ArrayRecord(torch_mlp(w.init).state_dict()),
+                           num_rounds=w.rounds,
+                           train_config=ConfigRecord({"workload": path,
+                                                      "torch-threads": torch_threads}),
+                           evaluate_fn=evaluate)
+        except Exception as e:  # noqa: BLE001 - reported to the caller, not lost in a thread
+            out["error"] = f"ServerApp failed: {type(e).__name__}: {e}"
+
+    run_simulation(server_app=server, client_app=app, num_supernodes=w.clients,
+                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                                   "init_args": {"num_cpus": num_cpus}})
+    if out["layers"] is None and "error" not in out:
+        out["error"] = (f"the ServerApp finished {max(len(out['stamps']) - 1, 0)} of "
+                        f"{w.rounds} rounds (see Flower's log above)")
+    return out

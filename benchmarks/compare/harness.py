@@ -1,0 +1,496 @@
+"""The peer comparison's framework-free parts: the shared workload, results, checks, tables.
+
+One workload (``benchmarks/throughput.py``'s: Gaussian-means data, IID clients, MLP, plain SGD
+clients, FedAvg with server lr 1) is built once by fedrnd and exported to numpy, so that every
+framework trains from the same arrays:
+
+- ``x_train [C, N, F]``, ``y_train [C, N]``: each client's own examples;
+- ``order [R, C, T, B]``: which of its examples client ``c`` uses at local step ``t`` of round
+  ``r``, i.e. fedrnd's own batch schedule (:func:`fedrnd.engine.local.batch_schedule` with
+  FedAvg's per-client keys), so every framework sees the same batches in the same order;
+- ``init``: fedrnd's initial weights, ``(kernel [in, out], bias [out])`` per dense layer;
+- ``x_test``, ``y_test``: the test examples every framework's final model is scored on, by one
+  numpy forward pass (:func:`accuracy`), so evaluation code cannot differ either.
+
+Same data, same start, same batches: the frameworks differ only in floating-point summation
+order, so their final models must agree within float tolerance (:func:`agreement`), and the
+throughput ratios (:func:`ratio_table`) compare equal work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import statistics
+import time
+from collections.abc import Sequence
+
+import numpy as np
+
+Layers = list[tuple[np.ndarray, np.ndarray]]
+"""Dense layers ``[(kernel [in, out], bias [out]), ...]``; ReLU between layers."""
+
+
+# --------------------------------------------------------------------------------------------
+# The workload
+# --------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Workload:
+    """The comparison workload as plain numpy arrays (see the module docstring)."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    order: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    init: Layers
+    lr: float
+    batch: int
+    seed: int = 0
+
+    def __post_init__(self):
+        c, n = self.y_train.shape
+        if self.x_train.shape[:2] != (c, n):
+            raise ValueError(f"x_train has shape {self.x_train.shape}, expected ({c}, {n}, F)")
+        if self.order.ndim != 4 or self.order.shape[1] != c:
+            raise ValueError(f"order has shape {self.order.shape}, expected (R, {c}, T, B)")
+        if self.order.size and (self.order.min() < 0 or self.order.max() >= n):
+            raise ValueError(f"order holds positions outside a client's {n} examples")
+        if self.rounds < 1:
+            raise ValueError("the workload has no rounds (order has R = 0)")
+        if not self.init:
+            raise ValueError("init has no layers")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+
+    @property
+    def clients(self) -> int:
+        return self.y_train.shape[0]
+
+    @property
+    def rounds(self) -> int:
+        return self.order.shape[0]
+
+    @property
+    def steps(self) -> int:
+        return self.order.shape[2]
+
+    @property
+    def num_classes(self) -> int:
+        return self.init[-1][0].shape[1]
+
+    @property
+    def dims(self) -> tuple[int, ...]:
+        return (self.init[0][0].shape[0], *(k.shape[1] for k, _ in self.init))
+
+    def batch_of(self, r: int, c: int, t: int) -> tuple[np.ndarray, np.ndarray]:
+        """Client ``c``'s batch at local step ``t`` of round ``r``: ``(x [B, F], y [B])``."""
+        pos = self.order[r, c, t]
+        return self.x_train[c, pos], self.y_train[c, pos]
+
+    def save(self, path: str) -> None:
+        """Write the arrays to one ``.npz`` (uncompressed, so :meth:`load` can memory-map it)."""
+        arrays = {"x_train": self.x_train, "y_train": self.y_train, "order": self.order,
+                  "x_test": self.x_test, "y_test": self.y_test,
+                  "lr": np.float64(self.lr), "batch": np.int64(self.batch),
+                  "seed": np.int64(self.seed), "layers": np.int64(len(self.init))}
+        for i, (k, b) in enumerate(self.init):
+            arrays[f"kernel_{i}"], arrays[f"bias_{i}"] = k, b
+        np.savez(path, **arrays)
+
+    @classmethod
+    def load(cls, path: str, mmap: bool = True) -> Workload:
+        z = np.load(path, mmap_mode="r" if mmap else None)
+        init = [(np.asarray(z[f"kernel_{i}"]), np.asarray(z[f"bias_{i}"]))
+                for i in range(int(z["layers"]))]
+        return cls(z["x_train"], z["y_train"], np.asarray(z["order"]), z["x_test"],
+                   z["y_test"], init, float(z["lr"]), int(z["batch"]), int(z["seed"]))
+
+
+def fedrnd_setup(clients: int = 1000, samples: int = 64, test_samples: int = 16,
+                 rounds: int = 6, batch: int = 16, seed: int = 0,
+                 hidden: Sequence[int] = (200, 200)):
+    """Build the throughput workload in fedrnd: ``(data, model, spec, init_key, round_keys)``.
+
+    The data and keys are those of ``benchmarks/throughput.py`` (model init ``key(seed)``,
+    rounds ``split(key(seed + 1), rounds)``).
+    """
+    import jax
+
+    from benchmarks.throughput import FEATURES, iid_partition, synthetic_dataset
+    from fedrnd.data.federated import build_federated
+    from fedrnd.engine import LocalSpec
+    from fedrnd.models import make_model
+
+    if clients < 1 or samples < 1 or test_samples < 1:
+        raise ValueError(f"clients, samples and test samples must be >= 1, got "
+                         f"{clients}, {samples}, {test_samples}")
+    if rounds < 2:
+        raise ValueError(f"rounds must be >= 2 (one warm-up round, then timed ones), "
+                         f"got {rounds}")
+    if batch < 1 or samples % batch:
+        raise ValueError(f"samples per client ({samples}) must be a multiple of the batch "
+                         f"size ({batch}): every framework then runs the same full batches")
+    ds = synthetic_dataset(clients, samples, test_samples, seed=seed)
+    data = build_federated(ds, iid_partition(clients, samples, test_samples))
+    model = make_model("mlp", (FEATURES,), ds.num_classes, hidden=list(hidden))
+    spec = LocalSpec(batch_size=batch, epochs=1)
+    keys = jax.random.split(jax.random.key(seed + 1), rounds)
+    return data, model, spec, jax.random.key(seed), keys
+
+
+def batch_order(data, spec, round_keys) -> np.ndarray:
+    """``[R, C, T, B]`` positions into each client's index row: FedAvg's batches in fedrnd.
+
+    ``FedAvg.round`` splits its round key into ``(cohort, train)`` keys; client ``c`` trains
+    with ``fold_in(train, c)`` (:func:`fedrnd.engine.client_keys`), from which
+    :func:`fedrnd.engine.local.batch_schedule` draws its batches. Clients with a partial last
+    batch are refused (every peer would need fedrnd's masking).
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from fedrnd.engine import client_keys
+    from fedrnd.engine.local import batch_schedule
+
+    n_max = data.train_idx.shape[1]
+
+    @jax.jit
+    def one_round(key):
+        k_train = jax.random.split(key)[1]
+        keys = client_keys(k_train, jnp.arange(data.num_clients))
+        pos, valid, active, _ = jax.vmap(
+            lambda c, k: batch_schedule(spec, n_max, c, k))(data.train_count, keys)
+        return pos, valid, active
+
+    out = []
+    for key in round_keys:
+        pos, valid, active = one_round(key)
+        if not (bool(jnp.all(valid)) and bool(jnp.all(active))):
+            raise ValueError("some client has a partial or masked batch; the comparison needs "
+                             "equal client sizes that are multiples of the batch size")
+        out.append(np.asarray(pos, np.int32))
+    return np.stack(out)
+
+
+def export_workload(data, model, spec, init_key, round_keys, lr: float, seed: int = 0
+                    ) -> Workload:
+    """fedrnd's data, initial weights and batch schedule as a numpy :class:`Workload`."""
+    if model.dense is None:
+        raise ValueError(f"model {model.name!r} is not a stack of dense layers; the peers "
+                         "rebuild it from its dense layers")
+    params = model.init(init_key)
+    init = [(np.asarray(params[n]["kernel"], np.float32), np.asarray(params[n]["bias"],
+                                                                      np.float32))
+            for n in model.dense.layers]
+    idx = np.asarray(data.train_idx)
+    x, y = np.asarray(data.x), np.asarray(data.y)
+    te = np.asarray(data.test_idx).reshape(-1)
+    return Workload(x_train=x[idx], y_train=y[idx].astype(np.int64),
+                    order=batch_order(data, spec, round_keys), x_test=x[te],
+                    y_test=y[te].astype(np.int64), init=init, lr=lr, batch=spec.batch_size,
+                    seed=seed)
+
+
+def params_to_layers(params, layer_names: Sequence[str]) -> Layers:
+    """A fedrnd dense-stack params tree as :data:`Layers`."""
+    return [(np.asarray(params[n]["kernel"]), np.asarray(params[n]["bias"]))
+            for n in layer_names]
+
+
+def run_fedrnd(data, model, spec, init_key, round_keys, lr: float, *, path: str = "general",
+               chunk_size: int | None = None) -> Result:
+    """FedAvg in fedrnd exactly as ``benchmarks/throughput.py`` runs it; one round per key.
+
+    ``setup_s`` is ``alg.init`` plus lowering and compiling the jitted round; every round is
+    then a call of the compiled executable.
+    """
+    import jax
+
+    import fedrnd
+    from fedrnd.algorithms import FedAvg
+    from fedrnd.engine import ClientMapper, Engine, client_hparams
+
+    opt, hp = client_hparams(data.num_clients, optimizer="sgd", lr=lr)
+    engine = Engine(model=model, local=spec, optimizer=opt,
+                    mapper=ClientMapper(chunk_size=chunk_size), path=path)
+    fast = engine.use_lowrank(data)
+    alg = FedAvg(engine=engine, server_opt="sgd", server_lr=1.0)
+    before = os.getloadavg()[0]
+    t0 = time.perf_counter()
+    state = alg.init(init_key, data, hp)
+    compiled = jax.jit(alg.round).lower(state, data, round_keys[0]).compile()
+    setup_s = time.perf_counter() - t0
+    times = []
+    for key in round_keys:
+        t0 = time.perf_counter()
+        state, metrics = compiled(state, data, key)
+        jax.block_until_ready((state, metrics))
+        times.append(time.perf_counter() - t0)
+    label = "low-rank path" if fast else f"general path, chunk {engine.mapper.chunk}"
+    return Result(name=f"fedrnd ({'lowrank' if fast else 'general'})",
+                  version=f"{fedrnd.__version__}, jax {jax.__version__}",
+                  clients=data.num_clients, round_s=times,
+                  layers=params_to_layers(state["params"], model.dense.layers),
+                  setup_s=setup_s, note=f"{label}; setup = init + compile",
+                  loadavg=(before, os.getloadavg()[0]))
+
+
+# --------------------------------------------------------------------------------------------
+# The plain numpy reference (forward, backward, FedAvg)
+# --------------------------------------------------------------------------------------------
+def forward(layers: Layers, x: np.ndarray) -> np.ndarray:
+    """Logits of the ReLU MLP ``layers`` on ``x [B, F]``."""
+    a = x
+    for i, (k, b) in enumerate(layers):
+        a = a @ k + b
+        if i < len(layers) - 1:
+            a = np.maximum(a, 0.0)
+    return a
+
+
+def accuracy(layers: Layers, x: np.ndarray, y: np.ndarray, chunk: int = 4096) -> float:
+    """Share of ``x`` whose argmax logit is its label ``y``."""
+    hits = 0
+    for s in range(0, len(y), chunk):
+        hits += int(np.sum(np.argmax(forward(layers, x[s:s + chunk]), -1) == y[s:s + chunk]))
+    return hits / max(len(y), 1)
+
+
+def loss_and_grads(layers: Layers, x: np.ndarray, y: np.ndarray) -> tuple[float, Layers]:
+    """Mean softmax cross-entropy over the batch and its gradient per layer (backprop)."""
+    acts, a = [x], x
+    for i, (k, b) in enumerate(layers):
+        a = a @ k + b
+        if i < len(layers) - 1:
+            a = np.maximum(a, 0.0)
+        acts.append(a)
+    logits = acts[-1]
+    z = logits - logits.max(-1, keepdims=True)
+    p = np.exp(z)
+    p /= p.sum(-1, keepdims=True)
+    n = len(y)
+    loss = float(-np.mean(np.log(p[np.arange(n), y] + 1e-30)))
+    d = p
+    d[np.arange(n), y] -= 1.0
+    d /= n
+    grads: Layers = [None] * len(layers)  # type: ignore[list-item]
+    for i in range(len(layers) - 1, -1, -1):
+        k, _ = layers[i]
+        grads[i] = (acts[i].T @ d, d.sum(0))
+        if i:
+            d = (d @ k.T) * (acts[i] > 0)
+    return loss, grads
+
+
+def numpy_fedavg(w: Workload, rounds: int | None = None, clock=time.perf_counter
+                 ) -> tuple[Layers, list[float], list[float]]:
+    """FedAvg by plain numpy loops: ``(final layers, round seconds, mean train loss per round)``.
+
+    Every client starts from the global model, runs its ``T`` SGD steps on the batches of
+    ``w.order``, and the server takes the sample-weighted mean of the client models.
+    """
+    layers = [(k.astype(np.float32).copy(), b.astype(np.float32).copy()) for k, b in w.init]
+    n = float(w.y_train.shape[1])
+    times, losses = [], []
+    for r in range(w.rounds if rounds is None else rounds):
+        t0 = clock()
+        acc = [(np.zeros_like(k), np.zeros_like(b)) for k, b in layers]
+        total, loss_sum = 0.0, 0.0
+        for c in range(w.clients):
+            p = [(k.copy(), b.copy()) for k, b in layers]
+            for t in range(w.steps):
+                loss, g = loss_and_grads(p, *w.batch_of(r, c, t))
+                loss_sum += loss * n / w.steps
+                for (k, b), (gk, gb) in zip(p, g, strict=True):
+                    k -= np.float32(w.lr) * gk.astype(np.float32)
+                    b -= np.float32(w.lr) * gb.astype(np.float32)
+            for (sk, sb), (k, b) in zip(acc, p, strict=True):
+                sk += n * k
+                sb += n * b
+            total += n
+        layers = [(sk / total, sb / total) for sk, sb in acc]
+        times.append(clock() - t0)
+        losses.append(loss_sum / total)
+    return layers, times, losses
+
+
+# --------------------------------------------------------------------------------------------
+# Results, agreement, ratios
+# --------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Result:
+    """One framework's run of the workload (or why it was skipped).
+
+    ``round_s`` holds every round's wall time, the first included; throughput is measured on
+    the rounds after the first (warm-up: compilation, worker start-up, caches).
+    """
+
+    name: str
+    version: str = ""
+    clients: int = 0
+    round_s: list[float] = dataclasses.field(default_factory=list)
+    layers: Layers | None = None
+    test_acc: float | None = None
+    setup_s: float = 0.0
+    note: str = ""
+    skipped: str | None = None
+    loadavg: tuple[float, float] | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.skipped is None
+
+    @property
+    def timed(self) -> list[float]:
+        return self.round_s[1:] if len(self.round_s) > 1 else list(self.round_s)
+
+    @property
+    def median_round_s(self) -> float:
+        return statistics.median(self.timed) if self.timed else math.nan
+
+    @property
+    def updates_per_s(self) -> float:
+        s = self.median_round_s
+        return self.clients / s if s and s > 0 else math.nan
+
+    def summary(self) -> dict:
+        return {"name": self.name, "version": self.version, "clients": self.clients,
+                "round_s": self.round_s, "median_round_s": self.median_round_s,
+                "updates_per_s": self.updates_per_s, "test_acc": self.test_acc,
+                "setup_s": self.setup_s, "note": self.note, "skipped": self.skipped,
+                "loadavg": self.loadavg}
+
+
+def save_result(r: Result, path: str) -> None:
+    """Write ``r`` to ``path`` (``.npz``: its layers and its summary as JSON)."""
+    import json
+
+    arrays = {"summary": np.array(json.dumps(r.summary(), default=float))}
+    for i, (k, b) in enumerate(r.layers or []):
+        arrays[f"kernel_{i}"], arrays[f"bias_{i}"] = np.asarray(k), np.asarray(b)
+    np.savez(path, **arrays)
+
+
+def load_result(path: str) -> Result:
+    """Read back what :func:`save_result` wrote."""
+    import json
+
+    z = np.load(path)
+    s = json.loads(str(z["summary"]))
+    n = sum(1 for k in z.files if k.startswith("kernel_"))
+    layers = [(z[f"kernel_{i}"], z[f"bias_{i}"]) for i in range(n)] or None
+    return Result(name=s["name"], version=s["version"], clients=s["clients"],
+                  round_s=list(s["round_s"]), layers=layers, test_acc=s["test_acc"],
+                  setup_s=s["setup_s"], note=s["note"], skipped=s["skipped"],
+                  loadavg=tuple(s["loadavg"]) if s["loadavg"] else None)
+
+
+def skipped(name: str, reason: str) -> Result:
+    return Result(name=name, skipped=reason)
+
+
+def timed_run(name: str, version: str, clients: int, fn, note: str = "") -> Result:
+    """Run ``fn() -> (layers, round_s, setup_s)`` with the load average around it."""
+    before = os.getloadavg()[0]
+    layers, round_s, setup_s = fn()
+    return Result(name=name, version=version, clients=clients, round_s=list(round_s),
+                  layers=layers, setup_s=setup_s, note=note,
+                  loadavg=(before, os.getloadavg()[0]))
+
+
+def relative_difference(a: Layers, b: Layers) -> float:
+    """``||a - b|| / ||b||`` over all kernels and biases together (global L2).
+
+    Global, not per layer: a hidden unit whose pre-activation sits within float rounding of
+    ReLU's kink (it happens: ~1e-6 of 200 x 64 values per step) flips its gradient for one
+    example in one implementation and not the other, which moves that client's small bias
+    vector by up to ~1e-2 relative while the whole model moves by ~1e-5.
+    """
+    if len(a) != len(b):
+        raise ValueError(f"models have {len(a)} and {len(b)} layers")
+    num = den = 0.0
+    for (ka, ba), (kb, bb) in zip(a, b, strict=True):
+        for u, v in ((ka, kb), (ba, bb)):
+            u, v = np.asarray(u, np.float64), np.asarray(v, np.float64)
+            if u.shape != v.shape:
+                raise ValueError(f"layer shapes differ: {u.shape} and {v.shape}")
+            num += float(np.sum((u - v) ** 2))
+            den += float(np.sum(v ** 2))
+    return float(np.sqrt(num / max(den, 1e-300)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Agreement:
+    name: str
+    acc_diff: float
+    param_diff: float
+    agrees: bool
+
+
+def agreement(results: Sequence[Result], reference: Result, acc_tol: float = 0.005,
+              param_tol: float = 1e-3) -> list[Agreement]:
+    """Whether each run's final model matches ``reference``'s.
+
+    Same data, initial weights and batches leave only floating-point summation order to differ,
+    so the final parameters must agree to ``param_tol`` (relative L2 difference of all
+    parameters, :func:`relative_difference`) and test accuracy to ``acc_tol`` (absolute). Skipped runs are left out.
+    """
+    if not reference.ok or reference.layers is None or reference.test_acc is None:
+        raise ValueError(f"reference {reference.name!r} has no final model to compare with")
+    out = []
+    for r in results:
+        if not r.ok:
+            continue
+        if r.layers is None or r.test_acc is None:
+            raise ValueError(f"{r.name!r} finished without a final model or test accuracy")
+        da = abs(r.test_acc - reference.test_acc)
+        dp = relative_difference(r.layers, reference.layers)
+        out.append(Agreement(r.name, da, dp, da <= acc_tol and dp <= param_tol))
+    return out
+
+
+def is_fedrnd(r: Result) -> bool:
+    return r.name.startswith("fedrnd")
+
+
+def ratios(results: Sequence[Result]) -> dict[tuple[str, str], float]:
+    """``{(fedrnd run, peer): fedrnd updates/s / peer updates/s}`` over runs that finished."""
+    ours = [r for r in results if r.ok and is_fedrnd(r)]
+    peers = [r for r in results if r.ok and not is_fedrnd(r)]
+    return {(a.name, b.name): a.updates_per_s / b.updates_per_s for a in ours for b in peers}
+
+
+def results_table(results: Sequence[Result], agree: Sequence[Agreement]) -> str:
+    """Markdown table: throughput, accuracy and agreement of each run, skips with reasons."""
+    by_name = {a.name: a for a in agree}
+    lines = ["| framework | version | client updates/s | round s (median) | first round s | "
+             "test acc | Δacc | rel. param diff | agrees |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    for r in results:
+        if not r.ok:
+            lines.append(f"| {r.name} | – | skipped: {r.skipped} | | | | | | |")
+            continue
+        a = by_name.get(r.name)
+        agrees = "–" if a is None else ("yes" if a.agrees else "**NO**")
+        lines.append(
+            f"| {r.name} | {r.version} | {r.updates_per_s:.0f} | {r.median_round_s:.3f} | "
+            f"{r.round_s[0]:.3f} | {r.test_acc:.4f} | "
+            f"{'–' if a is None else f'{a.acc_diff:.4f}'} | "
+            f"{'–' if a is None else f'{a.param_diff:.1e}'} | {agrees} |")
+    return "\n".join(lines)
+
+
+def ratio_table(results: Sequence[Result]) -> str:
+    """Markdown table of fedrnd's client updates/s over each peer's (rows: fedrnd runs)."""
+    rat = ratios(results)
+    ours = [r.name for r in results if r.ok and is_fedrnd(r)]
+    peers = [r.name for r in results if r.ok and not is_fedrnd(r)]
+    if not ours or not peers:
+        return "(no ratios: need a finished fedrnd run and a finished peer)"
+    lines = ["| fedrnd ÷ | " + " | ".join(peers) + " |",
+             "|---|" + "---:|" * len(peers)]
+    for a in ours:
+        lines.append(f"| {a} | " + " | ".join(f"{rat[(a, b)]:.1f}x" for b in peers) + " |")
+    return "\n".join(lines)
