@@ -36,7 +36,8 @@ How the random ones are drawn in a static shape:
   degree-preserving switches repair self-loops and repeated edges: a bad edge ``(a, b)`` and a
   random good edge ``(x, y)`` become ``(a, x), (b, y)``, all bad edges at once, until none is
   left (a few iterations; ``repair_iters`` caps them, and any left are dropped, so a node may
-  then have degree ``d - 1``; ``static`` redraws until the graph is exactly d-regular).
+  then have degree ``d - 1``; ``static`` redraws until the graph is exactly d-regular). Above
+  ``d = (N - 1) / 2`` the graph is the complement of a random ``(N - 1 - d)``-regular one.
 - ``small_world``: each lattice edge ``(i, i + j)`` is rewired with probability ``beta`` to
   ``(i, t)``, ``t`` uniform among the other nodes; a rewired edge that repeats another keeps
   its lattice end (as networkx's ``watts_strogatz_graph`` skips such rewirings), and the rare
@@ -246,6 +247,13 @@ def _bad_edges(u: jax.Array, v: jax.Array, n: int) -> jax.Array:
 
 def _d_regular(n: int, key: jax.Array, degree: int, repair_iters: int = 100) -> Graph:
     pos = _circle(n)
+    if degree > (n - 1) // 2 and degree > 1:
+        # Dense: the complement of a random (N - 1 - d)-regular graph, where switches have
+        # room to work.
+        sparse = _d_regular(n, key, n - 1 - degree, repair_iters)
+        adj = jnp.zeros((n, n), bool).at[sparse.u, sparse.v].max(sparse.valid)
+        u, v = np.triu_indices(n, 1)
+        return Graph(jnp.asarray(u, _I32), jnp.asarray(v, _I32), ~adj[u, v], pos)
     e = n * degree // 2
     if e == 0:
         return _empty(pos)
