@@ -59,7 +59,9 @@ class RNDClustered(Algorithm):
       tau: re-discover every ``tau`` rounds (``None``: once, before round 0).
       network: RND pair, ``"auto"`` (conv for images, else MLP), ``"conv"`` or ``"mlp"``.
       predictor_epochs, predictor_steps, predictor_batch, predictor_lr: predictor training
-        (Adam; the paper's 10 epochs, batch 128, lr 1e-3); steps replace epochs when set.
+        (Adam; the paper's 10 epochs, batch 128, lr 1e-3); steps replace epochs when set;
+        predictor_min_steps (300): at least this many steps when the epochs come to fewer
+        (small clients; ``None`` = the paper's schedule as is; see ``RNDConfig.min_steps``).
       probe: ``"train"`` (default), ``"holdout"`` or ``"test"``; probe_cap: at most this many
         probe examples per client.
       rnd_seed: the global seed of the frozen target.
@@ -78,6 +80,7 @@ class RNDClustered(Algorithm):
     network: str = "auto"
     predictor_epochs: int = 10
     predictor_steps: int | None = None
+    predictor_min_steps: int | None = 300
     predictor_batch: int = 128
     predictor_lr: float = 1e-3
     probe: str = "train"
@@ -95,7 +98,8 @@ class RNDClustered(Algorithm):
     def rnd_config(self) -> RNDConfig:
         check_eps(self.eps)
         return RNDConfig(network=self.network, seed=self.rnd_seed, epochs=self.predictor_epochs,
-                         steps=self.predictor_steps, batch_size=self.predictor_batch,
+                         steps=self.predictor_steps, min_steps=self.predictor_min_steps,
+                         batch_size=self.predictor_batch,
                          lr=self.predictor_lr, probe=self.probe, probe_cap=self.probe_cap,
                          eps=self.eps, sigma=self.sigma, rule=self.rule)
 

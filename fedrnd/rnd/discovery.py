@@ -106,6 +106,12 @@ class RNDConfig:
       target_width, predictor_width, out_dim: network sizes (see :func:`make_pair`).
       seed: the global seed of the frozen target (the same target for every client).
       epochs, steps, batch_size, lr: predictor training (Adam); ``steps`` replaces ``epochs``.
+      min_steps: when ``epochs`` of the largest client come to fewer Adam steps than this, train
+        ``min_steps`` steps instead (``None``: the paper's schedule as is). The paper's clients
+        held ~5,000 images, so 10 epochs of batch 128 were ~390 steps; with 64 images they are
+        10 steps and the predictors barely leave their shared init, which leaves S flat
+        (measured in experiments/rnd/RESULTS.md: ARI 0 at 10 steps vs 1.0 at 400 on the paper's
+        Fashion-MNIST setup). Default 300.
       per_client_init: each predictor starts from its own random init (default: all from the
         same init, so differences between predictors come from the data alone).
       probe: which examples client ``i`` scores predictors on: ``"train"`` (its training set,
@@ -153,6 +159,7 @@ class RNDConfig:
     seed: int = 0
     epochs: int = 10
     steps: int | None = None
+    min_steps: int | None = 300
     batch_size: int = 128
     lr: float = 1e-3
     per_client_init: bool = False
@@ -193,6 +200,16 @@ class RNDConfig:
         if self.row_tile is not None and self.row_tile < 1:
             raise ValueError(f"row_tile must be >= 1 or None, got {self.row_tile}")
         LocalSpec(self.batch_size, self.epochs, self.steps)  # validates the schedule
+        if self.min_steps is not None and self.min_steps < 1:
+            raise ValueError(f"min_steps must be >= 1 or None, got {self.min_steps}")
+
+    def schedule(self, max_count: int) -> LocalSpec:
+        """The predictors' local schedule for clients of at most ``max_count`` examples."""
+        spec = LocalSpec(self.batch_size, self.epochs, self.steps)
+        if (self.steps is None and self.min_steps is not None
+                and spec.total_steps(max_count) < self.min_steps):
+            return LocalSpec(self.batch_size, steps=self.min_steps)
+        return spec
 
     def pair(self, feature_shape: tuple[int, ...]) -> RNDPair:
         return make_pair(self.network, feature_shape, target_width=self.target_width,
@@ -309,9 +326,13 @@ def _train_program(engine: Engine, init, client_init, data, hp, key):
     return p, m["loss"]
 
 
-def predictor_engine(pair: RNDPair, cfg: RNDConfig, mapper: ClientMapper | None = None) -> Engine:
-    """The engine that trains predictors: Adam, ``cfg``'s schedule, the RND feature loss."""
-    return Engine(pair.predictor, LocalSpec(cfg.batch_size, cfg.epochs, cfg.steps),
+def predictor_engine(pair: RNDPair, cfg: RNDConfig, mapper: ClientMapper | None = None,
+                     max_count: int | None = None) -> Engine:
+    """The engine that trains predictors: Adam, ``cfg``'s schedule (with ``min_steps`` applied
+    for clients of at most ``max_count`` examples when given), the RND feature loss."""
+    spec = (LocalSpec(cfg.batch_size, cfg.epochs, cfg.steps) if max_count is None
+            else cfg.schedule(max_count))
+    return Engine(pair.predictor, spec,
                   ClientOptimizer(("adam",)), mapper or ClientMapper(),
                   loss=FeatureMSE(pair.predictor.apply))
 
@@ -331,7 +352,7 @@ def train_predictors(pair: RNDPair, cfg: RNDConfig, x: jax.Array, targets: jax.A
     if targets.shape[0] != x.shape[0]:
         raise ValueError(f"target outputs have {targets.shape[0]} rows but the pool has "
                          f"{x.shape[0]}")
-    engine = predictor_engine(pair, cfg, mapper)
+    engine = predictor_engine(pair, cfg, mapper, int(train_idx.shape[1]))
     k_init, k_train = jax.random.split(key)
     init = pair.predictor.init(k_init)
     client_init = None

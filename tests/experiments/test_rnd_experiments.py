@@ -150,7 +150,7 @@ def test_quick_discovery_parts_cache_cells_skip_missing_data_and_report(
 @pytest.mark.slow
 def test_quick_paper_part_runs_all_methods_and_writes_heat_maps(run, tmp_path, monkeypatch):
     monkeypatch.setattr(run, "PAPER", run.PAPER[:1])
-    assert run.main(["--quick", "--out", str(tmp_path), "--parts", "paper"]) == 0
+    assert run.main(["--quick", "--out", str(tmp_path), "--parts", "paper", "paper_eps"]) == 0
     cell = json.loads((tmp_path / "cells/paper/paper_fmnist/sim/seed0.json").read_text())
     assert set(cell["methods"]) == {"rnd", "fedavg", "local"}
     rnd = cell["methods"]["rnd"]
@@ -159,5 +159,9 @@ def test_quick_paper_part_runs_all_methods_and_writes_heat_maps(run, tmp_path, m
     for f in ("paper_fmnist_novelty_seed0.png", "paper_fmnist_novelty_normalised_seed0.png",
               "paper_fmnist_novelty_seeds.png"):
         assert (tmp_path / "figures" / f).stat().st_size > 0
+    eps_cell = json.loads((tmp_path / "cells/paper_eps/paper_fmnist/sim/seed0.json").read_text())
+    assert list(eps_cell["methods"]) == ["rnd (eps 0.5)"]
+    assert eps_cell["methods"]["rnd (eps 0.5)"]["eps"] == 0.5
     text = (tmp_path / "RESULTS.md").read_text()
-    assert "| rnd |" in text and "| fedavg |" in text and "| local |" in text
+    for row in ("| rnd | 1 |", "| fedavg | 1 |", "| local | 1 |", "| rnd (eps 0.5) | 1 |"):
+        assert row in text

@@ -407,3 +407,14 @@ def test_common_init_by_default_per_client_init_as_option():
         preds, _ = train_predictors(pair, cfg, data.x, t, tr_idx, tr_cnt, jax.random.key(0))
         k = np.asarray(preds["Dense_0"]["kernel"])
         assert np.allclose(k[0], k[1], atol=1e-6) == same
+
+
+def test_min_steps_lengthens_short_epoch_schedules_only():
+    cfg = RNDConfig(epochs=10, batch_size=128)
+    assert cfg.schedule(64).steps == 300  # 10 epochs of one batch = 10 steps < 300
+    big = cfg.schedule(128 * 40)  # 400 steps per the epochs: kept
+    assert big.steps is None and big.total_steps(128 * 40) == 400
+    assert RNDConfig(min_steps=None).schedule(64).total_steps(64) == 10
+    assert RNDConfig(steps=50).schedule(64).steps == 50  # explicit steps win
+    with pytest.raises(ValueError, match="min_steps"):
+        RNDConfig(min_steps=0)
