@@ -1,0 +1,1 @@
+"""Peer comparison on the throughput workload: see README.md beside this file."""
