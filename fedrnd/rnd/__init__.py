@@ -4,8 +4,23 @@
 target's outputs; :mod:`~fedrnd.rnd.discovery` trains every client's predictor through the
 engine, scores the novelty matrix blockwise (or over an edge list), applies the compatibility
 rule and extracts federations. :func:`discover` runs the whole pipeline.
+:mod:`~fedrnd.rnd.decentral` is discovery without a server: neighbour scores only, a novelty
+band, regions by leader election (:func:`discover_regions`).
 """
 
+from fedrnd.rnd.decentral import (
+    CRITERIA,
+    PRIORITIES,
+    SYMMETRIES,
+    Regions,
+    band_accepts,
+    compatible_links,
+    discover_regions,
+    elect_leaders,
+    election_reference,
+    node_ranks,
+    regions_from_scores,
+)
 from fedrnd.rnd.discovery import (
     AUTO_MIN_RATIO,
     PROBES,
@@ -43,6 +58,17 @@ from fedrnd.rnd.networks import (
 )
 
 __all__ = [
+    "CRITERIA",
+    "PRIORITIES",
+    "SYMMETRIES",
+    "Regions",
+    "band_accepts",
+    "compatible_links",
+    "discover_regions",
+    "elect_leaders",
+    "election_reference",
+    "node_ranks",
+    "regions_from_scores",
     "AUTO_MIN_RATIO",
     "NETWORKS",
     "PROBES",
