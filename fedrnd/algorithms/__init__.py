@@ -16,13 +16,14 @@ from fedrnd.algorithms.fedavg import FedAvg, FedProx
 from fedrnd.algorithms.fesem import FeSEM
 from fedrnd.algorithms.ifca import IFCA
 from fedrnd.algorithms.local import Local
+from fedrnd.algorithms.ntk_dfl import NTKDFL, SPARK
 from fedrnd.algorithms.pacfl import PACFL
 from fedrnd.algorithms.rnd import RNDClustered
 from fedrnd.engine import Engine
 
 ALGORITHMS: dict[str, type[Algorithm]] = {cls.name: cls for cls in (FedAvg, FedProx, Local, RNDClustered, IFCA, FeSEM,
                                                                   CFL, PACFL, DPSGD, DFedAvg,
-                                                                  DFedAvgM)}
+                                                                  DFedAvgM, NTKDFL, SPARK)}
 
 
 def algorithm_options(name: str) -> list[str]:
@@ -40,5 +41,5 @@ def make_algorithm(name: str, engine: Engine, **options: Any) -> Algorithm:
     return ALGORITHMS[name](engine=engine, **options)
 
 
-__all__ = ["ALGORITHMS", "Algorithm", "CFL", "DFedAvg", "DFedAvgM", "DPSGD", "FeSEM", "FedAvg", "FedProx", "IFCA", "Local", "Metrics", "PACFL", "State",
+__all__ = ["ALGORITHMS", "Algorithm", "CFL", "DFedAvg", "DFedAvgM", "DPSGD", "FeSEM", "FedAvg", "FedProx", "IFCA", "Local", "Metrics", "NTKDFL", "SPARK", "PACFL", "State",
            "algorithm_options", "make_algorithm"]

@@ -1,0 +1,375 @@
+"""NTK-DFL and SPARK: decentralized FL that evolves outputs with the neural tangent kernel.
+
+**NTK-DFL** (Thompson, Yue, Wong, Dai; ICML 2025, arXiv 2410.01922). Every round:
+
+1. a fresh graph (default: 5-regular, redrawn from the round key inside the jitted round);
+2. every client averages its weights with its neighbours', ``w_bar_i = mean_{j in N[i]} w_j``
+   (closed neighbourhood, uniform weights: gossip with ``mixing = "uniform"``);
+3. every neighbour ``j`` evaluates the per-sample, per-class Jacobian of its own data at
+   ``w_bar_i`` and sends it with its labels and outputs; client ``i`` forms the class-averaged
+   kernel ``H = (1/C) sum_c J_c J_c^T`` over the pooled neighbourhood samples
+   (:mod:`fedrnd.ntk`: built from layer activations and back-propagated sensitivities, never
+   materialising ``J``);
+4. it evolves the pooled outputs ``df/dt = -(1/n) H (softmax(f) - Y)`` from ``f(X; w_bar_i)``
+   (scanned RK4, :func:`fedrnd.ntk.evolve`) and turns the integrated residual ``A(t)`` into the
+   weight change ``dw(t) = -(1/n) J^T A(t)`` (one reverse-mode pass for all horizons);
+5. among the horizons ``t = lr_k tau`` (``tau`` in ``taus``, ``lr_k = lr exp(-lr_decay k)``) it
+   keeps the one whose weights have the lowest cross-entropy on the pooled neighbourhood data
+   (the model evaluated at the candidate weights, as in the authors' simulation code).
+
+The final model is the average of the client models (``models`` returns it as one slot).
+
+**SPARK** (Li Xia, arXiv 2512.12737 v2) adds three parts. No code or schedules are published,
+so the following is *our reconstruction* (each part can be switched off for an ablation):
+
+- ``project``: each layer's Jacobian block is compressed by a Gaussian random projection
+  ``R_l`` with i.i.d. ``N(0, 1/k_l)`` entries, ``k_l = min(proj_dim, block size)``, drawn from
+  the round key (a seed all clients share, so ``R`` is never sent). The receiver builds the
+  kernel from the projected Jacobians and maps the update back with ``R_l``:
+  ``dw_l = -(1/n) R_l P_l^T A`` (unbiased for ``J^T A`` since ``E[R R^T] = I``). Jacobian bytes
+  are counted after projection.
+- ``soft_weight``: a stage-wise annealed soft-label regulariser. The evolution targets become
+  ``Y_s = (1 - beta_s) Y + beta_s softmax(f0 / soft_temperature)`` (hard labels mixed with the
+  neighbourhood's own soft predictions at the start point, which the neighbours already send
+  as outputs), with ``beta_s = soft_weight * soft_decay ** floor(k / stage_rounds)``: strong
+  early, when averaged models of heterogeneous neighbours disagree most, annealed stage by
+  stage towards the hard-label NTK-DFL update.
+- ``momentum``: Nesterov momentum across rounds on the NTK update. Client ``i`` keeps a
+  velocity ``v_i``; the Jacobians are taken at the look-ahead point ``w_bar_i + mu v_i``, the
+  NTK step ``u_i`` is computed there (horizon chosen by the loss at ``w_bar_i + mu v_i + u``),
+  then ``v_i <- mu v_i + u_i`` and ``w_i <- w_bar_i + v_i``. ``momentum = 0`` gives NTK-DFL's
+  update; the velocity stays with its client (not gossiped, no extra bytes).
+
+Ledger (bytes per client and round, from the message shapes): ``model`` (a node sends its
+weights to each neighbour for averaging and its start point ``w_bar_i`` or look-ahead point to
+each neighbour to have Jacobians evaluated there, and receives as many), ``jacobian``
+(``n_j x C x P`` float32 per neighbour message; ``P`` = parameters, or ``sum_l k_l`` after
+projection), ``labels`` (``n_j`` int32) and ``outputs`` (``n_j x C`` float32). ``up`` counts what
+a node sends to all its neighbours; ``down`` what it receives.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fedrnd.algorithms.base import Algorithm, Metrics, State
+from fedrnd.data.federated import FederatedData
+from fedrnd.engine import ClientHParams, comm, tree_bytes
+from fedrnd.graphs import Graph, Topology, edge_chunk_for, gossip, make_topology, mixing_edges
+from fedrnd.ntk import (
+    LOSSES,
+    dense_jacobian,
+    dense_kernel,
+    draw_projections,
+    evolve,
+    jacobian_transpose,
+    layer_features,
+    project_features,
+    projection_dims,
+    structured_kernel,
+    unproject_update,
+)
+
+_GRAPH_KEY = 0x6EA7  # as the gossip methods: the same round key draws the same graph
+_PROJ_KEY = 0x5BA7
+
+
+class _Options(dict):
+    """Topology options that hash by value (the algorithm must stay hashable for ``jit``)."""
+
+    def __hash__(self) -> int:  # type: ignore[override]
+        return hash(tuple(sorted(self.items())))
+
+
+def neighbour_table(graph: Graph, max_degree: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(table [N, max_degree] int32, valid [N, max_degree] bool, dropped)`` of a graph.
+
+    Row ``i`` lists ``i``'s neighbours in slot order; missing entries are ``0`` with
+    ``valid = False``. Neighbours beyond ``max_degree`` are dropped and counted in ``dropped``.
+    """
+    n = graph.num_nodes
+    src = jnp.concatenate([graph.u, graph.v]).astype(jnp.int32)
+    dst = jnp.concatenate([graph.v, graph.u]).astype(jnp.int32)
+    ok = jnp.concatenate([graph.valid, graph.valid])
+    key = jnp.where(ok, src, n)
+    order = jnp.argsort(key, stable=True)
+    s_src, s_dst = key[order], dst[order]
+    start = jnp.searchsorted(s_src, jnp.arange(n + 1, dtype=jnp.int32))
+    rank = jnp.arange(s_src.shape[0], dtype=jnp.int32) - start[s_src]
+    keep = (s_src < n) & (rank < max_degree)
+    row = jnp.where(keep, s_src, n)
+    table = jnp.zeros((n + 1, max_degree), jnp.int32).at[row, rank].set(s_dst, mode="drop")
+    valid = jnp.zeros((n + 1, max_degree), bool).at[row, rank].set(True, mode="drop")
+    dropped = jnp.sum((s_src < n) & (rank >= max_degree))
+    return table[:n], valid[:n], dropped
+
+
+def _masked_ce(logits: jax.Array, y: jax.Array, mask: jax.Array) -> jax.Array:
+    nll = -jnp.sum(y * jax.nn.log_softmax(logits, axis=-1), axis=-1)
+    return jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class NTKDFL(Algorithm):
+    """NTK-DFL (see the module docstring); SPARK's parts are options, off here.
+
+    Options:
+      topology, graph: a random topology of :mod:`fedrnd.graphs` and its options, redrawn
+        every round (default ``d_regular`` with ``degree = 5``).
+      max_degree: neighbour slots per node (default: the d-regular degree, 2 for a ring).
+      lr, lr_decay: horizons ``lr exp(-lr_decay k) tau`` in round ``k``.
+      taus: candidate horizons in steps of ``lr`` (the paper's 100 ... 800).
+      ode_steps: RK4 steps up to the longest horizon (every tau must fall on the grid).
+      loss: ``"ce"`` (the paper) or ``"mse"`` (squared error, ``df/dt = -(1/n) H (f - Y)``).
+      momentum, soft_weight, soft_decay, stage_rounds, soft_temperature, project, proj_dim:
+        SPARK's parts (:class:`SPARK`).
+    """
+
+    name: ClassVar[str] = "ntk_dfl"
+    topology: str = "d_regular"
+    graph: dict[str, Any] = dataclasses.field(default_factory=lambda: {"degree": 5})
+    max_degree: int | None = None
+    lr: float = 0.01
+    lr_decay: float = 0.07
+    taus: tuple[int, ...] = (100, 200, 300, 400, 500, 600, 800)
+    ode_steps: int = 64
+    loss: str = "ce"
+    momentum: float = 0.0
+    soft_weight: float = 0.0
+    soft_decay: float = 0.5
+    stage_rounds: int = 5
+    soft_temperature: float = 2.0
+    project: bool = False
+    proj_dim: int = 256
+
+    def __post_init__(self):
+        if isinstance(self.graph, dict) and not isinstance(self.graph, _Options):
+            object.__setattr__(self, "graph", _Options(self.graph))
+        if isinstance(self.taus, list | np.ndarray):
+            object.__setattr__(self, "taus", tuple(int(t) for t in self.taus))
+
+    # -- configuration ------------------------------------------------------------------------
+    @property
+    def model(self):
+        return self.engine.model
+
+    def make_topology(self, num_nodes: int) -> Topology:
+        if not isinstance(self.graph, dict):
+            raise ValueError(f"{self.name}: graph must be a table of topology options, got "
+                             f"{self.graph!r}")
+        return make_topology(self.topology, num_nodes, **self.graph)
+
+    def slots(self, num_nodes: int) -> int:
+        if self.max_degree is not None:
+            return int(self.max_degree)
+        if self.topology == "d_regular":
+            return int(self.graph.get("degree", 0))
+        if self.topology == "ring":
+            return 2
+        if self.topology == "complete":
+            return num_nodes - 1
+        raise ValueError(f"{self.name}: set max_degree for topology {self.topology!r} (the "
+                         "neighbour slots per node; neighbours beyond it are dropped)")
+
+    def horizon_steps(self) -> tuple[int, ...]:
+        """The RK4 step index of every candidate horizon."""
+        tmax = max(self.taus)
+        steps = []
+        for t in self.taus:
+            s = t * self.ode_steps / tmax
+            if abs(s - round(s)) > 1e-9 or round(s) < 1:
+                raise ValueError(f"{self.name}: tau={t} falls between RK4 steps (ode_steps="
+                                 f"{self.ode_steps}, longest tau {tmax}); choose ode_steps so "
+                                 "that every tau * ode_steps / max(taus) is a positive integer")
+            steps.append(int(round(s)))
+        return tuple(steps)
+
+    def validate(self, data: FederatedData) -> None:
+        super().validate(data)
+        if self.cohort_size is not None and self.cohort_size < data.num_clients:
+            raise ValueError(f"{self.name}: every node takes part every round; cohort_size="
+                             f"{self.cohort_size} < {data.num_clients} is not supported")
+        if self.loss not in LOSSES:
+            raise ValueError(f"{self.name}: loss {self.loss!r} is unknown; allowed: "
+                             f"{list(LOSSES)}")
+        if not self.taus or any(int(t) < 1 for t in self.taus):
+            raise ValueError(f"{self.name}: taus must be positive integers, got {self.taus}")
+        if not (isinstance(self.ode_steps, int) and self.ode_steps >= 1):
+            raise ValueError(f"{self.name}: ode_steps must be an integer >= 1, got "
+                             f"{self.ode_steps!r}")
+        self.horizon_steps()
+        if not self.lr > 0 or self.lr_decay < 0:
+            raise ValueError(f"{self.name}: need lr > 0 and lr_decay >= 0, got lr={self.lr}, "
+                             f"lr_decay={self.lr_decay}")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"{self.name}: momentum must be in [0, 1), got {self.momentum}")
+        if not 0 <= self.soft_weight <= 1 or not 0 <= self.soft_decay <= 1:
+            raise ValueError(f"{self.name}: soft_weight and soft_decay must be in [0, 1], got "
+                             f"{self.soft_weight}, {self.soft_decay}")
+        if not (isinstance(self.stage_rounds, int) and self.stage_rounds >= 1):
+            raise ValueError(f"{self.name}: stage_rounds must be an integer >= 1")
+        if not self.soft_temperature > 0:
+            raise ValueError(f"{self.name}: soft_temperature must be > 0")
+        if self.project:
+            if self.model.dense is None:
+                raise ValueError(f"{self.name}: project = true needs a dense-stack model")
+            projection_dims(self.model, self.proj_dim)
+        topo = self.make_topology(data.num_clients)
+        if not topo.random:
+            raise ValueError(f"{self.name}: the graph is redrawn every round; "
+                             f"{topo.describe()} is the same in every draw")
+        if self.slots(data.num_clients) < 1:
+            raise ValueError(f"{self.name}: max_degree must be >= 1")
+
+    # -- state --------------------------------------------------------------------------------
+    def init(self, key: jax.Array, data: FederatedData, hp: ClientHParams) -> State:
+        c = data.num_clients
+        params = self.model.init(key)
+        stacked = jax.tree.map(lambda p: jnp.broadcast_to(p, (c, *p.shape)), params)
+        clients = {"hp": hp, "params": stacked}
+        if self.momentum > 0:
+            clients["velocity"] = jax.tree.map(jnp.zeros_like, stacked)
+        return {"round": jnp.zeros((), jnp.int32), "clients": clients}
+
+    def models(self, state: State):
+        """The final model: the average of the client models, as one slot for every client."""
+        p = state["clients"]["params"]
+        c = jax.tree.leaves(p)[0].shape[0]
+        return jax.tree.map(lambda a: jnp.mean(a, axis=0, keepdims=True), p), jnp.zeros(
+            (c,), jnp.int32)
+
+    # -- message sizes ------------------------------------------------------------------------
+    def jacobian_width(self) -> int:
+        """Numbers per (sample, class) in a Jacobian message: parameters, or sum_l k_l."""
+        if self.project:
+            return int(sum(projection_dims(self.model, self.proj_dim)))
+        return int(self.model.num_params())
+
+    def message_bytes(self, num_samples: jax.Array) -> dict[str, jax.Array]:
+        """Bytes of one neighbour's reply carrying ``num_samples`` samples, by kind."""
+        c = self.model.num_classes
+        f32, i32 = np.dtype(np.float32).itemsize, np.dtype(np.int32).itemsize
+        n = jnp.asarray(num_samples, jnp.float32)
+        return {"jacobian": n * float(c * self.jacobian_width() * f32),
+                "labels": n * float(i32), "outputs": n * float(c * f32)}
+
+    # -- one round ----------------------------------------------------------------------------
+    def schedule(self, round_idx: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """``(lr_k, beta_k)``: the horizon scale and the soft-label weight of round ``k``."""
+        k = round_idx.astype(jnp.float32)
+        lr_k = self.lr * jnp.exp(-self.lr_decay * k)
+        stage = (round_idx // self.stage_rounds).astype(jnp.float32)
+        return lr_k, self.soft_weight * self.soft_decay ** stage
+
+    def client_step(self, look: Any, x: jax.Array, y: jax.Array, mask: jax.Array,
+                    lr_k: jax.Array, beta: jax.Array, proj) -> dict[str, Any]:
+        """One client's NTK step from its start point ``look`` on its pooled neighbourhood.
+
+        ``x [n, ...]``, ``y [n, C]`` one-hot, ``mask [n]``. Returns the chosen update ``u``
+        (params-shaped), its pooled loss, the start loss and the chosen ``tau``.
+        """
+        model, c = self.model, self.model.num_classes
+        mf = mask.astype(jnp.float32)
+        if model.dense is not None:
+            feats = layer_features(model, look, x)
+            f0 = feats.logits
+            if proj is None:
+                h = structured_kernel(feats)
+            else:
+                pj = project_features(feats, proj)
+                h = jnp.einsum("icp,jcp->ij", pj, pj) / c
+        else:  # small non-dense models: the dense Jacobian
+            jac = dense_jacobian(model.apply, look, x)
+            f0 = model.apply(look, x)
+            h = dense_kernel(jac)
+        h = h * mf[:, None] * mf[None, :]
+        target = (1.0 - beta) * y + beta * jax.nn.softmax(f0 / self.soft_temperature, axis=-1)
+        dt = lr_k * max(self.taus) / self.ode_steps
+        _, a = evolve(h, f0, target, mf, dt, self.ode_steps, self.loss)
+        a = a[jnp.asarray(self.horizon_steps())]  # [M, n, C]
+        n = jnp.maximum(jnp.sum(mf), 1.0)
+        cot = -(a * mf[None, :, None]) / n
+        if proj is None:
+            dw = jacobian_transpose(model.apply, look, x, cot)
+        else:
+            dw = unproject_update(model, jnp.einsum("icp,mic->mp", pj, cot), proj)
+        cand = jax.tree.map(lambda w, d: w[None] + d, look, dw)
+        losses = jax.vmap(lambda w: _masked_ce(model.apply(w, x), y, mf))(cand)
+        losses = jnp.where(jnp.isfinite(losses), losses, jnp.inf)
+        best = jnp.argmin(losses)
+        ok = jnp.isfinite(losses[best])
+        u = jax.tree.map(lambda d: jnp.where(ok, d[best], 0.0), dw)
+        return {"update": u, "loss": losses[best], "start_loss": _masked_ce(f0, y, mf),
+                "tau": jnp.asarray(self.taus, jnp.float32)[best]}
+
+    def round(self, state: State, data: FederatedData, key: jax.Array) -> tuple[State, Metrics]:
+        c = data.num_clients
+        dmax = self.slots(c)
+        k_graph, k_proj = jax.random.split(key)
+        graph = self.make_topology(c).draw(jax.random.fold_in(k_graph, _GRAPH_KEY))
+        table, tvalid, dropped = neighbour_table(graph, dmax)
+        cl = state["clients"]
+        x = cl["params"]
+        nbytes = tree_bytes(jax.tree.map(lambda a: a[0], x))
+        wbar = gossip(x, mixing_edges(graph, "uniform"), c, 1, edge_chunk_for(nbytes))
+        mu = float(self.momentum)
+        look = wbar if mu == 0 else jax.tree.map(lambda w, v: w + mu * v, wbar, cl["velocity"])
+        lr_k, beta = self.schedule(state["round"])
+        proj = (draw_projections(jax.random.fold_in(k_proj, _PROJ_KEY), self.model,
+                                 self.proj_dim) if self.project else None)
+
+        members = jnp.concatenate([jnp.arange(c, dtype=jnp.int32)[:, None], table], axis=1)
+        present = jnp.concatenate([jnp.ones((c, 1), bool), tvalid], axis=1)  # [C, d+1]
+        count = jnp.where(present, data.train_count[members], 0)
+        nmax = data.max_train
+        idx = data.train_idx[members].reshape(c, -1)  # [C, (d+1) N]
+        rowmask = (jnp.arange(nmax)[None, None, :] < count[..., None]).reshape(c, -1)
+
+        def one(client, shared):
+            xp = data.x[client["idx"]]
+            yp = jax.nn.one_hot(data.y[client["idx"]], self.model.num_classes)
+            return self.client_step(client["look"], xp, yp, client["mask"], shared["lr"],
+                                    shared["beta"], proj)
+
+        out = self.engine.mapper.map(one, {"look": look, "idx": idx, "mask": rowmask},
+                                     {"lr": lr_k, "beta": beta})
+        u = out["update"]
+        clients = dict(cl)
+        if mu == 0:
+            clients["params"] = jax.tree.map(lambda w, d: w + d, wbar, u)
+        else:
+            v = jax.tree.map(lambda v0, d: mu * v0 + d, cl["velocity"], u)
+            clients["velocity"] = v
+            clients["params"] = jax.tree.map(lambda w, d: w + d, wbar, v)
+
+        deg = jnp.sum(tvalid, axis=1).astype(jnp.float32)
+        own = data.train_count.astype(jnp.float32)
+        nbr = jnp.sum(jnp.where(tvalid, data.train_count[table], 0), axis=1).astype(jnp.float32)
+        sent, got = self.message_bytes(own), self.message_bytes(nbr)
+        ledger = {"up_model": 2.0 * deg * nbytes, "down_model": 2.0 * deg * nbytes}
+        for kind in sent:
+            ledger[f"up_{kind}"] = deg * sent[kind]
+            ledger[f"down_{kind}"] = got[kind]
+        pooled = own + nbr
+        metrics = {"train_loss": jnp.sum(out["loss"] * pooled) / jnp.sum(pooled),
+                   "start_loss": jnp.sum(out["start_loss"] * pooled) / jnp.sum(pooled),
+                   "tau_mean": jnp.mean(out["tau"]), "lr": lr_k, "soft_weight": beta,
+                   "links": jnp.sum(deg) / 2, "dropped_links": dropped.astype(jnp.float32) / 2,
+                   **comm(**ledger)}
+        return {**state, "round": state["round"] + 1, "clients": clients}, metrics
+
+
+@dataclasses.dataclass(frozen=True)
+class SPARK(NTKDFL):
+    """SPARK (our reconstruction; see the module docstring): NTK-DFL with projected Jacobians,
+    an annealed soft-label regulariser and Nesterov momentum across rounds."""
+
+    name: ClassVar[str] = "spark"
+    momentum: float = 0.5
+    soft_weight: float = 0.3
+    project: bool = True
