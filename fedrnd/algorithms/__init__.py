@@ -19,11 +19,12 @@ from fedrnd.algorithms.local import Local
 from fedrnd.algorithms.ntk_dfl import NTKDFL, SPARK
 from fedrnd.algorithms.pacfl import PACFL
 from fedrnd.algorithms.rnd import RNDClustered
+from fedrnd.algorithms.rnd_dfl import RNDDFL
 from fedrnd.engine import Engine
 
 ALGORITHMS: dict[str, type[Algorithm]] = {cls.name: cls for cls in (FedAvg, FedProx, Local, RNDClustered, IFCA, FeSEM,
                                                                   CFL, PACFL, DPSGD, DFedAvg,
-                                                                  DFedAvgM, NTKDFL, SPARK)}
+                                                                  DFedAvgM, RNDDFL, NTKDFL, SPARK)}
 
 
 def algorithm_options(name: str) -> list[str]:
@@ -41,5 +42,5 @@ def make_algorithm(name: str, engine: Engine, **options: Any) -> Algorithm:
     return ALGORITHMS[name](engine=engine, **options)
 
 
-__all__ = ["ALGORITHMS", "Algorithm", "CFL", "DFedAvg", "DFedAvgM", "DPSGD", "FeSEM", "FedAvg", "FedProx", "IFCA", "Local", "Metrics", "NTKDFL", "SPARK", "PACFL", "State",
+__all__ = ["ALGORITHMS", "Algorithm", "CFL", "DFedAvg", "DFedAvgM", "DPSGD", "FeSEM", "FedAvg", "FedProx", "IFCA", "Local", "Metrics", "NTKDFL", "SPARK", "PACFL", "RNDDFL", "State",
            "algorithm_options", "make_algorithm"]

@@ -1,0 +1,185 @@
+"""Decentralized RND: serverless RND discovery of regions, then FedAvg by gossip inside each.
+
+Domini et al. 2026 (RND federation discovery), the decentralized variant of the authors' code:
+before round 0 every node trains its RND predictor, exchanges it with its graph neighbours
+only, accepts a neighbour whose novelty on its data is within a band of its own self-novelty,
+and the nodes elect leaders along chains of compatible links; each leader's region is a
+federation (:func:`fedrnd.rnd.discover_regions`, which documents the rules). No node ever
+sees more than its neighbours, and no server is involved.
+
+Training then runs as DFedAvg restricted to the regions: every node trains locally with its
+own optimizer (the engine's per-client kinds and learning rates) and gossips over the graph
+links *inside* its region only, ``x_i <- sum_j W_ij x_j`` with ``W`` the mixing weights
+(Metropolis-Hastings by default) of the intra-region subgraph. A region is connected through
+its compatible links, so repeated gossip (``gossip_steps``) converges to the region's plain
+average of the trained models, i.e. FedAvg inside the region with equal client weights, served
+by the graph instead of a server. Links between regions carry nothing after discovery.
+
+State: the :class:`~fedrnd.algorithms.decentralized.Gossip` state (per-node models and
+optimizer state, the static graph) plus ``clients.region`` ``[C]`` and ``compatible`` ``[L]``
+(per graph link). Ledger: ``up/model``, ``down/model`` (intra-region gossip) and
+``up/discovery``, ``down/discovery`` (predictors and scores over every link, verdicts, election
+messages), the latter in round 1. ``report`` writes ``regions.npz`` and returns ARI/NMI of the
+regions against the true groups (the models are per node, so the driver does not score them).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fedrnd.algorithms.base import Metrics, State
+from fedrnd.algorithms.decentralized import Gossip
+from fedrnd.data.federated import FederatedData
+from fedrnd.engine import ClientHParams
+from fedrnd.graphs import Graph
+from fedrnd.rnd.decentral import (
+    CRITERIA,
+    PRIORITIES,
+    SYMMETRIES,
+    Regions,
+    check_band,
+    discover_regions,
+)
+from fedrnd.rnd.discovery import RNDConfig, check_eps
+
+_DISCOVERY_KEY = 0x5D1C  # folded into the init key for discovery, apart from the model init
+
+
+@dataclasses.dataclass(frozen=True)
+class RNDDFL(Gossip):
+    """Decentralized RND discovery, then gossip averaging inside each region.
+
+    Options (besides the graph options of :class:`Gossip`: ``topology``, ``graph``,
+    ``mixing``, ``gossip_steps``, ``edge_chunk``, ``reset_opt``, ``connected``):
+      band: the band rule's ``a`` (0.3: ``(1 -+ 0.3) S[i, i]``).
+      criterion: ``"band"`` (the authors') or ``"eps"`` (``z <= eps`` on the observed row).
+      symmetry: ``"mutual"`` (both ends accept, default) or ``"either"``.
+      max_hops: region-size limit, hops from the leader (``None``: regions are the connected
+        components of the compatible links).
+      priority: leader order, ``"self_novelty"`` (lowest leads), ``"id"`` or ``"random"``.
+      network, predictor_epochs, predictor_steps, predictor_min_steps, predictor_batch,
+        predictor_lr, probe, probe_cap, rnd_seed, eps, sigma: discovery, as for ``rnd``.
+    """
+
+    name: ClassVar[str] = "rnd_dfl"
+    band: float = 0.3
+    criterion: str = "band"
+    symmetry: str = "mutual"
+    max_hops: int | None = None
+    priority: str = "self_novelty"
+    network: str = "auto"
+    predictor_epochs: int = 10
+    predictor_steps: int | None = None
+    predictor_min_steps: int | None = 300
+    predictor_batch: int = 128
+    predictor_lr: float = 1e-3
+    probe: str = "train"
+    probe_cap: int | None = None
+    rnd_seed: int = 0
+    eps: float | str = "auto"
+    sigma: str = "row"
+
+    @property
+    def rnd_config(self) -> RNDConfig:
+        check_eps(self.eps)
+        return RNDConfig(network=self.network, seed=self.rnd_seed, epochs=self.predictor_epochs,
+                         steps=self.predictor_steps, min_steps=self.predictor_min_steps,
+                         batch_size=self.predictor_batch, lr=self.predictor_lr,
+                         probe=self.probe, probe_cap=self.probe_cap, eps=self.eps,
+                         sigma=self.sigma)
+
+    def validate(self, data: FederatedData) -> None:
+        super().validate(data)
+        if self.redraw:
+            raise ValueError("rnd_dfl: regions are discovered once on a static graph; "
+                             "redraw = true is not supported")
+        check_band(self.band)
+        for field, allowed in (("criterion", CRITERIA), ("symmetry", SYMMETRIES),
+                               ("priority", PRIORITIES)):
+            if getattr(self, field) not in allowed:
+                raise ValueError(f"rnd_dfl: {field} must be one of {list(allowed)}, got "
+                                 f"{getattr(self, field)!r}")
+        m = self.max_hops
+        if m is not None and (isinstance(m, bool) or not isinstance(m, int | np.integer)
+                              or m < 0):
+            raise ValueError(f"rnd_dfl: max_hops must be an integer >= 0 or None, got {m!r}")
+        self.rnd_config.pair(data.feature_shape)  # raises for a conv pair on vector data
+
+    # -- discovery ----------------------------------------------------------------------------
+    def discover(self, data: FederatedData, graph: Graph, key: jax.Array) -> Regions:
+        """Decentralized discovery on the valid links of ``graph`` (host side)."""
+        ok = np.asarray(graph.valid, bool)
+        u, v = np.asarray(graph.u)[ok], np.asarray(graph.v)[ok]
+        return discover_regions(data, u, v, self.rnd_config, band=self.band,
+                                criterion=self.criterion, symmetry=self.symmetry,
+                                max_hops=self.max_hops, priority=self.priority, key=key,
+                                mapper=self.engine.mapper)
+
+    def _with_regions(self, state: State, found: dict[str, Any]) -> State:
+        cl = {**state["clients"],
+              "region": jnp.asarray(found["region"], jnp.int32),
+              "pending_up": jnp.asarray(found["bytes_up"], jnp.float32),
+              "pending_down": jnp.asarray(found["bytes_down"], jnp.float32)}
+        return {**state, "clients": cl,
+                "compatible": jnp.asarray(found["compatible"], bool),
+                "num_regions": jnp.asarray(found["num_regions"], jnp.int32)}
+
+    def init(self, key: jax.Array, data: FederatedData, hp: ClientHParams) -> State:
+        c = data.num_clients
+        graph = self.static_graph(key, c)
+        reg = self.discover(data, graph, jax.random.fold_in(key, _DISCOVERY_KEY))
+        found = {"region": reg.region, "bytes_up": reg.bytes_up, "bytes_down": reg.bytes_down,
+                 "compatible": reg.compatible, "num_regions": reg.num_regions}
+        return self._with_regions(self._state(key, hp, c, graph), found)
+
+    def init_template(self, key: jax.Array, data: FederatedData, hp: ClientHParams) -> State:
+        """``init``'s structure without running discovery."""
+        c = data.num_clients
+        graph = self.static_graph(key, c)
+        sds = jax.ShapeDtypeStruct
+        found = {"region": sds((c,), jnp.int32), "bytes_up": sds((c,), jnp.float32),
+                 "bytes_down": sds((c,), jnp.float32),
+                 "compatible": sds(graph.valid.shape, bool), "num_regions": sds((), jnp.int32)}
+        return jax.eval_shape(lambda k, h, g, f: self._with_regions(self._state(k, h, c, g), f),
+                              key, hp, graph, found)
+
+    # -- one round ----------------------------------------------------------------------------
+    def round_graph(self, state: State, key: jax.Array, num_nodes: int) -> Graph:
+        """The static graph with only the links inside a region."""
+        g = state["graph"]
+        region = state["clients"]["region"]
+        return g._replace(valid=g.valid & (region[g.u] == region[g.v]))
+
+    def round(self, state: State, data: FederatedData, key: jax.Array) -> tuple[State, Metrics]:
+        cl = state["clients"]
+        pending_up, pending_down = cl["pending_up"], cl["pending_down"]
+        state, metrics = super().round(state, data, key)
+        zero = jnp.zeros_like(pending_up)
+        metrics = {**metrics, "up/discovery": pending_up, "down/discovery": pending_down,
+                   "num_regions": state["num_regions"].astype(jnp.float32)}
+        return {**state, "clients": {**state["clients"], "pending_up": zero,
+                                     "pending_down": zero}}, metrics
+
+    # -- outputs ------------------------------------------------------------------------------
+    def report(self, state: State, data: FederatedData, out_dir: Path) -> dict[str, float]:
+        """``regions.npz`` (links, positions, compatible links, regions, true groups) and the
+        regions' ARI/NMI against the true groups."""
+        from fedrnd.driver import outputs  # the driver imports the algorithms, not vice versa
+
+        out = super().report(state, data, out_dir)
+        g = state["graph"]
+        ok = np.asarray(g.valid, bool)
+        region = np.asarray(state["clients"]["region"])
+        group = np.asarray(data.group)
+        np.savez(Path(out_dir) / "regions.npz", u=np.asarray(g.u)[ok], v=np.asarray(g.v)[ok],
+                 compatible=np.asarray(state["compatible"])[ok],
+                 positions=np.asarray(g.positions), region=region, group=group)
+        scores = outputs.clustering_scores(region, group)
+        return {**out, **scores, "regions": float(int(state["num_regions"])),
+                "compatible_links": float(np.asarray(state["compatible"])[ok].sum())}
