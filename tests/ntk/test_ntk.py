@@ -189,14 +189,17 @@ def test_byte_counts_match_message_array_sizes(small_fed, project):
     for j in range(c):
         rows = np.asarray(data.train_idx[j, : int(data.train_count[j])])
         xj = data.x[rows]
+        # The messages' shapes as the functions that build them produce them (no compute).
         if project:
-            jac = project_features(layer_features(model, params, xj), proj)
+            jac = jax.eval_shape(lambda x: project_features(layer_features(model, params, x),
+                                                            proj), xj)
         else:
-            jac = dense_jacobian(model.apply, params, xj)
+            jac = jax.eval_shape(lambda x: dense_jacobian(model.apply, params, x), xj)
+        outputs = jax.eval_shape(model.apply, params, xj)
         labels = np.asarray(data.y[rows], np.int32)
-        outputs = np.asarray(model.apply(params, xj), np.float32)
-        msg.append({"jacobian": np.asarray(jac, np.float32).nbytes, "labels": labels.nbytes,
-                    "outputs": outputs.nbytes})
+        msg.append({"jacobian": tree_bytes(jac), "labels": labels.nbytes,
+                    "outputs": tree_bytes(outputs)})
+        assert jac.shape == (len(rows), 10, 32 * 2 if project else model.num_params())
     mb = tree_bytes(params)
     for i in range(c):
         nb = np.flatnonzero(adj[i])
