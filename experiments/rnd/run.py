@@ -306,10 +306,7 @@ def read_federations(scores: np.ndarray, self_std: np.ndarray, sigma: str,
     sig = sigma_of(sigma, s, np.asarray(self_std, np.float64))
     z = normalised_scores(s, s_self, sig)
     if eps == "auto":
-        diag = z.diagonal().copy()
-        np.fill_diagonal(z, np.inf)
-        e = auto_eps(z)
-        np.fill_diagonal(z, diag)
+        e = auto_eps(z, rule=rule)
     else:
         e = float(eps)
     comp = compatibility(z, e)
@@ -317,30 +314,15 @@ def read_federations(scores: np.ndarray, self_std: np.ndarray, sigma: str,
     return federations(comp, rule, s_self), float(e)
 
 
-def gap_ratio(scores: np.ndarray, self_std: np.ndarray, sigma: str, hi: float = 1e3) -> float:
-    """The best gap-to-spread ratio :func:`fedrnd.rnd.auto_eps` finds in a matrix's normalised
-    scores: it splits the population iff this is ``>= min_ratio`` (1.5). Found by bisection on
-    ``min_ratio`` through the public function (the ratio itself is not returned by it)."""
+def auto_silhouette(scores: np.ndarray, self_std: np.ndarray, sigma: str,
+                    rule: str = "mutual") -> float:
+    """The best silhouette :func:`fedrnd.rnd.auto_eps` finds among the candidate cuts of a
+    matrix's normalised scores: it splits the population iff this is ``>= 0.5``."""
     from fedrnd.rnd import auto_eps, normalised_scores, sigma_of
 
     s = np.asarray(scores, np.float32)
     z = normalised_scores(s, np.diag(s).copy(), sigma_of(sigma, s, np.asarray(self_std)))
-    np.fill_diagonal(z, np.inf)
-    zf = z[np.isfinite(z)]
-    top = max(float(zf.max()) + 1.0, 0.0) if zf.size else 0.0
-
-    def splits(r: float) -> bool:
-        return auto_eps(z, min_ratio=r) != top
-
-    if not splits(1e-9):
-        return 0.0
-    lo, up = 1e-9, hi
-    if splits(up):
-        return float("inf")
-    for _ in range(40):
-        mid = np.sqrt(lo * up)
-        lo, up = (mid, up) if splits(mid) else (lo, mid)
-    return float(lo)
+    return float(auto_eps(z, rule=rule, return_score=True)[1])
 
 
 def label_tv(y_hist: np.ndarray, fed: np.ndarray, tv: np.ndarray | None = None
@@ -395,7 +377,7 @@ def score_reads(scores, self_std, group, y_hist=None) -> dict[str, dict[str, Any
                 if tv is not None:
                     r["label_tv_within"], r["label_tv_across"] = label_tv(y_hist, fed, tv)
                 if e == "auto" and rule == "mutual":
-                    r["gap_ratio"] = gap_ratio(scores, self_std, sg)
+                    r["silhouette"] = auto_silhouette(scores, self_std, sg)
                 reads[read_key(sg, e, rule)] = r
     return reads
 
@@ -520,6 +502,8 @@ def run_sim_cell(pop: Population, seed: int, cells: Path, part: str, quick: bool
                          "train_acc/mean", "ari", "nmi", "clusters", "eps", "federations",
                          "time", "bytes_per_client")}
         methods[tag]["curve"] = curve
+        if m.final.get("eps") is not None:
+            methods[tag]["auto"] = "silhouette"  # eps auto criterion (gap_eps before it)
     cell = {"part": part, "population": pop.name, "variant": "sim", "seed": seed,
             "config": pop.config, "quick": quick, "num_clients": data.num_clients,
             "rounds": cfg.rounds, "model": {"name": cfg.model.name, **cfg.model.options},
@@ -772,14 +756,27 @@ def _paper_section(cells: Path, figures: Path, plan: Plan) -> list[str]:
         L += [_config_header(pop.config), ""]
         rnd = [c["methods"]["rnd"] for c in sims]
         exact = sum(1 for c in sims if c["methods"]["rnd"]["ari"] == 1.0)
-        ratios = [gap_ratio(c["scores"], np.zeros(len(c["group"])), "row")
-                  for c in sims if "scores" in c]
-        L += [f"**Discovery** ({len(sims)} seeds, the `rnd` method's own discovery): "
+        from sklearn.metrics import adjusted_rand_score
+        stored = [c for c in sims if "scores" in c]
+        sil = [auto_silhouette(c["scores"], np.zeros(len(c["group"])), "row") for c in stored]
+        now = [adjusted_rand_score(c["group"], read_federations(
+            c["scores"], np.zeros(len(c["group"])), "row", "auto")[0]) for c in stored]
+        old = sum(1 for c in sims if c["methods"]["rnd"].get("auto") != "silhouette")
+        L += [f"**Discovery** ({len(sims)} seeds, the `rnd` method's own discovery"
+              + (f"; {old} of these seeds ran with the earlier largest-gap eps auto, "
+                 "now `fedrnd.rnd.gap_eps`" if old else "") + "): "
               f"ARI {mean_std([r['ari'] for r in rnd])}, NMI {mean_std([r['nmi'] for r in rnd])}, "
               f"federations {mean_std([r['federations'] for r in rnd], '{:.1f}')} "
               f"(4 true groups; exact recovery in {exact}/{len(sims)} seeds), "
-              f"eps (auto) {mean_std([r['eps'] for r in rnd], '{:.2f}')}, gap ratio "
-              f"{_ratio_summary(ratios)} (auto splits iff >= 1.5; see section 3).", ""]
+              f"eps (auto) {mean_std([r['eps'] for r in rnd], '{:.2f}')}.", ""]
+        if stored:
+            L += [f"The current eps auto (best silhouette, splits iff >= 0.5; see "
+                  f"[AUTO_EPS.md](AUTO_EPS.md)) re-read on the same stored matrices: ARI "
+                  f"{mean_std(now)}, exact recovery in {sum(a == 1.0 for a in now)}/"
+                  f"{len(now)} seeds, silhouette {_ratio_summary(sil)}. Where it recovers the "
+                  f"groups, the federations are those of the `rnd (eps 0.5)` row below "
+                  f"whenever that row's ARI is 1, so its accuracy is what the current default "
+                  f"trains.", ""]
         L += [f"**Accuracy** after {sims[0]['rounds']} rounds ({len(sims)} seeds; each "
               "client's test set is drawn from its own distribution):", ""]
         extra = [c for p in PAPER_EPS if p.name == pop.name
@@ -854,14 +851,14 @@ def _grid_section(cells: Path) -> list[str]:
         L += [f"### {pop.title}", "", "Network, probe and predictor budget "
               "(sigma row, eps auto):", ""]
         rows = [[v.label, len(cs), *_read_row(cs, DEFAULT_READ),
-                 _ratio_summary(_read_values(cs, DEFAULT_READ, "gap_ratio")),
+                 _ratio_summary(_read_values(cs, DEFAULT_READ, "silhouette")),
                  mean_std([c["time_s"] for c in cs], "{:.0f}"),
                  mean_std([c["predictor_loss"] for c in cs], "{:.2f}")] for v, cs in have]
-        L += _table(["setting", "seeds", "ARI", "NMI", "federations", "gap ratio",
+        L += _table(["setting", "seeds", "ARI", "NMI", "federations", "silhouette",
                      "time (s)", "predictor loss"], rows) + [""]
-        L += ["Gap ratio: the best gap-to-spread ratio eps = auto finds in the normalised scores "
-              "(sigma row), median (min); auto splits the population only when it is >= 1.5, "
-              "otherwise it returns one federation.", ""]
+        L += ["Silhouette: the best silhouette eps = auto finds among the candidate cuts of "
+              "the normalised scores (sigma row), median (min); auto splits the population "
+              "only when it is >= 0.5, otherwise it returns one federation.", ""]
         L += _eps_table(have, with_federations=False)
     for pop in PAPER[:1]:
         cs = read_cells(cells, "keys", pop.name, GRID[0].name)
@@ -872,8 +869,8 @@ def _grid_section(cells: Path) -> list[str]:
         L += [f"**Discovery key alone** ({pop.name}, {GRID[0].label}, library defaults "
               f"otherwise): one data split (seed 0), {len(cs)} discovery keys (predictor "
               f"init and batch order): exact recovery with eps auto in {exact}/{len(cs)}, "
-              f"ARI {mean_std([x['ari'] for x in r])}, gap ratio "
-              f"{_ratio_summary(_read_values(cs, DEFAULT_READ, 'gap_ratio'))}; with eps 0.5 "
+              f"ARI {mean_std([x['ari'] for x in r])}, silhouette "
+              f"{_ratio_summary(_read_values(cs, DEFAULT_READ, 'silhouette'))}; with eps 0.5 "
               f"(sigma row): ARI {mean_std(_read_values(cs, read_key('row', 0.5), 'ari'))}.",
               ""]
     return L
@@ -924,9 +921,7 @@ def _plot_z_hist(path: Path, npz: Path, title: str) -> bool:
     off = ~np.eye(len(g), dtype=bool)
     same = (g[:, None] == g[None, :]) & off
     cross = g[:, None] != g[None, :]
-    zz = z.copy()
-    np.fill_diagonal(zz, np.inf)
-    eps = auto_eps(zz)
+    eps = auto_eps(z)
     fig = Figure(figsize=(6, 3.4), dpi=110)
     ax = fig.subplots()
     lo, hi = np.percentile(z[off], [0.1, 99.9])

@@ -23,6 +23,7 @@ from fedrnd.rnd.decentral import (
 )
 from fedrnd.rnd.discovery import (
     AUTO_MIN_RATIO,
+    AUTO_MIN_SILHOUETTE,
     PROBES,
     RULES,
     SIGMAS,
@@ -36,6 +37,7 @@ from fedrnd.rnd.discovery import (
     discover,
     edge_novelty,
     federations,
+    gap_eps,
     normalised_scores,
     novelty_matrix,
     predictor_engine,
@@ -84,6 +86,8 @@ __all__ = [
     "adaptive_pool_matrix",
     "assign_newcomers",
     "auto_eps",
+    "gap_eps",
+    "AUTO_MIN_SILHOUETTE",
     "check_eps",
     "compatibility",
     "conv_apply",

@@ -20,6 +20,7 @@ from fedrnd.rnd import (
     discover,
     edge_novelty,
     federations,
+    gap_eps,
     normalised_scores,
     novelty_matrix,
     probe_split,
@@ -175,7 +176,10 @@ def test_sparse_discovery_on_complete_graph_equals_dense():
     e_src, e_dst = np.asarray(sparse.edges.src), np.asarray(sparse.edges.dst)
     np.testing.assert_allclose(sparse.edge_scores, dense.scores[e_dst, e_src], rtol=1e-5)
     np.testing.assert_allclose(sparse.sigma, dense.sigma, rtol=1e-5)
-    assert sparse.eps == pytest.approx(dense.eps, rel=1e-5)
+    # eps="auto" differs by mode (silhouette over the dense matrix, largest gap over edges);
+    # both cut between the same modes here, and the compatibilities agree entry by entry.
+    assert dense.auto_silhouette > 0.5 and sparse.auto_silhouette is None
+    np.testing.assert_array_equal(sparse.compatible, dense.z[e_dst, e_src] <= sparse.eps)
     np.testing.assert_array_equal(sparse.federation, dense.federation)
     assert adjusted_rand_score(groups, sparse.federation) == 1.0
     # Peer to peer: a predictor to each of the c - 1 neighbours, a score back to each.
@@ -240,23 +244,131 @@ def test_dense_and_sparse_extraction_agree():
                                           federations(csr_matrix(comp), rule, s_self))
 
 
-def test_auto_eps_criterion():
+def test_gap_eps_criterion():
     rng = np.random.default_rng(0)
     # Two modes: same-distribution peers near 0, others near 3, empty band between.
     z = np.concatenate([rng.uniform(-0.2, 0.3, 60), rng.uniform(2.0, 4.0, 180)])
-    e = auto_eps(z)
+    e = gap_eps(z)
     assert 0.3 < e < 2.0
     assert e == pytest.approx(0.5 * (np.sort(z)[59] + np.sort(z)[60]))
     # One unimodal population: no gap dominates its spread -> above every score.
     u = rng.normal(size=240)
-    assert auto_eps(u) > u.max()
+    assert gap_eps(u) > u.max()
     # A gap narrower than the low mode's own spread does not count.
     z2 = np.concatenate([rng.uniform(0.0, 1.0, 60), rng.uniform(1.6, 3.0, 180)])
-    assert auto_eps(z2) > z2.max()
+    assert gap_eps(z2) > z2.max()
     # A gap below zero (some peers look more familiar than one's own data) is never a cut.
     z3 = np.concatenate([rng.uniform(-3.0, -2.9, 60), rng.uniform(0.0, 0.5, 180)])
-    assert auto_eps(z3) > 0.5 or auto_eps(z3) == pytest.approx(0.0)
-    assert auto_eps(np.array([])) == 0.0
+    assert gap_eps(z3) > 0.5 or gap_eps(z3) == pytest.approx(0.0)
+    assert gap_eps(np.array([])) == 0.0
+
+
+def _block_scores(groups, rng, within=(-0.2, 0.3), between=(2.0, 4.0)):
+    g = np.asarray(groups)
+    same = g[:, None] == g[None, :]
+    z = np.where(same, rng.uniform(*within, same.shape), rng.uniform(*between, same.shape))
+    np.fill_diagonal(z, 0.0)
+    return z
+
+
+def _silhouette(d, lab):
+    """Per-client loops: silhouette with b over other federations of >= 2 clients only."""
+    c = len(lab)
+    sizes = np.bincount(lab)
+    out = np.zeros(c)
+    for i in range(c):
+        if sizes[lab[i]] < 2:
+            continue
+        a = sum(d[i, j] for j in range(c) if lab[j] == lab[i] and j != i) / (sizes[lab[i]] - 1)
+        others = [np.mean([d[i, j] for j in range(c) if lab[j] == f])
+                  for f in range(len(sizes)) if f != lab[i] and sizes[f] >= 2]
+        if others and max(a, min(others)) > 0:
+            out[i] = (min(others) - a) / max(a, min(others))
+    return out.mean()
+
+
+def _silhouette_reference(z, rule="mutual"):
+    """Brute force: every distinct eps, federations by the rule, their silhouette."""
+    d = np.maximum(z, z.T) if rule == "mutual" else np.minimum(z, z.T)
+    d = np.maximum(d, 0.0)
+    np.fill_diagonal(d, 0.0)
+    vals = np.unique(d[~np.eye(len(z), dtype=bool)])
+    best = (-np.inf, None)
+    for e in 0.5 * (vals[1:] + vals[:-1]):
+        comp = compatibility(z, e)
+        np.fill_diagonal(comp, True)
+        lab = federations(comp, rule)
+        if 2 <= lab.max() + 1 <= len(z) - 1:
+            sc = _silhouette(d, lab)
+            if sc > best[0]:
+                best = (sc, lab)
+    return best
+
+
+@pytest.mark.parametrize("sizes", [(4, 4, 4), (10, 5, 3), (6, 1, 2, 3), (20, 2)])
+def test_auto_eps_recovers_separated_groups_and_matches_brute_force_silhouette(sizes):
+    rng = np.random.default_rng(len(sizes))
+    groups = rng.permutation(np.repeat(np.arange(len(sizes)), sizes))
+    z = _block_scores(groups, rng)
+    eps, score = auto_eps(z, return_score=True)
+    assert 0.3 < eps < 2.0
+    comp = compatibility(z, eps)
+    np.fill_diagonal(comp, True)
+    lab = federations(comp)
+    assert adjusted_rand_score(groups, lab) == 1.0
+    ref_score, ref_lab = _silhouette_reference(z)
+    assert score == pytest.approx(ref_score, rel=1e-5)
+    assert adjusted_rand_score(ref_lab, lab) == 1.0
+
+
+def test_auto_eps_brute_force_on_noisy_scores_and_one_sided_rule():
+    rng = np.random.default_rng(3)
+    groups = np.repeat(np.arange(3), [5, 4, 3])
+    z = _block_scores(groups, rng, within=(-0.5, 1.2), between=(0.8, 3.0))
+    for rule in ("mutual", "one_sided"):
+        eps, score = auto_eps(z, rule=rule, return_score=True, min_silhouette=-1.0)
+        ref_score, ref_lab = _silhouette_reference(z, rule)
+        assert score == pytest.approx(ref_score, rel=1e-5)
+        comp = compatibility(z, eps)
+        np.fill_diagonal(comp, True)
+        assert adjusted_rand_score(ref_lab, federations(comp, rule)) == 1.0
+
+
+def test_auto_eps_keeps_unstructured_populations_whole():
+    rng = np.random.default_rng(0)
+    for c in (5, 12, 60):
+        z = rng.normal(1.0, 0.5, (c, c))
+        np.fill_diagonal(z, 0.0)
+        eps, score = auto_eps(z, return_score=True)
+        assert score < 0.5 and eps > z.max()
+    # one far outlier in an otherwise uniform population is not structure
+    z = rng.normal(1.0, 0.3, (40, 40))
+    z[7, :] += 20.0
+    z[:, 7] += 20.0
+    np.fill_diagonal(z, 0.0)
+    eps, score = auto_eps(z, return_score=True)
+    assert score < 0.1 and eps > z.max()
+    # fewer than three clients: no candidate, one federation
+    assert auto_eps(np.array([[0.0, 3.0], [3.0, 0.0]])) > 3.0
+    assert np.isnan(auto_eps(np.zeros((1, 1)), return_score=True)[1])
+    with pytest.raises(ValueError, match="square"):
+        auto_eps(np.zeros(5))
+    with pytest.raises(ValueError, match="rule"):
+        auto_eps(np.zeros((3, 3)), rule="nearest")
+
+
+def test_auto_eps_sampled_silhouette_and_infinite_scores():
+    rng = np.random.default_rng(1)
+    groups = rng.permutation(np.repeat(np.arange(4), [120, 90, 60, 30]))
+    z = _block_scores(groups, rng).astype(np.float32)
+    z[5, 7] = np.inf  # a zero-spread row's larger score
+    eps_full, s_full = auto_eps(z, return_score=True)
+    eps_s, s_s = auto_eps(z, return_score=True, sample=80)
+    for e in (eps_full, eps_s):
+        comp = compatibility(z, e)
+        np.fill_diagonal(comp, True)
+        assert adjusted_rand_score(groups, federations(comp)) == 1.0
+    assert s_s == pytest.approx(s_full, abs=0.05)
 
 
 # --------------------------------------------------------------------------------------------
