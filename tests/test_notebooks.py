@@ -124,3 +124,13 @@ def test_notebook_runs(path, kernel_env):
         assert "rotated stranger -> federation 4 (new" in text
         # Patterns, heat maps, eps sweep, sigma comparison.
         assert _images(nb) >= 4, f"expected at least 4 inline figures, got {_images(nb)}"
+
+    if path.name == "03_decentralized.ipynb":
+        text = "\n".join(_text(c) for c in nb.cells if c.cell_type == "code")
+        assert "average kept: True" in text, "gossip lost the average"
+        m = re.search(r"edge-list gossip vs dense W x, max \|diff\|: ([0-9.e-]+)", text)
+        assert m and float(m.group(1)) < 1e-5, "edge-list gossip differs from the dense reference"
+        assert re.search(r"discovery: .* regions .* election settled", text), "no regions printed"
+        assert "rnd_dfl: final test accuracy" in text
+        # Graphs, consensus curve, region picture, score histogram, accuracy curves.
+        assert _images(nb) >= 5, f"expected at least 5 inline figures, got {_images(nb)}"

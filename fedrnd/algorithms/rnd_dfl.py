@@ -130,12 +130,26 @@ class RNDDFL(Gossip):
                 "compatible": jnp.asarray(found["compatible"], bool),
                 "num_regions": jnp.asarray(found["num_regions"], jnp.int32)}
 
-    def init(self, key: jax.Array, data: FederatedData, hp: ClientHParams) -> State:
+    def init(self, key: jax.Array, data: FederatedData, hp: ClientHParams, *,
+             graph: Graph | None = None, regions: Regions | None = None) -> State:
+        """Draw the graph, discover the regions, start every node from the same model.
+
+        ``graph``: use this static graph instead of drawing one (e.g. a layout of your own);
+        ``regions``: the result of :meth:`discover` on that graph, to skip discovery.
+        """
         c = data.num_clients
-        graph = self.static_graph(key, c)
-        reg = self.discover(data, graph, jax.random.fold_in(key, _DISCOVERY_KEY))
+        graph = self.static_graph(key, c) if graph is None else graph
+        if graph.num_nodes != c:
+            raise ValueError(f"rnd_dfl: the graph has {graph.num_nodes} nodes for {c} clients")
+        reg = (self.discover(data, graph, jax.random.fold_in(key, _DISCOVERY_KEY))
+               if regions is None else regions)
+        if reg.num_clients != c or int(np.asarray(graph.valid).sum()) != len(reg.compatible):
+            raise ValueError("rnd_dfl: regions were discovered on another graph")
+        ok = np.asarray(graph.valid, bool)
+        comp = np.zeros(ok.shape, bool)
+        comp[ok] = reg.compatible  # one flag per edge slot (discover used the valid ones)
         found = {"region": reg.region, "bytes_up": reg.bytes_up, "bytes_down": reg.bytes_down,
-                 "compatible": reg.compatible, "num_regions": reg.num_regions}
+                 "compatible": comp, "num_regions": reg.num_regions}
         return self._with_regions(self._state(key, hp, c, graph), found)
 
     def init_template(self, key: jax.Array, data: FederatedData, hp: ClientHParams) -> State:
