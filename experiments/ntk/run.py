@@ -62,6 +62,8 @@ METHODS = {
     "spark(mom)": ("spark", dict(GRAPH, project=False, soft_weight=0.0), None),
     "spark(proj+reg+mom)": ("spark", dict(GRAPH, proj_dim=64), None),
     "spark(proj)": ("spark", dict(GRAPH, proj_dim=64, momentum=0.0, soft_weight=0.0), None),
+    "spark(proj,sketch)": ("spark", dict(GRAPH, proj_dim=64, momentum=0.0, soft_weight=0.0,
+                                          projected_update="sketch"), None),
     "dpsgd": ("dpsgd", dict(GOSSIP), dict(lr=0.1, batch=20, epochs=1)),
     "dfedavg": ("dfedavg", dict(GOSSIP), dict(lr=0.05, batch=20, epochs=2)),
     "dfedavgm": ("dfedavgm", dict(GOSSIP, momentum=0.9), dict(lr=0.01, batch=20, epochs=2)),
@@ -69,7 +71,8 @@ METHODS = {
 PLAN = {
     "main": ["ntk_dfl", "dfedavg", "spark(reg+mom)", "dfedavgm", "dpsgd", "spark(reg)",
              "spark(mom)"],
-    "proj": ["ntk_dfl", "spark(proj+reg+mom)", "spark(proj)", "spark(reg+mom)", "dfedavg"],
+    "proj": ["ntk_dfl", "spark(proj+reg+mom)", "spark(proj)", "spark(proj,sketch)",
+             "spark(reg+mom)", "dfedavg"],
     "alpha0.05": ["ntk_dfl", "spark(reg+mom)", "dfedavg"],
     "alpha0.5": ["ntk_dfl", "spark(reg+mom)", "dfedavg"],
 }
@@ -202,7 +205,9 @@ def report(seed: int) -> str:
              "exp(-0.07 k), horizons tau in {100..600, 800} steps of lr, RK4 with 64 steps, "
              "best horizon by pooled-neighbourhood loss). SPARK (our reconstruction): "
              "momentum 0.5 (Nesterov, across rounds), soft-label weight 0.3 halved every 5 "
-             "rounds, temperature 2, projection k = 64 per layer where marked. D-PSGD: one "
+             "rounds, temperature 2, projection k = 64 per layer where marked (kernel from projected "
+             "Jacobians, exact update by a second exchange of residuals and J^T A per "
+             "horizon; 'sketch' = update R R^T J^T A with no second exchange). D-PSGD: one "
              "SGD step (batch 20, lr 0.1) per round; DFedAvg: 2 local epochs of SGD (batch 20, "
              "lr 0.05); DFedAvgM: 2 epochs of heavy-ball SGD (momentum 0.9, lr 0.01). No "
              "method was tuned beyond a single setting (the paper tunes baselines by grid "

@@ -25,9 +25,14 @@ so the following is *our reconstruction* (each part can be switched off for an a
 - ``project``: each layer's Jacobian block is compressed by a Gaussian random projection
   ``R_l`` with i.i.d. ``N(0, 1/k_l)`` entries, ``k_l = min(proj_dim, block size)``, drawn from
   the round key (a seed all clients share, so ``R`` is never sent). The receiver builds the
-  kernel from the projected Jacobians and maps the update back with ``R_l``:
-  ``dw_l = -(1/n) R_l P_l^T A`` (unbiased for ``J^T A`` since ``E[R R^T] = I``). Jacobian bytes
-  are counted after projection.
+  kernel from the projected Jacobians, which drives the output evolution. The weight update
+  ``-(1/n) J^T A`` needs the Jacobians themselves; two readings (``projected_update``):
+  ``"exact"`` (default): node ``i`` sends each neighbour ``j`` the integrated residuals of
+  ``j``'s rows at every candidate horizon (``M x n_j x C`` floats, ledger ``residuals``) and
+  ``j`` returns ``J_j^T A_j`` per horizon (``M`` model-sized vectors, ledger ``updates``), so the
+  update is exact and only the kernel is approximate; ``"sketch"``: no extra messages,
+  ``dw_l = -(1/n) R_l P_l^T A``, unbiased for ``J^T A`` (``E[R R^T] = I``) but with noise of
+  norm about ``sqrt(P_l / k_l)`` times the signal. Jacobian bytes are counted after projection.
 - ``soft_weight``: a stage-wise annealed soft-label regulariser. The evolution targets become
   ``Y_s = (1 - beta_s) Y + beta_s softmax(f0 / soft_temperature)`` (hard labels mixed with the
   neighbourhood's own soft predictions at the start point, which the neighbours already send
@@ -77,6 +82,7 @@ from fedrnd.ntk import (
 
 _GRAPH_KEY = 0x6EA7  # as the gossip methods: the same round key draws the same graph
 _PROJ_KEY = 0x5BA7
+UPDATES = ("exact", "sketch")
 
 
 class _Options(dict):
@@ -126,8 +132,9 @@ class NTKDFL(Algorithm):
       taus: candidate horizons in steps of ``lr`` (the paper's 100 ... 800).
       ode_steps: RK4 steps up to the longest horizon (every tau must fall on the grid).
       loss: ``"ce"`` (the paper) or ``"mse"`` (squared error, ``df/dt = -(1/n) H (f - Y)``).
-      momentum, soft_weight, soft_decay, stage_rounds, soft_temperature, project, proj_dim:
-        SPARK's parts (:class:`SPARK`).
+      momentum, soft_weight, soft_decay, stage_rounds, soft_temperature, project, proj_dim,
+        projected_update: SPARK's parts (:class:`SPARK`; ``projected_update`` is ``"exact"``
+        or ``"sketch"``, see the module docstring).
     """
 
     name: ClassVar[str] = "ntk_dfl"
@@ -146,6 +153,7 @@ class NTKDFL(Algorithm):
     soft_temperature: float = 2.0
     project: bool = False
     proj_dim: int = 256
+    projected_update: str = "exact"
 
     def __post_init__(self):
         if isinstance(self.graph, dict) and not isinstance(self.graph, _Options):
@@ -215,6 +223,9 @@ class NTKDFL(Algorithm):
             raise ValueError(f"{self.name}: stage_rounds must be an integer >= 1")
         if not self.soft_temperature > 0:
             raise ValueError(f"{self.name}: soft_temperature must be > 0")
+        if self.projected_update not in UPDATES:
+            raise ValueError(f"{self.name}: projected_update {self.projected_update!r} is "
+                             f"unknown; allowed: {list(UPDATES)}")
         if self.project:
             if self.model.dense is None:
                 raise ValueError(f"{self.name}: project = true needs a dense-stack model")
@@ -294,7 +305,7 @@ class NTKDFL(Algorithm):
         a = a[jnp.asarray(self.horizon_steps())]  # [M, n, C]
         n = jnp.maximum(jnp.sum(mf), 1.0)
         cot = -(a * mf[None, :, None]) / n
-        if proj is None:
+        if proj is None or self.projected_update == "exact":
             dw = jacobian_transpose(model.apply, look, x, cot)
         else:
             dw = unproject_update(model, jnp.einsum("icp,mic->mp", pj, cot), proj)
@@ -355,6 +366,15 @@ class NTKDFL(Algorithm):
         for kind in sent:
             ledger[f"up_{kind}"] = deg * sent[kind]
             ledger[f"down_{kind}"] = got[kind]
+        if self.project and self.projected_update == "exact":
+            # Node i sends each neighbour j the integrated residuals of j's rows at every
+            # candidate horizon and gets back J_j^T A_j per horizon (one model-sized vector).
+            m, ncls = len(self.taus), self.model.num_classes
+            res = float(m * ncls * np.dtype(np.float32).itemsize)
+            ledger["up_residuals"] = nbr * res
+            ledger["down_residuals"] = deg * own * res
+            ledger["up_updates"] = deg * float(m * nbytes)
+            ledger["down_updates"] = deg * float(m * nbytes)
         pooled = own + nbr
         metrics = {"train_loss": jnp.sum(out["loss"] * pooled) / jnp.sum(pooled),
                    "start_loss": jnp.sum(out["start_loss"] * pooled) / jnp.sum(pooled),

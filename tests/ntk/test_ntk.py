@@ -208,6 +208,14 @@ def test_byte_counts_match_message_array_sizes(small_fed, project):
         for kind in ("jacobian", "labels", "outputs"):
             assert float(met[f"down/{kind}"][i]) == sum(msg[j][kind] for j in nb)
             assert float(met[f"up/{kind}"][i]) == len(nb) * msg[i][kind]
+        if project:  # exact update: residuals out to each neighbour, J_j^T A_j back, per tau
+            m = len(alg.taus)
+            n_i = int(data.train_count[i])
+            assert float(met["down/residuals"][i]) == len(nb) * m * n_i * 10 * 4
+            assert float(met["up/residuals"][i]) == sum(
+                m * int(data.train_count[j]) * 10 * 4 for j in nb)
+            assert float(met["up/updates"][i]) == float(met["down/updates"][i]) == \
+                len(nb) * m * mb
 
 
 def test_spark_without_momentum_and_regulariser_is_the_ntk_dfl_update(small_fed):
