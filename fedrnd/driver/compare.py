@@ -122,9 +122,19 @@ class Cell:
         # The method's defaults too: a changed default makes the cached cell stale.
         from fedrnd.algorithms import ALGORITHMS
 
-        d["defaults"] = {f.name: repr(f.default) for f in
+        d["defaults"] = {f.name: repr(_field_default(f)) for f in
                          dataclasses.fields(ALGORITHMS[self.method.name]) if f.name != "engine"}
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _field_default(f: dataclasses.Field) -> Any:
+    """A field's default value; a ``default_factory``'s product, not the ``MISSING`` sentinel
+    (whose repr holds a memory address and would change the hash in every process)."""
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None
 
 
 @dataclasses.dataclass(frozen=True)
