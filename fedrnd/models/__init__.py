@@ -17,9 +17,12 @@ from fedrnd.models._core import (
     from_flax,
     make_model,
 )
+from fedrnd.models.generator import ConditionalGenerator, Generator, make_generator
 
 __all__ = [
     "CNN",
+    "ConditionalGenerator",
+    "Generator",
     "DenseStack",
     "MLP",
     "MODELS",
@@ -28,5 +31,6 @@ __all__ = [
     "ResNet",
     "count_flops",
     "from_flax",
+    "make_generator",
     "make_model",
 ]

@@ -1,0 +1,576 @@
+"""DisUE: distilling a universal expert from clustered FL (Leng et al., IJCAI 2025,
+arXiv 2506.20285; no code published).
+
+One round:
+
+1. every (cohort) client starts from the *universal expert* and trains locally;
+2. clients are grouped (``grouping``) and each group's models are averaged (sample-weighted)
+   into a *cluster expert*, held in the engine's cluster slots (leaves ``[K, ...]``);
+3. the server distils a new universal expert from all cluster experts (``distill``) and
+   broadcasts it as the next round's starting point. Each client keeps its cluster expert for
+   personalised inference (:meth:`DisUE.models`).
+
+Grouping (``grouping``):
+
+- ``"ifca"``: IFCA's assignment (:func:`fedrnd.algorithms.ifca.cluster_losses`): each client
+  scores the ``K`` cluster experts of the previous round on its training data and joins the one
+  with the lowest loss (round 0: ``K`` random initialisations, slot 0 the shared initial model).
+- ``"rnd"``: RND federations (:func:`fedrnd.rnd.discover`), found once before round 0 on the
+  host; ``K`` is the number of federations (a power-of-two slot count, :func:`grow_slots`).
+- ``"similarity"``: similarity of updates: spherical k-means with ``K`` clusters on the clients'
+  updates ``w_c - w_universal`` (cosine similarity, Gram-matrix form, ``similarity_iters``
+  Lloyd steps from a farthest-point start), recomputed every round.
+
+Distillation (``distill``):
+
+- ``"generator"`` (the paper's data-free distillation): a class-conditional generator
+  (:mod:`fedrnd.models.generator`, kept across rounds with its Adam state) and the student
+  (initialised from the previous universal expert, ``student_init="previous"``, or from the
+  sample-weighted average of the cluster experts, ``"average"``) alternate in ONE ``lax.scan``
+  of ``distill_steps`` iterations; each iteration is one generator step and
+  ``student_steps`` student steps, on batches of ``distill_batch`` synthetic inputs for classes
+  drawn uniformly among the classes some cluster holds. Generator loss::
+
+      L_G = CE(T(x), y) - adv_weight * mean(agree * KL_tau(T(x) || S(x))) + div_weight * L_div
+
+  ``T(x) = sum_k a[k, y] * f_k(x)`` is the teacher ensemble's logits for the requested class
+  ``y`` (``a``: per-class teacher weights, below), ``S`` the student. The adversarial term
+  seeks inputs where student and teachers disagree; as in DENSE (Zhang et al. 2022) it is
+  taken only on samples whose argmax they still share (``agree``), which keeps it bounded.
+  ``L_div = exp(-mean_{i,j} |x_i - x_j|_1 * |z_i - z_j|^2)`` (FedFTG's diversity term, means
+  over features) pushes different noise to different inputs. The task models have no batch
+  norm, so there is no batch-statistics term. Student loss: ``tau^2 * KL(softmax(T/tau) ||
+  softmax(S/tau))`` (Hinton et al.), ``tau = temperature``.
+- ``"proxy"``: the same student steps on a small proxy set instead of generated inputs:
+  ``proxy_size`` training rows of the pool drawn once (a stand-in for a public data set from
+  the same domain; the server would not hold client data in practice). Proxy rows carry no
+  labels: each is weighted by the class the mass-weighted ensemble predicts for it.
+- ``"average"``: no distillation; the universal expert is the sample-weighted average of the
+  cluster experts (which equals FedAvg's global model: clients all start from it).
+- ``"none"``: per-cluster FedAvg without distillation: every client starts from its own
+  cluster expert (groupings ``ifca``, ``rnd``: with ``ifca`` this is IFCA). The reported
+  universal expert is then the average of the experts, used by no client.
+
+Per-class teacher weights (``teacher_weights="class_mass"``, the paper's adaptive category
+cluster-distillation): every participating client sends its label histogram ``h_c`` (counts
+per class over its training set); a cluster's histogram is ``H[k] = sum_{c in k} h_c`` and
+``a[k, y] = H[k, y] / sum_k' H[k', y]``: a cluster teaches a class in proportion to the label
+mass it holds of it; every column sums to one (a class no cluster holds falls back to equal
+weights over the non-empty clusters). ``"uniform"``: equal weights over non-empty clusters.
+
+Privacy cost of the histograms: a label histogram discloses the client's exact class counts
+(its label distribution and data-set size), information that plain FedAvg does not send in
+the clear (it leaks there only through the model update). Label distributions can themselves
+be sensitive (the share of a diagnosis at a hospital, the topics of a user's messages).
+``histogram_dp_eps`` makes each client release its histogram once under epsilon-local
+differential privacy (Laplace mechanism, scale ``2 / eps``: replacing one example moves two
+counts by one; negative counts clipped to 0), noise drawn once so resending leaks nothing
+more; ``None`` (default) sends exact counts.
+
+Metrics per round: ``universal_acc`` (the new universal expert) and ``average_acc`` (the
+sample-weighted average of this round's cluster experts, what plain averaging would give) on
+the *global test set*: every client's held-out test rows pooled (multiplicities kept; their
+label mix follows the clients' training labels, i.e. the data set's label mix). The driver's
+``test_acc`` is the personalised accuracy (each client's cluster expert on its own test rows).
+Also ``distill_loss`` (mean student KL over the last iteration), ``gen_ce``, ``gen_adv``,
+``gen_div`` (generator terms, last iteration) and ``clusters_used``.
+
+Ledger per participating client and round: ``up/model`` one model; ``up/histogram``
+``num_classes`` float32 counts; ``down/model`` the start model (the universal expert, or its
+cluster expert with ``"none"``); ``down/experts`` its cluster expert for personalised inference
+(``ifca``: all ``K`` experts, which it scores to choose); ``up/discovery`` and
+``down/discovery`` (``rnd``) RND's discovery traffic in round 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from fedrnd.algorithms._clusters import check_choice, check_int, check_num_clusters
+from fedrnd.algorithms.base import Algorithm, Metrics, State
+from fedrnd.algorithms.ifca import cluster_losses
+from fedrnd.data.federated import FederatedData
+from fedrnd.engine import (
+    ClientHParams,
+    comm,
+    grow_slots,
+    keep_nonempty,
+    per_client,
+    segment_weighted_mean,
+    slot_means,
+    tree_bytes,
+    weighted_mean,
+)
+from fedrnd.models.generator import OUTPUTS, make_generator
+from fedrnd.rnd.discovery import RNDConfig, check_eps, discover
+
+GROUPINGS = ("ifca", "rnd", "similarity")
+DISTILLS = ("generator", "proxy", "average", "none")
+TEACHER_WEIGHTS = ("class_mass", "uniform")
+STUDENT_INITS = ("previous", "average")
+COUNT_BYTES = 4
+"""A float32 count: one entry of a label histogram."""
+
+
+# ------------------------------------------------------------------------------------------
+# Pure pieces (shared by the round and the tests)
+# ------------------------------------------------------------------------------------------
+
+def label_histograms(data: FederatedData) -> jax.Array:
+    """``[C, num_classes]`` label counts of every client's training rows (padding masked)."""
+    y = data.y[data.train_idx]
+    mask = jnp.arange(data.train_idx.shape[1])[None, :] < data.train_count[:, None]
+    onehot = jax.nn.one_hot(y, data.num_classes, dtype=jnp.float32)
+    return jnp.sum(onehot * mask[..., None], axis=1)
+
+
+def teacher_weights(cluster_hist: jax.Array, cluster_mass: jax.Array,
+                    mode: str = "class_mass") -> jax.Array:
+    """Per-class teacher weights ``a: [K, L]`` whose every column sums to one.
+
+    Args:
+      cluster_hist: ``[K, L]`` summed label histograms of each cluster's clients.
+      cluster_mass: ``[K]`` aggregation mass; clusters with mass 0 are empty (weight 0).
+      mode: ``"class_mass"``: ``a[k, y] = H[k, y] / sum_k H[k, y]``; ``"uniform"``: equal
+        weights over non-empty clusters. A class no cluster holds gets the uniform column.
+    """
+    present = (cluster_mass > 0).astype(jnp.float32)
+    uniform = present / jnp.maximum(jnp.sum(present), 1.0)
+    if mode == "uniform":
+        return jnp.broadcast_to(uniform[:, None], cluster_hist.shape)
+    h = jnp.maximum(cluster_hist, 0.0) * present[:, None]
+    col = jnp.sum(h, axis=0, keepdims=True)
+    return jnp.where(col > 0, h / jnp.where(col > 0, col, 1.0), uniform[:, None])
+
+
+def ensemble_logits(apply, teachers, weights: jax.Array, x: jax.Array,
+                    y: jax.Array) -> jax.Array:
+    """``T(x)_b = sum_k weights[k, y_b] * f_k(x_b)``: ``[B, L]`` logits for classes ``y [B]``."""
+    logits = jax.vmap(lambda p: apply(p, x))(teachers)  # [K, B, L]
+    return jnp.einsum("kb,kbl->bl", weights[:, y], logits)
+
+
+def softened_kl(t_logits: jax.Array, s_logits: jax.Array, temperature: float) -> jax.Array:
+    """Per-sample ``KL(softmax(t/tau) || softmax(s/tau))``: ``[B]``."""
+    log_pt = jax.nn.log_softmax(t_logits / temperature, axis=-1)
+    log_ps = jax.nn.log_softmax(s_logits / temperature, axis=-1)
+    return jnp.sum(jnp.exp(log_pt) * (log_pt - log_ps), axis=-1)
+
+
+def diversity_loss(x: jax.Array, z: jax.Array) -> jax.Array:
+    """FedFTG's diversity term ``exp(-mean_{i,j} d_x(i, j) * d_z(i, j))`` (means over features)."""
+    xf = x.reshape(x.shape[0], -1)
+    dx = jnp.mean(jnp.abs(xf[:, None, :] - xf[None, :, :]), axis=-1)
+    dz = jnp.mean(jnp.square(z[:, None, :] - z[None, :, :]), axis=-1)
+    return jnp.exp(-jnp.mean(dx * dz))
+
+
+def similarity_clusters(updates: jax.Array, weights: jax.Array, num_clusters: int,
+                        key: jax.Array, iters: int = 10) -> jax.Array:
+    """Spherical k-means of update vectors ``[M, D]`` into ``num_clusters``; ``[M]`` ids.
+
+    Works on the cosine Gram matrix ``G = U U^T`` of the normalised updates: a centre is a
+    weighted sum of members, its cosine with client ``i`` is ``(G a_k)_i / sqrt(a_k^T G a_k)``.
+    Start: a random client, then repeatedly the client least similar to the chosen centres.
+    """
+    m = updates.shape[0]
+    u = updates / jnp.maximum(jnp.linalg.norm(updates, axis=1, keepdims=True), 1e-12)
+    g = u @ u.T
+    first = jax.random.randint(key, (), 0, m)
+    centres = [first]
+    best = g[first]
+    for _ in range(1, num_clusters):
+        nxt = jnp.argmin(best)
+        centres.append(nxt)
+        best = jnp.maximum(best, g[nxt])
+    sims = g[:, jnp.stack(centres)]  # [M, K]: cosine to each starting centre
+    cid = jnp.argmax(sims, axis=1)
+    w = weights.astype(g.dtype)
+
+    def lloyd(cid, _):
+        a = jax.nn.one_hot(cid, num_clusters, dtype=g.dtype) * w[:, None]  # [M, K]
+        ga = g @ a
+        norm = jnp.sqrt(jnp.maximum(jnp.sum(a * ga, axis=0), 1e-12))
+        s = jnp.where(jnp.sum(a, axis=0) > 0, ga / norm, -jnp.inf)
+        return jnp.argmax(s, axis=1), None
+
+    cid, _ = jax.lax.scan(lloyd, cid, None, length=iters)
+    return cid.astype(jnp.int32)
+
+
+# ------------------------------------------------------------------------------------------
+# The algorithm
+# ------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class DisUE(Algorithm):
+    """DisUE (Leng et al. 2025): cluster experts per round, a universal expert distilled from
+    them data-free, broadcast as the next initialisation (see the module docstring).
+
+    Options (besides the engine and ``cohort_size``):
+      grouping: ``"ifca"`` (default), ``"rnd"`` or ``"similarity"``.
+      num_clusters: ``K`` for ``ifca`` and ``similarity`` (required there; not for ``rnd``).
+      distill: ``"generator"`` (default), ``"proxy"``, ``"average"`` or ``"none"``.
+      distill_steps: scan iterations per round (each: one generator step and
+        ``student_steps`` student steps); the distillation budget is
+        ``distill_steps * student_steps`` student steps per round.
+      distill_batch: synthetic (or proxy) inputs per step.
+      temperature: softening temperature ``tau`` of the student's KL.
+      student_lr, generator_lr: Adam learning rates.
+      adv_weight, div_weight: weights of the adversarial and diversity generator terms.
+      student_init: ``"previous"`` (the previous universal expert, default) or ``"average"``.
+      teacher_weights: ``"class_mass"`` (default) or ``"uniform"``.
+      histogram_dp_eps: epsilon of local DP on the label histograms (``None``: exact counts).
+      noise_dim, generator_hidden, generator_output (``"sigmoid"`` for data in [0, 1],
+        ``"tanh"``, ``"linear"``), generator_head (``"auto"``, ``"dense"``, ``"conv"``).
+      proxy_size: proxy rows for ``distill="proxy"``.
+      similarity_iters: Lloyd iterations of the update-similarity k-means.
+      rnd_eps, rnd_rule, rnd_seed, rnd_predictor_steps, rnd_network: RND discovery options
+        (:class:`fedrnd.rnd.RNDConfig`'s ``eps``, ``rule``, ``seed``, ``steps``, ``network``).
+      max_slots: hard cap on cluster slots (``rnd``).
+    """
+
+    name: ClassVar[str] = "disue"
+    clusters_clients: ClassVar[bool] = True
+    grouping: str = "ifca"
+    num_clusters: int | None = None
+    distill: str = "generator"
+    distill_steps: int = 100
+    student_steps: int = 2
+    distill_batch: int = 64
+    temperature: float = 3.0
+    student_lr: float = 1e-3
+    generator_lr: float = 1e-3
+    adv_weight: float = 1.0
+    div_weight: float = 1.0
+    student_init: str = "previous"
+    teacher_weights: str = "class_mass"
+    histogram_dp_eps: float | None = None
+    noise_dim: int = 64
+    generator_hidden: tuple[int, ...] = (256,)
+    generator_output: str = "sigmoid"
+    generator_head: str = "auto"
+    proxy_size: int = 512
+    similarity_iters: int = 10
+    rnd_eps: float | str = "auto"
+    rnd_rule: str = "mutual"
+    rnd_seed: int = 0
+    rnd_predictor_steps: int | None = None
+    rnd_network: str = "auto"
+    max_slots: int = 4096
+
+    def __post_init__(self):
+        # TOML gives lists; a tuple keeps the dataclass hashable (jit closes over it).
+        object.__setattr__(self, "generator_hidden", tuple(self.generator_hidden))
+
+    # ---------------------------------------------------------------------------------------
+    def validate(self, data: FederatedData) -> None:
+        super().validate(data)
+        n = self.name
+        check_choice(n, "grouping", self.grouping, GROUPINGS)
+        check_choice(n, "distill", self.distill, DISTILLS)
+        check_choice(n, "student_init", self.student_init, STUDENT_INITS)
+        check_choice(n, "teacher_weights", self.teacher_weights, TEACHER_WEIGHTS)
+        check_choice(n, "generator_output", self.generator_output, OUTPUTS)
+        if self.grouping == "rnd":
+            if self.num_clusters is not None:
+                raise ValueError("disue grouping='rnd' finds the number of clusters itself; "
+                                 f"do not set num_clusters (got {self.num_clusters!r})")
+            check_eps(self.rnd_eps)
+            self.rnd_config.pair(data.feature_shape)  # raises for a conv pair on vector data
+            if self.rnd_predictor_steps is not None:
+                check_int(n, "rnd_predictor_steps", self.rnd_predictor_steps, 1)
+        else:
+            check_num_clusters(f"{n} (grouping={self.grouping!r})", self.num_clusters,
+                               data.num_clients)
+        if self.distill == "none" and self.grouping == "similarity":
+            raise ValueError("disue distill='none' (per-cluster FedAvg) needs clusters that keep "
+                             "their identity across rounds: use grouping 'ifca' or 'rnd'")
+        for field in ("distill_steps", "student_steps", "distill_batch", "similarity_iters",
+                      "proxy_size", "noise_dim", "max_slots"):
+            check_int(n, field, getattr(self, field), 1)
+        for field in ("temperature", "student_lr", "generator_lr"):
+            v = getattr(self, field)
+            if not isinstance(v, int | float) or isinstance(v, bool) or not v > 0:
+                raise ValueError(f"{n} {field} must be a number > 0, got {v!r}")
+        for field in ("adv_weight", "div_weight"):
+            v = getattr(self, field)
+            if not isinstance(v, int | float) or isinstance(v, bool) or not v >= 0:
+                raise ValueError(f"{n} {field} must be a number >= 0, got {v!r}")
+        eps = self.histogram_dp_eps
+        if eps is not None and (not isinstance(eps, int | float) or isinstance(eps, bool)
+                                or not eps > 0):
+            raise ValueError(f"{n} histogram_dp_eps must be a number > 0 or None, got {eps!r}")
+        if self.distill == "proxy":
+            total = int(np.sum(np.asarray(data.train_count)))
+            if self.proxy_size > total:
+                raise ValueError(f"{n} proxy_size={self.proxy_size} exceeds the {total} "
+                                 "training rows of the data")
+        if self.distill == "generator":
+            self.generator  # noqa: B018 (raises for a conv head on non-image data)
+
+    @property
+    def generator(self):
+        """The class-conditional generator for the task model's inputs and classes."""
+        model = self.engine.model
+        return make_generator(model.feature_shape, model.num_classes, noise_dim=self.noise_dim,
+                              hidden=self.generator_hidden, output=self.generator_output,
+                              head=self.generator_head)
+
+    @property
+    def rnd_config(self) -> RNDConfig:
+        return RNDConfig(network=self.rnd_network, eps=self.rnd_eps, rule=self.rnd_rule,
+                         seed=self.rnd_seed, steps=self.rnd_predictor_steps)
+
+    # ---------------------------------------------------------------------------------------
+    def init(self, key: jax.Array, data: FederatedData, hp: ClientHParams) -> State:
+        self.validate(data)
+        c = data.num_clients
+        if self.grouping == "rnd":
+            disc = discover(data, self.rnd_config, key=jax.random.fold_in(key, 1),
+                            mapper=self.engine.mapper)
+            found = {"cluster_id": disc.federation, "num_clusters": disc.num_federations,
+                     "bytes_up": disc.bytes_up, "bytes_down": disc.bytes_down}
+            k = grow_slots(disc.num_federations, 1, self.max_slots)
+        else:
+            zero = np.zeros((c,), np.float32)
+            found = {"cluster_id": np.zeros((c,), np.int32), "num_clusters": self.num_clusters,
+                     "bytes_up": zero, "bytes_down": zero}
+            k = self.num_clusters
+        return self._initial_state(key, data, hp, found, k)
+
+    def init_template(self, key: jax.Array, data: FederatedData, hp: ClientHParams) -> State:
+        """``init``'s structure; with ``rnd`` grouping, without running discovery."""
+        if self.grouping != "rnd":
+            return super().init_template(key, data, hp)
+        c, sds = data.num_clients, jax.ShapeDtypeStruct
+        found = {"cluster_id": sds((c,), jnp.int32), "num_clusters": sds((), jnp.int32),
+                 "bytes_up": sds((c,), jnp.float32), "bytes_down": sds((c,), jnp.float32)}
+        return jax.eval_shape(lambda kk, d, h, f: self._initial_state(kk, d, h, f, 1),
+                              key, data, hp, found)
+
+    def _initial_state(self, key, data, hp, found, k: int) -> State:
+        params = self.engine.model.init(key)
+        if self.grouping == "ifca":
+            # IFCA's start: K random models, slot 0 the shared initial weights.
+            keys = [key] + [jax.random.fold_in(key, 1 + j) for j in range(1, k)]
+            slots = jax.tree.map(lambda *xs: jnp.stack(xs),
+                                 *[self.engine.model.init(kk) for kk in keys])
+        else:
+            slots = jax.tree.map(lambda p: jnp.broadcast_to(p, (k, *p.shape)).copy(), params)
+        hist = label_histograms(data)
+        if self.histogram_dp_eps is not None:
+            noise = jax.random.laplace(jax.random.fold_in(key, 3), hist.shape)
+            hist = jnp.maximum(hist + noise * (2.0 / self.histogram_dp_eps), 0.0)
+        state = {"round": jnp.zeros((), jnp.int32), "universal": params, "slots": slots,
+                 "num_clusters": jnp.asarray(found["num_clusters"], jnp.int32),
+                 "clients": {"hp": hp, "cluster_id": jnp.asarray(found["cluster_id"], jnp.int32),
+                             "histogram": hist,
+                             "pending_up": jnp.asarray(found["bytes_up"], jnp.float32),
+                             "pending_down": jnp.asarray(found["bytes_down"], jnp.float32)}}
+        if self.distill == "generator":
+            gp = self.generator.init(jax.random.fold_in(key, 5))
+            state["generator"] = {"params": gp, "opt": optax.adam(self.generator_lr).init(gp)}
+        if self.distill == "proxy":
+            # Proxy rows: a uniform draw without replacement among all training rows.
+            flat = data.train_idx.reshape(-1)
+            valid = (jnp.arange(data.train_idx.shape[1])[None, :]
+                     < data.train_count[:, None]).reshape(-1).astype(jnp.float32)
+            pick = jax.random.choice(jax.random.fold_in(key, 7), flat.shape[0],
+                                     (self.proxy_size,), replace=False, p=valid / valid.sum())
+            state["proxy_idx"] = flat[pick]
+        return state
+
+    # ---------------------------------------------------------------------------------------
+    def round(self, state: State, data: FederatedData, key: jax.Array) -> tuple[State, Metrics]:
+        k_cohort, k_train, k_group, k_distill = jax.random.split(key, 4)
+        ids, part = self.cohort(k_cohort, data.num_clients)
+        take = (lambda a: a) if ids is None else (lambda a: a[ids])
+        cl = state["clients"]
+        slots, universal = state["slots"], state["universal"]
+        num_slots = jax.tree.leaves(slots)[0].shape[0]
+        w = take(data.train_count).astype(jnp.float32)
+
+        # 1-2. Local training from the universal expert, grouping, cluster experts.
+        if self.grouping == "similarity":
+            params, _, m = self.engine.train(universal, data, cl["hp"], k_train,
+                                             state["round"], ids=ids)
+            flat = jnp.concatenate(
+                [(p - u[None]).reshape(p.shape[0], -1)
+                 for p, u in zip(jax.tree.leaves(params), jax.tree.leaves(universal),
+                                 strict=True)], axis=1)
+            cid = similarity_clusters(flat, w, num_slots, k_group, self.similarity_iters)
+            new, mass = segment_weighted_mean(params, w, cid, num_slots)
+            train_loss = jnp.sum(w * m["loss"]) / jnp.sum(w)
+            steps = jnp.sum(m["steps"])
+        else:
+            if self.grouping == "ifca":
+                losses = cluster_losses(self.engine, slots, data, ids)
+                cid = jnp.argmin(losses, axis=1).astype(jnp.int32)
+            else:
+                cid = take(cl["cluster_id"])
+            start = slots if self.distill == "none" else jax.tree.map(
+                lambda u: jnp.broadcast_to(u, (num_slots, *u.shape)), universal)
+            sums, mass, m = self.engine.train_segment_sum(start, cid, data, cl["hp"], k_train,
+                                                          state["round"], ids=ids, weights=w)
+            new = slot_means(sums, mass)
+            train_loss = jnp.sum(m["loss"]) / jnp.sum(mass)
+            steps = jnp.sum(m["steps"])
+        experts = keep_nonempty(new, slots, mass)
+
+        # 3. The universal expert.
+        hist = jax.ops.segment_sum(take(cl["histogram"]), cid, num_segments=num_slots)
+        weights = teacher_weights(hist, mass, self.teacher_weights)
+        average = weighted_mean(experts, mass)
+        out = {"distill_loss": jnp.zeros(()), "gen_ce": jnp.zeros(()),
+               "gen_adv": jnp.zeros(()), "gen_div": jnp.zeros(())}
+        new_state = dict(state)
+        if self.distill in ("generator", "proxy"):
+            student0 = universal if self.student_init == "previous" else average
+            present = jnp.sum(hist, axis=0) > 0
+            proxy_x = data.x[state["proxy_idx"]] if self.distill == "proxy" else None
+            universal, gen, out = self.distill_phase(student0, experts, weights, mass, present,
+                                                     state.get("generator"), k_distill,
+                                                     proxy_x)
+            if gen is not None:
+                new_state["generator"] = gen
+        else:
+            universal = average
+
+        acc = global_accuracy(self.engine, jax.tree.map(lambda a, b: jnp.stack([a, b]),
+                                                        universal, average), data)
+        cluster_id = cid if ids is None else cl["cluster_id"].at[ids].set(cid)
+        nbytes = tree_bytes(jax.tree.map(lambda s: s[0], slots))
+        experts_down = num_slots if self.grouping == "ifca" else 1
+        zero = jnp.zeros_like(cl["pending_up"])
+        ledger = dict(up_model=per_client(nbytes, part),
+                      up_histogram=per_client(self.engine.model.num_classes * COUNT_BYTES, part),
+                      down_model=per_client(nbytes, part))
+        if self.distill != "none":
+            ledger["down_experts"] = per_client(experts_down * nbytes, part)
+        elif self.grouping == "ifca":
+            ledger["down_model"] = per_client(num_slots * nbytes, part)
+        if self.grouping == "rnd":
+            ledger.update(up_discovery=cl["pending_up"], down_discovery=cl["pending_down"])
+        metrics = {"train_loss": train_loss, "local_steps": steps,
+                   "clusters_used": jnp.sum(mass > 0).astype(jnp.float32),
+                   "universal_acc": acc[0], "average_acc": acc[1], **out, **comm(**ledger)}
+        new_state.update(round=state["round"] + 1, slots=experts, universal=universal,
+                         clients={**cl, "cluster_id": cluster_id, "pending_up": zero,
+                                  "pending_down": zero})
+        return new_state, metrics
+
+    # ---------------------------------------------------------------------------------------
+    def distill_phase(self, student, teachers, weights: jax.Array, mass: jax.Array,
+                      present: jax.Array, gen_state, key: jax.Array, proxy_x=None):
+        """Distil ``teachers`` (leaves ``[K, ...]``) into ``student`` in one ``lax.scan``.
+
+        Args:
+          weights: ``[K, L]`` per-class teacher weights (columns sum to one).
+          mass: ``[K]`` cluster masses (the proxy's pseudo-labels use the mass-weighted
+            ensemble).
+          present: ``[L]`` bool, the classes the generator is asked for (uniformly).
+          gen_state: ``{"params", "opt"}`` of the generator (``None`` with a proxy set).
+          proxy_x: ``[P, ...]`` proxy inputs (``distill="proxy"``), else ``None``.
+        Returns:
+          ``(student, gen_state, metrics)``; metrics are the last iteration's scalars.
+        """
+        apply = self.engine.model.apply
+        tau, b = float(self.temperature), self.distill_batch
+        s_opt = optax.adam(self.student_lr)
+        mix = mass / jnp.maximum(jnp.sum(mass), 1e-12)
+        class_logits = jnp.where(present, 0.0, -jnp.inf)
+        use_gen = proxy_x is None
+        gen = self.generator if use_gen else None
+
+        def sample(gp, k):
+            """A batch ``(x, t_logits)``: synthetic or proxy inputs and the teachers' logits."""
+            if use_gen:
+                kz, ky = jax.random.split(k)
+                z = jax.random.normal(kz, (b, self.noise_dim))
+                y = jax.random.categorical(ky, class_logits, shape=(b,))
+                x = gen.apply(gp, z, y)
+                return x, y, z
+            x = proxy_x[jax.random.randint(k, (b,), 0, proxy_x.shape[0])]
+            y = jnp.argmax(ensemble_logits(apply, teachers, jnp.broadcast_to(
+                mix[:, None], weights.shape), x, jnp.zeros((b,), jnp.int32)), axis=-1)
+            return x, y, None
+
+        def student_step(carry, k):
+            sp, so, gp = carry
+            x, y, _ = sample(gp, k)
+            x = jax.lax.stop_gradient(x)
+            t = jax.lax.stop_gradient(ensemble_logits(apply, teachers, weights, x, y))
+
+            def loss(p):
+                return tau * tau * jnp.mean(softened_kl(t, apply(p, x), tau))
+
+            val, g = jax.value_and_grad(loss)(sp)
+            upd, so = s_opt.update(g, so, sp)
+            return (optax.apply_updates(sp, upd), so, gp), val
+
+        def gen_step(gp, go, sp, k):
+            def loss(p):
+                x, y, z = sample(p, k)
+                t = ensemble_logits(apply, teachers, weights, x, y)
+                s = apply(sp, x)
+                ce = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(t, y))
+                agree = (jnp.argmax(t, -1) == jnp.argmax(s, -1)).astype(t.dtype)
+                adv = jnp.mean(agree * softened_kl(t, s, tau))
+                div = diversity_loss(x, z)
+                return ce - self.adv_weight * adv + self.div_weight * div, (ce, adv, div)
+
+            (_, (ce, adv, div)), g = jax.value_and_grad(loss, has_aux=True)(gp)
+            upd, go = optax.adam(self.generator_lr).update(g, go, gp)
+            return optax.apply_updates(gp, upd), go, (ce, adv, div)
+
+        def body(carry, k):
+            sp, so, gp, go = carry
+            kg, ks = jax.random.split(k)
+            if use_gen:
+                gp, go, (ce, adv, div) = gen_step(gp, go, sp, kg)
+            else:
+                ce = adv = div = jnp.zeros(())
+            (sp, so, _), vals = jax.lax.scan(student_step, (sp, so, gp),
+                                             jax.random.split(ks, self.student_steps))
+            return (sp, so, gp, go), (jnp.mean(vals), ce, adv, div)
+
+        gp, go = (gen_state["params"], gen_state["opt"]) if use_gen else (None, None)
+        carry = (student, s_opt.init(student), gp, go)
+        (student, _, gp, go), hist = jax.lax.scan(
+            body, carry, jax.random.split(key, self.distill_steps))
+        metrics = {"distill_loss": hist[0][-1], "gen_ce": hist[1][-1], "gen_adv": hist[2][-1],
+                   "gen_div": hist[3][-1]}
+        return student, ({"params": gp, "opt": go} if use_gen else None), metrics
+
+    def models(self, state: State):
+        return state["slots"], state["clients"]["cluster_id"]
+
+    def report(self, state: State, data: FederatedData, out_dir) -> dict[str, float]:
+        """The final universal expert's accuracy on the global test set (pooled test rows)."""
+        acc = global_accuracy(self.engine,
+                              jax.tree.map(lambda a: a[None], state["universal"]), data)
+        return {"universal_acc": float(acc[0])}
+
+
+def global_accuracy(engine, models, data: FederatedData) -> jax.Array:
+    """Accuracy of each model (leaves ``[J, ...]``) on every client's test rows pooled: ``[J]``."""
+    apply = engine.model.apply
+    per = dict(idx=data.test_idx, count=data.test_count)
+
+    def one(client, shared):
+        ms, x_pool, y_pool = shared
+        idx = client["idx"]
+        x, y = x_pool[idx], y_pool[idx]
+        mask = (jnp.arange(idx.shape[0]) < client["count"]).astype(jnp.float32)
+        hits = jax.vmap(lambda p: jnp.sum((jnp.argmax(apply(p, x), -1) == y) * mask))(ms)
+        return hits, jnp.sum(mask)
+
+    hits, n = engine.mapper.sum(one, per, (models, data.x, data.y))
+    return hits / jnp.maximum(n, 1.0)
