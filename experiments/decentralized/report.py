@@ -5,6 +5,7 @@ Run the grids first (each resumable; cells cached under runs/compare/<name>/):
     nice -n 5 fedrnd compare experiments/decentralized/dfl_100.toml
     nice -n 5 fedrnd compare experiments/decentralized/dfl_1000.toml
     python experiments/decentralized/report.py            # this report
+    python experiments/decentralized/report.py --cached-central   # skip uncached central runs
 
 What it adds to the grids' own reports (COMPARE_100.md, COMPARE_1000.md):
 
@@ -133,6 +134,8 @@ def _central(grid, cell, log) -> dict:
         z = np.load(cache)
         return {"federation": z["federation"], "seconds": float(z["seconds"]),
                 "group": z["group"]}
+    if "--cached-central" in sys.argv:
+        return None
     log(f"centralized RND discovery for {grid.name} seed {cell.seed} ...")
     data = build_data(cell.config)[0]
     opts = cell.config.algorithms[0].options
@@ -204,15 +207,21 @@ def main(argv: list[str] | None = None) -> None:
                 rec = records[(s.name, c.method.label, c.seed)]
                 run = c.run_dir(grid.cache_dir) / c.method.label
                 if c.seed == grid.seeds[0] and (run / "regions.npz").is_file():
-                    gfig = fig_dir / f"{grid.name}_regions.png"
+                    gfig = fig_dir / f"{grid.name}_{c.slug}_regions.png"
                     _plot_graph(gfig, run / "regions.npz",
-                                f"{n} devices, seed {c.seed}, random geometric graph")
-                    figures.append(f"![graph coloured by region, {n} devices]"
+                                f"{c.method.label}, {n} devices, seed {c.seed}")
+                    figures.append(f"![graph coloured by region, {n} devices, {c.method.label}]"
                                    f"(figures/{gfig.name})")
                 reg = np.load(run / "regions.npz")["region"]
                 cen = _central(grid, c, print)
+                if cen is None:  # --cached-central: not computed yet
+                    ari_rows.append(f"| {n} | {c.method.label} | {c.seed} | {int(reg.max()) + 1} | "
+                                    f"{rec['final'].get('ari', float('nan')):.3f} | "
+                                    "not run | | | "
+                                    f"{rec['final'].get('cluster_time', float('nan')):.0f} | |")
+                    continue
                 ari_rows.append(
-                    f"| {n} | {c.seed} | {int(reg.max()) + 1} | "
+                    f"| {n} | {c.method.label} | {c.seed} | {int(reg.max()) + 1} | "
                     f"{adjusted_rand_score(cen['group'], reg):.3f} | "
                     f"{int(cen['federation'].max()) + 1} | "
                     f"{adjusted_rand_score(cen['group'], cen['federation']):.3f} | "
@@ -248,10 +257,10 @@ def main(argv: list[str] | None = None) -> None:
         f"predictors' settings on the same data (above {CENTRAL_CAP_ABOVE} devices scored on "
         f"{CENTRAL_PROBE_CAP} probe images per device, a seeded subset, to bound its cost).",
         "",
-        "| devices | seed | regions | ARI regions vs groups | central federations | "
+        "| devices | method | seed | regions | ARI regions vs groups | central federations | "
         "ARI central vs groups | ARI regions vs central | decentral discovery s | "
         "central discovery s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
         *ari_rows, "",
         "Regions are local by construction: a group whose devices are not connected through "
         "compatible links among themselves becomes several regions, which lowers ARI against "
