@@ -155,6 +155,7 @@ def run(args: argparse.Namespace) -> dict:
     edges = (random_graph(args.clients, args.sparse_degree, args.seed)
              if args.sparse_degree else None)
     cfg = RNDConfig(network=args.network, probe_cap=args.probe_cap, fused=not args.generic,
+                    min_steps=args.min_steps or None,
                     seed=args.seed, epochs=args.epochs, steps=args.steps)
     runs, res = [], None
     for _ in range(1 + args.repeat):
@@ -196,6 +197,7 @@ def run(args: argparse.Namespace) -> dict:
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
         "data_s": data_s,
         "federations": res.num_federations, "eps": res.eps,
+        "auto_silhouette": res.auto_silhouette, "min_steps": cfg.min_steps,
         "ari": float(adjusted_rand_score(groups, res.federation)),
         "nmi": float(normalized_mutual_info_score(groups, res.federation)),
         "ari_at_eps": {str(e): float(adjusted_rand_score(groups, federations_at(res, e)))
@@ -221,6 +223,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--steps", type=int, default=None,
                    help="predictor Adam steps instead of epochs (64 images, batch 128: one "
                         "epoch is one step)")
+    p.add_argument("--min-steps", type=int, default=300,
+                   help="train at least this many steps when the epochs come to fewer "
+                        "(RNDConfig.min_steps, library default 300; 0 = the paper's schedule "
+                        "as is)")
     p.add_argument("--groups", type=int, default=4)
     p.add_argument("--rms", type=float, default=0.15)
     p.add_argument("--seed", type=int, default=0)
