@@ -178,18 +178,30 @@ class Gossip(Algorithm):
         chunk = self.edge_chunk or edge_chunk_for(nbytes)
         new = self.combine(x, z, lambda t: gossip(t, edges, c, self.gossip_steps, chunk))
         deg = degrees(graph).astype(jnp.float32)
-        sent = deg * float(nbytes * self.gossip_steps)
-        counts = data.train_count.astype(jnp.float32)
-        metrics = {"train_loss": jnp.sum(m["loss"] * counts) / jnp.sum(counts),
-                   "local_steps": jnp.sum(m["steps"]).astype(jnp.float32),
-                   "consensus_distance": consensus_distance(new),
-                   "links": jnp.sum(deg) / 2,
-                   "bytes_per_link": jnp.asarray(2.0 * nbytes * self.gossip_steps, jnp.float32),
-                   **comm(up_model=sent, down_model=sent)}
-        clients = {**cl, "params": new}
+        metrics = self.round_metrics(m, data, new, deg, nbytes, self.gossip_steps)
+        return self.next_state(state, new, opt), metrics
+
+    def next_state(self, state: State, params: Any, opt: Any) -> State:
+        clients = {**state["clients"], "params": params}
         if not self.reset_opt:
             clients["opt"] = opt
-        return {**state, "round": state["round"] + 1, "clients": clients}, metrics
+        return {**state, "round": state["round"] + 1, "clients": clients}
+
+    @staticmethod
+    def round_metrics(m: dict[str, jax.Array], data: FederatedData, new: Any, deg: jax.Array,
+                      nbytes: int, steps: jax.Array | int) -> Metrics:
+        """Loss, consensus distance, links and the ledger of a round in which node ``i``
+        exchanged its model (``nbytes``) with each of its ``deg[i]`` neighbours ``steps`` times
+        (one copy sent and one received per link and gossip step)."""
+        steps = jnp.asarray(steps, jnp.float32)
+        sent = deg * float(nbytes) * steps
+        counts = data.train_count.astype(jnp.float32)
+        return {"train_loss": jnp.sum(m["loss"] * counts) / jnp.sum(counts),
+                "local_steps": jnp.sum(m["steps"]).astype(jnp.float32),
+                "consensus_distance": consensus_distance(new),
+                "links": jnp.sum(deg) / 2,
+                "bytes_per_link": 2.0 * float(nbytes) * steps,
+                **comm(up_model=sent, down_model=sent)}
 
     def models(self, state: State):
         return state["clients"]["params"], None

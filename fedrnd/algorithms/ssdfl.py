@@ -1,0 +1,298 @@
+"""SSD-FL: serverless semi-decentralized FL with heterogeneous optimizers, and its baselines.
+
+Wang, Chiang, Poor, "Towards Serverless Semi-Decentralized Federated Learning with
+Heterogeneous Optimizers" (2026; ``REFERENCES.md`` section 2). No server; devices on a
+communication graph, each with its own local optimizer (the engine's per-client kinds and
+learning rates).
+
+1. *Set-up, once* (``init``, host): the graph is cut into clusters by recursive spectral
+   bisection guided by the consensus gap and a data/optimizer heterogeneity score
+   (:func:`fedrnd.graphs.spectral.spectral_clusters`; the rule is our reconstruction, see
+   there). Every cluster is connected.
+2. *Intra-cluster regime*, every round: local work with each device's own optimizer, then
+   ``gossip_steps`` gossip steps over the links inside the clusters (Metropolis weights of the
+   intra-cluster subgraph).
+3. *Inter-cluster regime*, every ``inter_every``-th round instead: ``inter_steps`` gossip steps
+   over the whole graph (``inter_links = "graph"``) or over the links between clusters only
+   (``"bridges"``), so models cross cluster borders through the D2D links there.
+
+Baselines of the paper's comparison, the same algorithm with other clusters and periods (each
+registered under its own name, every option still settable):
+
+=================== ==========================================================================
+``sync_dfl``        synchronous DFL: one cluster, gossip over the whole graph every round
+                    (DFedAvg with the SSD-FL options)
+``periodic_dfl``    periodic DFL: every device its own cluster, so devices only train between
+                    syncs; gossip over the whole graph every ``inter_every`` rounds
+``random_dfl``      random DFL: one cluster; every round each link is up with probability
+                    ``link_prob`` (0.5), gossip over the links that are up
+``random_cluster_dfl`` random-cluster DFL: SSD-FL's regimes on ``num_clusters`` random clusters
+                    of equal size (default: as many as the spectral rule finds); such clusters
+                    need not be connected
+=================== ==========================================================================
+
+Ablations of the clustering: ``num_clusters = K`` with ``clustering = "spectral"`` bisects until
+``K`` clusters whatever the criterion says; ``clustering = "random"`` is the random-cluster
+baseline.
+
+State: per-device models, optimizer state and ``cluster_id [C]`` in ``state["clients"]``, the
+static graph in ``state["graph"]``. Metrics (besides the decentralized ones): ``inter`` (1 in an
+inter-cluster round), ``cluster_consensus_distance`` (mean over devices of the squared distance
+to their cluster's mean model). The ledger counts one model sent and one received per link used
+and gossip step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fedrnd.algorithms.base import Metrics, State
+from fedrnd.algorithms.decentralized import Gossip
+from fedrnd.data.federated import FederatedData
+from fedrnd.engine import ClientHParams, broadcast, segment_weighted_mean, tree_bytes
+from fedrnd.graphs import Graph, degrees, edge_chunk_for, gossip, mixing_edges
+from fedrnd.graphs.spectral import client_descriptors, random_clusters, spectral_clusters
+
+CLUSTERINGS = ("spectral", "random", "none", "singletons")
+INTER_LINKS = ("graph", "bridges")
+_LINK_KEY = 0x11C5  # folded into the round key to draw the links that are up
+_CLUSTER_KEY = 0xC1A5
+
+
+@dataclasses.dataclass(frozen=True)
+class SSDFL(Gossip):
+    """SSD-FL. Options (besides the graph ones of :class:`Gossip`; ``gossip_steps`` is the
+    intra-cluster gossip per round):
+
+      clustering: ``spectral`` (default), ``random``, ``none`` (one cluster), ``singletons``.
+      num_clusters: ``spectral``: bisect until this many (ablation); ``random``: how many
+        (default: the spectral rule's count).
+      max_clusters, min_cluster_size, split_threshold, gap_weight, heterogeneity_weight: the
+        spectral rule (:func:`~fedrnd.graphs.spectral.spectral_clusters`).
+      label_weight, input_weight, optimizer_weight: the descriptor blocks of the heterogeneity
+        score (:func:`~fedrnd.graphs.spectral.client_descriptors`); all 0: graph only.
+      inter_every: period of the inter-cluster regime in rounds (0: never).
+      inter_steps: gossip steps in an inter-cluster round.
+      inter_links: ``graph`` (all links) or ``bridges`` (links between clusters only).
+      link_prob: each link is up in a round with this probability (random DFL; 1: always).
+    """
+
+    name: ClassVar[str] = "ssdfl"
+    clustering: str = "spectral"
+    num_clusters: int | None = None
+    max_clusters: int | None = None
+    min_cluster_size: int = 4
+    split_threshold: float = 0.5
+    gap_weight: float = 1.0
+    heterogeneity_weight: float = 1.0
+    label_weight: float = 1.0
+    input_weight: float = 1.0
+    optimizer_weight: float = 1.0
+    inter_every: int = 5
+    inter_steps: int = 1
+    inter_links: str = "graph"
+    link_prob: float = 1.0
+
+    # -- configuration ------------------------------------------------------------------------
+    def validate(self, data: FederatedData) -> None:
+        super().validate(data)
+        n = self.name
+        c = data.num_clients
+        if self.redraw:
+            raise ValueError(f"{n}: clusters are formed once on a static graph; redraw = true "
+                             "is not supported (use random_dfl for links that change)")
+        if self.clustering not in CLUSTERINGS:
+            raise ValueError(f"{n}: clustering {self.clustering!r} is unknown; allowed: "
+                             f"{list(CLUSTERINGS)}")
+        if self.inter_links not in INTER_LINKS:
+            raise ValueError(f"{n}: inter_links {self.inter_links!r} is unknown; allowed: "
+                             f"{list(INTER_LINKS)}")
+
+        def is_int(v):
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        if self.num_clusters is not None and not (is_int(self.num_clusters)
+                                                  and 1 <= self.num_clusters <= c):
+            raise ValueError(f"{n}: num_clusters must be an integer in [1, {c}], got "
+                             f"{self.num_clusters!r}")
+        if self.num_clusters is not None and self.clustering in ("none", "singletons"):
+            raise ValueError(f"{n}: num_clusters applies to clustering = spectral or random, "
+                             f"not {self.clustering!r}")
+        if self.max_clusters is not None and not (is_int(self.max_clusters)
+                                                  and self.max_clusters >= 1):
+            raise ValueError(f"{n}: max_clusters must be an integer >= 1, got "
+                             f"{self.max_clusters!r}")
+        if not (is_int(self.min_cluster_size) and self.min_cluster_size >= 1):
+            raise ValueError(f"{n}: min_cluster_size must be an integer >= 1, got "
+                             f"{self.min_cluster_size!r}")
+        if not (is_int(self.inter_every) and self.inter_every >= 0):
+            raise ValueError(f"{n}: inter_every must be an integer >= 0 (0 = never), got "
+                             f"{self.inter_every!r}")
+        if not (is_int(self.inter_steps) and self.inter_steps >= 1):
+            raise ValueError(f"{n}: inter_steps must be an integer >= 1, got "
+                             f"{self.inter_steps!r}")
+        if not 0 < self.link_prob <= 1:
+            raise ValueError(f"{n}: link_prob must be in (0, 1], got {self.link_prob!r}")
+        for f in ("split_threshold", "gap_weight", "heterogeneity_weight", "label_weight",
+                  "input_weight", "optimizer_weight"):
+            v = getattr(self, f)
+            if not (isinstance(v, int | float) and not isinstance(v, bool) and v >= 0):
+                raise ValueError(f"{n}: {f} must be a number >= 0, got {v!r}")
+
+    # -- set-up: clusters, once ---------------------------------------------------------------
+    def descriptors(self, data: FederatedData, hp: ClientHParams) -> np.ndarray | None:
+        if not (self.label_weight or self.input_weight or self.optimizer_weight):
+            return None
+        return client_descriptors(data, np.asarray(hp.kind), labels=self.label_weight,
+                                  inputs=self.input_weight, optimizer=self.optimizer_weight)
+
+    def spectral(self, graph: Graph, data: FederatedData, hp: ClientHParams,
+                 num_clusters: int | None = None):
+        """The spectral rule's clusters (:class:`~fedrnd.graphs.spectral.SpectralClusters`)."""
+        return spectral_clusters(graph, self.descriptors(data, hp), num_clusters=num_clusters,
+                                 max_clusters=self.max_clusters, min_size=self.min_cluster_size,
+                                 threshold=self.split_threshold, gap_weight=self.gap_weight,
+                                 heterogeneity_weight=self.heterogeneity_weight)
+
+    def form_clusters(self, key: jax.Array, graph: Graph, data: FederatedData,
+                      hp: ClientHParams) -> np.ndarray:
+        """``cluster_id [C]`` (host, once)."""
+        c = data.num_clients
+        if self.clustering == "none":
+            return np.zeros(c, np.int32)
+        if self.clustering == "singletons":
+            return np.arange(c, dtype=np.int32)
+        if self.clustering == "spectral":
+            return self.spectral(graph, data, hp, self.num_clusters).cluster_id
+        k = self.num_clusters or self.spectral(graph, data, hp).num_clusters
+        seed = int(jax.random.randint(jax.random.fold_in(key, _CLUSTER_KEY), (), 0, 2 ** 31 - 1))
+        return random_clusters(c, k, seed)
+
+    def init(self, key: jax.Array, data: FederatedData, hp: ClientHParams) -> State:
+        graph = self.static_graph(key, data.num_clients)
+        state = self._state(key, hp, data.num_clients, graph)
+        cid = self.form_clusters(key, graph, data, hp)
+        state["clients"]["cluster_id"] = jnp.asarray(cid, jnp.int32)
+        return state
+
+    def init_template(self, key: jax.Array, data: FederatedData, hp: ClientHParams) -> State:
+        state = super().init_template(key, data, hp)
+        state["clients"]["cluster_id"] = jax.ShapeDtypeStruct((data.num_clients,), jnp.int32)
+        return state
+
+    # -- one round ----------------------------------------------------------------------------
+    def is_inter(self, round_idx: jax.Array) -> jax.Array:
+        """Whether round ``round_idx`` (0-based) is an inter-cluster round."""
+        if self.inter_every == 0:
+            return jnp.zeros((), bool)
+        return (round_idx + 1) % self.inter_every == 0
+
+    def round(self, state: State, data: FederatedData, key: jax.Array) -> tuple[State, Metrics]:
+        c = data.num_clients
+        graph: Graph = state["graph"]
+        cl = state["clients"]
+        cid = cl["cluster_id"]
+        k_train = jax.random.fold_in(key, 0)
+        up = graph.valid
+        if self.link_prob < 1:
+            up = up & jax.random.bernoulli(jax.random.fold_in(key, _LINK_KEY), self.link_prob,
+                                           graph.valid.shape)
+        same = cid[graph.u] == cid[graph.v]
+        intra = graph._replace(valid=up & same)
+        inter = graph._replace(valid=up & ~same if self.inter_links == "bridges" else up)
+
+        x = cl["params"]
+        z, opt, m = self.local_engine.train(None, data, cl["hp"], k_train, state["round"],
+                                            client_params=x,
+                                            opt_state=None if self.reset_opt else cl["opt"])
+        nbytes = tree_bytes(jax.tree.map(lambda a: a[0], x))
+        chunk = self.edge_chunk or edge_chunk_for(nbytes)
+        is_inter = self.is_inter(state["round"])
+        e_intra, e_inter = mixing_edges(intra, self.mixing), mixing_edges(inter, self.mixing)
+        if self.inter_every == 0:
+            new = gossip(z, e_intra, c, self.gossip_steps, chunk)
+        else:
+            new = jax.lax.cond(is_inter,
+                               lambda t: gossip(t, e_inter, c, self.inter_steps, chunk),
+                               lambda t: gossip(t, e_intra, c, self.gossip_steps, chunk), z)
+        deg = jnp.where(is_inter, degrees(inter), degrees(intra)).astype(jnp.float32)
+        steps = jnp.where(is_inter, self.inter_steps, self.gossip_steps)
+        metrics = self.round_metrics(m, data, new, deg, nbytes, steps)
+        ones = jnp.ones((c,), jnp.float32)
+        means, _ = segment_weighted_mean(new, ones, cid, c)
+        own = broadcast(means, cid)
+        metrics["cluster_consensus_distance"] = sum(
+            jnp.sum((a.astype(jnp.float32) - b.astype(jnp.float32)) ** 2) / c
+            for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(own), strict=True))
+        metrics["inter"] = is_inter.astype(jnp.float32)
+        return self.next_state(state, new, opt), metrics
+
+    def report(self, state: State, data: FederatedData, out_dir: Path) -> dict[str, float]:
+        """Also write ``clusters.npz`` (cluster ids, true groups, graph) and, for the spectral
+        rule, ``clusters.json`` (every split made and the candidates rejected, with their
+        terms); return the cluster count and ARI/NMI against the true groups."""
+        from fedrnd.driver import outputs  # the driver imports the algorithms, not vice versa
+
+        out = super().report(state, data, out_dir)
+        cl = state["clients"]
+        cid = np.asarray(cl["cluster_id"])
+        group = np.asarray(data.group)
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        g = state["graph"]
+        ok = np.asarray(g.valid)
+        np.savez(out_dir / "clusters.npz", cluster_id=cid, group=group,
+                 u=np.asarray(g.u)[ok], v=np.asarray(g.v)[ok], positions=np.asarray(g.positions))
+        if self.clustering == "spectral":
+            hp = jax.tree.map(np.asarray, cl["hp"])
+            res = self.spectral(g, data, hp, self.num_clusters)
+            (out_dir / "clusters.json").write_text(json.dumps(
+                {"splits": res.splits, "rejected": res.rejected}, indent=1, default=float))
+        scores = outputs.clustering_scores(cid, group)
+        out.update(scores)
+        out["cluster_sizes_min"] = float(np.bincount(cid).min())
+        out["cluster_sizes_max"] = float(np.bincount(cid).max())
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class SyncDFL(SSDFL):
+    """Synchronous DFL: one cluster, gossip over the whole graph every round."""
+
+    name: ClassVar[str] = "sync_dfl"
+    clustering: str = "none"
+    inter_every: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class PeriodicDFL(SSDFL):
+    """Periodic DFL: local training only, gossip over the whole graph every ``inter_every``."""
+
+    name: ClassVar[str] = "periodic_dfl"
+    clustering: str = "singletons"
+
+
+@dataclasses.dataclass(frozen=True)
+class RandomDFL(SSDFL):
+    """Random DFL: every link up with probability ``link_prob`` in each round."""
+
+    name: ClassVar[str] = "random_dfl"
+    clustering: str = "none"
+    inter_every: int = 0
+    link_prob: float = 0.5
+
+
+@dataclasses.dataclass(frozen=True)
+class RandomClusterDFL(SSDFL):
+    """Random-cluster DFL: SSD-FL's two regimes on random clusters of equal size."""
+
+    name: ClassVar[str] = "random_cluster_dfl"
+    clustering: str = "random"
+
