@@ -12,6 +12,7 @@ from typing import Any
 from fedrnd.algorithms.base import Algorithm, Metrics, State
 from fedrnd.algorithms.cfl import CFL
 from fedrnd.algorithms.decentralized import DPSGD, DFedAvg, DFedAvgM
+from fedrnd.algorithms.disue import DisUE
 from fedrnd.algorithms.fedavg import FedAvg, FedProx
 from fedrnd.algorithms.fesem import FeSEM
 from fedrnd.algorithms.ifca import IFCA
@@ -31,7 +32,7 @@ from fedrnd.engine import Engine
 
 ALGORITHMS: dict[str, type[Algorithm]] = {cls.name: cls for cls in (FedAvg, FedProx, Local, RNDClustered, IFCA, FeSEM,
                                                                   CFL, PACFL, DPSGD, DFedAvg,
-                                                                  DFedAvgM, RNDDFL, NTKDFL, SPARK,
+                                                                  DFedAvgM, RNDDFL, DisUE, NTKDFL, SPARK,
                                                                   SSDFL, SyncDFL, PeriodicDFL,
                                                                   RandomDFL, RandomClusterDFL)}
 
@@ -51,6 +52,6 @@ def make_algorithm(name: str, engine: Engine, **options: Any) -> Algorithm:
     return ALGORITHMS[name](engine=engine, **options)
 
 
-__all__ = ["ALGORITHMS", "Algorithm", "CFL", "DFedAvg", "DFedAvgM", "DPSGD", "FeSEM", "FedAvg", "FedProx", "IFCA", "Local", "Metrics", "NTKDFL", "SPARK", "PACFL", "RNDDFL", "State",
+__all__ = ["ALGORITHMS", "Algorithm", "CFL", "DFedAvg", "DFedAvgM", "DPSGD", "DisUE", "FeSEM", "FedAvg", "FedProx", "IFCA", "Local", "Metrics", "NTKDFL", "SPARK", "PACFL", "RNDDFL", "State",
            "SSDFL", "SyncDFL", "PeriodicDFL", "RandomDFL", "RandomClusterDFL",
            "algorithm_options", "make_algorithm"]
