@@ -133,17 +133,8 @@ def skipped_sources() -> list[str]:
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--grid", default=str(HERE / "grid.toml"))
-    ap.add_argument("--cache-dir", default=None)
-    ap.add_argument("--results", default=None)
-    args = ap.parse_args(argv)
-    grid = load_grid(args.grid)
-    if args.cache_dir:
-        grid.cache_dir = Path(args.cache_dir)
-    if args.results:
-        grid.results = Path(args.results)
+def write(grid: Grid) -> tuple[Path, int, int]:
+    """Write ``grid.results`` from the cached cells; returns ``(path, finished, cells)``."""
     records = {}
     for c in grid.cells():
         rec = load_cell(c, grid.cache_dir)
@@ -154,11 +145,25 @@ def main(argv: list[str] | None = None) -> None:
     extra += ["## Other data sets", "",
               "The paper's data sets go through tfds, which needs prepared data:", "",
               *skipped_sources(), ""]
-    text = out.read_text().rstrip() + "\n\n" + "\n".join(extra).rstrip() + "\n"
-    out.write_text(text)
-    n = sum(1 for c in grid.cells() if c.config is not None)
-    print(f"{out}: {len(records)}/{n} cells" + ("" if len(records) == n else
-                                                 f" ({n - len(records)} missing)"))
+    out.write_text(out.read_text().rstrip() + "\n\n" + "\n".join(extra).rstrip() + "\n")
+    return out, len(records), sum(1 for c in grid.cells() if c.config is not None)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--grid", default=str(HERE / "grid.toml"))
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a base config field, as for fedrnd compare")
+    ap.add_argument("--cache-dir", default=None)
+    ap.add_argument("--results", default=None)
+    args = ap.parse_args(argv)
+    grid = load_grid(args.grid, args.set)
+    if args.cache_dir:
+        grid.cache_dir = Path(args.cache_dir)
+    if args.results:
+        grid.results = Path(args.results)
+    out, done, n = write(grid)
+    print(f"{out}: {done}/{n} cells" + ("" if done == n else f" ({n - done} missing)"))
 
 
 if __name__ == "__main__":
