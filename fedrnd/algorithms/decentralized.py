@@ -104,6 +104,19 @@ class Gossip(Algorithm):
         """The engine of the local work (subclasses fix its schedule or optimizer)."""
         return self.engine
 
+    @property
+    def local_prox_mu(self) -> float | None:
+        """A proximal weight for every node (``None``: each node's own, from ``hp``)."""
+        return None
+
+    def local_train(self, state: State, data: FederatedData, key: jax.Array):
+        """Every node's local work from its own model: ``(params, opt_state, metrics)``."""
+        cl = state["clients"]
+        return self.local_engine.train(None, data, cl["hp"], key, state["round"],
+                                       client_params=cl["params"],
+                                       opt_state=None if self.reset_opt else cl["opt"],
+                                       prox_mu=self.local_prox_mu)
+
     def validate(self, data: FederatedData) -> None:
         super().validate(data)
         c = data.num_clients
@@ -170,9 +183,7 @@ class Gossip(Algorithm):
         edges = mixing_edges(graph, self.mixing)
         cl = state["clients"]
         x = cl["params"]
-        z, opt, m = self.local_engine.train(None, data, cl["hp"], k_train, state["round"],
-                                            client_params=x,
-                                            opt_state=None if self.reset_opt else cl["opt"])
+        z, opt, m = self.local_train(state, data, k_train)
         one = jax.tree.map(lambda a: a[0], x)
         nbytes = tree_bytes(one)
         chunk = self.edge_chunk or edge_chunk_for(nbytes)
@@ -254,7 +265,8 @@ class DFedAvgM(Gossip):
     """DFedAvgM (Sun et al. 2022): local heavy-ball steps (``momentum``), then gossip.
 
     Every node runs momentum SGD at its own learning rate; the momentum restarts from zero
-    every round (``reset_opt = true``), as in the paper.
+    every round (``reset_opt = true``), as in the paper. Proximal terms of ``prox_sgd`` nodes
+    are dropped with their optimizer.
     """
 
     name: ClassVar[str] = "dfedavgm"
@@ -266,6 +278,11 @@ class DFedAvgM(Gossip):
         settings = {**dict(self.engine.optimizer.settings), "momentum": float(self.momentum)}
         return dataclasses.replace(self.engine, optimizer=ClientOptimizer(
             ("momentum",), tuple(sorted(settings.items()))))
+
+    @property
+    def local_prox_mu(self) -> float:
+        # Every node runs momentum SGD: a prox_sgd node's proximal term goes with its optimizer.
+        return 0.0
 
     def validate(self, data: FederatedData) -> None:
         super().validate(data)

@@ -209,9 +209,7 @@ class SSDFL(Gossip):
         inter = graph._replace(valid=up & ~same if self.inter_links == "bridges" else up)
 
         x = cl["params"]
-        z, opt, m = self.local_engine.train(None, data, cl["hp"], k_train, state["round"],
-                                            client_params=x,
-                                            opt_state=None if self.reset_opt else cl["opt"])
+        z, opt, m = self.local_train(state, data, k_train)
         nbytes = tree_bytes(jax.tree.map(lambda a: a[0], x))
         chunk = self.edge_chunk or edge_chunk_for(nbytes)
         is_inter = self.is_inter(state["round"])
