@@ -66,7 +66,10 @@ class ModelConfig:
 class LocalConfig:
     """Local training of every client per round.
 
-    ``optimizer``: one kind, or a mix ``{sgd = 0.5, adam = 0.5}``; ``lr``: one value or per kind.
+    ``optimizer``: one kind, a mix ``{sgd = 0.5, adam = 0.5}`` (proportions of the clients,
+    assigned in a seeded random order), or one kind per ground-truth group
+    ``["sgd", "adam", "prox_sgd"]`` (group ``g`` uses entry ``g``; the list is cycled when the
+    data has more groups); ``lr``: one value or one per kind.
     ``steps`` (if set) replaces ``epochs``. ``schedule``: lr multiplier over rounds.
     ``path``: ``auto`` (the exact low-rank fast path where it applies and pays), ``general`` or
     ``lowrank`` (forced; see :mod:`fedrnd.engine.lowrank`).
@@ -75,7 +78,7 @@ class LocalConfig:
     batch_size: int = 16
     epochs: int = 1
     steps: int | None = None
-    optimizer: str | dict[str, float] = "sgd"
+    optimizer: str | dict[str, float] | list[str] = "sgd"
     lr: float | dict[str, float] = 0.1
     prox_mu: float = 0.0
     optimizer_options: dict[str, float] = dataclasses.field(default_factory=dict)
@@ -298,8 +301,19 @@ def validate(cfg: Config) -> Config:
     need(loc.epochs >= 1, f"local.epochs must be >= 1, got {loc.epochs}")
     need(loc.steps is None or loc.steps >= 1, f"local.steps must be >= 1, got {loc.steps}")
     kinds = [loc.optimizer] if isinstance(loc.optimizer, str) else list(loc.optimizer)
+    need(len(kinds) >= 1, "local.optimizer must name at least one optimizer")
     for k in kinds:
-        need(k in OPTIMIZERS, f"local.optimizer {k!r} is unknown; allowed: {list(OPTIMIZERS)}")
+        need(isinstance(k, str) and k in OPTIMIZERS,
+             f"local.optimizer {k!r} is unknown; allowed: {list(OPTIMIZERS)}")
+    if isinstance(loc.optimizer, dict):
+        w = list(loc.optimizer.values())
+        need(all(isinstance(v, int | float) and not isinstance(v, bool) and v >= 0 for v in w)
+             and sum(w) > 0, f"local.optimizer mix proportions must be numbers >= 0 with a "
+                             f"positive sum, got {loc.optimizer}")
+    if isinstance(loc.lr, dict):
+        missing = [k for k in dict.fromkeys(kinds) if k not in loc.lr]
+        need(not missing, f"local.lr has no entry for optimizer(s) {missing}; give one lr or "
+                          "one per optimizer kind")
     lrs = [loc.lr] if not isinstance(loc.lr, dict) else list(loc.lr.values())
     need(all(isinstance(v, int | float) and v > 0 for v in lrs),
          f"local.lr must be > 0, got {loc.lr}")

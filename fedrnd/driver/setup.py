@@ -100,8 +100,12 @@ def build_engine(cfg: Config, data: FederatedData) -> tuple[Engine, ClientHParam
     """The task model, local schedule, per-client optimizers and the client map of a run."""
     loc = cfg.local
     model = make_model(cfg.model.name, data.feature_shape, data.num_classes, **cfg.model.options)
-    opt, hp = client_hparams(data.num_clients, optimizer=loc.optimizer, lr=loc.lr,
-                             prox_mu=loc.prox_mu, seed=cfg.seed)
+    per_group = loc.optimizer if isinstance(loc.optimizer, list) else None
+    opt, hp = client_hparams(data.num_clients,
+                             optimizer="sgd" if per_group else loc.optimizer, lr=loc.lr,
+                             prox_mu=loc.prox_mu, seed=cfg.seed,
+                             group=np.asarray(data.group) if per_group else None,
+                             per_group=per_group)
     opt = ClientOptimizer(opt.kinds, tuple(sorted(loc.optimizer_options.items())))
     schedule = None
     if loc.schedule != "constant":
