@@ -13,7 +13,7 @@ import pytest
 from fedrnd.algorithms import make_algorithm
 from fedrnd.driver.config import from_dict, load_config, validate
 from fedrnd.driver.setup import build_engine
-from fedrnd.engine import ClientHParams, ClientOptimizer, Engine, OPTIMIZERS
+from fedrnd.engine import OPTIMIZERS, ClientHParams, ClientOptimizer, Engine
 from fedrnd.graphs import adjacency
 from tests.algorithms._dfl_reference import assert_trees_close, dense_mixing, mix, node
 
