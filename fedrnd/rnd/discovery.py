@@ -848,9 +848,9 @@ def auto_eps(z: np.ndarray, *, rule: str = "mutual",
     tabulated by ``experiments/rnd/auto_eps.py`` into ``experiments/rnd/AUTO_EPS.md``):
     populations with one input distribution (Gaussian and digits IID with 8-60 clients,
     Fashion-MNIST IID with 200 and 1,000 clients, the label-permutation control) scored at most
-    0.42; grouped populations whose groups the best candidate recovers exactly scored 0.52 to
-    0.98. 0.5 sits between. All 28 one-distribution matrices stayed whole, and 58 of 66 grouped
-    ones were recovered exactly (mean ARI 0.95), against 32 (mean ARI 0.50) for the
+    0.31; grouped populations whose groups the best cut recovers scored 0.52 to 0.98. 0.5 sits
+    between. All 28 one-distribution matrices stayed whole, and 58 of 66 grouped ones were
+    recovered exactly (mean ARI 0.95), against 33 (mean ARI 0.51) for the
     largest-gap rule :func:`gap_eps`. Cost: the tree is ``O(C^2)``, the silhouettes one
     ``[sample, C] x [C, max_levels]`` product; about a second at 1,000 clients.
 
