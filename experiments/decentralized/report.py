@@ -10,7 +10,10 @@ Run the grids first (each resumable; cells cached under runs/compare/<name>/):
 What it adds to the grids' own reports (COMPARE_100.md, COMPARE_1000.md):
 
 - accuracy vs round and vs bytes per device (mean over seeds; the ledger's cumulative bytes);
-- the graph of seed 0 coloured by the regions decentralized RND found, next to the true groups;
+- the graph of seed 0 coloured by the regions decentralized RND found, and by the clusters
+  SSD-FL's spectral bisection formed, next to the true groups;
+- SSD-FL's clusters: count, sizes, ARI against the true groups and against decentralized RND's
+  regions on the same graph;
 - ARI of decentralized RND's regions against the true groups and against *centralized* RND
   discovery (:func:`fedrnd.rnd.discover`, all pairs, the same predictors' settings and eps
   "auto") on the same data; the centralized federations are cached in the grid's cache
@@ -34,6 +37,17 @@ HERE = Path(__file__).resolve().parent
 GRIDS = ["dfl_100.toml", "dfl_1000.toml"]
 CENTRAL_CAP_ABOVE = 500
 CENTRAL_PROBE_CAP = 20
+SSDFL_FAMILY = ("ssdfl", "sync_dfl", "periodic_dfl", "random_dfl", "random_cluster_dfl")
+CLUSTER_PLOTS = ("ssdfl", "ssdfl_k4")  # method labels whose clusters are drawn on the graph
+
+
+def _style(name: str) -> str:
+    """Line style by family: RND solid, SSD-FL with its own clusters dashed, baselines dotted."""
+    if name.startswith("rnd"):
+        return "-"
+    if name == "ssdfl":
+        return "--"
+    return ":"
 
 
 def _history(run_dir: Path, label: str) -> list[dict]:
@@ -53,7 +67,7 @@ def _curves(grid, records):
         rows = [r for r in _history(cell.run_dir(grid.cache_dir), cell.method.label)
                 if "test_acc/mean" in r]
         if rows:
-            out.setdefault(cell.method.label, []).append(
+            out.setdefault((cell.method.label, cell.method.name), []).append(
                 (np.array([r["round"] for r in rows]), np.array([r["test_acc/mean"] for r in rows]),
                  np.array([r["bytes_per_client"] for r in rows])))
     return out
@@ -65,14 +79,17 @@ def _plot_curves(path: Path, curves: dict, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for label, runs in curves.items():
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
+    colours = plt.get_cmap("tab10" if len(curves) <= 10 else "tab20").colors
+    for i, ((label, name), runs) in enumerate(curves.items()):
         n = min(len(r[0]) for r in runs)
         rounds = runs[0][0][:n]
         acc = np.mean([r[1][:n] for r in runs], 0)
         mb = np.mean([r[2][:n] for r in runs], 0) / 2**20
-        axes[0].plot(rounds, acc, marker="o", ms=3, label=label)
-        axes[1].plot(mb, acc, marker="o", ms=3, label=label)
+        kw = dict(marker="o", ms=3, ls=_style(name), color=colours[i % len(colours)],
+                  label=label)
+        axes[0].plot(rounds, acc, **kw)
+        axes[1].plot(mb, acc, **kw)
     axes[0].set_xlabel("round")
     axes[1].set_xlabel("MB sent + received per device (cumulative)")
     axes[1].set_xscale("log")
@@ -119,6 +136,38 @@ def _plot_graph(path: Path, npz: Path, title: str) -> None:
     plt.close(fig)
 
 
+def _plot_clusters(path: Path, npz: Path, title: str) -> None:
+    """The graph coloured by SSD-FL's clusters next to the true groups (``clusters.npz``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.collections import LineCollection
+
+    z = np.load(npz)
+    pos, u, v, cid, group = z["positions"], z["u"], z["v"], z["cluster_id"], z["group"]
+    intra = cid[u] == cid[v]
+    size = 30 if len(cid) <= 200 else 6
+    fig, axes = plt.subplots(1, 2, figsize=(11, 5.4))
+    for ax, colour, name in ((axes[0], group, "true group (rotation)"),
+                             (axes[1], cid, f"SSD-FL cluster ({len(np.unique(cid))})")):
+        seg = np.stack([pos[u], pos[v]], 1)
+        ax.add_collection(LineCollection(seg[~intra], colors="0.85", linewidths=0.4))
+        ax.add_collection(LineCollection(seg[intra], colors="0.35", linewidths=0.6))
+        cmap = "tab10" if colour.max() < 10 else "tab20"
+        ax.scatter(pos[:, 0], pos[:, 1], c=colour % 20, cmap=cmap, s=size, zorder=3,
+                   edgecolors="k", linewidths=0.3)
+        ax.set_title(name)
+        ax.set_aspect("equal")
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(f"{title}; dark links: inside a cluster, light: between clusters")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def _central(grid, cell, log) -> dict:
     """Centralized RND discovery on the cell's data (cached): federations, ARI, seconds."""
     from sklearn.metrics import adjusted_rand_score
@@ -158,6 +207,27 @@ def _central(grid, cell, log) -> dict:
     return {"federation": disc.federation, "seconds": sec, "group": group}
 
 
+def _headline(n: int, rows: list[dict], grid) -> str:
+    """One line per grid: mean final accuracy (and MB per device) of every method, best first,
+    grouped as SSD-FL, the DFL baselines and decentralized RND."""
+    name = {m.label: m.name for m in grid.methods}
+    done = [r for r in rows if r["seeds"].split("/")[0] != "0" and "+ft" not in r["method"]]
+
+    def fmt(r):
+        return f"{r['method']} {100 * r['raw_acc']:.1f}% ({r['mb'].split(' ')[0]} MB)"
+
+    fam = {"SSD-FL and its ablations": lambda m: name[m] == "ssdfl",
+           "DFL baselines": lambda m: name[m] in ("dfedavg", *SSDFL_FAMILY) and name[m] != "ssdfl",
+           "decentralized RND": lambda m: name[m] == "rnd_dfl"}
+    parts = []
+    for title, pick in fam.items():
+        sel = sorted((r for r in done if pick(r["method"])), key=lambda r: -r["raw_acc"])
+        if sel:
+            parts.append(f"{title}: " + ", ".join(fmt(r) for r in sel))
+    return f"- **{n} devices** (mean test accuracy over seeds, MB sent + received per device): " \
+        + "; ".join(parts) + "."
+
+
 def main(argv: list[str] | None = None) -> None:
     from sklearn.metrics import adjusted_rand_score
 
@@ -166,6 +236,8 @@ def main(argv: list[str] | None = None) -> None:
     lines_tables: list[str] = []
     figures: list[str] = []
     ari_rows: list[str] = []
+    ssd_rows: list[str] = []
+    headline: list[str] = []
     settings: list[str] = []
     fig_dir = HERE / "figures"
     for name in GRIDS:
@@ -201,6 +273,34 @@ def main(argv: list[str] | None = None) -> None:
             fig = fig_dir / f"{grid.name}_curves.png"
             _plot_curves(fig, curves, f"{n} devices, Fashion-MNIST rotations, mixed optimizers")
             figures.append(f"![accuracy vs round and bytes, {n} devices](figures/{fig.name})")
+            headline.append(_headline(n, rows, grid))
+            regions = {}  # seed -> decentralized RND's regions (label rnd_dfl), for the SSD-FL table
+            for c in grid.cells():
+                run = c.run_dir(grid.cache_dir) / c.method.label
+                if c.method.label == "rnd_dfl" and (run / "regions.npz").is_file():
+                    regions[c.seed] = np.load(run / "regions.npz")["region"]
+            for c in grid.cells():
+                run = c.run_dir(grid.cache_dir) / c.method.label
+                if (c.method.name not in ("ssdfl", "random_cluster_dfl")
+                        or (s.name, c.method.label, c.seed) not in records
+                        or not (run / "clusters.npz").is_file()):
+                    continue
+                z = np.load(run / "clusters.npz")
+                cid, group = z["cluster_id"], z["group"]
+                sizes = np.bincount(cid)
+                sizes = sizes[sizes > 0]
+                reg = regions.get(c.seed)
+                ssd_rows.append(
+                    f"| {n} | {c.method.label} | {c.seed} | {len(sizes)} | {sizes.min()}-"
+                    f"{sizes.max()} | {adjusted_rand_score(group, cid):.3f} | "
+                    + (f"{adjusted_rand_score(reg, cid):.3f}" if reg is not None else "-")
+                    + f" | {records[(s.name, c.method.label, c.seed)]['final']['test_acc/mean'] * 100:.1f} |")
+                if c.seed == grid.seeds[0] and c.method.label in CLUSTER_PLOTS:
+                    gfig = fig_dir / f"{grid.name}_{c.slug}_clusters.png"
+                    _plot_clusters(gfig, run / "clusters.npz",
+                                   f"{c.method.label}, {n} devices, seed {c.seed}")
+                    figures.append(f"![graph coloured by SSD-FL cluster, {n} devices, "
+                                   f"{c.method.label}](figures/{gfig.name})")
             for c in grid.cells():
                 if c.method.name != "rnd_dfl" or (s.name, c.method.label, c.seed) not in records:
                     continue
@@ -246,7 +346,22 @@ def main(argv: list[str] | None = None) -> None:
         "assigned at random; every device trains every round.",
         "- Graph: random geometric in the unit square, drawn from the seed, the same for every "
         "method (no server anywhere).",
+        "- Methods: `dfedavg` (local steps, then one gossip step over the whole graph, "
+        "Metropolis weights); SSD-FL (`ssdfl`: clusters formed once by recursive spectral "
+        "bisection with our reconstruction of the consensus-gap and heterogeneity criterion; "
+        "every round local steps then one gossip step inside the clusters, every 5th round one "
+        "gossip step over the whole graph instead) and the baselines of its paper, the same "
+        "program with other clusters and periods: `sync_dfl` (one cluster, gossip over the "
+        "whole graph every round), `periodic_dfl` (local training only, gossip over the whole "
+        "graph every 5th round), `random_dfl` (every link up with probability 0.5 each round), "
+        "`random_cluster_dfl` (SSD-FL's regimes on random clusters of equal size, as many as "
+        "the spectral rule finds); ablations `ssdfl_k4` (spectral bisection until 4 clusters) "
+        "and `ssdfl_random_k4` (4 random clusters); decentralized RND (`rnd_dfl`: discovery "
+        "before round 0 on graph neighbours, then gossip inside its regions; `rnd_dfl_hops2`: "
+        "regions limited to 2 hops from their leader).",
         *settings, "",
+        "## Headline", "",
+        *headline, "",
         "## Accuracy and traffic", "",
         *lines_tables,
         *[f + "\n" for f in figures],
@@ -265,6 +380,17 @@ def main(argv: list[str] | None = None) -> None:
         "Regions are local by construction: a group whose devices are not connected through "
         "compatible links among themselves becomes several regions, which lowers ARI against "
         "the (global) groups without mixing groups.", "",
+        "## SSD-FL's clusters", "",
+        "Clusters formed once before training (connected in the graph for the spectral rule; "
+        "random clusters need not be). ARI against the true groups and against decentralized "
+        "RND's regions (`rnd_dfl`, same seed and graph).", "",
+        "| devices | method | seed | clusters | sizes | ARI vs groups | ARI vs RND regions | "
+        "test acc % |",
+        "|---|---|---|---|---|---|---|---|",
+        *ssd_rows, "",
+        "The groups are scattered over the graph, so clusters that must be connected pieces of "
+        "it cannot follow them: SSD-FL's clusters are spatial, and its heterogeneity score "
+        "(label histogram, mean input, optimizer kind) only steers where the cuts fall.", "",
         f"Python {platform.python_version()}, run at {datetime.datetime.now():%Y-%m-%d %H:%M}"
         f" (load average {os.getloadavg()[0]:.1f}).",
     ]
