@@ -58,11 +58,27 @@ def train(msg: Message, context: Context) -> Message:
     return Message(content=content, reply_to=msg)
 
 
+def tree_cpu_seconds() -> float:
+    """CPU seconds (user + system) of this process and every live descendant: the Flower
+    driver plus Ray's GCS, raylet and worker processes, which it starts. A descendant that
+    exited before the call is not counted (Ray's workers live for the whole simulation)."""
+    import psutil
+
+    me = psutil.Process()
+    total = sum(me.cpu_times()[:2])
+    for child in me.children(recursive=True):
+        try:
+            total += sum(child.cpu_times()[:2])
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return total
+
+
 def simulate(path: str, *, num_cpus: int, torch_threads: int) -> dict:
     """Run FedAvg for the workload at ``path`` in Flower's simulation engine.
 
-    Returns ``{"stamps": [perf_counter before round 1, after round 1, ...], "layers",
-    "num_cpus"}``, or ``{"error": ...}`` when the ServerApp failed. Ray and the SuperNodes
+    Returns ``{"stamps": [perf_counter before round 1, after round 1, ...], "cpu_stamps"
+    (:func:`tree_cpu_seconds` at the same points), "layers", "num_cpus"}``, or ``{"error": ...}`` when the ServerApp failed. Ray and the SuperNodes
     start while round 1 waits for them, so round 1 carries the start-up.
     """
     from flwr.serverapp import Grid, ServerApp
@@ -70,7 +86,7 @@ def simulate(path: str, *, num_cpus: int, torch_threads: int) -> dict:
     from flwr.simulation import run_simulation
 
     w = Workload.load(path)
-    out: dict = {"stamps": [], "layers": None, "num_cpus": num_cpus}
+    out: dict = {"stamps": [], "cpu_stamps": [], "layers": None, "num_cpus": num_cpus}
     server = ServerApp()
 
     @server.main()
@@ -80,6 +96,7 @@ def simulate(path: str, *, num_cpus: int, torch_threads: int) -> dict:
 
         def evaluate(server_round: int, arrays: ArrayRecord):
             out["stamps"].append(time.perf_counter())
+            out["cpu_stamps"].append(tree_cpu_seconds())
             if server_round == w.rounds:
                 net = torch_mlp(w.init)
                 net.load_state_dict(arrays.to_torch_state_dict())

@@ -222,16 +222,17 @@ def run_fedrnd(data, model, spec, init_key, round_keys, lr: float, *, path: str 
     state = alg.init(init_key, data, hp)
     compiled = jax.jit(alg.round).lower(state, data, round_keys[0]).compile()
     setup_s = time.perf_counter() - t0
-    times = []
+    times, cpu = [], []
     for key in round_keys:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         state, metrics = compiled(state, data, key)
         jax.block_until_ready((state, metrics))
         times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
     label = "low-rank path" if fast else f"general path, chunk {engine.mapper.chunk}"
     return Result(name=f"fedrnd ({'lowrank' if fast else 'general'})",
                   version=f"{fedrnd.__version__}, jax {jax.__version__}",
-                  clients=data.num_clients, round_s=times,
+                  clients=data.num_clients, round_s=times, cpu_s=cpu,
                   layers=params_to_layers(state["params"], model.dense.layers),
                   setup_s=setup_s, note=f"{label}; setup = init + compile",
                   loadavg=(before, os.getloadavg()[0]))
@@ -284,18 +285,19 @@ def loss_and_grads(layers: Layers, x: np.ndarray, y: np.ndarray) -> tuple[float,
     return loss, grads
 
 
-def numpy_fedavg(w: Workload, rounds: int | None = None, clock=time.perf_counter
-                 ) -> tuple[Layers, list[float], list[float]]:
+def numpy_fedavg(w: Workload, rounds: int | None = None, clock=time.perf_counter,
+                 cpu: list[float] | None = None) -> tuple[Layers, list[float], list[float]]:
     """FedAvg by plain numpy loops: ``(final layers, round seconds, mean train loss per round)``.
 
     Every client starts from the global model, runs its ``T`` SGD steps on the batches of
-    ``w.order``, and the server takes the sample-weighted mean of the client models.
+    ``w.order``, and the server takes the sample-weighted mean of the client models. Each
+    round's process CPU seconds are appended to ``cpu`` when given.
     """
     layers = [(k.astype(np.float32).copy(), b.astype(np.float32).copy()) for k, b in w.init]
     n = float(w.y_train.shape[1])
     times, losses = [], []
     for r in range(w.rounds if rounds is None else rounds):
-        t0 = clock()
+        t0, c0 = clock(), time.process_time()
         acc = [(np.zeros_like(k), np.zeros_like(b)) for k, b in layers]
         total, loss_sum = 0.0, 0.0
         for c in range(w.clients):
@@ -312,6 +314,8 @@ def numpy_fedavg(w: Workload, rounds: int | None = None, clock=time.perf_counter
             total += n
         layers = [(sk / total, sb / total) for sk, sb in acc]
         times.append(clock() - t0)
+        if cpu is not None:
+            cpu.append(time.process_time() - c0)
         losses.append(loss_sum / total)
     return layers, times, losses
 
@@ -324,7 +328,10 @@ class Result:
     """One framework's run of the workload (or why it was skipped).
 
     ``round_s`` holds every round's wall time, the first included; throughput is measured on
-    the rounds after the first (warm-up: compilation, worker start-up, caches).
+    the rounds after the first (warm-up: compilation, worker start-up, caches). ``cpu_s`` holds
+    every round's CPU seconds (user + system, all threads) of the processes doing the work,
+    where the runner measures them: on a shared machine wall time counts other people's work
+    too, CPU time mostly does not (see :attr:`updates_per_cpu_s`).
     """
 
     name: str
@@ -337,6 +344,7 @@ class Result:
     note: str = ""
     skipped: str | None = None
     loadavg: tuple[float, float] | None = None
+    cpu_s: list[float] = dataclasses.field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -355,10 +363,25 @@ class Result:
         s = self.median_round_s
         return self.clients / s if s and s > 0 else math.nan
 
+    @property
+    def median_cpu_s(self) -> float:
+        """Median CPU seconds of the rounds after the first (NaN when not measured)."""
+        timed = self.cpu_s[1:] if len(self.cpu_s) > 1 else list(self.cpu_s)
+        return statistics.median(timed) if timed else math.nan
+
+    @property
+    def updates_per_cpu_s(self) -> float:
+        """Client updates per CPU second: throughput with the machine's other load mostly
+        taken out (threads that spin while waiting still count)."""
+        s = self.median_cpu_s
+        return self.clients / s if s and s > 0 else math.nan
+
     def summary(self) -> dict:
         return {"name": self.name, "version": self.version, "clients": self.clients,
                 "round_s": self.round_s, "median_round_s": self.median_round_s,
-                "updates_per_s": self.updates_per_s, "test_acc": self.test_acc,
+                "updates_per_s": self.updates_per_s, "cpu_s": self.cpu_s,
+                "median_cpu_s": self.median_cpu_s,
+                "updates_per_cpu_s": self.updates_per_cpu_s, "test_acc": self.test_acc,
                 "setup_s": self.setup_s, "note": self.note, "skipped": self.skipped,
                 "loadavg": self.loadavg}
 
@@ -384,7 +407,8 @@ def load_result(path: str) -> Result:
     return Result(name=s["name"], version=s["version"], clients=s["clients"],
                   round_s=list(s["round_s"]), layers=layers, test_acc=s["test_acc"],
                   setup_s=s["setup_s"], note=s["note"], skipped=s["skipped"],
-                  loadavg=tuple(s["loadavg"]) if s["loadavg"] else None)
+                  loadavg=tuple(s["loadavg"]) if s["loadavg"] else None,
+                  cpu_s=list(s.get("cpu_s", [])))
 
 
 def skipped(name: str, reason: str) -> Result:
@@ -455,42 +479,55 @@ def is_fedrnd(r: Result) -> bool:
     return r.name.startswith("fedrnd")
 
 
-def ratios(results: Sequence[Result]) -> dict[tuple[str, str], float]:
-    """``{(fedrnd run, peer): fedrnd updates/s / peer updates/s}`` over runs that finished."""
+RATE_KEYS = ("updates_per_s", "updates_per_cpu_s")
+
+
+def ratios(results: Sequence[Result], key: str = "updates_per_s"
+           ) -> dict[tuple[str, str], float]:
+    """``{(fedrnd run, peer): fedrnd rate / peer rate}`` over runs that finished; the rate is
+    client updates per wall second (``key="updates_per_s"``) or per CPU second
+    (``"updates_per_cpu_s"``, NaN where a run has no CPU times)."""
+    if key not in RATE_KEYS:
+        raise ValueError(f"unknown rate {key!r}; allowed: {', '.join(RATE_KEYS)}")
     ours = [r for r in results if r.ok and is_fedrnd(r)]
     peers = [r for r in results if r.ok and not is_fedrnd(r)]
-    return {(a.name, b.name): a.updates_per_s / b.updates_per_s for a in ours for b in peers}
+    return {(a.name, b.name): getattr(a, key) / getattr(b, key) for a in ours for b in peers}
 
 
 def results_table(results: Sequence[Result], agree: Sequence[Agreement]) -> str:
     """Markdown table: throughput, accuracy and agreement of each run, skips with reasons."""
     by_name = {a.name: a for a in agree}
     lines = ["| framework | version | client updates/s | round s (median) | first round s | "
-             "test acc | Δacc | rel. param diff | agrees |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+             "CPU s / round | updates / CPU s | test acc | Δacc | rel. param diff | agrees |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in results:
         if not r.ok:
-            lines.append(f"| {r.name} | – | skipped: {r.skipped} | | | | | | |")
+            lines.append(f"| {r.name} | – | skipped: {r.skipped} | | | | | | | | |")
             continue
+        cpu = (f"{r.median_cpu_s:.3f} | {r.updates_per_cpu_s:.0f}"
+               if not math.isnan(r.median_cpu_s) else "– | –")
         a = by_name.get(r.name)
         agrees = "–" if a is None else ("yes" if a.agrees else "**NO**")
         lines.append(
             f"| {r.name} | {r.version} | {r.updates_per_s:.0f} | {r.median_round_s:.3f} | "
-            f"{r.round_s[0]:.3f} | {r.test_acc:.4f} | "
+            f"{r.round_s[0]:.3f} | {cpu} | {r.test_acc:.4f} | "
             f"{'–' if a is None else f'{a.acc_diff:.4f}'} | "
             f"{'–' if a is None else f'{a.param_diff:.1e}'} | {agrees} |")
     return "\n".join(lines)
 
 
-def ratio_table(results: Sequence[Result]) -> str:
-    """Markdown table of fedrnd's client updates/s over each peer's (rows: fedrnd runs)."""
-    rat = ratios(results)
+def ratio_table(results: Sequence[Result], key: str = "updates_per_s") -> str:
+    """Markdown table of fedrnd's client updates per wall (or CPU, ``key``) second over each
+    peer's (rows: fedrnd runs)."""
+    rat = ratios(results, key)
     ours = [r.name for r in results if r.ok and is_fedrnd(r)]
     peers = [r.name for r in results if r.ok and not is_fedrnd(r)]
     if not ours or not peers:
         return "(no ratios: need a finished fedrnd run and a finished peer)"
-    lines = ["| fedrnd ÷ | " + " | ".join(peers) + " |",
+    head = "fedrnd ÷" if key == "updates_per_s" else "fedrnd ÷ (per CPU s)"
+    lines = [f"| {head} | " + " | ".join(peers) + " |",
              "|---|" + "---:|" * len(peers)]
     for a in ours:
-        lines.append(f"| {a} | " + " | ".join(f"{rat[(a, b)]:.1f}x" for b in peers) + " |")
+        lines.append(f"| {a} | " + " | ".join(
+            "–" if math.isnan(rat[(a, b)]) else f"{rat[(a, b)]:.1f}x" for b in peers) + " |")
     return "\n".join(lines)

@@ -42,7 +42,7 @@ THREADS_NOTE = """\
 The CPU peers run their BLAS / PyTorch on one thread by default. The steps are small
 (16 x 784 by 784 x 200), and PyTorch with 2 intra-op threads on this 2-core machine collapsed
 under outside load: a 784-200-200-10 SGD step ran 1,460 steps/s on 1 thread and 7 to 38
-steps/s on 2 threads, load average 14 (2026-11-22). ``--torch-threads`` changes it."""
+steps/s on 2 threads, load average 14 (2026-11-22). ``run.py --threads`` changes it."""
 
 
 def missing(*modules: str) -> str | None:
@@ -68,10 +68,11 @@ def run_numpy(w: Workload, threads: int = 1) -> Result:
     else:
         limit = threadpool_limits(threads)
         threads_note = f"BLAS on {threads} thread(s)"
+    cpu: list[float] = []
     with limit:
-        layers, times, _ = numpy_fedavg(w)
+        layers, times, _ = numpy_fedavg(w, cpu=cpu)
     return Result(name="numpy loop", version=np.__version__, clients=w.clients, round_s=times,
-                  layers=layers,
+                  cpu_s=cpu, layers=layers,
                   note=f"plain numpy forward/backward per client and step, {threads_note}",
                   loadavg=(before, os.getloadavg()[0]))
 
@@ -126,9 +127,9 @@ def run_torch(w: Workload, threads: int = 1) -> Result:
     y_all = torch.from_numpy(np.array(w.y_train))
     order = torch.from_numpy(w.order.astype(np.int64))
     n = float(w.y_train.shape[1])
-    times = []
+    times, cpu = [], []
     for r in range(w.rounds):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         sums = [torch.zeros_like(p) for p in params]
         for c in range(w.clients):
             with torch.no_grad():
@@ -145,11 +146,12 @@ def run_torch(w: Workload, threads: int = 1) -> Result:
                     s.add_(p, alpha=n)
         global_p = [s / (n * w.clients) for s in sums]
         times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
     with torch.no_grad():
         for p, g in zip(params, global_p, strict=True):
             p.copy_(g)
     return Result(name="pytorch loop", version=torch.__version__, clients=w.clients,
-                  round_s=times, layers=torch_layers(net),
+                  round_s=times, cpu_s=cpu, layers=torch_layers(net),
                   note=f"torch.optim.SGD, {torch.get_num_threads()} thread(s)",
                   loadavg=(before, os.getloadavg()[0]))
 
@@ -216,14 +218,17 @@ def run_pfl(w: Workload, threads: int = 1) -> Result:
     train_data = FederatedDataset(make_dataset, lambda: next(users))
 
     times: list[float] = []
+    cpu: list[float] = []
 
     class Clock(TrainingProcessCallback):
         def on_train_begin(self, *, model):
             times.append(time.perf_counter())
+            cpu.append(time.process_time())
             return Metrics()
 
         def after_central_iteration(self, aggregate_metrics, model, *, central_iteration):
             times.append(time.perf_counter())
+            cpu.append(time.process_time())
             return False, Metrics()
 
     torch.set_num_threads(threads)
@@ -251,7 +256,8 @@ def run_pfl(w: Workload, threads: int = 1) -> Result:
                                        f"for {w.rounds} rounds; cannot vouch for the batches")
     return Result(name="pfl-research", version=pfl.__version__ if hasattr(pfl, "__version__")
                   else _dist_version("pfl"), clients=w.clients,
-                  round_s=list(np.diff(times)), layers=torch_layers(net.body),
+                  round_s=list(np.diff(times)), cpu_s=list(np.diff(cpu)),
+                  layers=torch_layers(net.body),
                   setup_s=setup_s,
                   note=f"SimulatedBackend, PyTorchModel, 1 process, {threads} torch thread(s)",
                   loadavg=(before, os.getloadavg()[0]))
@@ -304,14 +310,17 @@ def run_flower(w: Workload, *, num_cpus: int | None = None, torch_threads: int =
             return skipped("flower", f"run failed: {type(e).__name__}: {e}")
     if out.get("error"):
         return skipped("flower", out["error"])
-    stamps = out["stamps"]
+    stamps, cpu = out["stamps"], out.get("cpu_stamps", [])
     if len(stamps) != w.rounds + 1:
         return skipped("flower", f"{len(stamps) - 1} of {w.rounds} rounds finished "
                                  f"(see Flower's log above)")
     return Result(name="flower", version=flwr.__version__, clients=w.clients,
                   round_s=list(np.diff(stamps)), layers=out["layers"],
+                  cpu_s=list(np.diff(cpu)) if len(cpu) == len(stamps) else [],
                   note=f"Ray backend, {out['num_cpus']} actors x {torch_threads} torch "
-                       f"thread(s); Ray and SuperNode start-up fall in the first round",
+                       f"thread(s); Ray and SuperNode start-up fall in the first round; "
+                       f"CPU s = this process and all its descendants (Ray's GCS, raylet, "
+                       f"workers)",
                   loadavg=(before, os.getloadavg()[0]))
 
 

@@ -9,10 +9,12 @@ all of it is exported to numpy (:mod:`benchmarks.compare.harness`) and each peer
 from the same arrays. A peer that is not installed is skipped with a message.
 
 Printed: the machine, versions and load average; per run, client updates/s (clients / median
-round time over the rounds after the first), the first round, setup time, test accuracy of the
+round time over the rounds after the first), the first round, setup time, CPU seconds per
+round and client updates per CPU second (the processes doing the work), test accuracy of the
 final model (one numpy evaluation for all), and its agreement with fedrnd's model (test
 accuracy within ``--acc-tol``, parameters within ``--param-tol`` relative L2); then the ratios
-of fedrnd's client updates/s to each peer's. Exit status 1 when a finished run disagrees.
+of fedrnd's client updates per wall second and per CPU second to each peer's. Exit status 1
+when a finished run disagrees.
 
 Usage::
 
@@ -163,6 +165,10 @@ def main(argv: list[str] | None = None) -> dict:
           f"(same data, initial weights and batch order in every run)")
     print()
     print(harness.ratio_table(results))
+    print()
+    print(harness.ratio_table(results, "updates_per_cpu_s"))
+    print("(CPU s: user + system seconds of the processes doing the work, all their threads; "
+          "other jobs on the machine inflate wall time far more than CPU time)")
     for r in results:
         if r.ok and r.note:
             print(f"  {r.name}: {r.note}; setup {r.setup_s:.1f} s; load {r.loadavg[0]:.2f} -> "
@@ -176,6 +182,8 @@ def main(argv: list[str] | None = None) -> dict:
            "results": [r.summary() for r in results],
            "agreement": [a.__dict__ for a in agree],
            "ratios": {f"{a} / {b}": x for (a, b), x in harness.ratios(results).items()},
+           "cpu_ratios": {f"{a} / {b}": x for (a, b), x
+                          in harness.ratios(results, "updates_per_cpu_s").items()},
            "all_agree": not bad}
     if args.json:
         with open(args.json, "w") as f:

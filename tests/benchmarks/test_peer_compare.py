@@ -150,11 +150,34 @@ def test_throughput_uses_rounds_after_the_first_and_ratios_divide_them():
     assert "no ratios" in H.ratio_table(runs[2:])
     rows = H.results_table(runs, [])
     assert "skipped: no" in rows and "| 2800 |" in rows
+    with pytest.raises(ValueError, match="unknown rate"):
+        H.ratios(runs, "updates_per_hour")
+
+
+def test_cpu_seconds_give_updates_per_cpu_second_and_their_ratios():
+    a = H.Result("fedrnd (general)", clients=100, round_s=[5.0, 1.0, 1.0],
+                 cpu_s=[9.0, 0.25, 0.5])
+    b = H.Result("pytorch loop", clients=100, round_s=[1.0, 2.0, 2.0], cpu_s=[1.0, 1.0, 2.0])
+    c = H.Result("flower", clients=100, round_s=[1.0, 4.0, 4.0])  # no CPU times measured
+    # the first round (warm-up) is left out: median of [0.25, 0.5] and of [1, 2]
+    assert a.median_cpu_s == 0.375 and b.median_cpu_s == 1.5
+    assert a.updates_per_cpu_s == pytest.approx(100 / 0.375)
+    assert math.isnan(c.median_cpu_s) and math.isnan(c.updates_per_cpu_s)
+    rat = H.ratios([a, b, c], "updates_per_cpu_s")
+    assert rat[("fedrnd (general)", "pytorch loop")] == pytest.approx(4.0)
+    assert math.isnan(rat[("fedrnd (general)", "flower")])
+    table = H.ratio_table([a, b, c], "updates_per_cpu_s")
+    assert "| fedrnd ÷ (per CPU s) |" in table and "| fedrnd (general) | 4.0x | – |" in table
+    for r in (a, b, c):
+        r.test_acc = 0.5
+    rows = H.results_table([a, b, c], [])
+    assert "| 0.375 | 267 |" in rows and "| – | – |" in rows
 
 
 def test_result_file_round_trip(tmp_path):
     r = _result("pytorch loop", 400, [(np.ones((3, 2), np.float32), np.zeros(2, np.float32))])
     r.loadavg = (1.5, 2.0)
+    r.cpu_s = [3.0, 0.5, 0.25]
     H.save_result(r, str(tmp_path / "r.npz"))
     back = H.load_result(str(tmp_path / "r.npz"))
     assert back.summary() == r.summary()
@@ -172,6 +195,7 @@ def test_isolated_numpy_peer_matches_in_process_run(tiny, tmp_path):
     r = P.run_isolated("numpy", path, log_dir=str(tmp_path))
     assert r.ok, r.skipped
     assert r.name == "numpy loop" and len(r.round_s) == 3 and r.clients == 6
+    assert len(r.cpu_s) == 3 and all(c > 0 for c in r.cpu_s)  # measured in the peer process
     assert H.relative_difference(r.layers, H.numpy_fedavg(w)[0]) < 1e-6
     with pytest.raises(ValueError, match="unknown peer"):
         P.run_isolated("tensorflow", path)
@@ -210,6 +234,7 @@ def test_pytorch_loop_reaches_fedrnds_model(tiny):
     r = P.run_torch(w)
     assert r.ok, r.skipped
     assert H.relative_difference(r.layers, ref.layers) < 1e-4
+    assert len(r.cpu_s) == 3 and all(c > 0 for c in r.cpu_s)
     layers = P.torch_layers(P.torch_mlp(w.init))
     assert H.relative_difference(layers, w.init) == 0.0  # kernels round-trip transposed
 
@@ -220,7 +245,7 @@ def test_pfl_reaches_fedrnds_model(tiny):
     _, w, ref = tiny
     r = P.run_pfl(w)
     assert r.ok, r.skipped
-    assert len(r.round_s) == 3
+    assert len(r.round_s) == 3 and len(r.cpu_s) == 3 and all(c > 0 for c in r.cpu_s)
     assert H.relative_difference(r.layers, ref.layers) < 1e-4
 
 
@@ -234,5 +259,5 @@ def test_flower_reaches_fedrnds_model(tiny, tmp_path):
     w.save(path)
     r = P.run_isolated("flower", path, log_dir=str(tmp_path), timeout=600)
     assert r.ok, r.skipped
-    assert len(r.round_s) == 3
+    assert len(r.round_s) == 3 and len(r.cpu_s) == 3 and all(c > 0 for c in r.cpu_s)
     assert H.relative_difference(r.layers, ref.layers) < 1e-4
