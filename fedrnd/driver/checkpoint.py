@@ -41,8 +41,16 @@ class Checkpointer:
         step = self._mgr.latest_step()
         if step is None:
             raise FileNotFoundError("no checkpoint to resume from")
-        stored = jax.tree.leaves(self._mgr.item_metadata(step)["state"])
-        leaves, treedef = jax.tree.flatten(like)
+        stored = _leaves_by_path(self._mgr.item_metadata(step)["state"])
+        named, treedef = jax.tree_util.tree_flatten_with_path(like)
+        leaves = [x for _, x in named]
+        names = [_path_name(p) for p, _ in named]
+        if sorted(names) == sorted(stored):
+            # Pair by path: the stored tree holds named tuples (a Graph, ClientHParams) as
+            # dicts whose leaves come in key order, not in field order.
+            stored = [stored[n] for n in names]
+        else:
+            stored = list(stored.values())
         if len(stored) != len(leaves):
             raise ValueError("the checkpoint does not match this method's state; was the config "
                              "changed since the run was interrupted?")
@@ -56,3 +64,22 @@ class Checkpointer:
 
     def close(self) -> None:
         self._mgr.close()
+
+
+def _path_name(path: tuple) -> str:
+    parts = []
+    for k in path:
+        if isinstance(k, jax.tree_util.DictKey):
+            parts.append(str(k.key))
+        elif isinstance(k, jax.tree_util.GetAttrKey):
+            parts.append(k.name)
+        elif isinstance(k, jax.tree_util.SequenceKey):
+            parts.append(str(k.idx))
+        else:
+            parts.append(str(k))
+    return ".".join(parts)
+
+
+def _leaves_by_path(tree: Any) -> dict[str, Any]:
+    """``{dotted path: leaf}`` in flattening order."""
+    return {_path_name(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}

@@ -241,3 +241,33 @@ def test_a_disconnected_graph_is_refused():
     alg = _alg("ssdfl", data, opt, topology="random_geometric", graph={"radius": 0.05})
     with pytest.raises(ValueError, match="disconnected"):
         alg.init(jax.random.key(0), data, hp)
+
+
+@pytest.mark.slow
+def test_driver_run_resumes_to_the_same_models_and_reports_clusters(tmp_path):
+    """Through the driver: checkpoint, resume across an inter-cluster round, outputs."""
+    from fedrnd.driver import simulate
+    from fedrnd.driver.config import AlgorithmConfig, Config, DataConfig, ModelConfig
+
+    def cfg(rounds):
+        opts = {"topology": "ring", "inter_every": 3, "min_cluster_size": 2}
+        return Config(rounds=rounds, eval_every=2, checkpoint_every=2, progress=False,
+                      data=DataConfig(source="digits", partition="rotation",
+                                      partition_options={"num_groups": 2}, num_clients=12),
+                      model=ModelConfig("logreg", {}),
+                      algorithms=[AlgorithmConfig("ssdfl", opts),
+                                  AlgorithmConfig("random_dfl", {"topology": "ring"})])
+
+    full = simulate(cfg(6), run_dir=tmp_path / "full", verbose=False)
+    simulate(cfg(4), run_dir=tmp_path / "cut", verbose=False)
+    resumed = simulate(cfg(6), run_dir=tmp_path / "cut", resume=True, verbose=False)
+    for tag in ("ssdfl", "random_dfl"):
+        for a, b in zip(jax.tree.leaves(full.methods[tag].state),
+                        jax.tree.leaves(resumed.methods[tag].state), strict=True):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(full.methods[tag].bytes_up, resumed.methods[tag].bytes_up)
+    final = full.methods["ssdfl"].final
+    assert final["clusters"] >= 1 and "ari" in final
+    assert (tmp_path / "full" / "ssdfl" / "clusters.npz").exists()
+    inter = [row.get("inter") for row in full.methods["ssdfl"].history]
+    assert inter == [0.0, 0.0, 1.0, 0.0, 0.0, 1.0]
