@@ -7,9 +7,11 @@ Fashion-MNIST training images (the 60,000 split IID; ``--data synthetic`` draws 
 its neighbours. The round is ``jax.jit(DFedAvg.round)`` with the state donated, so the per-node
 models are updated in place where XLA can.
 
-Reported: the first call (compilation + one round), the median of ``--repeats`` further rounds,
-the same split into local training alone and gossip alone, the peak resident memory of the
-process (``ru_maxrss``, which includes the data and the jax runtime), the size of the per-node
+Reported: compilation, the first round, the median of ``--repeats`` further rounds in wall and
+process CPU seconds (CPU time is the figure that survives a loaded machine), the same split into
+local training alone and gossip alone, XLA's buffer sizes for the round program (arguments,
+outputs, aliased (donated) and temporaries), the peak resident memory of the process
+(``ru_maxrss``, which includes the data and the jax runtime), the size of the per-node
 models, bytes per node and per link from the ledger, and the load average.
 
 Usage::
@@ -77,7 +79,7 @@ def load_images(n: int, source: str, seed: int = 0) -> tuple[Dataset, str]:
 
 
 def run(nodes: int, degree: int, samples: int, steps: int, batch: int, hidden: int,
-        repeats: int, data_source: str = "auto", lr: float = 0.05) -> dict:
+        repeats: int, data_source: str = "auto", lr: float = 0.05, split: bool = True) -> dict:
     ds, data_name = load_images(nodes * samples, data_source)
     part = Partition([np.arange(i * samples, (i + 1) * samples) for i in range(nodes)],
                      [np.arange(2 * (i % 16), 2 * (i % 16) + 2) for i in range(nodes)],
@@ -90,40 +92,58 @@ def run(nodes: int, degree: int, samples: int, steps: int, batch: int, hidden: i
     alg.validate(data)
 
     t0 = time.perf_counter()
-    # A copy: the round donates its state, and hp must outlive it.
-    state = jax.tree.map(jnp.array, alg.init(jax.random.key(0), data, hp))
+    # The round donates its state; the state gets its own copy of hp, which must outlive it.
+    state = alg.init(jax.random.key(0), data, jax.tree.map(jnp.array, hp))
     jax.block_until_ready(state)
     init_s = time.perf_counter() - t0
     model_bytes = tree_bytes(model.init(jax.random.key(0)))
 
     step = jax.jit(alg.round, donate_argnums=0)
     t0 = time.perf_counter()
+    compiled = step.lower(state, data, jax.random.key(0)).compile()
+    compile_s = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    xla = {k: int(getattr(mem, k, 0) or 0) for k in (
+        "argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes",
+        "temp_size_in_bytes")} if mem is not None else {}
+    print(f"compiled in {compile_s:.1f} s; XLA buffers (bytes): {xla}", flush=True)
+    t0 = time.perf_counter()
     state, m = step(state, data, jax.random.key(0))
     jax.block_until_ready((state, m))
     first_s = time.perf_counter() - t0
-    times = []
+    times, cpu = [], []
     for r in range(repeats):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         state, m = step(state, data, jax.random.key(r + 1))
         jax.block_until_ready((state, m))
         times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
     m = jax.tree.map(np.asarray, m)
+    round_rss = peak_rss_mib()
+    print(f"round: {statistics.median(times) if times else float('nan'):.2f} s, peak RSS "
+          f"{round_rss:.0f} MiB", flush=True)
 
-    # The two halves alone: local training of every node, and one gossip step.
-    params = state["clients"]["params"]
+    # The two halves alone: local training of every node, and one gossip step (the state is
+    # let go first, so these never hold more models than the round did).
+    params, graph = state["clients"]["params"], state["graph"]
+    del state
     train = jax.jit(lambda p, d, h, k: engine.train(None, d, h, k, jnp.asarray(0),
                                                     client_params=p)[0])
-    jax.block_until_ready(train(params, data, hp, jax.random.key(9)))
-    t0 = time.perf_counter()
-    jax.block_until_ready(train(params, data, hp, jax.random.key(10)))
-    train_s = time.perf_counter() - t0
-    edges = mixing_edges(state["graph"])
+    train_cpu = train_s = float("nan")
+    for i in range(2 if split else 0):
+        t0, c0 = time.perf_counter(), time.process_time()
+        out = jax.block_until_ready(train(params, data, hp, jax.random.key(9 + i)))
+        train_s, train_cpu = time.perf_counter() - t0, time.process_time() - c0
+        del out
     chunk = edge_chunk_for(model_bytes)
+    edges = mixing_edges(graph)
     mixer = jax.jit(lambda p, e: gossip(p, e, nodes, 1, chunk))
-    jax.block_until_ready(mixer(params, edges))
-    t0 = time.perf_counter()
-    jax.block_until_ready(mixer(params, edges))
-    gossip_s = time.perf_counter() - t0
+    gossip_cpu = gossip_s = float("nan")
+    for _ in range(2 if split else 0):
+        t0, c0 = time.perf_counter(), time.process_time()
+        out = jax.block_until_ready(mixer(params, edges))
+        gossip_s, gossip_cpu = time.perf_counter() - t0, time.process_time() - c0
+        del out
 
     return {
         "date": datetime.date.today().isoformat(),
@@ -133,10 +153,12 @@ def run(nodes: int, degree: int, samples: int, steps: int, batch: int, hidden: i
         "data": data_name, "nodes": nodes, "degree": degree, "samples_per_node": samples,
         "local_steps": steps, "batch": batch, "model": f"MLP 784-{hidden}-10",
         "model_bytes": model_bytes, "models_mib": nodes * model_bytes / MiB,
-        "edge_chunk": chunk, "init_s": init_s, "first_round_s": first_s,
+        "edge_chunk": chunk, "init_s": init_s, "compile_s": compile_s, "first_round_s": first_s,
         "round_s": statistics.median(times) if times else float("nan"),
+        "round_cpu_s": statistics.median(cpu) if cpu else float("nan"),
         "rounds_s": times, "train_only_s": train_s, "gossip_only_s": gossip_s,
-        "peak_rss_mib": peak_rss_mib(),
+        "train_only_cpu_s": train_cpu, "gossip_only_cpu_s": gossip_cpu,
+        "xla_round_bytes": xla, "round_peak_rss_mib": round_rss, "peak_rss_mib": peak_rss_mib(),
         "bytes_per_node": float(m["up/model"].mean() + m["down/model"].mean()),
         "bytes_per_link": float(m["bytes_per_link"]), "links": float(m["links"]),
         "consensus_distance": float(m["consensus_distance"]),
@@ -154,16 +176,26 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--hidden", type=int, default=100)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--data", choices=["auto", "fashion_mnist", "synthetic"], default="auto")
+    p.add_argument("--no-split", action="store_true",
+                   help="skip timing local training and gossip apart (saves their memory)")
     p.add_argument("--json", default=None, help="also write the figures here")
     a = p.parse_args(argv)
-    r = run(a.nodes, a.degree, a.samples, a.steps, a.batch, a.hidden, a.repeats, a.data)
+    r = run(a.nodes, a.degree, a.samples, a.steps, a.batch, a.hidden, a.repeats, a.data,
+            split=not a.no_split)
     print(f"{r['date']}, {r['machine']}, jax {r['jax']}, load {r['load_avg']}")
     print(f"{r['nodes']} nodes, {r['degree']}-regular, {r['model']} ({r['model_bytes']} B per "
           f"node, {r['models_mib']:.0f} MiB of models), {r['data']}, {r['local_steps']} steps "
           f"of batch {r['batch']}")
-    print(f"init {r['init_s']:.1f} s, first round {r['first_round_s']:.1f} s, round "
-          f"{r['round_s']:.2f} s (local training {r['train_only_s']:.2f} s, gossip "
-          f"{r['gossip_only_s']:.2f} s), peak RSS {r['peak_rss_mib']:.0f} MiB")
+    print(f"init {r['init_s']:.1f} s, compile {r['compile_s']:.1f} s, first round "
+          f"{r['first_round_s']:.1f} s, round {r['round_s']:.2f} s wall / "
+          f"{r['round_cpu_s']:.2f} s CPU (local training {r['train_only_s']:.2f} / "
+          f"{r['train_only_cpu_s']:.2f} s, gossip {r['gossip_only_s']:.2f} / "
+          f"{r['gossip_only_cpu_s']:.2f} s), peak RSS {r['round_peak_rss_mib']:.0f} MiB through "
+          f"the rounds, {r['peak_rss_mib']:.0f} MiB in all")
+    x = r["xla_round_bytes"]
+    if x:
+        print("XLA buffers of the round (MiB): " + ", ".join(
+            f"{k.replace('_size_in_bytes', '')} {v / MiB:.0f}" for k, v in x.items()))
     print(f"bytes per node {r['bytes_per_node']:.0f}, per link {r['bytes_per_link']:.0f}, "
           f"consensus distance {r['consensus_distance']:.3g}")
     if a.json:
