@@ -67,6 +67,24 @@ def global_section(grid: Grid) -> list[str]:
              "broadcast); **personalised**: mean client accuracy with the model each client "
              "keeps (its cluster expert), as in the table above. IFCA and RND keep cluster "
              "models only and have no single model to score.", ""]
+    from fedrnd.algorithms import DisUE
+
+    defaults = {f.name: f.default for f in DisUE.__dataclass_fields__.values()}
+    for m in grid.methods:
+        if m.name != "disue":
+            continue
+        opt = {**defaults, **m.options}
+        if opt["distill"] in ("generator", "proxy"):
+            it, st = opt["distill_steps"], opt["student_steps"]
+            gen = "1 generator step + " if opt["distill"] == "generator" else ""
+            lines.append(f"- Distillation budget of `{m.label}`: {it} iterations per round x "
+                         f"({gen}{st} student steps, batch {opt['distill_batch']}) x "
+                         f"{grid.base.rounds} rounds = {it * st * grid.base.rounds:,} student "
+                         f"steps; temperature {opt['temperature']}, student Adam lr "
+                         f"{opt['student_lr']}, student init `{opt['student_init']}`.")
+        else:
+            lines.append(f"- `{m.label}`: no distillation (`distill = \"{opt['distill']}\"`).")
+    lines.append("")
     fig_dir = grid.results.parent / "figures"
     for s in grid.scenarios:
         rows = ["| method | universal % | average of experts % | personalised % | "
