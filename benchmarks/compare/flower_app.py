@@ -8,6 +8,7 @@ memory-maps the workload ``.npz`` named in the train config once and keeps one P
 
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
@@ -18,6 +19,9 @@ from flwr.clientapp import ClientApp
 
 from benchmarks.compare.harness import Workload
 from benchmarks.compare.peers import torch_layers, torch_mlp
+
+REGISTER_TIMEOUT_S = 900
+"""Seconds a Ray worker may take to start and register (Ray's default is 60)."""
 
 _CACHE: dict[str, tuple[Workload, torch.nn.Module, torch.optim.Optimizer]] = {}
 
@@ -85,6 +89,11 @@ def simulate(path: str, *, num_cpus: int, torch_threads: int) -> dict:
     from flwr.serverapp.strategy import FedAvg
     from flwr.simulation import run_simulation
 
+    # Ray gives a starting worker process 60 s to register with the raylet, then declares it
+    # dead and, here, never starts another: under a load average of 20 on 2 cores both actors
+    # missed that and the simulation waited forever in round 1 (2026-11-22). Started workers
+    # inherit the raylet's environment, which inherits ours.
+    os.environ.setdefault("RAY_worker_register_timeout_seconds", str(REGISTER_TIMEOUT_S))
     w = Workload.load(path)
     out: dict = {"stamps": [], "cpu_stamps": [], "layers": None, "num_cpus": num_cpus}
     server = ServerApp()
