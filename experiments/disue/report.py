@@ -87,8 +87,12 @@ def global_section(grid: Grid) -> list[str]:
     lines.append("")
     fig_dir = grid.results.parent / "figures"
     for s in grid.scenarios:
-        rows = ["| method | universal % | average of experts % | personalised % | "
-                "MB/client | seeds |", "|---|---|---|---|---|---|"]
+        rows = ["| method | universal % | universal - FedAvg, points | average of experts % | "
+                "personalised % | MB/client | seeds |", "|---|---|---|---|---|---|---|"]
+        base = [load_cell(c, grid.cache_dir) for c in grid.cells()
+                if c.scenario.name == s.name and c.method.name == "fedavg"
+                and not c.method.options and c.config is not None]
+        base_acc = {r["seed"]: r["final"]["test_acc/weighted"] for r in base if r is not None}
         fig = Figure(figsize=(7, 4.2), dpi=110)
         ax = fig.subplots()
         drawn = False
@@ -108,7 +112,12 @@ def global_section(grid: Grid) -> list[str]:
                 uni = []
             hist = [cell_history(grid, c) for c, _ in recs]
             avg = [h[-1].get("average_acc") for h in hist if h and "average_acc" in h[-1]]
-            rows.append(f"| {m.label} | {_fmt(uni)} | {_fmt(avg)} | "
+            gap = [u - base_acc[r["seed"]] for u, (_, r) in zip(uni, recs, strict=False)
+                   if u is not None and r["seed"] in base_acc]
+            gap_s = "-" if m.name == "fedavg" else _fmt(gap)
+            if gap_s != "-" and not gap_s.startswith("-"):
+                gap_s = "+" + gap_s
+            rows.append(f"| {m.label} | {_fmt(uni)} | {gap_s} | {_fmt(avg)} | "
                         f"{_fmt([f.get('test_acc/mean') for f in fin])} | "
                         f"{_fmt([f.get('bytes_per_client') for f in fin], 1e-6, 2)} | "
                         f"{len(recs)}/{len(grid.seeds)} |")
