@@ -290,6 +290,8 @@ def report(seed: int) -> str:
                 body += ", " + ", ".join(f"{a:.3f}" for a in shown[10:])
             lines.append(f"- {label}: {body}")
         lines.append("")
+    cpu = sum(json.loads(q.read_text())["cpu"] for q in CELLS.glob("*/*.json"))
+    lines.append(f"All cells together: {cpu / 60:.0f} minutes of process CPU time.")
     return "\n".join(lines) + "\n"
 
 
