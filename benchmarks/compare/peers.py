@@ -186,6 +186,14 @@ def run_pfl(w: Workload, threads: int = 1) -> Result:
         from pfl.model.pytorch import PyTorchModel
     except Exception as e:  # noqa: BLE001 - an installed but broken framework is a skip
         return skipped("pfl-research", f"import failed: {type(e).__name__}: {e}")
+    import asyncio
+
+    # pfl asks asyncio for the current loop; a host that closed or never set one (a test
+    # runner's worker, a notebook) gets a fresh one instead of a RuntimeError.
+    try:
+        asyncio.get_event_loop()
+    except RuntimeError:
+        asyncio.set_event_loop(asyncio.new_event_loop())
 
     class Net(torch.nn.Module):
         def __init__(self):
