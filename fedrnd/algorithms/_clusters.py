@@ -1,4 +1,5 @@
-"""Checks and weights shared by the methods that take a number of clusters (IFCA, FeSEM)."""
+"""Shared by the clustered methods: checks and weights for those that take a number of clusters
+(IFCA, FeSEM) and the FedAvg round inside fixed cluster slots (RND, PACFL)."""
 
 from __future__ import annotations
 
@@ -34,3 +35,27 @@ def aggregation_weights(weighting: str, counts: jax.Array) -> jax.Array:
     """Per-client aggregation weights ``[M]``: sample counts or ones."""
     counts = counts.astype(jnp.float32)
     return counts if weighting == "samples" else jnp.ones_like(counts)
+
+
+def fixed_cluster_round(alg, state, data, key) -> tuple[dict, dict, jax.Array]:
+    """One FedAvg round inside fixed clusters: every cohort client trains its cluster's slot,
+    the slots become the sample-weighted means of their members (empty slots kept).
+
+    ``state`` holds ``slots`` (leaves ``[K, ...]``), ``round`` and ``clients`` with
+    ``cluster_id`` and ``hp``. Returns ``(slots, metrics, participating)``: the new slots,
+    ``train_loss``, ``local_steps`` and the model traffic (``up/model``, ``down/model``).
+    """
+    from fedrnd.engine import comm, keep_nonempty, per_client, slot_means, tree_bytes
+
+    k_cohort, k_train = jax.random.split(key)
+    ids, part = alg.cohort(k_cohort, data.num_clients)
+    cl, slots = state["clients"], state["slots"]
+    cid = cl["cluster_id"] if ids is None else cl["cluster_id"][ids]
+    # Per-slot sums straight out of the client map: memory of K models, not one per client.
+    sums, mass, m = alg.engine.train_segment_sum(slots, cid, data, cl["hp"], k_train,
+                                                 state["round"], ids=ids)
+    nbytes = tree_bytes(jax.tree.map(lambda x: x[0], slots))
+    metrics = {"train_loss": jnp.sum(m["loss"]) / jnp.sum(mass),
+               "local_steps": jnp.sum(m["steps"]),
+               **comm(up_model=per_client(nbytes, part), down_model=per_client(nbytes, part))}
+    return keep_nonempty(slot_means(sums, mass), slots, mass), metrics, part

@@ -50,6 +50,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fedrnd.algorithms._clusters import fixed_cluster_round
 from fedrnd.algorithms.base import Algorithm, Metrics, State
 from fedrnd.data.federated import FederatedData
 from fedrnd.engine import (
@@ -57,10 +58,6 @@ from fedrnd.engine import (
     ClientMapper,
     comm,
     grow_slots,
-    keep_nonempty,
-    per_client,
-    slot_means,
-    tree_bytes,
 )
 from fedrnd.engine.multihost import to_host
 
@@ -363,20 +360,10 @@ class PACFL(Algorithm):
         return state
 
     def round(self, state: State, data: FederatedData, key: jax.Array) -> tuple[State, Metrics]:
-        k_cohort, k_train = jax.random.split(key)
-        ids, part = self.cohort(k_cohort, data.num_clients)
+        slots, metrics, _ = fixed_cluster_round(self, state, data, key)
         cl = state["clients"]
-        slots = state["slots"]
-        cid = cl["cluster_id"] if ids is None else cl["cluster_id"][ids]
-        sums, mass, m = self.engine.train_segment_sum(slots, cid, data, cl["hp"], k_train,
-                                                      state["round"], ids=ids)
-        slots = keep_nonempty(slot_means(sums, mass), slots, mass)
-        nbytes = tree_bytes(jax.tree.map(lambda s: s[0], state["slots"]))
-        metrics = {"train_loss": jnp.sum(m["loss"]) / jnp.sum(mass),
-                   "local_steps": jnp.sum(m["steps"]),
-                   "num_clusters": state["num_clusters"].astype(jnp.float32),
-                   **comm(up_model=per_client(nbytes, part), down_model=per_client(nbytes, part),
-                          up_subspace=cl["pending_up"])}
+        metrics = {**metrics, "num_clusters": state["num_clusters"].astype(jnp.float32),
+                   **comm(up_subspace=cl["pending_up"])}
         state = {**state, "round": state["round"] + 1, "slots": slots,
                  "clients": {**cl, "pending_up": jnp.zeros_like(cl["pending_up"])}}
         return state, metrics

@@ -34,16 +34,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fedrnd.algorithms._clusters import fixed_cluster_round
 from fedrnd.algorithms.base import Algorithm, Metrics, State
 from fedrnd.data.federated import FederatedData
 from fedrnd.engine import (
     ClientHParams,
     comm,
     grow_slots,
-    keep_nonempty,
-    per_client,
-    slot_means,
-    tree_bytes,
 )
 from fedrnd.rnd.discovery import Discovery, RNDConfig, check_eps, discover, normalised_scores
 
@@ -157,22 +154,12 @@ class RNDClustered(Algorithm):
         return num_clients <= 2048 if self.keep_scores is None else bool(self.keep_scores)
 
     def round(self, state: State, data: FederatedData, key: jax.Array) -> tuple[State, Metrics]:
-        k_cohort, k_train = jax.random.split(key)
-        ids, part = self.cohort(k_cohort, data.num_clients)
+        slots, metrics, _ = fixed_cluster_round(self, state, data, key)
         cl = state["clients"]
-        slots = state["slots"]
-        cid = cl["cluster_id"] if ids is None else cl["cluster_id"][ids]
-        # Per-slot sums straight out of the client map: memory of K models, not one per client.
-        sums, mass, m = self.engine.train_segment_sum(slots, cid, data, cl["hp"], k_train,
-                                                      state["round"], ids=ids)
-        slots = keep_nonempty(slot_means(sums, mass), slots, mass)
-        nbytes = tree_bytes(jax.tree.map(lambda s: s[0], state["slots"]))
         zero = jnp.zeros_like(cl["pending_up"])
-        metrics = {"train_loss": jnp.sum(m["loss"]) / jnp.sum(mass),
-                   "local_steps": jnp.sum(m["steps"]),
+        metrics = {**metrics,
                    "num_federations": state["num_federations"].astype(jnp.float32),
-                   **comm(up_model=per_client(nbytes, part), down_model=per_client(nbytes, part),
-                          up_discovery=cl["pending_up"], down_discovery=cl["pending_down"])}
+                   **comm(up_discovery=cl["pending_up"], down_discovery=cl["pending_down"])}
         state = {**state, "round": state["round"] + 1, "slots": slots,
                  "clients": {**cl, "pending_up": zero, "pending_down": zero}}
         return state, metrics
