@@ -17,21 +17,7 @@ from fedrnd.graphs import (
     mixing_edges,
     mixing_matrix,
 )
-
-
-def _reference_w(adj: np.ndarray, mixing: str) -> np.ndarray:
-    """The textbook mixing matrix from an adjacency matrix, entry by entry."""
-    n = len(adj)
-    deg = adj.sum(1)
-    w = np.zeros((n, n))
-    for i in range(n):
-        for j in range(n):
-            if i != j and adj[i, j]:
-                w[i, j] = (1 / (1 + max(deg[i], deg[j])) if mixing == "metropolis"
-                           else 1 / (1 + deg[i]))
-        w[i, i] = 1 - w[i].sum() if mixing == "metropolis" else 1 / (1 + deg[i])
-    return w
-
+from tests.algorithms._dfl_reference import dense_mixing
 
 GRAPHS = [("ring", {}), ("grid", {"rows": 3}), ("random_geometric", {"radius": 0.35}),
           ("erdos_renyi", {"p": 0.25}), ("small_world", {"k": 4, "beta": 0.4}),
@@ -44,7 +30,7 @@ def test_edge_list_gossip_equals_dense_mixing_matrix(name, opts, mixing):
     n = 18
     # A redraw-style graph (padding and dropped slots included), not only a compact one.
     g = jax.jit(make_topology(name, n, **opts).draw)(jax.random.key(1))
-    w = _reference_w(adjacency(g), mixing)
+    w = dense_mixing(adjacency(g), mixing)
     edges = mixing_edges(g, mixing)
     np.testing.assert_allclose(np.asarray(mixing_matrix(edges, n)), w, atol=1e-6)
     rng = np.random.default_rng(0)
