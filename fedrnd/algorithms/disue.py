@@ -326,6 +326,7 @@ class DisUE(Algorithm):
     @property
     def rnd_config(self) -> RNDConfig:
         return RNDConfig(network=self.rnd_network, eps=self.rnd_eps, rule=self.rnd_rule,
+                         criterion="eps",
                          seed=self.rnd_seed, steps=self.rnd_predictor_steps)
 
     # ---------------------------------------------------------------------------------------

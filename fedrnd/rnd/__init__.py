@@ -1,13 +1,27 @@
 """RND federation discovery (Domini et al. 2026, arXiv 2606.30499).
 
-:mod:`~fedrnd.rnd.networks` builds the frozen-target / narrow-predictor pairs and caches the
-target's outputs; :mod:`~fedrnd.rnd.discovery` trains every client's predictor through the
-engine, scores the novelty matrix blockwise (or over an edge list), applies the compatibility
-rule and extracts federations. :func:`discover` runs the whole pipeline.
+One module per step of the pipeline:
+:mod:`~fedrnd.rnd.networks` (frozen target / narrow predictor pairs, the target cache),
+:mod:`~fedrnd.rnd.config` (:class:`RNDConfig`), :mod:`~fedrnd.rnd.predictors` (probe split,
+every client's predictor trained in one jitted program), :mod:`~fedrnd.rnd.scoring` (novelty
+and paired second moments, dense or over edges), :mod:`~fedrnd.rnd.stats` (the paired test,
+Benjamini-Hochberg, evidence), :mod:`~fedrnd.rnd.rules` (the paper's eps rule and eps
+selection), :mod:`~fedrnd.rnd.extract` (federations: components, leaders, average linkage),
+:mod:`~fedrnd.rnd.fingerprints` (two-stage candidates) and :mod:`~fedrnd.rnd.pipeline`
+(:func:`discover`; :func:`federations_from_scores` turns stored scores into federations).
 :mod:`~fedrnd.rnd.decentral` is discovery without a server: neighbour scores only, a novelty
 band, regions by leader election (:func:`discover_regions`).
 """
 
+from fedrnd.rnd.config import (
+    DISCOVERY_CRITERIA,
+    PROBE_CHOICES,
+    PROBES,
+    RULES,
+    SIGMAS,
+    RNDConfig,
+    check_eps,
+)
 from fedrnd.rnd.decentral import (
     CRITERIA,
     PRIORITIES,
@@ -21,31 +35,13 @@ from fedrnd.rnd.decentral import (
     node_ranks,
     regions_from_scores,
 )
-from fedrnd.rnd.discovery import (
-    AUTO_MIN_RATIO,
-    AUTO_MIN_SILHOUETTE,
-    PROBES,
-    RULES,
-    SIGMAS,
-    Discovery,
-    FeatureMSE,
-    RNDConfig,
-    assign_newcomers,
-    auto_eps,
-    check_eps,
-    compatibility,
-    discover,
-    edge_novelty,
+from fedrnd.rnd.extract import (
+    LINKAGE_CUT,
     federations,
-    gap_eps,
-    normalised_scores,
-    novelty_matrix,
-    predictor_engine,
-    probe_split,
-    self_novelty,
-    sigma_of,
-    train_predictors,
+    linkage_federations,
+    sparse_linkage_federations,
 )
+from fedrnd.rnd.fingerprints import candidate_edges, fingerprint_bytes, fingerprints
 from fedrnd.rnd.networks import (
     NETWORKS,
     RNDMLP,
@@ -58,8 +54,52 @@ from fedrnd.rnd.networks import (
     stacked_errors,
     target_features,
 )
+from fedrnd.rnd.pipeline import (
+    Decision,
+    Discovery,
+    assign_newcomers,
+    discover,
+    federations_from_scores,
+)
+from fedrnd.rnd.predictors import FeatureMSE, predictor_engine, probe_split, train_predictors
+from fedrnd.rnd.rules import (
+    AUTO_MIN_RATIO,
+    AUTO_MIN_SILHOUETTE,
+    auto_eps,
+    compatibility,
+    gap_eps,
+    normalised_scores,
+    sigma_of,
+)
+from fedrnd.rnd.scoring import (
+    edge_novelty,
+    novelty_matrix,
+    paired_edges,
+    paired_matrix,
+    self_errors,
+    self_novelty,
+)
+from fedrnd.rnd.stats import bh_adjust, evidence, pair_pvalues, paired_moments, symmetric_q
 
 __all__ = [
+    "DISCOVERY_CRITERIA",
+    "Decision",
+    "LINKAGE_CUT",
+    "PROBE_CHOICES",
+    "bh_adjust",
+    "candidate_edges",
+    "evidence",
+    "federations_from_scores",
+    "fingerprint_bytes",
+    "fingerprints",
+    "linkage_federations",
+    "pair_pvalues",
+    "paired_edges",
+    "paired_matrix",
+    "paired_moments",
+    "self_errors",
+    "sparse_linkage_federations",
+    "symmetric_q",
     "CRITERIA",
     "PRIORITIES",
     "SYMMETRIES",

@@ -53,7 +53,9 @@ import numpy as np
 
 from fedrnd.data.federated import FederatedData
 from fedrnd.engine import ClientMapper, EdgeList
-from fedrnd.rnd.discovery import Discovery, RNDConfig, _relabel, discover
+from fedrnd.rnd.config import RNDConfig
+from fedrnd.rnd.extract import _relabel
+from fedrnd.rnd.pipeline import Discovery, discover
 
 __all__ = [
     "CRITERIA",
@@ -423,7 +425,9 @@ def discover_regions(data: FederatedData, u, v, config: RNDConfig = RNDConfig(),
     key = jax.random.key(config.seed) if key is None else key
     k_disc, k_rank = jax.random.split(key)
     # Eps is only needed by criterion "eps"; a fixed one skips auto_eps's sort otherwise.
-    cfg = config if criterion == "eps" else dataclasses.replace(config, eps=0.0)
+    # Regions use the paper's per-link rule: the scores come from the "eps" criterion.
+    cfg = dataclasses.replace(config, criterion="eps")
+    cfg = cfg if criterion == "eps" else dataclasses.replace(cfg, eps=0.0)
     src = np.concatenate([v, u])  # u scores v's predictor, v scores u's
     dst = np.concatenate([u, v])
     edges = EdgeList(jnp.asarray(src), jnp.asarray(dst), jnp.ones(len(src), jnp.float32))

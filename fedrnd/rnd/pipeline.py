@@ -1,0 +1,462 @@
+"""The whole discovery pipeline: :func:`discover`, :class:`Discovery`, newcomers.
+
+Pipeline (each step a module of :mod:`fedrnd.rnd`)::
+
+    probes + predictors (predictors)  ->  target cache, self errors, fingerprints
+      -> scores: dense S, Q or edge s, q (scoring)
+      -> decision: scores -> federations (:func:`federations_from_scores`):
+           criterion "test": paired test + Benjamini-Hochberg (stats) -> average linkage (extract)
+           criterion "eps":  the paper's rule, eps / auto eps (rules) -> components (extract)
+
+:func:`federations_from_scores` is the one function that turns scores into federations;
+experiments and benchmarks call it on stored matrices instead of re-implementing the chain.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from scipy.sparse import coo_matrix, csr_matrix
+
+from fedrnd.data.federated import FederatedData
+from fedrnd.engine import ClientMapper, EdgeList, tree_bytes
+from fedrnd.engine.multihost import to_host
+from fedrnd.rnd.config import RNDConfig
+from fedrnd.rnd.extract import federations, linkage_federations, sparse_linkage_federations
+from fedrnd.rnd.fingerprints import candidate_edges, fingerprint_bytes, fingerprints
+from fedrnd.rnd.networks import RNDPair, target_features
+from fedrnd.rnd.predictors import probe_split, train_predictors
+from fedrnd.rnd.rules import (
+    _sparse_row_std,
+    auto_eps,
+    compatibility,
+    gap_eps,
+    normalised_scores,
+    sigma_of,
+)
+from fedrnd.rnd.scoring import paired_edges, paired_matrix, self_errors
+from fedrnd.rnd.stats import (
+    bh_adjust,
+    evidence,
+    pair_pvalues,
+    paired_moments,
+    symmetric_pvalues,
+    symmetric_q,
+)
+
+PyTree = Any
+
+__all__ = ["Decision", "Discovery", "assign_newcomers", "discover", "federations_from_scores"]
+
+
+# --------------------------------------------------------------------------------------------
+# scores -> federations
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Decision:
+    """What :func:`federations_from_scores` decided (host arrays).
+
+    Attributes:
+      federation: ``[C]`` federation ids ``0..F-1`` (numbered by lowest member).
+      compatible: dense ``[C, C]`` bool (``compatible[i, j]``: ``j`` acceptable to ``i``) or
+        ``[E]`` per edge (sparse).
+      criterion: ``"test"`` or ``"eps"``.
+      q: test: Benjamini-Hochberg adjusted p-values, ``[C, C]`` or ``[E]`` (one direction:
+        row / ``dst`` tests the predictor of column / ``src``).
+      evidence: test: the soft rejection of each unordered pair (dense ``[C, C]`` symmetric;
+        sparse: ``[P]`` for ``pairs``).
+      pairs: sparse test: ``[P, 2]`` the unordered observed pairs behind ``evidence``.
+      z, sigma, eps: the paper's normalised scores, ``sigma_i`` and the tolerance (always
+        computed: they are cheap and the reports show both criteria side by side).
+      silhouette: dense ``eps="auto"``: the winning silhouette.
+    """
+
+    federation: np.ndarray
+    compatible: np.ndarray
+    criterion: str
+    z: np.ndarray
+    sigma: np.ndarray
+    eps: float
+    q: np.ndarray | None = None
+    evidence: np.ndarray | None = None
+    pairs: np.ndarray | None = None
+    silhouette: float | None = None
+
+    @property
+    def num_federations(self) -> int:
+        return int(self.federation.max()) + 1 if self.federation.size else 0
+
+
+def federations_from_scores(scores: np.ndarray, config: RNDConfig = RNDConfig(), *,
+                            second: np.ndarray | None = None,
+                            count: np.ndarray | None = None,
+                            s_self: np.ndarray | None = None,
+                            self_std: np.ndarray | None = None,
+                            edges: tuple[np.ndarray, np.ndarray] | None = None,
+                            num_clients: int | None = None) -> Decision:
+    """Turn novelty scores into federations with ``config``'s criterion.
+
+    Dense: ``scores`` is ``S [C, C]`` (diagonal = self-novelty on the same probes). Sparse:
+    ``scores`` is ``[E]`` with ``edges = (src, dst)`` (``dst`` scored ``src``'s predictor),
+    ``s_self [C]`` and ``num_clients``.
+
+    The test criterion also needs ``second`` (``Q`` of :func:`~fedrnd.rnd.scoring.paired_matrix`
+    or ``q`` of :func:`~fedrnd.rnd.scoring.paired_edges`) and ``count [C]`` (probes per
+    client). ``sigma="self"`` needs ``self_std [C]``.
+    """
+    cfg = config
+    if edges is None:
+        s = np.asarray(scores, np.float32)
+        c = s.shape[0]
+        if s.ndim != 2 or s.shape != (c, c):
+            raise ValueError(f"dense scores must be [C, C], got {s.shape}")
+        s_self = np.diag(s).astype(np.float64)
+        std = np.zeros(c) if self_std is None else np.asarray(self_std, np.float64)
+        if cfg.sigma == "self" and self_std is None:
+            raise ValueError("sigma='self' needs self_std")
+        sigma = sigma_of(cfg.sigma, s, std)
+        z = normalised_scores(s, s_self, sigma)
+        if cfg.criterion == "eps":
+            silhouette = None
+            if cfg.eps == "auto":
+                eps, silhouette = auto_eps(z, rule=cfg.rule, return_score=True)
+            else:
+                eps = float(cfg.eps)
+            comp = compatibility(z, eps)
+            np.fill_diagonal(comp, True)
+            return Decision(federations(comp, cfg.rule, s_self), comp, "eps", z, sigma, eps,
+                            silhouette=silhouette)
+        _need(second, count)
+        diff, se = paired_moments(s, second, s_self, count)
+        q = bh_adjust(symmetric_pvalues(diff, se, s_self, count, cfg.min_effect))
+        qs = symmetric_q(q)
+        v = evidence(qs, cfg.alpha)
+        np.fill_diagonal(v, 0.0)
+        comp = qs > cfg.alpha
+        np.fill_diagonal(comp, True)
+        return Decision(linkage_federations(v, cfg.cut), comp, "test", z, sigma, float("nan"),
+                        q=q, evidence=v)
+    src, dst = (np.asarray(a, np.int64) for a in edges)
+    e = np.asarray(scores, np.float64)
+    if s_self is None or num_clients is None:
+        raise ValueError("sparse scores need s_self and num_clients")
+    c = int(num_clients)
+    s_self = np.asarray(s_self, np.float64)
+    if cfg.sigma == "self" and self_std is None:
+        raise ValueError("sigma='self' needs self_std")
+    sigma = (np.asarray(self_std, np.float64) if cfg.sigma == "self"
+             else _sparse_row_std(e, dst, c, diag=s_self))
+    z = normalised_scores(e, s_self, sigma, rows=dst)
+    if cfg.criterion == "eps":
+        eps = gap_eps(z) if cfg.eps == "auto" else float(cfg.eps)
+        ok = compatibility(z, eps)
+        # compatible[i, j]: i = dst (the scorer), j = src (the scored predictor).
+        comp = coo_matrix((ok.astype(bool), (dst, src)), shape=(c, c)).tocsr()
+        comp = (comp + csr_matrix((np.ones(c, bool), (np.arange(c), np.arange(c))),
+                                  shape=(c, c))).astype(bool)
+        return Decision(federations(comp, cfg.rule, s_self), ok, "eps", z, sigma, eps)
+    _need(second, count)
+    diff, se = paired_moments(e, second, s_self, count, rows=dst)
+    q = bh_adjust(symmetric_pvalues(diff, se, s_self, count, cfg.min_effect, edges=(src, dst),
+                                    num_clients=c), rows=dst, num_rows=c)
+    # One value per unordered pair: the stronger rejection of its two directions.
+    lo, hi = np.minimum(src, dst), np.maximum(src, dst)
+    key = lo * c + hi
+    uniq, inv = np.unique(key, return_inverse=True)
+    qmin = np.full(len(uniq), np.inf)
+    np.minimum.at(qmin, inv, q)
+    v = evidence(qmin, cfg.alpha)
+    pairs = np.stack([uniq // c, uniq % c], 1)
+    fed = sparse_linkage_federations(c, pairs[:, 0], pairs[:, 1], v, cfg.cut, cfg.min_support)
+    return Decision(fed, qmin[inv] > cfg.alpha, "test", z, sigma, float("nan"), q=q,
+                    evidence=v, pairs=pairs)
+
+
+def _need(second, count):
+    if second is None or count is None:
+        raise ValueError("criterion='test' needs the paired second moments (second=) and the "
+                         "probe counts (count=); score with paired_matrix / paired_edges")
+
+
+# --------------------------------------------------------------------------------------------
+# the whole pipeline
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Discovery:
+    """Result of :func:`discover` (host arrays).
+
+    Attributes:
+      federation: ``[C]`` federation id per client, ``0..F-1``.
+      scores: ``[C, C]`` novelty matrix ``S`` (dense mode) or ``None`` (sparse mode).
+      second: ``Q`` (dense ``[C, C]``) or ``[E]``: mean squared paired difference against the
+        scoring client's own predictor (:func:`~fedrnd.rnd.scoring.paired_matrix`).
+      probe_count: ``[C]`` probes per client.
+      edges, edge_scores: sparse mode: the scored edges and ``[E]`` scores ``S[dst, src]``.
+      self_novelty: ``[C]`` ``S[i, i]``; self_std: ``[C]`` per-example spread of it.
+      decision: the :class:`Decision` (criterion, q-values, evidence, z, eps).
+      sigma, z, eps, compatible, auto_silhouette: shortcuts into ``decision``.
+      bytes_up, bytes_down: ``[C]`` bytes each client sent / received for discovery
+        (fingerprints and candidate lists included in the two-stage mode).
+      predictors: leaves ``[C, ...]`` the trained predictors (kept for newcomers);
+      target_params, pair, config: what produced them.
+      train_loss: ``[C]`` predictor training loss.
+      fingerprint: two-stage mode: ``[C, 2 * out_dim]`` the fingerprints.
+      timings: wall seconds per phase: ``split``, ``target``, ``train``, ``self``,
+        ``candidates`` (two-stage), ``scores``, ``federations`` (host side).
+      cpu_timings: process CPU seconds (all threads) per phase, the same keys.
+    """
+
+    federation: np.ndarray
+    scores: np.ndarray | None
+    self_novelty: np.ndarray
+    self_std: np.ndarray
+    decision: Decision
+    bytes_up: np.ndarray
+    bytes_down: np.ndarray
+    predictors: PyTree
+    target_params: PyTree
+    pair: RNDPair
+    config: RNDConfig
+    train_loss: np.ndarray
+    probe_count: np.ndarray
+    second: np.ndarray | None = None
+    edges: EdgeList | None = None
+    edge_scores: np.ndarray | None = None
+    fingerprint: np.ndarray | None = None
+    timings: dict[str, float] = dataclasses.field(default_factory=dict)
+    cpu_timings: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    @property
+    def sigma(self) -> np.ndarray:
+        return self.decision.sigma
+
+    @property
+    def z(self) -> np.ndarray:
+        return self.decision.z
+
+    @property
+    def eps(self) -> float:
+        return self.decision.eps
+
+    @property
+    def compatible(self) -> np.ndarray:
+        return self.decision.compatible
+
+    @property
+    def auto_silhouette(self) -> float | None:
+        return self.decision.silhouette
+
+    @property
+    def num_federations(self) -> int:
+        return int(self.federation.max()) + 1 if self.federation.size else 0
+
+    @property
+    def num_clients(self) -> int:
+        return int(self.federation.shape[0])
+
+
+class _Clock:
+    """Wall and process CPU seconds per phase of :func:`discover`; waits for a phase's device
+    arrays, so each phase is charged its own work (phases run one after another anyway)."""
+
+    def __init__(self):
+        self.times: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}
+        self._last = (time.perf_counter(), time.process_time())
+
+    def __call__(self, phase: str, value=None):
+        value = jax.block_until_ready(value)
+        now = (time.perf_counter(), time.process_time())
+        self.times[phase] = self.times.get(phase, 0.0) + now[0] - self._last[0]
+        self.cpu[phase] = self.cpu.get(phase, 0.0) + now[1] - self._last[1]
+        self._last = now
+        return value
+
+
+def _drop_self_edges(edges: EdgeList) -> tuple[np.ndarray, np.ndarray]:
+    src, dst = np.asarray(edges.src), np.asarray(edges.dst)
+    w = np.asarray(edges.weight)
+    keep = (src != dst) & (w != 0)  # self-loops and zero-weight padding carry no predictor
+    pairs = np.unique(np.stack([src[keep], dst[keep]], 1), axis=0)
+    return pairs[:, 0], pairs[:, 1]
+
+
+def discover(data: FederatedData, config: RNDConfig = RNDConfig(), *,
+             key: jax.Array | None = None, mapper: ClientMapper | None = None,
+             edges: EdgeList | None = None) -> Discovery:
+    """Discover federations among ``data``'s clients with RND (labels and ``group`` unused).
+
+    Args:
+      data: the federated data (``x`` pool and per-client train/test rows).
+      config: :class:`RNDConfig` (criterion, probes, dense or two-stage).
+      key: randomness for predictor init and batches (default ``key(config.seed)``).
+      mapper: how the client axis is mapped (chunks / devices), as for training.
+      edges: sparse mode with a given graph: client ``dst`` scores only the predictors of its
+        in-neighbours ``src`` (self-loops and zero-weight padding edges are ignored). ``None``:
+        every pair, or with ``config.candidates`` the fingerprint candidates.
+    """
+    cfg = config
+    if not isinstance(cfg, RNDConfig):
+        raise TypeError(f"config must be an RNDConfig, got {type(cfg).__name__}")
+    mapper = mapper or ClientMapper()
+    key = jax.random.key(cfg.seed) if key is None else key
+    pair = cfg.pair(data.feature_shape)
+    c = data.num_clients
+    clock = _Clock()
+    tr_idx, tr_cnt, pr_idx, pr_cnt = probe_split(
+        data, cfg.probe_kind, holdout=cfg.holdout, cap=cfg.probe_cap,
+        seed=int(jax.random.randint(jax.random.fold_in(key, 7), (), 0, 2**31 - 1)))
+    clock("split")
+    t_params = pair.target_params(cfg.seed)
+    t_pool = clock("target", target_features(pair, t_params, data.x))
+    preds, loss = clock("train", train_predictors(pair, cfg, data.x, t_pool, tr_idx, tr_cnt,
+                                                  key, mapper))
+    apply = pair.predictor.apply
+    scorer = pair if cfg.fused else apply
+    # to_host: with a mesh over several processes, per-client results are spread over hosts.
+    s_self, s_std, e_self = clock("self", self_errors(apply, preds, data.x, t_pool, pr_idx,
+                                                      pr_cnt, mapper))
+    s_self, s_std = to_host(s_self, np.float64), to_host(s_std, np.float64)
+    nbytes = tree_bytes(jax.tree.map(lambda a: a[0], preds))
+    count = np.asarray(pr_cnt)
+    fp = None
+    if edges is None and cfg.candidates is None:
+        s, q2 = (to_host(v, np.float32) for v in clock("scores", paired_matrix(
+            scorer, preds, data.x, t_pool, pr_idx, pr_cnt, e_self, row_tile=cfg.row_tile,
+            col_tile=cfg.col_tile, mapper=mapper, tile_evals=cfg.tile_evals)))
+        s_self = np.diag(s).astype(np.float64)
+        dec = federations_from_scores(s, cfg, second=q2, count=count, self_std=s_std)
+        # Up: its predictor and one row of scores (and of second moments for the test);
+        # down: the other C - 1 predictors.
+        row = c * 4 * (2 if cfg.criterion == "test" else 1)
+        up = np.full(c, nbytes + row, np.float64)
+        down = np.full(c, (c - 1) * nbytes, np.float64)
+        clock("federations")
+        return Discovery(dec.federation, s, s_self, s_std, dec, up, down, preds, t_params,
+                         pair, cfg, to_host(loss), count, q2, None, None, None, clock.times,
+                         clock.cpu)
+    extra_up = np.zeros(c)
+    extra_down = np.zeros(c)
+    if edges is None:
+        fp = fingerprints(t_pool, tr_idx, tr_cnt)
+        edges = candidate_edges(fp, int(cfg.candidates), cfg.random_peers,
+                                seed=int(cfg.seed) + 1)
+        clock("candidates")
+        # Each client sends its fingerprint; the coordinator returns its candidate list.
+        extra_up += fingerprint_bytes(pair.out_dim)
+        extra_down += np.bincount(np.asarray(edges.dst), minlength=c) * 4.0
+    src, dst = _drop_self_edges(edges)
+    e_scores, e_q2 = (to_host(v, np.float64) for v in clock("scores", paired_edges(
+        scorer, preds, data.x, t_pool, pr_idx, pr_cnt, e_self,
+        EdgeList(jnp.asarray(src), jnp.asarray(dst), jnp.ones(len(src))), cfg.edge_chunk,
+        mapper)))
+    dec = federations_from_scores(e_scores, cfg, second=e_q2, count=count, s_self=s_self,
+                                  self_std=s_std, edges=(src, dst), num_clients=c)
+    in_deg = np.bincount(dst, minlength=c)
+    out_deg = np.bincount(src, minlength=c)
+    # Peer to peer: a predictor to each out-neighbour and, back to it, the score it gave
+    # (needed for the mutual check; the test also returns the second moment);
+    # received: in-neighbours' predictors and their scores.
+    per_score = 8.0 if cfg.criterion == "test" else 4.0
+    up = out_deg * float(nbytes) + in_deg * per_score + extra_up
+    down = in_deg * float(nbytes) + out_deg * per_score + extra_down
+    clock("federations")
+    return Discovery(dec.federation, None, s_self, s_std, dec, up, down, preds, t_params, pair,
+                     cfg, to_host(loss), count, e_q2,
+                     EdgeList(jnp.asarray(src), jnp.asarray(dst), jnp.ones(len(src))), e_scores,
+                     fp, clock.times, clock.cpu)
+
+
+def assign_newcomers(disc: Discovery, new: FederatedData, *, key: jax.Array | None = None,
+                     mapper: ClientMapper | None = None) -> np.ndarray:
+    """Federation ids ``[C_new]`` for clients that arrive after discovery.
+
+    Each newcomer trains its own predictor (same target, same schedule, same probe split),
+    then scores every existing predictor on its own probes.
+
+    * criterion ``"test"``: the paired test of each existing predictor against the newcomer's
+      own (Benjamini-Hochberg over its row), then its mean evidence per federation; it joins
+      the federation of lowest mean evidence when that is at most ``cut``. One direction only
+      (members do not score the newcomer's predictor), so the decision is the newcomer's.
+    * criterion ``"eps"``: its score for federation ``F`` is the mean of its scores of ``F``'s
+      members' predictors; it joins the lowest-scoring federation when
+      ``m_F <= s_nn + eps * sigma_n`` (the "row" sigma over the newcomer's row).
+
+    Newcomers that join no federation are grouped among themselves by the same criterion
+    (their mutual scores) into new federations numbered from ``disc.num_federations``.
+    Bytes are not counted here (a newcomer downloads ``C`` predictors and uploads its own).
+    """
+    cfg, pair = disc.config, disc.pair
+    if tuple(new.feature_shape) != tuple(disc.pair.feature_shape):
+        raise ValueError(f"newcomers have features {tuple(new.feature_shape)}, the discovery "
+                         f"was run on {disc.pair.feature_shape}")
+    mapper = mapper or ClientMapper()
+    key = jax.random.key(cfg.seed + 1) if key is None else key
+    tr_idx, tr_cnt, pr_idx, pr_cnt = probe_split(
+        new, cfg.probe_kind, holdout=cfg.holdout, cap=cfg.probe_cap,
+        seed=int(jax.random.randint(jax.random.fold_in(key, 7), (), 0, 2**31 - 1)))
+    t_pool = target_features(pair, disc.target_params, new.x)
+    preds, _ = train_predictors(pair, cfg, new.x, t_pool, tr_idx, tr_cnt, key, mapper)
+    apply = pair.predictor.apply
+    scorer = pair if cfg.fused else apply
+    s_self, s_std, e_self = self_errors(apply, preds, new.x, t_pool, pr_idx, pr_cnt, mapper)
+    s_self, s_std = np.asarray(s_self, np.float64), np.asarray(s_std, np.float64)
+    count = np.asarray(pr_cnt)
+    tiles = dict(row_tile=cfg.row_tile, col_tile=cfg.col_tile, mapper=mapper,
+                 tile_evals=cfg.tile_evals)
+    # [C_new, C]: each newcomer scores every existing predictor on its own probes.
+    rows, rows_q = (np.asarray(v, np.float64) for v in paired_matrix(
+        scorer, disc.predictors, new.x, t_pool, pr_idx, pr_cnt, e_self, **tiles))
+    f = disc.num_federations
+    member = np.eye(f)[disc.federation]  # [C, F]
+    if cfg.criterion == "test":
+        diff, se = paired_moments(rows, rows_q, s_self, count)
+        q = bh_adjust(pair_pvalues(diff, se, s_self, count, cfg.min_effect),
+                      skip_diagonal=False)
+        fed_ev = evidence(q, cfg.alpha) @ member / member.sum(0)  # [C_new, F]
+        best = np.argmin(fed_ev, axis=1)
+        ok = fed_ev[np.arange(len(best)), best] <= cfg.cut
+    else:
+        fed_score = rows @ member / member.sum(0)  # [C_new, F]
+        if cfg.sigma == "row":
+            sigma = np.concatenate([s_self[:, None], rows], 1).std(1)
+        else:
+            sigma = s_std
+        z = normalised_scores(fed_score, s_self, sigma)
+        best = np.argmin(fed_score, axis=1)
+        ok = z[np.arange(len(best)), best] <= disc.eps
+    out = np.where(ok, best, -1).astype(np.int32)
+    lost = np.flatnonzero(~ok)
+    if lost.size:
+        sub = jax.tree.map(lambda a: a[lost], preds)
+        s_new, q_new = (np.asarray(v, np.float32) for v in paired_matrix(
+            scorer, sub, new.x, t_pool, pr_idx[lost], pr_cnt[lost], e_self[lost], **tiles))
+        if cfg.criterion == "test":
+            sub_cfg = cfg
+        else:
+            # The row sigma is over everything such a newcomer scored: the existing
+            # predictors and the other unmatched newcomers' (a row of two alone says nothing).
+            sub_cfg = dataclasses.replace(cfg, eps=disc.eps)
+        std = (np.concatenate([rows[lost], s_new], 1).std(1) if cfg.sigma == "row"
+               else s_std[lost])
+        dec = _newcomer_decision(s_new, q_new, count[lost], std, sub_cfg)
+        out[lost] = f + dec
+    return out
+
+
+def _newcomer_decision(s_new, q_new, count, row_std, cfg):
+    if cfg.criterion == "test":
+        return federations_from_scores(s_new, cfg, second=q_new, count=count).federation
+    z = normalised_scores(s_new, np.diag(s_new), row_std if cfg.sigma == "row" else row_std)
+    comp = compatibility(z, float(cfg.eps))
+    np.fill_diagonal(comp, True)
+    return federations(comp, cfg.rule, np.diag(s_new))
