@@ -16,8 +16,8 @@ examples each; group pools are disjoint shares of the source's training images):
   smooth equidistant patterns, per-pixel RMS 0.15).
 * ``labelskew``: 4 equal groups, group g draws its classes from its own Dirichlet(0.5) mix
   (no transform: the groups differ only in which images they hold).
-* ``unequal``: rotation groups of very unequal sizes (shares 1/2, 1/4, 1/8 and the rest
-  split into groups of 3 clients).
+* ``unequal``: pattern groups (RMS 0.15, one pattern per group) of very unequal sizes
+  (shares 1/2, 1/4, 1/8 and the rest split into groups of 3 clients).
 * ``mixed``: 4 groups with four kinds of shift: plain, rotated 90 degrees, pattern at RMS 0.3,
   Dirichlet(0.5) class mix; sizes 40/30/20/10 %.
 * ``outliers``: the ``rotation`` population plus 5 % of clients (at least 1) that each have a
@@ -106,7 +106,7 @@ def population(pop: str, clients: int, seed: int, source: str = "fmnist",
     perm = rng.permutation(len(x_all))
     share = len(x_all) // g_count if pop not in SINGLE else len(x_all)
     pools, weights = [], []
-    kinds = {"rotation": "rot", "unequal": "rot", "outliers": "rot", "pattern": "pat",
+    kinds = {"rotation": "rot", "unequal": "pat", "outliers": "rot", "pattern": "pat",
              "paper": "pat", "labelskew": "lab", "iid": "none", "dirichlet": "dir",
              "labelperm": "none"}
     pats = None

@@ -50,7 +50,15 @@ class RNDClustered(Algorithm):
     """RND federation discovery + FedAvg per federation (Domini et al. 2026).
 
     Options (besides the engine and ``cohort_size``):
-      eps: compatibility tolerance ``>= 0`` or ``"auto"`` (:func:`fedrnd.rnd.auto_eps`).
+      criterion: ``"test"`` (default: the paired held-out test with Benjamini-Hochberg and
+        average-linkage federations, :class:`fedrnd.rnd.RNDConfig`) or ``"eps"`` (the paper's
+        rule, Eq. 9, with ``eps``, ``sigma`` and ``rule`` below).
+      alpha, min_effect: the test's level (0.01) and the smallest relative excess that counts
+        (0.05; see :class:`fedrnd.rnd.RNDConfig`).
+      candidates, random_peers: two-stage discovery for large populations: each client scores
+        only its ``candidates`` nearest peers by fingerprint plus ``random_peers`` random ones
+        (``None``: every pair).
+      eps: ``"eps"`` criterion: tolerance ``>= 0`` or ``"auto"`` (:func:`fedrnd.rnd.auto_eps`).
       sigma: ``"row"`` (std of the novelty row, default) or ``"self"``.
       rule: federation extraction, ``"mutual"`` (default), ``"one_sided"`` or ``"leader"``.
       tau: re-discover every ``tau`` rounds (``None``: once, before round 0).
@@ -59,7 +67,8 @@ class RNDClustered(Algorithm):
         (Adam; the paper's 10 epochs, batch 128, lr 1e-3); steps replace epochs when set;
         predictor_min_steps (300): at least this many steps when the epochs come to fewer
         (small clients; ``None`` = the paper's schedule as is; see ``RNDConfig.min_steps``).
-      probe: ``"train"`` (default), ``"holdout"`` or ``"test"``; probe_cap: at most this many
+      probe: ``"auto"`` (default: ``"holdout"`` for the test criterion, ``"train"`` for
+        ``"eps"``), ``"train"``, ``"holdout"`` or ``"test"``; probe_cap: at most this many
         probe examples per client.
       rnd_seed: the global seed of the frozen target.
       max_slots: hard cap on federation slots.
@@ -70,6 +79,11 @@ class RNDClustered(Algorithm):
 
     name: ClassVar[str] = "rnd"
     clusters_clients: ClassVar[bool] = True
+    criterion: str = "test"
+    alpha: float = 0.01
+    min_effect: float = 0.05
+    candidates: int | None = None
+    random_peers: int = 4
     eps: float | str = "auto"
     sigma: str = "row"
     rule: str = "mutual"
@@ -80,7 +94,7 @@ class RNDClustered(Algorithm):
     predictor_min_steps: int | None = 300
     predictor_batch: int = 128
     predictor_lr: float = 1e-3
-    probe: str = "train"
+    probe: str = "auto"
     probe_cap: int | None = None
     rnd_seed: int = 0
     max_slots: int = 4096
@@ -98,7 +112,10 @@ class RNDClustered(Algorithm):
                          steps=self.predictor_steps, min_steps=self.predictor_min_steps,
                          batch_size=self.predictor_batch,
                          lr=self.predictor_lr, probe=self.probe, probe_cap=self.probe_cap,
-                         eps=self.eps, sigma=self.sigma, rule=self.rule)
+                         eps=self.eps, sigma=self.sigma, rule=self.rule,
+                         criterion=self.criterion, alpha=self.alpha, min_effect=self.min_effect,
+                         candidates=self.candidates,
+                         random_peers=self.random_peers)
 
     def validate(self, data: FederatedData) -> None:
         super().validate(data)
@@ -224,8 +241,19 @@ class RNDClustered(Algorithm):
                                 title=f"RND novelty S ({title})")
             # Raw rows differ in scale (some data are more novel to everyone); the rule
             # compares within a row, so the normalised view is the one that shows federations.
-            z = normalised_scores(s, np.diag(s), sigma)
-            outputs.plot_matrix(out_dir / "novelty_normalised.png", np.minimum(z, 3 * eps + 1),
-                                group, title=f"(s_ij - s_ii) / sigma_i ({title})",
-                                label="normalised novelty")
+            if np.isfinite(eps):
+                z = normalised_scores(s, np.diag(s), sigma)
+                outputs.plot_matrix(out_dir / "novelty_normalised.png",
+                                    np.minimum(z, 3 * eps + 1), group,
+                                    title=f"(s_ij - s_ii) / sigma_i ({title})",
+                                    label="normalised novelty")
+            else:
+                # The test criterion compares each peer with the client's own predictor,
+                # relative to the client's own error (held-out probes).
+                d = np.diag(s)
+                rel = (s - d[:, None]) / np.where(d > 0, d, 1.0)[:, None]
+                title = f"{out['federations']:.0f} federations, paired test"
+                outputs.plot_matrix(out_dir / "novelty_normalised.png", np.clip(rel, -1, 3),
+                                    group, title=f"(s_ij - s_ii) / s_ii ({title})",
+                                    label="relative excess")
         return out

@@ -46,7 +46,8 @@ def _cluster_lines(res, group: np.ndarray | None) -> list[str]:
     f = res.final
     kind = "federations" if "federations" in f else "clusters"
     head = f"{res.label}: {f.get('clusters', float('nan')):.0f} {kind} found"
-    notes = ([f"eps = {f['eps']:.3g}"] if "eps" in f else []) + (
+    eps = f.get("eps")
+    notes = ([f"eps = {eps:.3g}"] if eps is not None and np.isfinite(eps) else []) + (
         [f"{f['cluster_time']:.1f} s, compilation included"] if "cluster_time" in f else [])
     if notes:
         head += f" ({'; '.join(notes)})"

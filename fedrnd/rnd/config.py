@@ -32,24 +32,24 @@ class RNDConfig:
 
     Two compatibility criteria (``criterion``):
 
-    * ``"test"`` (default): unbiased held-out novelty, a paired one-sided test per pair with a
-      minimum effect ``min_effect``, Benjamini-Hochberg within each client's row at ``alpha``,
-      and federations by average linkage on the test's evidence cut at ``cut``
-      (:mod:`fedrnd.rnd.stats`, :func:`fedrnd.rnd.extract.linkage_federations`). Nothing
-      depends on the number of clients; evidence for the defaults is in
-      ``experiments/discovery/REPORT.md``.
+    * ``"test"`` (default): unbiased held-out novelty and paired statistics per pair
+      (:mod:`fedrnd.rnd.stats`); an average-linkage tree of the symmetrised relative excess,
+      split top-down wherever a one-sided group test at level ``alpha`` with minimum effect
+      ``min_effect`` says two subtrees differ
+      (:func:`fedrnd.rnd.extract.tested_linkage_federations`). Pairwise Benjamini-Hochberg
+      decisions at ``alpha`` are reported as ``compatible``. Nothing depends on the number of
+      clients; evidence for the defaults is in ``experiments/discovery/REPORT.md``.
     * ``"eps"``: the paper's rule as published (Eq. 9): ``j`` compatible with ``i`` iff
       ``S[i, j] <= S[i, i] + eps * sigma_i``, federations as components (``rule``), ``eps`` a
       number or ``"auto"`` (silhouette, :func:`fedrnd.rnd.rules.auto_eps`).
 
     Attributes:
       criterion: ``"test"`` or ``"eps"`` (above).
-      alpha: test: Benjamini-Hochberg level per client row (the chance that a client wrongly
-        rejects any same-distribution peer).
-      min_effect: test: a peer counts as incompatible only if its predictor is worse on the
-        client's probes by more than this fraction of the client's own error.
-      cut: test: groups merge while their mean evidence is at most ``cut`` (1/2: the
-        significance boundary; see :func:`fedrnd.rnd.stats.evidence`).
+      alpha: test: the level of each split test (a one-distribution population is split with
+        probability at most ``alpha``) and of the pairwise Benjamini-Hochberg decisions.
+      min_effect: test: two groups count as different only if peers' predictors do worse on
+        each other's held-out probes than the clients' own, by more than this fraction of
+        the own error (on average over the clients of both groups).
       candidates: ``None``: score every pair (dense). An integer ``k``: two-stage discovery,
         every client scores only its ``k`` nearest peers by fingerprint plus ``random_peers``
         random ones, both ways (:mod:`fedrnd.rnd.fingerprints`).
@@ -135,9 +135,8 @@ class RNDConfig:
     edge_chunk: int = 1024
     fused: bool = True
     criterion: str = "test"
-    alpha: float = 0.05
+    alpha: float = 0.01
     min_effect: float = 0.05
-    cut: float = 0.5
     candidates: int | None = None
     random_peers: int = 4
     min_support: float = 1.0
@@ -162,8 +161,6 @@ class RNDConfig:
             raise ValueError(f"alpha must be in (0, 1), got {self.alpha}")
         if not (np.isfinite(self.min_effect) and self.min_effect >= 0):
             raise ValueError(f"min_effect must be finite and >= 0, got {self.min_effect}")
-        if not 0.0 < self.cut < 1.0:
-            raise ValueError(f"cut must be in (0, 1), got {self.cut}")
         if self.candidates is not None and (not isinstance(self.candidates, int | np.integer)
                                             or self.candidates < 1):
             raise ValueError(f"candidates must be an integer >= 1 or None, got "

@@ -139,66 +139,60 @@ def linkage_federations(evidence: np.ndarray, cut: float = LINKAGE_CUT) -> np.nd
     return _relabel(lab)
 
 
-def sparse_linkage_federations(num_clients: int, i: np.ndarray, j: np.ndarray,
-                               evidence: np.ndarray, cut: float = LINKAGE_CUT,
-                               min_support: float = 1.0) -> np.ndarray:
-    """Average linkage over the *observed* pairs of a sparse graph (two-stage discovery).
-
-    ``(i, j, evidence)``: one entry per unordered observed pair (duplicates are averaged).
-    The mean evidence between two groups is taken over their observed pairs only; groups
-    merge (lowest mean first) while it is at most ``cut`` and the pairs observed between them
-    number at least ``min_support * min(a, b)`` (on average every member of the smaller
-    group has ``min_support`` observed pairs with the other): a single candidate edge
-    between two groups of 5, even a false link, is too little support. With every pair
-    observed the support always holds and the result equals :func:`linkage_federations`.
-
-    Greedy with a heap and small-into-large merging of the groups' neighbour tables:
-    ``O(E log E)`` for ``E`` observed pairs (a second or two per 10^5 pairs).
-    """
-    import heapq
-
-    c = int(num_clients)
+def _unique_pairs(c, i, j, v):
+    """Unordered pairs ``(a < b)`` with duplicates averaged and the tie-breaking jitter added."""
     i, j = np.asarray(i, np.int64), np.asarray(j, np.int64)
-    v = np.asarray(evidence, np.float64)
+    v = np.asarray(v, np.float64)
     if not (i.shape == j.shape == v.shape) or i.ndim != 1:
-        raise ValueError(f"i, j, evidence must be equal-length vectors, got {i.shape}, "
+        raise ValueError(f"i, j and the values must be equal-length vectors, got {i.shape}, "
                          f"{j.shape}, {v.shape}")
     if i.size and (min(i.min(), j.min()) < 0 or max(i.max(), j.max()) >= c):
         raise ValueError(f"pair endpoints must be client ids in [0, {c})")
     if not np.all(np.isfinite(v)):
-        raise ValueError("evidence must be finite")
+        raise ValueError("pair values must be finite")
     keep = i != j
     a, b = np.minimum(i[keep], j[keep]), np.maximum(i[keep], j[keep])
-    key = a * c + b
-    uniq, inv = np.unique(key, return_inverse=True)
-    total = np.bincount(inv, v[keep]) if uniq.size else np.zeros(0)
-    cnt = np.bincount(inv) if uniq.size else np.zeros(0)
+    uniq, inv = np.unique(a * c + b, return_inverse=True)
+    mean = (np.bincount(inv, v[keep]) / np.bincount(inv)) if uniq.size else np.zeros(0)
     ua, ub = uniq // c, uniq % c
-    val = total / np.maximum(cnt, 1) + _JITTER * _pair_jitter(ua, ub)
-    # Neighbour tables: nbr[g][h] = [sum of evidence, observed pairs] between groups g and h.
+    return ua, ub, mean + _JITTER * _pair_jitter(ua, ub)
+
+
+def _sparse_upgma(c: int, ua, ub, val, lim: float, min_support: float):
+    """Average linkage over observed pairs (greedy, lowest mean first) while the mean is at
+    most ``lim`` and the support rule holds. Returns ``(root [C], merges)``: each client's
+    group and the merges in order as ``(node, node)`` with scipy's numbering (clients
+    ``0..C-1``, the ``k``-th merge creates node ``C + k``)."""
+    import heapq
+
+    # Neighbour tables: nbr[g][h] = [sum of values, observed pairs] between groups g and h,
+    # one list object shared by both directions.
     nbr: list[dict[int, list[float]]] = [dict() for _ in range(c)]
-    for x, y, s in zip(ua.tolist(), ub.tolist(), val.tolist(), strict=True):
-        nbr[x][y] = nbr[y][x] = [s, 1.0]  # one shared entry per pair of groups
+    for x, y, v in zip(ua.tolist(), ub.tolist(), val.tolist(), strict=True):
+        nbr[x][y] = nbr[y][x] = [v, 1.0]
     size = [1] * c
     alive = [True] * c
     version = [0] * c
-    lim = float(cut) + _JITTER
-    heap = [(s, x, y, 0, 0) for x, y, s in zip(ua.tolist(), ub.tolist(), val.tolist(),
-                                                strict=True) if s <= lim]
+    node = list(range(c))
+    merges: list[tuple[int, int]] = []
+    heap = [(v, x, y, 0, 0) for x, y, v in zip(ua.tolist(), ub.tolist(), val.tolist(),
+                                                strict=True) if v <= lim]
     heapq.heapify(heap)
     parent = list(range(c))
     while heap:
-        s, x, y, vx, vy = heapq.heappop(heap)
+        v, x, y, vx, vy = heapq.heappop(heap)
         if not (alive[x] and alive[y]) or version[x] != vx or version[y] != vy:
             continue
         tot, n = nbr[x][y]
         if n < min_support * min(size[x], size[y]):
             continue  # re-pushed when either group changes
+        merges.append((node[x], node[y]) if node[x] < node[y] else (node[y], node[x]))
         # Merge the smaller table into the larger; the survivor keeps its id.
         if len(nbr[x]) < len(nbr[y]):
             x, y = y, x
         alive[y] = False
         parent[y] = x
+        node[x] = c + len(merges) - 1
         del nbr[x][y]
         del nbr[y][x]
         for h, (t2, n2) in nbr[y].items():
@@ -224,4 +218,184 @@ def sparse_linkage_federations(num_clients: int, i: np.ndarray, j: np.ndarray,
         if np.array_equal(nxt, root):
             break
         root = nxt
+    return root, merges
+
+
+def sparse_linkage_federations(num_clients: int, i: np.ndarray, j: np.ndarray,
+                               evidence: np.ndarray, cut: float = LINKAGE_CUT,
+                               min_support: float = 1.0) -> np.ndarray:
+    """Average linkage over the *observed* pairs of a sparse graph (two-stage discovery).
+
+    ``(i, j, evidence)``: one entry per unordered observed pair (duplicates are averaged).
+    The mean evidence between two groups is taken over their observed pairs only; groups
+    merge (lowest mean first) while it is at most ``cut`` and the pairs observed between them
+    number at least ``min_support * min(a, b)`` (on average every member of the smaller
+    group has ``min_support`` observed pairs with the other): a single candidate edge
+    between two groups of 5, even a false link, is too little support. With every pair
+    observed the support always holds and the result equals :func:`linkage_federations`.
+
+    Greedy with a heap and small-into-large merging of the groups' neighbour tables:
+    ``O(E log E)`` for ``E`` observed pairs (a second or two per 10^5 pairs).
+    """
+    c = int(num_clients)
+    ua, ub, val = _unique_pairs(c, i, j, evidence)
+    root, _ = _sparse_upgma(c, ua, ub, val, float(cut) + _JITTER, min_support)
     return _relabel(root)
+
+
+# --------------------------------------------------------------------------------------------
+# the default: a dendrogram of the test statistic, split top-down by a group test
+# --------------------------------------------------------------------------------------------
+
+
+def _leaf_order(c: int, merges: np.ndarray):
+    """Leaves of every node as a contiguous slice of one order: ``(order, start, size)``."""
+    n_nodes = c + len(merges)
+    size = np.ones(n_nodes, np.int64)
+    for k, (a, b) in enumerate(merges):
+        size[c + k] = size[a] + size[b]
+    start = np.zeros(n_nodes, np.int64)
+    order = np.empty(c, np.int64)
+    has_parent = np.zeros(n_nodes, bool)
+    has_parent[np.asarray(merges, np.int64).reshape(-1)] = True
+    roots = [n for n in range(n_nodes) if not has_parent[n]]
+    pos = 0
+    for r in roots:
+        start[r] = pos
+        stack = [r]
+        while stack:
+            n = stack.pop()
+            if n < c:
+                order[start[n]] = n
+                continue
+            a, b = merges[n - c]
+            start[a] = start[n]
+            start[b] = start[n] + size[a]
+            stack.extend((a, b))
+        pos += size[r]
+    return order, start, size, roots
+
+
+def _group_pvalue(side, pa, pb, stat, se2, df_pair, min_effect):
+    """One-sided p-value that the clients of side 0 and side 1 come from different
+    distributions (see :func:`tested_linkage_federations`). ``side [C]``: 0, 1 or -1."""
+    from scipy.stats import t as student_t
+
+    sa, sb = side[pa], side[pb]
+    inside = (sa >= 0) & (sb >= 0)
+    pa, pb, r, e2, dfp = pa[inside], pb[inside], stat[inside], se2[inside], df_pair[inside]
+    sa, sb = sa[inside], sb[inside]
+    cross = sa != sb
+    c = side.shape[0]
+    ends = np.concatenate([pa, pb])
+    cross2 = np.concatenate([cross, cross])
+    r2 = np.concatenate([r, r])
+    n_cross = np.bincount(ends[cross2], minlength=c)
+    n_own = np.bincount(ends[~cross2], minlength=c)
+    s_cross = np.bincount(ends[cross2], r2[cross2], minlength=c)
+    s_own = np.bincount(ends[~cross2], r2[~cross2], minlength=c)
+    members = np.flatnonzero((side >= 0) & (n_cross > 0))
+    if members.size == 0 or not cross.any():
+        return 1.0
+    u = s_cross[members] / n_cross[members] - np.where(
+        n_own[members] > 0, s_own[members] / np.maximum(n_own[members], 1), 0.0)
+    n = members.size
+    # Two sources of noise: clients differ (the spread of u) and each pair's statistic is
+    # measured on finitely many probes; use the larger, so two single clients reduce to the
+    # pair's own test.
+    emp = u.var(ddof=1) / n if n > 2 else 0.0
+    n_a = np.count_nonzero(side[members] == 0)
+    n_b = n - n_a
+    meas = float(np.mean(e2[cross])) / max(1, min(n_a, n_b))
+    var = max(emp, meas)
+    df = (n - 1) if emp >= meas else float(np.min(dfp[cross]))
+    excess = float(u.mean()) - float(min_effect)
+    if var <= 0:
+        return 0.0 if excess > 0 else 1.0
+    return float(student_t.sf(excess / np.sqrt(var), max(df, 1)))
+
+
+def _split_tree(c, merges, pa, pb, stat, se2, dfp, alpha, min_effect):
+    merges = np.asarray(merges, np.int64).reshape(-1, 2)
+    order, start, size, roots = _leaf_order(c, merges)
+    lab = np.empty(c, np.int64)
+    side = np.full(c, -1, np.int64)
+    stack = list(roots)
+    while stack:
+        n = stack.pop()
+        if n >= c:
+            a, b = merges[n - c]
+            la = order[start[a]:start[a] + size[a]]
+            lb = order[start[b]:start[b] + size[b]]
+            side[la], side[lb] = 0, 1
+            p = _group_pvalue(side, pa, pb, stat, se2, dfp, min_effect)
+            side[la], side[lb] = -1, -1
+            if p <= alpha:
+                stack.extend((a, b))
+                continue
+        members = order[start[n]:start[n] + size[n]]
+        lab[members] = members.min()
+    return _relabel(lab)
+
+
+def tested_linkage_federations(num_clients: int, i, j, stat, se, df, *,
+                               alpha: float = 0.05, min_effect: float = 0.0,
+                               min_support: float = 1.0, dense: bool | None = None
+                               ) -> np.ndarray:
+    """Federations from a pair statistic: an average-linkage tree, split where a test says so.
+
+    Inputs, one entry per observed unordered pair ``(i, j)``: ``stat`` the symmetrised
+    relative excess ``R_ij`` (0 in expectation for two clients of one distribution, larger
+    the more each one's predictor misses the other's data), its standard error ``se`` and
+    degrees of freedom ``df`` (:func:`fedrnd.rnd.stats.pair_statistic`).
+
+    1. Tree: average linkage (UPGMA) on ``R``: at every step the two groups with the lowest
+       mean ``R`` between them merge. Dense input (every pair observed) uses scipy; a sparse
+       graph uses the observed pairs only, with the support rule of
+       :func:`sparse_linkage_federations`, and may leave a forest.
+    2. Split top-down: at a node with children ``A`` and ``B``, each client ``k`` of ``A + B``
+       gives ``u_k`` = its mean ``R`` to the other child minus its mean ``R`` within its own
+       child (0 for a child of one client, since ``R_kk = 0``). One-sided test of
+       ``mean u > min_effect`` (Student's t over the clients, or over the pairs' own
+       measurement error when that is larger, so two single clients reduce to their pair
+       test). Rejected at ``alpha``: keep ``A`` and ``B`` apart and test inside each;
+       otherwise the node is one federation.
+
+    Why this shape: the tree is built from averages, so one false link (one low ``R``
+    among many high ones) cannot merge two groups, and a client that fits nowhere joins the
+    tree last and is split off by its own test without moving anyone else. The test pools
+    every client of both children, so a shift too weak to reject any single pair is still
+    found between two groups of many clients, while the client-level spread of ``u``
+    (clients differ even within one distribution) keeps its false-split rate at ``alpha``
+    per tested node, whatever the number of clients. A one-distribution population is kept
+    whole unless its root test rejects: at most ``alpha`` of the time.
+    """
+    c = int(num_clients)
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    if c < 2:
+        return np.zeros(c, np.int32)
+    i, j = np.asarray(i, np.int64), np.asarray(j, np.int64)
+    stat = np.asarray(stat, np.float64)
+    se = np.asarray(se, np.float64)
+    df = np.broadcast_to(np.asarray(df, np.float64), stat.shape)
+    ua, ub, val = _unique_pairs(c, i, j, stat)
+    if len(ua) != len(stat):
+        raise ValueError("tested_linkage_federations needs each unordered pair once")
+    # Align se and df with the sorted unique pairs.
+    key = np.minimum(i, j) * c + np.maximum(i, j)
+    order = np.argsort(key)
+    se2 = se[order] ** 2
+    dfp = df[order]
+    if dense is None:
+        dense = len(ua) == c * (c - 1) // 2
+    if dense:
+        from scipy.cluster.hierarchy import linkage
+
+        cond = np.empty(c * (c - 1) // 2)
+        # Condensed order of scipy: (0,1), (0,2), ..., (1,2), ...; ua*c+ub sorted is the same.
+        cond[:] = val - val.min()
+        merges = linkage(cond, method="average")[:, :2].astype(np.int64)
+    else:
+        _, merges = _sparse_upgma(c, ua, ub, val, np.inf, min_support)
+    return _split_tree(c, merges, ua, ub, val, se2, dfp, alpha, min_effect)

@@ -22,12 +22,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from scipy.sparse import coo_matrix, csr_matrix
+from scipy.stats import t as student_t
 
 from fedrnd.data.federated import FederatedData
 from fedrnd.engine import ClientMapper, EdgeList, tree_bytes
 from fedrnd.engine.multihost import to_host
 from fedrnd.rnd.config import RNDConfig
-from fedrnd.rnd.extract import federations, linkage_federations, sparse_linkage_federations
+from fedrnd.rnd.extract import federations, tested_linkage_federations
 from fedrnd.rnd.fingerprints import candidate_edges, fingerprint_bytes, fingerprints
 from fedrnd.rnd.networks import RNDPair, target_features
 from fedrnd.rnd.predictors import probe_split, train_predictors
@@ -43,7 +44,7 @@ from fedrnd.rnd.scoring import paired_edges, paired_matrix, self_errors
 from fedrnd.rnd.stats import (
     bh_adjust,
     evidence,
-    pair_pvalues,
+    pair_statistic,
     paired_moments,
     symmetric_pvalues,
     symmetric_q,
@@ -141,8 +142,10 @@ def federations_from_scores(scores: np.ndarray, config: RNDConfig = RNDConfig(),
         np.fill_diagonal(v, 0.0)
         comp = qs > cfg.alpha
         np.fill_diagonal(comp, True)
-        return Decision(linkage_federations(v, cfg.cut), comp, "test", z, sigma, float("nan"),
-                        q=q, evidence=v)
+        pi, pj, stat, err, df = pair_statistic(diff, se, s_self, count)
+        fed = tested_linkage_federations(c, pi, pj, stat, err, df, alpha=cfg.alpha,
+                                         min_effect=cfg.min_effect, dense=True)
+        return Decision(fed, comp, "test", z, sigma, float("nan"), q=q, evidence=v)
     src, dst = (np.asarray(a, np.int64) for a in edges)
     e = np.asarray(scores, np.float64)
     if s_self is None or num_clients is None:
@@ -174,7 +177,11 @@ def federations_from_scores(scores: np.ndarray, config: RNDConfig = RNDConfig(),
     np.minimum.at(qmin, inv, q)
     v = evidence(qmin, cfg.alpha)
     pairs = np.stack([uniq // c, uniq % c], 1)
-    fed = sparse_linkage_federations(c, pairs[:, 0], pairs[:, 1], v, cfg.cut, cfg.min_support)
+    pi, pj, stat, err, df = pair_statistic(diff, se, s_self, count, edges=(src, dst),
+                                           num_clients=c)
+    fed = tested_linkage_federations(c, pi, pj, stat, err, df, alpha=cfg.alpha,
+                                     min_effect=cfg.min_effect, min_support=cfg.min_support,
+                                     dense=False)
     return Decision(fed, qmin[inv] > cfg.alpha, "test", z, sigma, float("nan"), q=q,
                     evidence=v, pairs=pairs)
 
@@ -383,10 +390,12 @@ def assign_newcomers(disc: Discovery, new: FederatedData, *, key: jax.Array | No
     Each newcomer trains its own predictor (same target, same schedule, same probe split),
     then scores every existing predictor on its own probes.
 
-    * criterion ``"test"``: the paired test of each existing predictor against the newcomer's
-      own (Benjamini-Hochberg over its row), then its mean evidence per federation; it joins
-      the federation of lowest mean evidence when that is at most ``cut``. One direction only
-      (members do not score the newcomer's predictor), so the decision is the newcomer's.
+    * criterion ``"test"``: the mean relative excess of each federation's predictors on the
+      newcomer's held-out probes (over its own predictor); it joins the federation of lowest
+      mean excess unless a one-sided test rejects "excess <= min_effect" at ``alpha`` (spread
+      over members or the probes' own noise, whichever is larger). One direction only
+      (members do not score the newcomer's predictor), so an unusually good or bad newcomer
+      predictor shifts all its scores; the test on a whole federation is the safeguard.
     * criterion ``"eps"``: its score for federation ``F`` is the mean of its scores of ``F``'s
       members' predictors; it joins the lowest-scoring federation when
       ``m_F <= s_nn + eps * sigma_n`` (the "row" sigma over the newcomer's row).
@@ -420,11 +429,17 @@ def assign_newcomers(disc: Discovery, new: FederatedData, *, key: jax.Array | No
     member = np.eye(f)[disc.federation]  # [C, F]
     if cfg.criterion == "test":
         diff, se = paired_moments(rows, rows_q, s_self, count)
-        q = bh_adjust(pair_pvalues(diff, se, s_self, count, cfg.min_effect),
-                      skip_diagonal=False)
-        fed_ev = evidence(q, cfg.alpha) @ member / member.sum(0)  # [C_new, F]
-        best = np.argmin(fed_ev, axis=1)
-        ok = fed_ev[np.arange(len(best)), best] <= cfg.cut
+        base = np.where(s_self > 0, s_self, np.finfo(np.float64).tiny)[:, None]
+        r, sr = diff / base, se / base
+        size = member.sum(0)
+        fed_r = r @ member / size  # [C_new, F] mean relative excess per federation
+        emp = np.maximum(r * r @ member / size - fed_r ** 2, 0.0) / size
+        meas = (sr * sr) @ member / size  # the newcomer's probes are shared by all members
+        var = np.maximum(emp, meas)
+        t = (fed_r - cfg.min_effect) / np.sqrt(np.where(var > 0, var, np.inf))
+        p = student_t.sf(t, np.maximum(count[:, None] - 1, 1))
+        best = np.argmin(fed_r, axis=1)
+        ok = p[np.arange(len(best)), best] > cfg.alpha
     else:
         fed_score = rows @ member / member.sum(0)  # [C_new, F]
         if cfg.sigma == "row":

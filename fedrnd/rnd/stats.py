@@ -38,8 +38,8 @@ from __future__ import annotations
 import numpy as np
 from scipy.stats import t as student_t
 
-__all__ = ["bh_adjust", "evidence", "pair_pvalues", "paired_moments", "symmetric_pvalues",
-           "symmetric_q"]
+__all__ = ["bh_adjust", "evidence", "pair_pvalues", "pair_statistic", "paired_moments",
+           "symmetric_pvalues", "symmetric_q"]
 
 
 def paired_moments(scores, second, s_self, count, rows=None) -> tuple[np.ndarray, np.ndarray]:
@@ -210,3 +210,34 @@ def symmetric_pvalues(diff, se, s_self, count, min_effect: float, *, edges=None,
     p = student_t.sf(t, np.maximum(df, 1))
     p = np.where(np.isfinite(err) & (df >= 1), p, 1.0)
     return np.where(np.isnan(excess), 0.0, p)
+
+
+def pair_statistic(diff, se, s_self, count, *, edges=None, num_clients: int | None = None):
+    """The symmetrised relative excess of every observed unordered pair.
+
+    Returns ``(i, j, R, se_R, df)``, one entry per pair ``i < j``: ``R_ij = (r_ij + r_ji) / 2``
+    with ``r_ij = mean d / S_ii`` (see :func:`symmetric_pvalues` for why both directions),
+    its standard error and ``min(m_i, m_j) - 1`` degrees of freedom. Dense ``[C, C]`` input
+    gives all ``C (C - 1) / 2`` pairs; edge input (``edges = (src, dst)``) the pairs scored
+    in at least one direction (one direction alone where the reverse is missing).
+    """
+    m = np.asarray(count, np.float64)
+    if edges is None:
+        r, sr = _relative(diff, se, s_self)
+        c = r.shape[0]
+        i, j = np.triu_indices(c, 1)
+        stat = 0.5 * (r[i, j] + r[j, i])
+        err = 0.5 * np.sqrt(sr[i, j] ** 2 + sr[j, i] ** 2)
+        return i, j, stat, err, np.minimum(m[i], m[j]) - 1
+    src, dst = (np.asarray(a, np.int64) for a in edges)
+    c = int(num_clients)
+    r, sr = _relative(diff, se, s_self, rows=dst)
+    lo, hi = np.minimum(src, dst), np.maximum(src, dst)
+    uniq, inv = np.unique(lo * c + hi, return_inverse=True)
+    n = np.bincount(inv, minlength=len(uniq)).astype(np.float64)
+    stat = np.bincount(inv, r, minlength=len(uniq)) / n
+    err = np.sqrt(np.bincount(inv, sr * sr, minlength=len(uniq))) / n
+    dfm = np.full(len(uniq), np.inf)
+    np.minimum.at(dfm, inv, m[dst])
+    np.minimum.at(dfm, inv, m[src])
+    return uniq // c, uniq % c, stat, err, dfm - 1
