@@ -221,13 +221,15 @@ def measure(grid_path: str | Path, *, seed: int = 0, repeat: int = 5, rnd_repeat
 
     rc = rnd.rnd_config
     counts = np.asarray(data.train_count)
-    per_pred = (rc.steps * rc.batch_size if rc.steps is not None
-                else rc.epochs * int(np.max(counts)))
+    # The schedule actually trained (min_steps applies when the epochs come to fewer steps),
+    # each step a batch of min(batch_size, n) examples.
+    n_max = int(np.max(counts))
+    per_pred = rc.schedule(n_max).total_steps(n_max) * min(rc.batch_size, n_max)
     probes = np.asarray(counts if rc.probe_cap is None else np.minimum(counts, rc.probe_cap))
     count_kw = dict(clusters=ifca.num_clusters, train_examples=int(counts.sum()),
                     pool_rows=int(data.x.shape[0]), num_clients=data.num_clients,
                     predictor_examples=per_pred,
-                    probe_examples=int(probes.sum()) if rc.probe == "train" else None)
+                    probe_examples=int(probes.sum()) if rc.probe_kind == "train" else None)
     flops = flop_counts(engine.model, disc.pair, **count_kw)
 
     reread = (federations_at(disc, np.asarray(data.group), dict.fromkeys(["auto", rc.eps]))
@@ -257,7 +259,8 @@ def measure(grid_path: str | Path, *, seed: int = 0, repeat: int = 5, rnd_repeat
         "task_model": f"{cfg.model.name} {json.dumps(cfg.model.options)}",
         "task_params": _num_params(engine.model), "other_models": extra,
         "ifca_clusters": ifca.num_clusters,
-        "rnd": {"label": cells["rnd"].method.label, "network": disc.pair.kind, "predictor_steps": rc.steps,
+        "rnd": {"label": cells["rnd"].method.label, "network": disc.pair.kind,
+                "predictor_steps": rc.schedule(n_max).total_steps(n_max),
                 "predictor_epochs": rc.epochs, "predictor_batch": rc.batch_size,
                 "probe": rc.probe, "probe_cap": rc.probe_cap,
                 "federations": disc.num_federations, "eps": float(disc.eps)},
