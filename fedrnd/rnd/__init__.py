@@ -40,6 +40,7 @@ from fedrnd.rnd.extract import (
     federations,
     linkage_federations,
     sparse_linkage_federations,
+    linkage_test_federations,
 )
 from fedrnd.rnd.fingerprints import candidate_edges, fingerprint_bytes, fingerprints
 from fedrnd.rnd.networks import (
@@ -79,7 +80,15 @@ from fedrnd.rnd.scoring import (
     self_errors,
     self_novelty,
 )
-from fedrnd.rnd.stats import bh_adjust, evidence, pair_pvalues, paired_moments, symmetric_q
+from fedrnd.rnd.stats import (
+    bh_adjust,
+    evidence,
+    pair_pvalues,
+    pair_statistic,
+    paired_moments,
+    symmetric_pvalues,
+    symmetric_q,
+)
 
 __all__ = [
     "DISCOVERY_CRITERIA",
@@ -99,7 +108,10 @@ __all__ = [
     "paired_moments",
     "self_errors",
     "sparse_linkage_federations",
+    "linkage_test_federations",
+    "pair_statistic",
     "symmetric_q",
+    "symmetric_pvalues",
     "CRITERIA",
     "PRIORITIES",
     "SYMMETRIES",

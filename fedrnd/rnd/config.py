@@ -36,7 +36,7 @@ class RNDConfig:
       (:mod:`fedrnd.rnd.stats`); an average-linkage tree of the symmetrised relative excess,
       split top-down wherever a one-sided group test at level ``alpha`` with minimum effect
       ``min_effect`` says two subtrees differ
-      (:func:`fedrnd.rnd.extract.tested_linkage_federations`). Pairwise Benjamini-Hochberg
+      (:func:`fedrnd.rnd.extract.linkage_test_federations`). Pairwise Benjamini-Hochberg
       decisions at ``alpha`` are reported as ``compatible``. Nothing depends on the number of
       clients; evidence for the defaults is in ``experiments/discovery/REPORT.md``.
     * ``"eps"``: the paper's rule as published (Eq. 9): ``j`` compatible with ``i`` iff

@@ -278,7 +278,7 @@ def _leaf_order(c: int, merges: np.ndarray):
 
 def _group_pvalue(side, pa, pb, stat, se2, df_pair, min_effect):
     """One-sided p-value that the clients of side 0 and side 1 come from different
-    distributions (see :func:`tested_linkage_federations`). ``side [C]``: 0, 1 or -1."""
+    distributions (see :func:`linkage_test_federations`). ``side [C]``: 0, 1 or -1."""
     from scipy.stats import t as student_t
 
     sa, sb = side[pa], side[pb]
@@ -291,14 +291,11 @@ def _group_pvalue(side, pa, pb, stat, se2, df_pair, min_effect):
     cross2 = np.concatenate([cross, cross])
     r2 = np.concatenate([r, r])
     n_cross = np.bincount(ends[cross2], minlength=c)
-    n_own = np.bincount(ends[~cross2], minlength=c)
     s_cross = np.bincount(ends[cross2], r2[cross2], minlength=c)
-    s_own = np.bincount(ends[~cross2], r2[~cross2], minlength=c)
     members = np.flatnonzero((side >= 0) & (n_cross > 0))
     if members.size == 0 or not cross.any():
         return 1.0
-    u = s_cross[members] / n_cross[members] - np.where(
-        n_own[members] > 0, s_own[members] / np.maximum(n_own[members], 1), 0.0)
+    u = s_cross[members] / n_cross[members]
     n = members.size
     # Two sources of noise: clients differ (the spread of u) and each pair's statistic is
     # measured on finitely many probes; use the larger, so two single clients reduce to the
@@ -315,30 +312,82 @@ def _group_pvalue(side, pa, pb, stat, se2, df_pair, min_effect):
     return float(student_t.sf(excess / np.sqrt(var), max(df, 1)))
 
 
-def _split_tree(c, merges, pa, pb, stat, se2, dfp, alpha, min_effect):
+REFINE_ITERS = 10
+"""Reassignment passes per split (:func:`_refine`)."""
+
+
+def _refine(members, side, pa, pb, stat, iters: int = REFINE_ITERS):
+    """Move each member to the side of lower mean ``R`` (observed pairs, itself excluded) until
+    nothing moves: the tree's split, locally improved (a two-means step on ``R``). A client
+    the tree placed through one false link goes back to the side its other pairs point to.
+    ``side [C]`` holds 0 / 1 for ``members`` and -1 elsewhere; returns the refined copy."""
+    side = side.copy()
+    c = side.shape[0]
+    inside = (side[pa] >= 0) & (side[pb] >= 0)
+    a, b, r = pa[inside], pb[inside], stat[inside]
+    ends = np.concatenate([a, b])
+    other = np.concatenate([b, a])
+    r2 = np.concatenate([r, r])
+    for _ in range(iters):
+        to1 = side[other] == 1
+        n1 = np.bincount(ends[to1], minlength=c)
+        s1 = np.bincount(ends[to1], r2[to1], minlength=c)
+        n0 = np.bincount(ends[~to1], minlength=c)
+        s0 = np.bincount(ends[~to1], r2[~to1], minlength=c)
+        m0 = np.where(n0[members] > 0, s0[members] / np.maximum(n0[members], 1), np.inf)
+        m1 = np.where(n1[members] > 0, s1[members] / np.maximum(n1[members], 1), np.inf)
+        cur = side[members]
+        want = np.where(m1 < m0, 1, np.where(m0 < m1, 0, cur))
+        if np.array_equal(want, cur):
+            break
+        new = side.copy()
+        new[members] = want
+        if not ((want == 0).any() and (want == 1).any()):
+            break  # a side would empty: keep the last split
+        side = new
+    return side
+
+
+def _split_tree(c, merges, pa, pb, stat, se2, dfp, alpha, min_effect, refine=True):
     merges = np.asarray(merges, np.int64).reshape(-1, 2)
     order, start, size, roots = _leaf_order(c, merges)
+    pos = np.empty(c, np.int64)
+    pos[order] = np.arange(c)
     lab = np.empty(c, np.int64)
     side = np.full(c, -1, np.int64)
-    stack = list(roots)
+    # Work items: (tree node, members). The tree proposes a split of the members: the first
+    # node below whose two children both hold members (the tree restricted to the members).
+    stack = [(r, order[start[r]:start[r] + size[r]]) for r in roots]
     while stack:
-        n = stack.pop()
-        if n >= c:
+        n, members = stack.pop()
+        split = None
+        while n >= c and members.size > 1:
             a, b = merges[n - c]
-            la = order[start[a]:start[a] + size[a]]
-            lb = order[start[b]:start[b] + size[b]]
-            side[la], side[lb] = 0, 1
+            p_m = pos[members]
+            in_a = (p_m >= start[a]) & (p_m < start[a] + size[a])
+            if in_a.all():
+                n = a
+            elif not in_a.any():
+                n = b
+            else:
+                split = in_a
+                break
+        if split is not None:
+            side[members] = np.where(split, 0, 1)
+            if refine:
+                side = _refine(members, side, pa, pb, stat)
             p = _group_pvalue(side, pa, pb, stat, se2, dfp, min_effect)
-            side[la], side[lb] = -1, -1
+            sides = side[members]
+            side[members] = -1
             if p <= alpha:
-                stack.extend((a, b))
+                stack.append((n, members[sides == 0]))
+                stack.append((n, members[sides == 1]))
                 continue
-        members = order[start[n]:start[n] + size[n]]
         lab[members] = members.min()
     return _relabel(lab)
 
 
-def tested_linkage_federations(num_clients: int, i, j, stat, se, df, *,
+def linkage_test_federations(num_clients: int, i, j, stat, se, df, *,
                                alpha: float = 0.05, min_effect: float = 0.0,
                                min_support: float = 1.0, dense: bool | None = None
                                ) -> np.ndarray:
@@ -353,13 +402,16 @@ def tested_linkage_federations(num_clients: int, i, j, stat, se, df, *,
        mean ``R`` between them merge. Dense input (every pair observed) uses scipy; a sparse
        graph uses the observed pairs only, with the support rule of
        :func:`sparse_linkage_federations`, and may leave a forest.
-    2. Split top-down: at a node with children ``A`` and ``B``, each client ``k`` of ``A + B``
-       gives ``u_k`` = its mean ``R`` to the other child minus its mean ``R`` within its own
-       child (0 for a child of one client, since ``R_kk = 0``). One-sided test of
-       ``mean u > min_effect`` (Student's t over the clients, or over the pairs' own
-       measurement error when that is larger, so two single clients reduce to their pair
-       test). Rejected at ``alpha``: keep ``A`` and ``B`` apart and test inside each;
-       otherwise the node is one federation.
+    2. Split top-down: the tree proposes a split of a set of clients into ``A`` and ``B`` (the
+       first node below which both children hold members of the set); a two-means pass
+       moves each client to the side of lower mean ``R`` (:func:`_refine`: a client the tree
+       placed through one false link goes back). Each client ``k`` of ``A + B`` then gives
+       ``u_k``, its mean ``R`` to the other side (observed pairs). One-sided test of
+       ``mean u > min_effect``, Student's t over the clients, or over the pairs' own
+       measurement error when that is larger (so two single clients reduce to their pair
+       test). ``R`` is 0 in expectation between clients of one distribution, so under that
+       null ``E[u] = 0``. Rejected at ``alpha``: ``A`` and ``B`` stay apart and each is split
+       in turn; otherwise the set is one federation.
 
     Why this shape: the tree is built from averages, so one false link (one low ``R``
     among many high ones) cannot merge two groups, and a client that fits nowhere joins the
@@ -381,7 +433,7 @@ def tested_linkage_federations(num_clients: int, i, j, stat, se, df, *,
     df = np.broadcast_to(np.asarray(df, np.float64), stat.shape)
     ua, ub, val = _unique_pairs(c, i, j, stat)
     if len(ua) != len(stat):
-        raise ValueError("tested_linkage_federations needs each unordered pair once")
+        raise ValueError("linkage_test_federations needs each unordered pair once")
     # Align se and df with the sorted unique pairs.
     key = np.minimum(i, j) * c + np.maximum(i, j)
     order = np.argsort(key)

@@ -28,7 +28,7 @@ from fedrnd.data.federated import FederatedData
 from fedrnd.engine import ClientMapper, EdgeList, tree_bytes
 from fedrnd.engine.multihost import to_host
 from fedrnd.rnd.config import RNDConfig
-from fedrnd.rnd.extract import federations, tested_linkage_federations
+from fedrnd.rnd.extract import federations, linkage_test_federations
 from fedrnd.rnd.fingerprints import candidate_edges, fingerprint_bytes, fingerprints
 from fedrnd.rnd.networks import RNDPair, target_features
 from fedrnd.rnd.predictors import probe_split, train_predictors
@@ -143,7 +143,7 @@ def federations_from_scores(scores: np.ndarray, config: RNDConfig = RNDConfig(),
         comp = qs > cfg.alpha
         np.fill_diagonal(comp, True)
         pi, pj, stat, err, df = pair_statistic(diff, se, s_self, count)
-        fed = tested_linkage_federations(c, pi, pj, stat, err, df, alpha=cfg.alpha,
+        fed = linkage_test_federations(c, pi, pj, stat, err, df, alpha=cfg.alpha,
                                          min_effect=cfg.min_effect, dense=True)
         return Decision(fed, comp, "test", z, sigma, float("nan"), q=q, evidence=v)
     src, dst = (np.asarray(a, np.int64) for a in edges)
@@ -179,7 +179,7 @@ def federations_from_scores(scores: np.ndarray, config: RNDConfig = RNDConfig(),
     pairs = np.stack([uniq // c, uniq % c], 1)
     pi, pj, stat, err, df = pair_statistic(diff, se, s_self, count, edges=(src, dst),
                                            num_clients=c)
-    fed = tested_linkage_federations(c, pi, pj, stat, err, df, alpha=cfg.alpha,
+    fed = linkage_test_federations(c, pi, pj, stat, err, df, alpha=cfg.alpha,
                                      min_effect=cfg.min_effect, min_support=cfg.min_support,
                                      dense=False)
     return Decision(fed, qmin[inv] > cfg.alpha, "test", z, sigma, float("nan"), q=q,

@@ -162,7 +162,7 @@ def test_sparse_scores_equal_dense_entries(small):
 def test_sparse_discovery_on_complete_graph_equals_dense():
     groups = shuffled_groups([5, 3, 4], seed=2)
     data = grouped_gaussian(groups, seed=2, shift_seed=2)
-    cfg = RNDConfig(network="mlp")
+    cfg = RNDConfig(network="mlp", criterion="eps")  # the paper's rule: eps, sigma, z
     dense = discover(data, cfg)
     c = data.num_clients
     src, dst = np.meshgrid(np.arange(c), np.arange(c))
@@ -381,7 +381,7 @@ def test_auto_eps_sampled_silhouette_and_infinite_scores():
 def test_recovers_separated_groups_exactly(sizes, seed):
     groups = shuffled_groups(sizes, seed)
     data = grouped_gaussian(groups, shift_seed=seed, seed=seed)
-    res = discover(data, RNDConfig(network="mlp"))
+    res = discover(data, RNDConfig(network="mlp", criterion="eps"))
     assert adjusted_rand_score(groups, res.federation) == 1.0, (res.federation, res.eps)
     assert res.num_federations == len(sizes)
     # Every row shows the structure: in-group novelty below cross-group novelty.
@@ -393,13 +393,14 @@ def test_recovers_separated_groups_exactly(sizes, seed):
         fed = federations(res.compatible, rule, res.self_novelty)
         assert adjusted_rand_score(groups, fed) == 1.0
     if seed == 0:
-        fixed = discover(data, RNDConfig(network="mlp", eps=res.eps))
+        fixed = discover(data, RNDConfig(network="mlp", criterion="eps", eps=res.eps))
         np.testing.assert_array_equal(fixed.federation, res.federation)
 
 
 def test_bytes_follow_the_protocol():
     data = grouped_gaussian(shuffled_groups([8, 4, 2, 2], 0))
-    res = discover(data, RNDConfig(network="mlp"))
+    # The paper's protocol: one row of scores up (the test criterion also sends Q's row).
+    res = discover(data, RNDConfig(network="mlp", criterion="eps"))
     nb = tree_bytes(jax.tree.map(lambda a: a[0], res.predictors))
     assert nb == (6 * 32 + 32 + 32 * 64 + 64) * 4
     np.testing.assert_array_equal(res.bytes_up, nb + 16 * 4)

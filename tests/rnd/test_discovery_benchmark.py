@@ -77,8 +77,9 @@ def test_federations_at_reproduces_discovery():
 
     groups = shuffled_groups([5, 4, 3], 1)
     data = grouped_gaussian(groups, seed=1, shift_seed=1)
-    res = discover(data, RNDConfig(network="mlp"))
+    cfg = RNDConfig(network="mlp", criterion="eps")  # federations_at replays the eps rule
+    res = discover(data, cfg)
     np.testing.assert_array_equal(federations_at(res, res.eps), res.federation)
     assert federations_at(res, 1e9).max() == 0
-    sparse = discover(data, RNDConfig(network="mlp"), edges=random_graph(12, 6))
+    sparse = discover(data, cfg, edges=random_graph(12, 6))
     np.testing.assert_array_equal(federations_at(sparse, sparse.eps), sparse.federation)
