@@ -182,9 +182,10 @@ def write_report() -> str:
             f"| {np.mean([m['bytes_up_mean'] for m in metas]) / 1024:.0f} / "
             f"{np.mean([m['bytes_down_mean'] for m in metas]) / 1024:.0f} "
             f"| {np.max([m['peak_rss_mb'] for m in metas]):.0f} |")
-    lines += ["", "False splits of one-distribution populations (cells with more than one "
-              "federation, default rule): " + ", ".join(
-                  f"{c} clients: {a} of {b}" for c, (a, b) in sorted(singles_split.items())) + ".",
+    lines += ["", "Cells kept whole among one-distribution populations (default rule): " + ", ".join(
+                  f"{c} clients: {b - a} of {b}" for c, (a, b) in sorted(singles_split.items()))
+              + ". (IID, label permutation and Dirichlet over the whole population; per "
+              "population in the table above.)",
               "", "CPU and wall seconds are the whole `discover` call (probe split, target cache, "
               "predictor training, scoring, decision), measured while other jobs shared the 2 "
               "cores (load in each cell's meta); peak RSS is the process's, data set included.",

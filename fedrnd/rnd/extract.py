@@ -303,9 +303,14 @@ def _group_pvalue(side, pa, pb, stat, se2, df_pair, min_effect):
     emp = u.var(ddof=1) / n if n > 2 else 0.0
     n_a = np.count_nonzero(side[members] == 0)
     n_b = n - n_a
-    meas = float(np.mean(e2[cross])) / max(1, min(n_a, n_b))
+    # Pairs measured on fewer than 2 probes have an infinite error: no evidence either way,
+    # left out of the measurement term rather than blocking every split they touch.
+    known = cross & np.isfinite(e2)
+    if not known.any():
+        return 1.0
+    meas = float(np.mean(e2[known])) / max(1, min(n_a, n_b))
     var = max(emp, meas)
-    df = (n - 1) if emp >= meas else float(np.min(dfp[cross]))
+    df = (n - 1) if emp >= meas else float(np.median(dfp[known]))
     excess = float(u.mean()) - float(min_effect)
     if var <= 0:
         return 0.0 if excess > 0 else 1.0

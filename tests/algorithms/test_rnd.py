@@ -193,7 +193,8 @@ def test_driver_runs_rnd_with_rediscovery(tmp_path):
                             shift_seed=3, seed=3)
     cfg = Config(rounds=4, eval_every=2, checkpoint_every=0, progress=False,
                  model=ModelConfig("mlp", {"hidden": [8]}),
-                 algorithms=[AlgorithmConfig("rnd", {"tau": 2, "eps": "auto"})])
+                 algorithms=[AlgorithmConfig("rnd", {"tau": 2, "criterion": "eps",
+                                                     "eps": "auto"})])
     res = simulate(cfg, run_dir=tmp_path / "run", data=data, verbose=False)
     r = res.methods["rnd"]
     assert [h["num_federations"] for h in r.history] == [2.0] * 4

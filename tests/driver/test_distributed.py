@@ -53,7 +53,7 @@ name = "fedavg"
 
 [[algorithms]]
 name = "rnd"
-options = { eps = 1.0, predictor_steps = 10, predictor_batch = 8, network = "mlp" }
+options = { criterion = "eps", eps = 1.0, predictor_steps = 10, predictor_batch = 8, network = "mlp" }
 """
 
 
