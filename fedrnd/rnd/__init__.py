@@ -39,8 +39,8 @@ from fedrnd.rnd.extract import (
     LINKAGE_CUT,
     federations,
     linkage_federations,
-    sparse_linkage_federations,
     linkage_test_federations,
+    sparse_linkage_federations,
 )
 from fedrnd.rnd.fingerprints import candidate_edges, fingerprint_bytes, fingerprints
 from fedrnd.rnd.networks import (
