@@ -135,22 +135,21 @@ def parse_model(spec: str) -> tuple[str, dict[str, Any]]:
 
 
 def federations_at(disc, group: np.ndarray, eps_values) -> list[dict[str, Any]]:
-    """Federations of one discovery re-read at other tolerances (``"auto"`` or numbers):
-    the same novelty matrix, thresholds only. Each entry: eps used, count, ARI vs ``group``."""
+    """Federations of one dense discovery re-read under the paper's eps rule at other
+    tolerances (``"auto"`` or numbers): the same novelty matrix, sigma and rule
+    (:func:`fedrnd.rnd.federations_from_scores` with ``criterion="eps"``), whatever criterion
+    the discovery itself used. Each entry: eps used, count, ARI vs ``group``."""
     from sklearn.metrics import adjusted_rand_score
 
-    from fedrnd.rnd import auto_eps, compatibility, federations
+    from fedrnd.rnd import federations_from_scores
 
-    z = np.array(disc.z, dtype=np.float64, copy=True)
-    off = z.copy()
-    np.fill_diagonal(off, np.inf)  # auto_eps reads off-diagonal scores only
     out = []
     for e in eps_values:
-        eps = auto_eps(off) if e == "auto" else float(e)
-        comp = compatibility(z, eps)
-        np.fill_diagonal(comp, True)
-        fed = federations(comp, disc.config.rule, disc.self_novelty)
-        out.append({"eps": e, "eps_used": float(eps), "federations": int(fed.max()) + 1,
+        cfg = dataclasses.replace(disc.config, criterion="eps",
+                                  eps="auto" if e == "auto" else float(e))
+        dec = federations_from_scores(disc.scores, cfg, self_std=disc.self_std)
+        fed = dec.federation
+        out.append({"eps": e, "eps_used": float(dec.eps), "federations": int(fed.max()) + 1,
                     "ari": float(adjusted_rand_score(group, fed))})
     return out
 
@@ -263,7 +262,9 @@ def measure(grid_path: str | Path, *, seed: int = 0, repeat: int = 5, rnd_repeat
                 "predictor_steps": rc.schedule(n_max).total_steps(n_max),
                 "predictor_epochs": rc.epochs, "predictor_batch": rc.batch_size,
                 "probe": rc.probe, "probe_cap": rc.probe_cap,
-                "federations": disc.num_federations, "eps": float(disc.eps)},
+                "criterion": rc.criterion, "federations": disc.num_federations,
+                # None under the test criterion (no eps): the result stays strict JSON.
+                "eps": float(disc.eps) if np.isfinite(disc.eps) else None},
         "eps_reread": reread,
         "ifca_estimate": t_est, "round": t_round, "round_difference": diff,
         "rnd_cold": cold, "rnd_warm": t_disc,
@@ -319,7 +320,9 @@ def markdown(r: dict[str, Any]) -> str:
         f"{r['clients']} clients, {r['train_examples']} training examples in all, task model "
         f"{r['task_model']}, a run of R = {R} rounds. IFCA with K = {r['ifca_clusters']}; RND "
         f"with the options of the grid's `{rnd.get('label', 'rnd')}` ({rnd['network']} pair, predictors trained {budget}, probes "
-        f"`{rnd['probe']}`; it found {rnd['federations']} federation(s), eps {rnd['eps']:.2f}).",
+        f"`{rnd['probe']}`; it found {rnd['federations']} federation(s), "
+        + (f"eps {rnd['eps']:.2f})." if rnd.get("eps") is not None
+           else f"criterion {rnd.get('criterion', 'test')})."),
         "",
         "IFCA's clustering per round is the evaluation of all K cluster models on every "
         "client's training data and the argmin (a jitted function doing only that); RND's is "
@@ -340,7 +343,8 @@ def markdown(r: dict[str, Any]) -> str:
         f"| RND discovery, warm = RND once | {rw['wall']:.1f} | {rw['cpu']:.1f} |",
         f"| RND every round (x {R}) | {R * rw['wall']:,.0f} | {R * rw['cpu']:,.0f} |",
         "",
-        *(["The same novelty matrix read at other tolerances: " + "; ".join(
+        *(["The same novelty matrix read with the paper's eps rule at other tolerances: "
+           + "; ".join(
             f"eps {q['eps']} (= {q['eps_used']:.2f}): {q['federations']} federation(s), ARI "
             f"{q['ari']:.2f}" for q in r["eps_reread"]) + ".", ""] if r.get("eps_reread")
           else []),

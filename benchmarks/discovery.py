@@ -23,8 +23,11 @@ self, scores, federations); process CPU seconds; pair evaluations per second, wh
 one entry ``S[i, j]`` (``C^2`` dense, edges sparse) and an *evaluation* is one predictor applied
 to one probe image (``pairs x probes``), both over the ``scores`` phase (and evaluations per
 process CPU second, ``Discovery.cpu_timings``, the figure to compare under outside load); peak memory (process
-``ru_maxrss``, which includes the data set); federations found and ARI / NMI against the true
-groups (and with ``--ari-eps`` the ARI at fixed tolerances, from the same scores); the load average before and after (other jobs share the CPU: compare ``cpu_s`` when the
+``ru_maxrss``, which includes the data set); the criterion (``--criterion``, the library's
+default ``test`` or the paper's ``eps`` rule), federations found and ARI / NMI against the true
+groups, ``eps`` and ``auto_silhouette`` under the eps criterion (``null`` otherwise), and with
+``--ari-eps`` the ARI of the paper's eps rule at fixed tolerances, from the same scores
+(:func:`fedrnd.rnd.federations_from_scores`); the load average before and after (other jobs share the CPU: compare ``cpu_s`` when the
 load is high); machine, jax version and date.
 
 Usage::
@@ -39,6 +42,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as _dt
 import json
 import os
@@ -57,7 +61,12 @@ import numpy as np  # noqa: E402
 
 from fedrnd.data import FederatedData, fashion_mnist, feature_patterns  # noqa: E402
 from fedrnd.engine import EdgeList  # noqa: E402
-from fedrnd.rnd import RNDConfig, compatibility, discover, federations  # noqa: E402
+from fedrnd.rnd import (  # noqa: E402
+    DISCOVERY_CRITERIA,
+    RNDConfig,
+    discover,
+    federations_from_scores,
+)
 
 
 def population(clients: int, per_client: int, groups: int = 4, rms: float = 0.15,
@@ -114,19 +123,19 @@ def random_graph(clients: int, degree: int, seed: int = 0) -> EdgeList:
 
 
 def federations_at(res, eps: float) -> np.ndarray:
-    """The federations ``res`` would give with a fixed ``eps`` (same scores, sigma and rule)."""
-    from scipy.sparse import coo_matrix, identity
-
-    c = res.num_clients
-    ok = compatibility(res.z, eps)
+    """The federations ``res`` would give under the paper's eps rule with a fixed ``eps`` (same
+    scores, sigma and rule; :func:`fedrnd.rnd.federations_from_scores`, criterion ``"eps"``)."""
+    cfg = dataclasses.replace(res.config, criterion="eps", eps=float(eps))
     if res.scores is not None:
-        np.fill_diagonal(ok, True)
-        comp = ok
-    else:
-        src, dst = np.asarray(res.edges.src), np.asarray(res.edges.dst)
-        comp = (coo_matrix((ok, (dst, src)), shape=(c, c)).tocsr()
-                + identity(c, dtype=bool, format="csr")).astype(bool)
-    return federations(comp, res.config.rule, res.self_novelty)
+        return federations_from_scores(res.scores, cfg, self_std=res.self_std).federation
+    return federations_from_scores(
+        res.edge_scores, cfg, s_self=res.self_novelty, self_std=res.self_std,
+        edges=(np.asarray(res.edges.src), np.asarray(res.edges.dst)),
+        num_clients=res.num_clients).federation
+
+
+def _finite(v) -> float | None:
+    return float(v) if v is not None and np.isfinite(v) else None
 
 
 def _machine() -> dict:
@@ -154,7 +163,8 @@ def run(args: argparse.Namespace) -> dict:
     data_s = time.perf_counter() - t0
     edges = (random_graph(args.clients, args.sparse_degree, args.seed)
              if args.sparse_degree else None)
-    cfg = RNDConfig(network=args.network, probe_cap=args.probe_cap, fused=not args.generic,
+    cfg = RNDConfig(criterion=args.criterion, network=args.network, probe_cap=args.probe_cap,
+                    fused=not args.generic,
                     min_steps=args.min_steps or None,
                     seed=args.seed, epochs=args.epochs, steps=args.steps)
     runs, res = [], None
@@ -196,8 +206,11 @@ def run(args: argparse.Namespace) -> dict:
         "evals_per_cpu_s": evals / scores_cpu,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
         "data_s": data_s,
-        "federations": res.num_federations, "eps": res.eps,
-        "auto_silhouette": res.auto_silhouette, "min_steps": cfg.min_steps,
+        "criterion": cfg.criterion, "federations": res.num_federations,
+        # The eps criterion's tolerance and auto silhouette; None under the test criterion
+        # (no eps) or where undefined, so the line stays strict JSON.
+        "eps": _finite(res.eps), "auto_silhouette": _finite(res.auto_silhouette),
+        "min_steps": cfg.min_steps,
         "ari": float(adjusted_rand_score(groups, res.federation)),
         "nmi": float(normalized_mutual_info_score(groups, res.federation)),
         "ari_at_eps": {str(e): float(adjusted_rand_score(groups, federations_at(res, e)))
@@ -230,11 +243,16 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--groups", type=int, default=4)
     p.add_argument("--rms", type=float, default=0.15)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--criterion", choices=list(DISCOVERY_CRITERIA),
+                   default=RNDConfig.criterion,
+                   help="discovery criterion (RNDConfig.criterion; 'eps' is the paper's rule "
+                        "with eps auto)")
     p.add_argument("--generic", action="store_true",
                    help="score with the generic per-predictor apply (the reference path)")
     p.add_argument("--ari-eps", default="",
                    type=lambda v: [float(e) for e in v.split(",") if e.strip()],
-                   help="also report the ARI at these fixed eps (comma-separated)")
+                   help="also report the ARI of the paper's eps rule at these fixed eps "
+                        "(comma-separated; re-read from the same scores, any criterion)")
     p.add_argument("--data-dir", default=None, help="Fashion-MNIST IDX files")
     p.add_argument("--json", default=None, help="also write the figures to this file")
     args = p.parse_args(argv)

@@ -52,18 +52,22 @@ def test_flop_counts_add_up_the_phases():
 
 
 def test_federations_reread_at_other_tolerances():
-    # Two groups of 5: normalised scores about 0 inside a group and 3 across.
+    # Two groups of 5: normalised scores about 0 inside a group and 3 across (self-novelty 1
+    # and sigma "self" = 1, so z = s - 1). The discovery's own criterion (the default test)
+    # does not matter: the re-read is the paper's eps rule.
     group = np.repeat([0, 1], 5)
     rng = np.random.default_rng(0)
     z = np.where(group[:, None] == group[None, :], 0.0, 3.0) + rng.uniform(0, 0.2, (10, 10))
     np.fill_diagonal(z, 0.0)
-    disc = SimpleNamespace(z=z, config=RNDConfig(), self_novelty=np.ones(10))
+    scores = (1.0 + z).astype(np.float32)
+    disc = SimpleNamespace(scores=scores.copy(), self_std=np.ones(10),
+                           config=RNDConfig(sigma="self"))
     auto, low, high = federations_at(disc, group, ["auto", 1.0, 10.0])
     assert 0.2 < auto["eps_used"] < 3.0  # the empty band between the two modes
     assert (auto["federations"], auto["ari"]) == (2, 1.0)
     assert (low["federations"], low["ari"]) == (2, 1.0)
     assert (high["federations"], high["ari"]) == (1, 0.0)  # everything compatible
-    np.testing.assert_array_equal(np.diag(disc.z), 0.0)  # the input is not modified
+    np.testing.assert_array_equal(disc.scores, scores)  # the input is not modified
 
 
 def test_parse_model():
@@ -109,7 +113,7 @@ name = "ifca"
 options = {{ num_clusters = "K" }}
 [[methods]]
 name = "rnd"
-options = {{ network = "mlp", predictor_steps = 5, predictor_batch = 8, eps = 1.0 }}
+options = {{ network = "mlp", predictor_steps = 5, predictor_batch = 8, criterion = "eps", eps = 1.0 }}
 ''')
     out = tmp_path / "RESULTS.md"
     r = main(["--grid", str(grid), "--repeat", "2", "--results", str(out),

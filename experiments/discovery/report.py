@@ -190,6 +190,31 @@ def write_report() -> str:
               "predictor training, scoring, decision), measured while other jobs shared the 2 "
               "cores (load in each cell's meta); peak RSS is the process's, data set included.",
               ""]
+    # Cost by phase.
+    lines += ["## Cost by phase", "",
+              "Mean CPU seconds of each phase of `discover` (process time, both cores), the "
+              "wall seconds of the whole call, the 1-minute load average before the call "
+              "(2 cores: above 2, other jobs were running) and the peak RSS, over all cells "
+              "of a scale and network.", "",
+              "| clients | network | mode | cells | train | scores | candidates | decision | "
+              "whole (CPU s) | whole (wall s) | load | peak RSS MB |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    by_scale = defaultdict(list)
+    for key in keyed:
+        for _, meta, arr in cells[key]:
+            by_scale[(key[2], key[3], "dense" if "scores" in arr else "two-stage")].append(meta)
+    for (c, net, mode), metas in sorted(by_scale.items()):
+        def ph(k, metas=metas):
+            return np.mean([m["cpu_timings"].get(k, 0.0) for m in metas])
+
+        lines.append(
+            f"| {c} | {net} | {mode} | {len(metas)} | {ph('train'):.0f} | {ph('scores'):.0f} "
+            f"| {ph('candidates'):.1f} | {ph('federations'):.1f} "
+            f"| {np.mean([m['cpu_s'] for m in metas]):.0f} "
+            f"| {np.mean([m['wall_s'] for m in metas]):.0f} "
+            f"| {np.mean([m['load_before'] for m in metas]):.1f} "
+            f"| {np.max([m['peak_rss_mb'] for m in metas]):.0f} |")
+    lines.append("")
     # Side by side.
     lines += ["## The default beside the paper's rule on the same scores", "",
               "Mean ARI over seeds (federations found in parentheses). `eps` rows are the "

@@ -127,7 +127,9 @@ def generated(cache: Path, quick: bool):
         f = cache / f"{name}.npz"
         if not f.exists():
             data, g = make()
-            d = discover(data, RNDConfig(eps=1.0, **opts), key=jax.random.key(0))
+            # The eps criterion (training probes), as the matrices were measured with.
+            d = discover(data, RNDConfig(criterion="eps", eps=1.0, **opts),
+                         key=jax.random.key(0))
             np.savez_compressed(f, S=np.asarray(d.scores, np.float32),
                                 self_std=np.asarray(d.self_std, np.float32),
                                 group=np.asarray(g, np.int32))
@@ -140,29 +142,22 @@ def generated(cache: Path, quick: bool):
 def evaluate(name, s, self_std, group):
     from sklearn.metrics import adjusted_rand_score
 
-    from fedrnd.rnd import (
-        auto_eps,
-        compatibility,
-        federations,
-        gap_eps,
-        normalised_scores,
-        sigma_of,
-    )
-    z = normalised_scores(s, np.diag(s), sigma_of("row", s, self_std))
+    from fedrnd.rnd import RNDConfig, auto_eps, federations_from_scores, gap_eps
 
-    def feds(eps):
-        comp = compatibility(z, eps)
-        np.fill_diagonal(comp, True)
-        return federations(comp)
+    def decide(eps):
+        # The paper's rule with sigma row and the mutual rule, as discover(criterion="eps").
+        return federations_from_scores(np.asarray(s, np.float32),
+                                       RNDConfig(criterion="eps", eps=eps, sigma="row"),
+                                       self_std=self_std)
 
-    eps, score = auto_eps(z, return_score=True)
-    _, best = auto_eps(z, return_score=True, min_silhouette=-np.inf)
-    off = z.copy()
+    auto = decide("auto")
+    _, best = auto_eps(auto.z, return_score=True, min_silhouette=-np.inf)
+    off = auto.z.copy()
     np.fill_diagonal(off, np.inf)
     row = {"name": name, "clients": len(group), "groups": int(len(np.unique(group))),
            "silhouette": float(best)}
-    for key, e in (("auto", eps), ("gap", gap_eps(off)), ("0.5", 0.5), ("1.0", 1.0)):
-        lab = feds(e)
+    for key, e in (("auto", "auto"), ("gap", gap_eps(off)), ("0.5", 0.5), ("1.0", 1.0)):
+        lab = (auto if key == "auto" else decide(e)).federation
         row[key] = {"ari": float(adjusted_rand_score(group, lab)) if row["groups"] > 1
                     else float(lab.max() == 0), "federations": int(lab.max()) + 1}
     return row

@@ -22,8 +22,10 @@ where it stopped and partial results are kept):
 ``grid``     discovery alone on the 12-client populations: predictor network (conv / MLP) x
              probe (train / holdout) x predictor budget (the library's 10 epochs / 400 steps).
              Every run's novelty matrix is then re-read with sigma ``row``/``self`` and eps
-             ``auto``/0.25/0.5/1/2 (host-side, exactly what :func:`fedrnd.rnd.discover` does
-             with that setting; ``tests/experiments`` checks the equivalence).
+             ``auto``/0.25/0.5/1/2 (host-side, :func:`fedrnd.rnd.federations_from_scores`
+             with ``criterion="eps"``: exactly what :func:`fedrnd.rnd.discover` does with that
+             setting; ``tests/experiments`` checks the equivalence). Discovery runs here use
+             the eps criterion (the library's default is the paired test).
 ``scaled``   discovery alone at 1,000 clients (``scaled_*.toml``): unequal feature-pattern and
              rotation groups, a Dirichlet label skew (no crisp groups) and label permutation.
 ``scaled_acc``  accuracy of rnd / fedavg / local on the 1,000-client pattern population.
@@ -96,7 +98,8 @@ PAPER = [Population("paper_fmnist", "paper_fmnist.toml",
 # RND-clustered FL with a fixed eps = 0.5 on the paper setup (eps auto finds one federation
 # there, which makes it FedAvg): what the method gains when discovery recovers the groups.
 PAPER_EPS = [dataclasses.replace(PAPER[0], algorithms=(
-    {"name": "rnd", "label": "rnd (eps 0.5)", "options": {"predictor_steps": 400, "eps": 0.5}},))]
+    {"name": "rnd", "label": "rnd (eps 0.5)",
+     "options": {"predictor_steps": 400, "criterion": "eps", "eps": 0.5}},))]
 CONTROL = [Population("control_labelperm", "control_labelperm.toml",
                       "Fashion-MNIST, 12 clients, 4 label-permutation groups of 3")]
 SCALED = [Population("scaled_pattern", "scaled_pattern.toml",
@@ -213,7 +216,9 @@ def load_cfg(pop: Population, seed: int, quick: bool = False, out_dir: Path | No
 def rnd_config(variant: Variant, quick: bool = False):
     from fedrnd.rnd import RNDConfig
 
-    kw = dict(variant.rnd)
+    # These experiments measure the paper's eps rule (re-read with every sigma / eps below);
+    # the library's default criterion is the paired test.
+    kw = {"criterion": "eps", **variant.rnd}
     if quick:
         kw["steps"] = 20
     return RNDConfig(**kw)
@@ -299,34 +304,24 @@ def load_data(cfg, cells: Path, part: str, pop: Population):
 # --------------------------------------------------------------------------------------------
 
 
+def read_decision(scores: np.ndarray, self_std: np.ndarray, sigma: str, eps: str | float,
+                  rule: str = "mutual"):
+    """The paper's eps rule on a dense novelty matrix under ``sigma``, ``eps`` and ``rule``:
+    :func:`fedrnd.rnd.federations_from_scores` with ``criterion="eps"``, i.e. what
+    :func:`fedrnd.rnd.discover` decides for the same scores with that setting."""
+    from fedrnd.rnd import RNDConfig, federations_from_scores
+
+    cfg = RNDConfig(criterion="eps", eps=eps, sigma=sigma, rule=rule)
+    return federations_from_scores(np.asarray(scores, np.float32), cfg,
+                                   self_std=np.asarray(self_std, np.float64))
+
+
 def read_federations(scores: np.ndarray, self_std: np.ndarray, sigma: str,
                      eps: str | float, rule: str = "mutual") -> tuple[np.ndarray, float]:
-    """Federations of a dense novelty matrix under ``sigma`` and ``eps``: what
-    :func:`fedrnd.rnd.discover` returns for the same scores with that setting."""
-    from fedrnd.rnd import auto_eps, compatibility, federations, normalised_scores, sigma_of
-
-    s = np.asarray(scores, np.float32)
-    s_self = np.diag(s).copy()
-    sig = sigma_of(sigma, s, np.asarray(self_std, np.float64))
-    z = normalised_scores(s, s_self, sig)
-    if eps == "auto":
-        e = auto_eps(z, rule=rule)
-    else:
-        e = float(eps)
-    comp = compatibility(z, e)
-    np.fill_diagonal(comp, True)
-    return federations(comp, rule, s_self), float(e)
-
-
-def auto_silhouette(scores: np.ndarray, self_std: np.ndarray, sigma: str,
-                    rule: str = "mutual") -> float:
-    """The best silhouette :func:`fedrnd.rnd.auto_eps` finds among the candidate cuts of a
-    matrix's normalised scores: it splits the population iff this is ``>= 0.5``."""
-    from fedrnd.rnd import auto_eps, normalised_scores, sigma_of
-
-    s = np.asarray(scores, np.float32)
-    z = normalised_scores(s, np.diag(s).copy(), sigma_of(sigma, s, np.asarray(self_std)))
-    return float(auto_eps(z, rule=rule, return_score=True)[1])
+    """Federations of a dense novelty matrix under ``sigma`` and ``eps`` and the eps used
+    (:func:`read_decision`)."""
+    dec = read_decision(scores, self_std, sigma, eps, rule)
+    return dec.federation, float(dec.eps)
 
 
 def label_tv(y_hist: np.ndarray, fed: np.ndarray, tv: np.ndarray | None = None
@@ -373,15 +368,17 @@ def score_reads(scores, self_std, group, y_hist=None) -> dict[str, dict[str, Any
     for rule in RULES:
         for sg in SIGMAS:
             for e in EPS_READS:
-                fed, used = read_federations(scores, self_std, sg, e, rule)
+                dec = read_decision(scores, self_std, sg, e, rule)
+                fed = dec.federation
                 sizes = np.sort(np.bincount(fed))[::-1]
-                r = {"eps": used, "federations": int(fed.max()) + 1, "sizes": sizes.tolist(),
+                r = {"eps": float(dec.eps), "federations": int(fed.max()) + 1,
+                     "sizes": sizes.tolist(),
                      "ari": float(adjusted_rand_score(group, fed)),
                      "nmi": float(normalized_mutual_info_score(group, fed))}
                 if tv is not None:
                     r["label_tv_within"], r["label_tv_across"] = label_tv(y_hist, fed, tv)
                 if e == "auto" and rule == "mutual":
-                    r["silhouette"] = auto_silhouette(scores, self_std, sg)
+                    r["silhouette"] = float(dec.silhouette)
                 reads[read_key(sg, e, rule)] = r
     return reads
 
@@ -449,23 +446,20 @@ def run_discovery_cell(pop: Population, variant: Variant, seed: int, cells: Path
         np.savez_compressed(m / f"seed{seed}.npz", scores=disc.scores, self_std=disc.self_std,
                             sigma=disc.sigma, group=group, label_hist=y_hist)
     if figures is not None and seed == min(FULL.seeds) and not keep_matrix:
-        _plot_normalised(figures / f"{pop.name}_{variant.name}_seed{seed}.png", disc.scores,
-                         disc.sigma, group,
+        _plot_normalised(figures / f"{pop.name}_{variant.name}_seed{seed}.png", disc.z, group,
                          f"{pop.name}, {variant.name}: eps={disc.eps:.2f}, "
                          f"{disc.num_federations} federations")
     write_cell(path, cell)
     print(f"  {elapsed:.0f} s, {d['federations']} federations, ARI {d['ari']:.3f}", flush=True)
 
 
-def _plot_normalised(path: Path, scores, sigma, group, title: str, max_side: int = 250) -> None:
-    """Heat map of the normalised novelty, clients ordered by true group; above ``max_side``
-    clients, the ordered matrix is shown as means of ``f x f`` blocks (an image of 1,000^2
-    cells would be megabytes and no more readable)."""
+def _plot_normalised(path: Path, z, group, title: str, max_side: int = 250) -> None:
+    """Heat map of the normalised novelty ``z`` (``Discovery.z``), clients ordered by true
+    group; above ``max_side`` clients, the ordered matrix is shown as means of ``f x f`` blocks
+    (an image of 1,000^2 cells would be megabytes and no more readable)."""
     from fedrnd.driver import outputs
-    from fedrnd.rnd import normalised_scores
 
-    s = np.asarray(scores)
-    z = np.clip(normalised_scores(s, np.diag(s), np.asarray(sigma)), -1.0, 4.0)
+    z = np.clip(np.asarray(z), -1.0, 4.0)
     g = np.asarray(group)
     f = -(-len(g) // max_side)
     if f > 1:
@@ -762,9 +756,11 @@ def _paper_section(cells: Path, figures: Path, plan: Plan) -> list[str]:
         exact = sum(1 for c in sims if c["methods"]["rnd"]["ari"] == 1.0)
         from sklearn.metrics import adjusted_rand_score
         stored = [c for c in sims if "scores" in c]
-        sil = [auto_silhouette(c["scores"], np.zeros(len(c["group"])), "row") for c in stored]
-        now = [adjusted_rand_score(c["group"], read_federations(
-            c["scores"], np.zeros(len(c["group"])), "row", "auto")[0]) for c in stored]
+        decs = [read_decision(c["scores"], np.zeros(len(c["group"])), "row", "auto")
+                for c in stored]
+        sil = [float(d.silhouette) for d in decs]
+        now = [adjusted_rand_score(c["group"], d.federation)
+               for c, d in zip(stored, decs, strict=True)]
         old = sum(1 for c in sims if c["methods"]["rnd"].get("auto") != "silhouette")
         L += [f"**Discovery** ({len(sims)} seeds, the `rnd` method's own discovery"
               + (f"; {old} of these seeds ran with the earlier largest-gap eps auto, "
@@ -915,17 +911,16 @@ def _plot_z_hist(path: Path, npz: Path, title: str) -> bool:
     the auto eps of that matrix: what the compatibility rule has to separate."""
     from matplotlib.figure import Figure
 
-    from fedrnd.rnd import auto_eps, normalised_scores
-
     if not npz.exists():
         return False
     m = np.load(npz)
-    s, g = np.asarray(m["scores"], np.float32), np.asarray(m["group"])
-    z = normalised_scores(s, np.diag(s).copy(), np.asarray(m["sigma"]))
+    g = np.asarray(m["group"])
+    # The scaled runs use sigma row: the stored sigma is the row std of the stored matrix.
+    dec = read_decision(m["scores"], m["self_std"], "row", "auto")
+    z, eps = dec.z, dec.eps
     off = ~np.eye(len(g), dtype=bool)
     same = (g[:, None] == g[None, :]) & off
     cross = g[:, None] != g[None, :]
-    eps = auto_eps(z)
     fig = Figure(figsize=(6, 3.4), dpi=110)
     ax = fig.subplots()
     lo, hi = np.percentile(z[off], [0.1, 99.9])
