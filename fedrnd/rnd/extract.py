@@ -392,6 +392,55 @@ def _split_tree(c, merges, pa, pb, stat, se2, dfp, alpha, min_effect, refine=Tru
     return _relabel(lab)
 
 
+MERGE_NEIGHBOURS = 3
+"""Nearest federations (by mean ``R``) each federation is tested against in :func:`_merge_back`."""
+
+
+def _merge_back(lab, pa, pb, stat, se2, dfp, alpha, min_effect, k=MERGE_NEIGHBOURS):
+    """Merge federations that the top-down splits separated although the test cannot tell
+    them apart: repeatedly take the untested pair of federations with the lowest mean ``R``
+    among each one's ``k`` nearest, and merge it when the same group test does not reject.
+    Top-down splitting never re-joins clients; a small group whose members the tree attached
+    to different neighbours would otherwise stay in pieces."""
+    lab = _relabel(lab).astype(np.int64)
+    c = lab.shape[0]
+    tested: set[tuple[int, int]] = set()  # pairs of member-sets (by lowest member) rejected
+    side = np.full(c, -1, np.int64)
+    while True:
+        f = int(lab.max()) + 1
+        if f < 2:
+            return lab
+        la, lb = lab[pa], lab[pb]
+        x = la != lb
+        lo, hi = np.minimum(la[x], lb[x]), np.maximum(la[x], lb[x])
+        key = lo * f + hi
+        tot = np.bincount(key, stat[x], minlength=f * f)
+        cnt = np.bincount(key, minlength=f * f)
+        m = np.where(cnt > 0, tot / np.maximum(cnt, 1), np.inf).reshape(f, f)
+        m = np.minimum(m, m.T)
+        np.fill_diagonal(m, np.inf)
+        first = np.full(f, c, np.int64)
+        np.minimum.at(first, lab, np.arange(c))
+        near = np.argsort(m, axis=1, kind="stable")[:, :k]
+        cand = {(min(a, b), max(a, b)) for a in range(f) for b in near[a].tolist()
+                if np.isfinite(m[a, b])}
+        merged = False
+        for a, b in sorted(cand, key=lambda ab: m[ab[0], ab[1]]):
+            ident = (int(first[a]), int(first[b]))
+            if ident in tested:
+                continue
+            side[lab == a], side[lab == b] = 0, 1
+            p = _group_pvalue(side, pa, pb, stat, se2, dfp, min_effect)
+            side[lab == a], side[lab == b] = -1, -1
+            if p > alpha:
+                lab = _relabel(np.where(lab == b, a, lab)).astype(np.int64)
+                merged = True
+                break
+            tested.add(ident)
+        if not merged:
+            return lab
+
+
 def linkage_test_federations(num_clients: int, i, j, stat, se, df, *,
                                alpha: float = 0.05, min_effect: float = 0.0,
                                min_support: float = 1.0, dense: bool | None = None
@@ -417,6 +466,9 @@ def linkage_test_federations(num_clients: int, i, j, stat, se, df, *,
        test). ``R`` is 0 in expectation between clients of one distribution, so under that
        null ``E[u] = 0``. Rejected at ``alpha``: ``A`` and ``B`` stay apart and each is split
        in turn; otherwise the set is one federation.
+    3. Merge back (:func:`_merge_back`): federations that the same test cannot tell apart
+       (tried against each one's three nearest by mean ``R``) are merged, since top-down
+       splitting never re-joins clients that an early split separated.
 
     Why this shape: the tree is built from averages, so one false link (one low ``R``
     among many high ones) cannot merge two groups, and a client that fits nowhere joins the
@@ -455,4 +507,5 @@ def linkage_test_federations(num_clients: int, i, j, stat, se, df, *,
         merges = linkage(cond, method="average")[:, :2].astype(np.int64)
     else:
         _, merges = _sparse_upgma(c, ua, ub, val, np.inf, min_support)
-    return _split_tree(c, merges, ua, ub, val, se2, dfp, alpha, min_effect)
+    lab = _split_tree(c, merges, ua, ub, val, se2, dfp, alpha, min_effect)
+    return _relabel(_merge_back(lab, ua, ub, val, se2, dfp, alpha, min_effect))
