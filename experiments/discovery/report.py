@@ -86,7 +86,7 @@ READS = {
     "eps 2": lambda a: decide(a, RNDConfig(criterion="eps", eps=2.0)),
     "band 30%": band,
 }
-SENSITIVITY = [dict(min_effect=m, alpha=a) for a in (0.01, 0.05) for m in (0.0, 0.05, 0.1, 0.25)]
+SENSITIVITY = [dict(min_effect=m, alpha=a) for a in (0.01, 0.05) for m in (0.0, 0.05, 0.1)]
 
 
 def score(meta, arr, fed):
@@ -239,7 +239,8 @@ def write_report() -> str:
     # Sensitivity of the defaults.
     lines += ["", "## Sensitivity of the test's settings", "",
               "Mean ARI over all grouped cells and the cells split among one-distribution "
-              "populations, dense cells only (the same scores, re-decided).", "",
+              "populations, all dense cells at 12 to 1,000 clients (the same scores, "
+              "re-decided).", "",
               "| alpha | min_effect | grouped mean ARI | grouped cells with ARI >= 0.95 | "
               "IID + label permutation cells split | Dirichlet cells split |",
               "|---|---|---|---|---|---|"]
@@ -247,6 +248,8 @@ def write_report() -> str:
         cfg = dataclasses.replace(RNDConfig(), **kw)
         ag, good, n_g, split, n_s, dsplit, n_d = [], 0, 0, 0, 0, 0, 0
         for key in keyed:
+            if key[2] > 1000:
+                continue
             for _, meta, arr in cells[key]:
                 if "scores" not in arr:
                     continue
