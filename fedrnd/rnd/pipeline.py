@@ -471,7 +471,7 @@ def assign_newcomers(disc: Discovery, new: FederatedData, *, key: jax.Array | No
 def _newcomer_decision(s_new, q_new, count, row_std, cfg):
     if cfg.criterion == "test":
         return federations_from_scores(s_new, cfg, second=q_new, count=count).federation
-    z = normalised_scores(s_new, np.diag(s_new), row_std if cfg.sigma == "row" else row_std)
+    z = normalised_scores(s_new, np.diag(s_new), row_std)
     comp = compatibility(z, float(cfg.eps))
     np.fill_diagonal(comp, True)
     return federations(comp, cfg.rule, np.diag(s_new))
