@@ -29,7 +29,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         cfg.out_dir = args.out
     _enable_compilation_cache()
     result = simulate(cfg, resume=args.resume, run_dir=args.run_dir,
-                      progress=False if args.no_progress else None)
+                      progress=False if args.no_progress else None, overwrite=args.overwrite,
+                      allow_change=args.allow_change)
     from fedrnd.driver.distributed import is_primary
 
     if is_primary():  # multi-host: one report, from process 0
@@ -178,7 +179,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set local.lr=0.05 (repeatable)")
     r.add_argument("--resume", action="store_true",
-                   help="continue an interrupted run from its last checkpoint")
+                   help="continue an interrupted run from its last checkpoint (refused when the "
+                        "config changes the computation)")
+    r.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier run of the same name: it is moved aside to "
+                        "<name>.old-<n>, never deleted")
+    r.add_argument("--allow-change", action="append", default=[], metavar="FIELD",
+                   help="with --resume: accept a new value of FIELD (only fields that cannot "
+                        "change the computation, e.g. eval_every, rounds; repeatable)")
     r.add_argument("--out", default=None, help="output root (config out_dir)")
     r.add_argument("--run-dir", default=None, help="exact run directory (default out_dir/name)")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -203,8 +211,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from fedrnd.driver.rundir import Diverged, RunInterrupted
+
     try:
         return args.func(args)
+    except RunInterrupted as e:
+        print(f"fedrnd: {e}", file=sys.stderr)
+        return 130
+    except Diverged as e:
+        # Not bad input: the run itself failed (status.json says failed, with this reason).
+        print(f"fedrnd: run failed: {e}", file=sys.stderr)
+        return 1
     except (ValueError, FileNotFoundError, ImportError, FloatingPointError) as e:
         print(f"fedrnd: error: {e}", file=sys.stderr)
         return 2

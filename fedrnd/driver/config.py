@@ -88,6 +88,24 @@ class LocalConfig:
 
 
 @dataclasses.dataclass
+class DivergenceConfig:
+    """When a run counts as diverged (``[divergence]``), checked after every block of rounds.
+
+    ``action``: ``stop`` (the run ends with status ``failed`` naming the method and round),
+    ``warn`` (a warning in the log and in ``status.json``; the run goes on) or ``off``.
+    A run diverges when the mean training loss of a block's last round exceeds
+    ``loss_factor`` x max(ln(classes), 1), i.e. far above the loss of a uniform guess, or when
+    the mean client test accuracy collapses to within ``chance_margin`` of chance (1 / classes)
+    after an earlier evaluation was at least 2 x ``chance_margin`` above it. A non-finite loss
+    always stops the run.
+    """
+
+    action: str = "stop"
+    loss_factor: float = 5.0
+    chance_margin: float = 0.05
+
+
+@dataclasses.dataclass
 class AlgorithmConfig:
     """One method to run: its registered ``name``, ``options`` and a ``label`` for outputs."""
 
@@ -128,12 +146,14 @@ class Config:
     coordinator: str | None = None
     num_processes: int = 1
     process_id: int | None = None
+    divergence: DivergenceConfig = dataclasses.field(default_factory=DivergenceConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
-_SECTIONS = {"data": DataConfig, "model": ModelConfig, "local": LocalConfig}
+_SECTIONS = {"data": DataConfig, "model": ModelConfig, "local": LocalConfig,
+             "divergence": DivergenceConfig}
 
 
 def _build(cls: type, raw: dict[str, Any], where: str) -> Any:
@@ -325,6 +345,12 @@ def validate(cfg: Config) -> Config:
          "step")
     if cfg.data.drift is not None:
         _validate_drift(cfg.data.drift, cfg, need)
+    dv = cfg.divergence
+    need(dv.action in ("stop", "warn", "off"),
+         f"divergence.action={dv.action!r} is unknown; allowed: stop, warn, off")
+    need(dv.loss_factor > 1, f"divergence.loss_factor must be > 1, got {dv.loss_factor}")
+    need(0 < dv.chance_margin < 0.5,
+         f"divergence.chance_margin must be in (0, 0.5), got {dv.chance_margin}")
     need(len(cfg.algorithms) >= 1, "algorithms must list at least one method")
     tags = [a.tag for a in cfg.algorithms]
     need(len(set(tags)) == len(tags), f"algorithms need distinct labels, got {tags}")

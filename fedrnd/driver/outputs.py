@@ -1,4 +1,4 @@
-"""What a run leaves behind: metrics logs, metadata, summary table, accuracy plot, progress bar.
+"""What a run leaves behind: metrics logs, metadata, summary table, accuracy plot.
 
 Run directory layout::
 
@@ -23,17 +23,23 @@ from typing import Any
 import jax
 import numpy as np
 
+from fedrnd.driver import rundir
+
 
 def write_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, indent=2, default=_jsonable) + "\n")
+    rundir.write_json(path, obj)
 
 
-def _jsonable(o: Any) -> Any:
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    return str(o)
+def savez(path: Path, **arrays: Any) -> None:
+    """``np.savez`` written atomically (a crash never leaves half an archive)."""
+    with rundir.atomic_write(path, "wb") as f:
+        np.savez(f, **arrays)
+
+
+def save_figure(fig, path: Path) -> None:
+    """Save a matplotlib figure atomically, in the format of ``path``'s suffix."""
+    with rundir.atomic_write(path, "wb") as f:
+        fig.savefig(f, format=Path(path).suffix.lstrip(".") or "png")
 
 
 def _git_commit() -> str | None:
@@ -97,19 +103,24 @@ def read_history(path: Path, upto: int) -> list[dict[str, Any]]:
     """Rows of a metrics log with ``round <= upto`` (what a checkpoint at ``upto`` covers)."""
     if not path.exists():
         return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            break  # a line cut short by a crash: the checkpoint covers only whole rows
     return [r for r in rows if r["round"] <= upto]
 
 
 def rewrite_history(path: Path, rows: list[dict[str, Any]]) -> None:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rundir.write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     keys: list[str] = []
     for r in rows:
         keys += [k for k in r if k not in keys]
-    with open(path, "w", newline="") as f:
+    with rundir.atomic_write(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys)
         w.writeheader()
         w.writerows(rows)
@@ -147,7 +158,7 @@ def summary_table(methods: dict[str, Any]) -> str:
 
 
 def write_summary(run_dir: Path, methods: dict[str, Any]) -> None:
-    (run_dir / "summary.md").write_text(summary_table(methods) + "\n")
+    rundir.write_text(run_dir / "summary.md", summary_table(methods) + "\n")
     write_csv(run_dir / "summary.csv", [{"method": t, **r.final} for t, r in methods.items()])
 
 
@@ -169,31 +180,7 @@ def plot_accuracy(path: Path, methods: dict[str, Any], title: str = "") -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path)
-
-
-class _NoBar:
-    n = 0
-
-    def update(self, k: int) -> None:
-        self.n += k
-
-    def set_postfix(self, **_: Any) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def progress(total: int, initial: int, desc: str, show: bool):
-    """A tqdm bar over rounds (a silent stand-in when ``show`` is false)."""
-    if not show:
-        bar = _NoBar()
-        bar.n = initial
-        return bar
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, desc=desc, unit="round", leave=True)
+    save_figure(fig, path)
 
 
 def clustering_scores(assign: np.ndarray, group: np.ndarray) -> dict[str, float]:
@@ -229,4 +216,4 @@ def plot_matrix(path: Path, matrix: np.ndarray, group: np.ndarray, title: str = 
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(path)
+    save_figure(fig, path)

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import shutil
+import math
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -29,13 +31,14 @@ import numpy as np
 
 from fedrnd.algorithms import Algorithm, make_algorithm
 from fedrnd.data.drift import DriftingData
-from fedrnd.data.federated import FederatedData
-from fedrnd.driver import distributed, memory, outputs
+from fedrnd.data.federated import FederatedData, check_federated
+from fedrnd.driver import distributed, memory, outputs, rundir
 from fedrnd.driver.checkpoint import Checkpointer
 from fedrnd.driver.config import AlgorithmConfig, Config, from_dict, load_config, validate
 from fedrnd.driver.protocol import finetune_results
 from fedrnd.driver.setup import build_data, build_engine
 from fedrnd.engine import ClientHParams, Engine, evaluate_clients, summarize
+from fedrnd.engine import progress as progress_mod
 from fedrnd.engine.multihost import multiprocess, to_host
 
 
@@ -83,17 +86,29 @@ def _as_config(config: Config | dict | str | Path | None) -> Config:
 
 
 def simulate(config: Config | dict | str | Path | None = None, *, resume: bool = False,
-             run_dir: str | Path | None = None, progress: bool | None = None,
-             data: FederatedData | DriftingData | None = None,
-             verbose: bool = True) -> SimulationResult:
+             run_dir: str | Path | None = None, progress: bool | str | None = None,
+             data: FederatedData | DriftingData | None = None, verbose: bool = True,
+             overwrite: bool = False, allow_change: list[str] | tuple = ()) -> SimulationResult:
     """Run every method of ``config`` on the same data and initial weights.
 
     Args:
       config: a :class:`Config`, a nested dict, a TOML path, or ``None`` for the defaults.
-      resume: continue from the last checkpoint in ``run_dir`` instead of starting afresh.
-      run_dir: where outputs go (default ``<out_dir>/<name>``); a fresh run clears it.
+      resume: continue from the last checkpoint in ``run_dir``; refused when the config
+        differs from the stored one in a field that changes the computation
+        (:mod:`fedrnd.driver.rundir`), except fields named in ``allow_change``.
+      run_dir: where outputs go (default ``<out_dir>/<name>``). A directory that already holds
+        a run is refused unless ``resume`` or ``overwrite`` (which moves it aside to
+        ``<name>.old-<n>``; nothing is ever deleted).
+      progress: ``True``/``"auto"`` (bar on a terminal, timed lines otherwise), ``"bar"``,
+        ``"log"``, ``False``/``"off"``; default: ``config.progress``.
       data: a prebuilt :class:`FederatedData`, or :class:`DriftingData` for data that drifts
-        (skips ``config.data``, including ``config.data.drift``).
+        (skips ``config.data``, including ``config.data.drift``); checked like built data.
+
+    Everything (config, data, every method's options, the memory plan) is validated before
+    the first write. ``status.json`` in the run directory follows the run (running /
+    finished / failed / interrupted). Ctrl-C or SIGTERM stops after the current block of
+    rounds with a checkpoint and raises :class:`~fedrnd.driver.rundir.RunInterrupted`; a
+    diverging run raises :class:`~fedrnd.driver.rundir.Diverged` (``[divergence]``).
 
     The result's ``data`` is the data in effect at the end (after the last drift); with
     several processes, as host arrays (and each method's ``state`` too).
@@ -105,68 +120,171 @@ def simulate(config: Config | dict | str | Path | None = None, *, resume: bool =
     distributed.initialize(cfg.coordinator, cfg.num_processes, cfg.process_id)
     primary = distributed.is_primary()
     verbose = verbose and primary
-    show = (cfg.progress if progress is None else progress) and primary
-    run_dir = Path(run_dir) if run_dir is not None else Path(cfg.out_dir) / cfg.name
-    if primary:
-        if run_dir.exists() and not resume:
-            shutil.rmtree(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-    distributed.barrier("run_dir")
+    show = (cfg.progress if progress is None else progress) if primary else False
+    if run_dir is None:
+        rundir.check_name(cfg.name)
+        run_dir = Path(cfg.out_dir) / cfg.name
+    run_dir = Path(run_dir)
+    cfg_dict = cfg.to_dict()
+    # Read-only: refuse a directory that cannot be used before anything is built or written.
+    decision, changes = rundir.preflight(run_dir, resume=resume, overwrite=overwrite,
+                                         config=cfg_dict, allow_change=list(allow_change),
+                                         defaults=Config().to_dict())
+    with progress_mod.mode(show), _Signals() as signals:
+        log = print if verbose else None
+        if data is None:
+            # Built on the host (the CPU device) so the memory plan comes before placement.
+            with _on_host():
+                data, dataset_info = build_data(cfg, log=log)
+        else:
+            check_federated(data)
+            dataset_info = {"name": data.name, "clients": data.num_clients}
+            if isinstance(data, DriftingData):
+                dataset_info["drift"] = data.summary()
+        phases = data if isinstance(data, DriftingData) else DriftingData.static(data)
+        late = [r for r in phases.drift_rounds if r >= cfg.rounds]
+        if late:
+            raise ValueError(f"data drifts after round(s) {late}, but the run has only "
+                             f"rounds={cfg.rounds}")
+        engine, hp, mapper = build_engine(cfg, phases.initial)
+        algorithms = []
+        for a in cfg.algorithms:
+            alg = _make(a, engine, cfg)
+            for d in phases.phases:
+                alg.validate(d)
+            algorithms.append((a.tag, alg))
+        # Memory plan and chunk size (autotuned on request) before anything else is allocated.
+        plan, tuned = _plan(cfg, phases, hp, algorithms, log)
+        if plan.chunk != mapper.chunk:
+            mapper = dataclasses.replace(mapper, chunk_size=plan.chunk)
+            engine = dataclasses.replace(engine, mapper=mapper)
+            algorithms = [(t, dataclasses.replace(a, engine=engine)) for t, a in algorithms]
+        # Host-side steps (discovery in init, hooks, reports, summaries) read the data from a
+        # host copy when several processes share the run: placed per-client arrays are spread
+        # over the hosts. With one process both are the placed data.
+        placed = _place_data(phases, mapper)
+        host, phases = (phases if multiprocess() else placed), placed
 
-    log = print if verbose else None
-    if data is None:
-        # Built on the host (the CPU device) so the memory plan comes before device placement.
-        with _on_host():
-            data, dataset_info = build_data(cfg, log=log)
-    else:
-        dataset_info = {"name": data.name, "clients": data.num_clients}
-        if isinstance(data, DriftingData):
-            dataset_info["drift"] = data.summary()
-    phases = data if isinstance(data, DriftingData) else DriftingData.static(data)
-    late = [r for r in phases.drift_rounds if r >= cfg.rounds]
-    if late:
-        raise ValueError(f"data drifts after round(s) {late}, but the run has only "
-                         f"rounds={cfg.rounds}")
-    engine, hp, mapper = build_engine(cfg, phases.initial)
-    algorithms = []
-    for a in cfg.algorithms:
-        alg = _make(a, engine, cfg)
-        for d in phases.phases:
-            alg.validate(d)
-        algorithms.append((a.tag, alg))
-    # Memory plan and chunk size (autotuned on request) before anything else is allocated.
-    plan, tuned = _plan(cfg, phases, hp, algorithms, log)
-    if plan.chunk != mapper.chunk:
-        mapper = dataclasses.replace(mapper, chunk_size=plan.chunk)
-        engine = dataclasses.replace(engine, mapper=mapper)
-        algorithms = [(t, dataclasses.replace(a, engine=engine)) for t, a in algorithms]
-    # Host-side steps (discovery in init, hooks, reports, summaries) read the data from a
-    # host copy when several processes share the run: placed per-client arrays are spread
-    # over the hosts. With one process both are the placed data.
-    placed = _place_data(phases, mapper)
-    host, phases = (phases if multiprocess() else placed), placed
-
-    meta = outputs.run_metadata(cfg, phases.initial, dataset_info, mapper)
-    meta.update(memory=plan.to_dict(), distributed=distributed.describe())
-    if tuned is not None:
-        meta["autotune"] = tuned.to_dict()
-    if primary:
-        outputs.write_json(run_dir / "config.json", cfg.to_dict())
-        outputs.write_json(run_dir / "metadata.json", meta)
-    results = {}
-    for tag, alg in algorithms:
-        with _CompileClock() as clock:
-            results[tag] = _run_method(cfg, tag, alg, phases, host, hp, run_dir / tag, resume,
-                                       show, verbose, clock)
-    result = SimulationResult(cfg, run_dir, results, host.at(cfg.rounds),
-                              host if host.events else None, plan)
-    if primary:
-        outputs.write_summary(run_dir, results)
-        outputs.plot_accuracy(run_dir / "accuracy.png", results, title=cfg.name)
+        meta = outputs.run_metadata(cfg, phases.initial, dataset_info, mapper)
+        meta.update(memory=plan.to_dict(), distributed=distributed.describe())
+        if tuned is not None:
+            meta["autotune"] = tuned.to_dict()
+        # The first write of the run: everything above is validated.
+        status = None
+        if primary:
+            moved = rundir.prepare(run_dir, decision)
+            if moved is not None and verbose:
+                print(f"the earlier run in {run_dir} was moved to {moved}")
+            if resume and decision == "new" and verbose:
+                print(f"nothing to resume in {run_dir}; starting a new run")
+            status = rundir.Status(run_dir, cfg_dict, resumed=decision == "resume",
+                                   changes=changes, moved=moved)
+            status.update()
+            outputs.write_json(run_dir / "config.json", cfg_dict)
+            outputs.write_json(run_dir / "metadata.json", meta)
+        distributed.barrier("run_dir")
+        run = _Run(status, signals, run_dir)
+        try:
+            results = {}
+            for tag, alg in algorithms:
+                with _CompileClock() as clock:
+                    results[tag] = _run_method(cfg, tag, alg, phases, host, hp, run_dir / tag,
+                                               resume and decision == "resume", verbose, clock,
+                                               run)
+            result = SimulationResult(cfg, run_dir, results, host.at(cfg.rounds),
+                                      host if host.events else None, plan)
+            if primary:
+                outputs.write_summary(run_dir, results)
+                outputs.plot_accuracy(run_dir / "accuracy.png", results, title=cfg.name)
+        except KeyboardInterrupt:
+            # A second Ctrl-C, or one outside the rounds loop: the last checkpoint stands.
+            raise run.interrupted(checkpointed=None) from None
+        except rundir.RunInterrupted as e:
+            run.set(state="interrupted", reason=str(e))
+            raise
+        except BaseException as e:
+            run.set(state="failed", reason=f"{type(e).__name__}: {e}")
+            raise
+        run.set(state="finished", round=cfg.rounds)
     if verbose:
         print(result.table())
         print(f"outputs: {run_dir}")
     return result
+
+
+class _Signals:
+    """SIGINT and SIGTERM while a run is in its rounds loop stop it at the next block boundary.
+
+    Inside :meth:`deferring` a first signal only sets :attr:`requested` (the loop then saves
+    a checkpoint and stops); a second one, or one outside the loop (data loading, discovery),
+    raises ``KeyboardInterrupt`` at once. Handlers are installed only in the main thread.
+    """
+
+    def __init__(self):
+        self.requested: str | None = None
+        self._defer = False
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> _Signals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                try:
+                    self._old[sig] = signal.signal(sig, self._handle)
+                except (ValueError, OSError):  # e.g. an embedding interpreter
+                    pass
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if self._defer and self.requested is None:
+            self.requested = name
+            progress_mod.note(f"{name}: stopping after the current block of rounds with a "
+                              "checkpoint (press Ctrl-C again to stop at once)")
+            return
+        raise KeyboardInterrupt(name)
+
+    @contextlib.contextmanager
+    def deferring(self):
+        self._defer = True
+        try:
+            yield
+        finally:
+            self._defer = False
+
+
+class _Run:
+    """What a method's loop reports to the run: status, interrupts, where it stands."""
+
+    def __init__(self, status: rundir.Status | None, signals: _Signals, run_dir: Path):
+        self.status, self.signals, self.run_dir = status, signals, run_dir
+        self.method: str | None = None
+        self.round = 0
+        self.checkpoint_round: int | None = None
+
+    def set(self, **kw: Any) -> None:
+        if self.status is not None:
+            self.status.update(**kw)
+
+    def at(self, method: str, round_: int) -> None:
+        self.method, self.round = method, round_
+        self.set(method=method, round=round_)
+
+    def warn(self, message: str) -> None:
+        progress_mod.note(f"warning: {message}")
+        if self.status is not None:
+            self.status.warn(message)
+
+    def interrupted(self, checkpointed: bool | None) -> rundir.RunInterrupted:
+        if checkpointed is None:
+            checkpointed = self.checkpoint_round is not None
+        r = self.checkpoint_round if self.checkpoint_round is not None else 0
+        e = rundir.RunInterrupted(self.run_dir, self.method, r, checkpointed)
+        self.set(state="interrupted", reason=str(e), round=r)
+        return e
 
 
 def _on_host():
@@ -261,8 +379,8 @@ def _boundaries(cfg: Config, alg: Algorithm, drift_rounds: tuple[int, ...] = ())
 
 
 def _run_method(cfg: Config, tag: str, alg: Algorithm, phases: DriftingData,
-                host: DriftingData, hp: ClientHParams, out: Path, resume: bool, show: bool,
-                verbose: bool, compile_clock: _CompileClock) -> MethodResult:
+                host: DriftingData, hp: ClientHParams, out: Path, resume: bool, verbose: bool,
+                compile_clock: _CompileClock, run: _Run) -> MethodResult:
     """One method's rounds. ``phases``: the placed data; ``host``: the same data readable on
     this host (the same object with one process), for host-side steps and summaries."""
     primary = distributed.is_primary()
@@ -278,6 +396,8 @@ def _run_method(cfg: Config, tag: str, alg: Algorithm, phases: DriftingData,
     start_round, elapsed, cluster_time, wall0 = 0, 0.0, 0.0, time.perf_counter()
 
     ckpt = Checkpointer(out / "checkpoints") if cfg.checkpoint_every else None
+    run.at(tag, 0)
+    run.checkpoint_round = None
     if resume and ckpt is not None and ckpt.latest() is not None:
         # Restore into init's structure without running init (no repeated discovery);
         # shapes come from the checkpoint.
@@ -289,6 +409,8 @@ def _run_method(cfg: Config, tag: str, alg: Algorithm, phases: DriftingData,
         ledger_up, ledger_down = np.asarray(meta["bytes_up"]), np.asarray(meta["bytes_down"])
         history = outputs.read_history(out / "metrics.jsonl", upto=start_round)
         distributed.barrier(f"read:{tag}")  # read before process 0 rewrites it
+        run.at(tag, start_round)
+        run.checkpoint_round = start_round
         if verbose:
             print(f"[{tag}] resumed at round {start_round}")
     else:
@@ -329,68 +451,86 @@ def _run_method(cfg: Config, tag: str, alg: Algorithm, phases: DriftingData,
         return scores, summary
 
     logger = outputs.MetricLogger(out, cfg.tensorboard) if primary else _NoLogger()
-    bar = outputs.progress(cfg.rounds, start_round, tag, show)
     per_client: dict[str, np.ndarray] = {}
     final: dict[str, float] = {}
     r = start_round
     data, hdata = phases.at(r), host.at(r)
     block_compile = 0.0
-    for stop in _boundaries(cfg, alg, phases.drift_rounds):
-        if stop <= r:
-            continue
-        t0, c0 = time.perf_counter(), compile_clock.seconds
-        state, m = block(state, data, jnp.arange(r, stop))
-        m = to_host(m)
-        elapsed += time.perf_counter() - t0
-        block_compile += compile_clock.seconds - c0
-        _check_finite(m, tag, stop)
-        for i, rr in enumerate(range(r, stop)):
-            row: dict[str, Any] = {"round": rr + 1}
-            up = down = 0.0
-            for k, v in m.items():
-                v = np.asarray(v[i])
-                if k.startswith("up/"):
-                    ledger_up += v
-                    up += float(v.sum())
-                    row[f"bytes_{k.replace('/', '_')}"] = float(v.sum())
-                elif k.startswith("down/"):
-                    ledger_down += v
-                    down += float(v.sum())
-                    row[f"bytes_{k.replace('/', '_')}"] = float(v.sum())
-                elif v.ndim == 0:
-                    row[k] = float(v)
-            row["bytes_up"], row["bytes_down"] = up, down
-            row["bytes_per_client"] = float((ledger_up + ledger_down).mean())
-            if i < stop - r - 1:
-                history.append(row)
-                logger.log(row)
-        r = stop
-        if r % cfg.eval_every == 0 or r == cfg.rounds:
-            per_client, final = evaluate(state, data, hdata)
-            row.update(final)
-        if phases.phase(r) != phases.phase(r - 1):
-            # Drift: the following rounds (and the host hook below) see the next phase.
-            data, hdata = phases.at(r), host.at(r)
-            row["drift_moved"] = float(len(phases.events[phases.phase(r) - 1].clients))
-        row["time"] = elapsed
-        history.append(row)
-        logger.log(row)
-        bar.update(stop - bar.n)
-        if final:
-            bar.set_postfix(acc=f"{final['test_acc/mean']:.3f}")
-        if alg.hook_every and r % alg.hook_every == 0 and r < cfg.rounds:
-            t_hook = time.perf_counter()
-            state = _place_state(jax.block_until_ready(
-                alg.host_hook(_host_state(state), hdata, r)), alg)
-            cluster_time += time.perf_counter() - t_hook
-        if ckpt is not None and (r % cfg.checkpoint_every == 0 or r == cfg.rounds):
-            ckpt.save(r, state, {"round": r, "elapsed": elapsed, "bytes_up": ledger_up.tolist(),
-                                 "bytes_down": ledger_down.tolist(), "cluster_time": cluster_time,
-                                 "wall_time": time.perf_counter() - wall0})
-    bar.close()
+    watch = _Divergence(cfg, tag, phases.num_classes, history, run)
+    with progress_mod.task(f"[{tag}] rounds", total=cfg.rounds, unit="round",
+                           initial=start_round) as bar, run.signals.deferring():
+        for stop in _boundaries(cfg, alg, phases.drift_rounds):
+            if stop <= r:
+                continue
+            if r == start_round:
+                progress_mod.note(f"[{tag}] compiling the round program (rounds {r + 1}-{stop}) ...")
+            t0, c0 = time.perf_counter(), compile_clock.seconds
+            state, m = block(state, data, jnp.arange(r, stop))
+            m = to_host(m)
+            elapsed += time.perf_counter() - t0
+            block_compile += compile_clock.seconds - c0
+            _check_finite(m, tag, stop)
+            for i, rr in enumerate(range(r, stop)):
+                row: dict[str, Any] = {"round": rr + 1}
+                up = down = 0.0
+                for k, v in m.items():
+                    v = np.asarray(v[i])
+                    if k.startswith("up/"):
+                        ledger_up += v
+                        up += float(v.sum())
+                        row[f"bytes_{k.replace('/', '_')}"] = float(v.sum())
+                    elif k.startswith("down/"):
+                        ledger_down += v
+                        down += float(v.sum())
+                        row[f"bytes_{k.replace('/', '_')}"] = float(v.sum())
+                    elif v.ndim == 0:
+                        row[k] = float(v)
+                row["bytes_up"], row["bytes_down"] = up, down
+                row["bytes_per_client"] = float((ledger_up + ledger_down).mean())
+                if i < stop - r - 1:
+                    history.append(row)
+                    logger.log(row)
+            r = stop
+            if r % cfg.eval_every == 0 or r == cfg.rounds:
+                per_client, final = evaluate(state, data, hdata)
+                row.update(final)
+            if phases.phase(r) != phases.phase(r - 1):
+                # Drift: the following rounds (and the host hook below) see the next phase.
+                data, hdata = phases.at(r), host.at(r)
+                row["drift_moved"] = float(len(phases.events[phases.phase(r) - 1].clients))
+            row["time"] = elapsed
+            history.append(row)
+            logger.log(row)
+            bar.update(stop - bar.n)
+            if final:
+                bar.set_postfix(acc=f"{final['test_acc/mean']:.3f}")
+            watch.check(row, r)  # before a host hook spends time on a diverged state
+            if alg.hook_every and r % alg.hook_every == 0 and r < cfg.rounds:
+                t_hook = time.perf_counter()
+                state = _place_state(jax.block_until_ready(
+                    alg.host_hook(_host_state(state), hdata, r)), alg)
+                cluster_time += time.perf_counter() - t_hook
+            run.at(tag, r)
+
+            # A Ctrl-C / SIGTERM during the block: checkpoint here (a block boundary) and stop.
+            stopping = run.signals.requested is not None and r < cfg.rounds
+            due = ckpt is not None and (r % cfg.checkpoint_every == 0 or r == cfg.rounds)
+            if ckpt is not None and (due or stopping):
+                ckpt.save(r, state, {
+                    "round": r, "elapsed": elapsed, "bytes_up": ledger_up.tolist(),
+                    "bytes_down": ledger_down.tolist(), "cluster_time": cluster_time,
+                    "wall_time": time.perf_counter() - wall0,
+                    "config_hash": rundir.config_hash(cfg.to_dict())})
+                run.checkpoint_round = r
+            if stopping:
+                logger.close()
+                if ckpt is not None:
+                    ckpt.close()
+                raise run.interrupted(checkpointed=ckpt is not None)
     logger.close()
     if ckpt is not None:
         ckpt.close()
+    watch.final(final.get("test_acc/mean") if final else None)
     if not per_client:  # resumed after the last round: evaluate once more
         per_client, final = evaluate(state, data, hdata)
     # Methods that group clients are scored against the true groups (ARI, NMI) in evaluate.
@@ -411,9 +551,10 @@ def _run_method(cfg: Config, tag: str, alg: Algorithm, phases: DriftingData,
               f"{elapsed:.1f} s)")
     if primary:
         outputs.write_csv(out / "metrics.csv", history)
+        outputs.savez(out / "per_client.npz", **per_client, bytes_up=ledger_up,
+                      bytes_down=ledger_down, group=np.asarray(hdata.group))
+        # Last: final.json exists only when the method finished and everything else is written.
         outputs.write_json(out / "final.json", final)
-        np.savez(out / "per_client.npz", **per_client, bytes_up=ledger_up,
-                 bytes_down=ledger_down, group=np.asarray(hdata.group))
     return MethodResult(tag, history, final, per_client, ledger_up, ledger_down, state, elapsed,
                         compile_time)
 
@@ -467,6 +608,54 @@ def _place_state(state: dict, alg: Algorithm) -> dict:
 def _check_finite(metrics: dict, tag: str, round_: int) -> None:
     loss = metrics.get("train_loss")
     if loss is not None and not np.all(np.isfinite(np.asarray(loss))):
-        raise FloatingPointError(
+        raise rundir.Diverged(
             f"[{tag}] training diverged (non-finite loss) by round {round_}; lower local.lr "
             "or check the data for NaNs")
+
+
+class _Divergence:
+    """The ``[divergence]`` rules of one method's run (see :class:`DivergenceConfig`)."""
+
+    def __init__(self, cfg: Config, tag: str, num_classes: int, history: list[dict], run: _Run):
+        self.cfg, self.tag, self.run = cfg.divergence, tag, run
+        self.lr = cfg.local.lr
+        self.k = max(int(num_classes), 2)
+        self.chance = 1.0 / self.k
+        self.loss_limit = self.cfg.loss_factor * max(math.log(self.k), 1.0)
+        accs = [h["test_acc/mean"] for h in history if "test_acc/mean" in h]
+        self.best = max(accs) if accs else None
+        self.warned: set[str] = set()
+
+    def check(self, row: dict[str, Any], round_: int) -> None:
+        """After a block: the last round's mean training loss, and the evaluation if any."""
+        if self.cfg.action == "off":
+            return
+        loss, acc = row.get("train_loss"), row.get("test_acc/mean")
+        margin = self.cfg.chance_margin
+        if loss is not None and loss > self.loss_limit:
+            self._act("loss", round_, f"the mean training loss {loss:.4g} is above "
+                      f"divergence.loss_factor x max(ln {self.k}, 1) = {self.loss_limit:.3g} "
+                      f"(a uniform guess scores ln {self.k} = {math.log(self.k):.3g})")
+        if acc is not None:
+            if (self.best is not None and self.best >= self.chance + 2 * margin
+                    and acc <= self.chance + margin):
+                self._act("accuracy", round_, f"the mean client test accuracy collapsed to "
+                          f"{acc:.3f} (chance: {self.chance:.3f}) after reaching {self.best:.3f}")
+            self.best = acc if self.best is None else max(self.best, acc)
+
+    def final(self, acc: float | None) -> None:
+        """A run whose accuracy never left chance finishes, with a warning."""
+        if (self.cfg.action != "off" and acc is not None and self.best is not None
+                and self.best <= self.chance + self.cfg.chance_margin):
+            self.run.warn(f"[{self.tag}] the mean client test accuracy never rose above chance "
+                          f"(best {self.best:.3f}, chance {self.chance:.3f}); check local.lr "
+                          f"(= {self.lr}) and the data")
+
+    def _act(self, kind: str, round_: int, what: str) -> None:
+        msg = (f"[{self.tag}] training diverged by round {round_}: {what}. Lower local.lr "
+               f"(now {self.lr}), or set divergence.action = \"warn\" (or \"off\") to go on")
+        if self.cfg.action == "stop":
+            raise rundir.Diverged(msg)
+        if kind not in self.warned:
+            self.warned.add(kind)
+            self.run.warn(msg)
