@@ -490,7 +490,16 @@ def run_sim_cell(pop: Population, seed: int, cells: Path, part: str, quick: bool
           flush=True)
     run_dir = runs / part / pop.name / f"seed{seed}"
     t0 = time.perf_counter()
-    res = fedrnd.simulate(cfg, run_dir=run_dir, progress=False, verbose=False, data=data)
+    # An interrupted cell continues from its checkpoint; a leftover run of another config is
+    # moved aside (never deleted).
+    from fedrnd.driver.rundir import RunDirError
+
+    try:
+        res = fedrnd.simulate(cfg, run_dir=run_dir, progress=False, verbose=False, data=data,
+                              resume=True)
+    except RunDirError:
+        res = fedrnd.simulate(cfg, run_dir=run_dir, progress=False, verbose=False, data=data,
+                              overwrite=True)
     elapsed = time.perf_counter() - t0
     methods = {}
     for tag, m in res.methods.items():

@@ -262,7 +262,7 @@ def preflight(path: Path, *, resume: bool, overwrite: bool, config: dict[str, An
     for p in (path, *path.parents):
         if p.exists() and not p.is_dir():
             what = "run directory" if p == path else "out_dir (or --out)"
-            raise RunDirError(f"{what} {p} is a file, not a directory; choose another "
+            raise RunDirError(f"{what} {p} is an existing file, not a directory; choose another "
                               "--out, --run-dir or name")
     if allow_change and not resume:
         raise RunDirError("--allow-change only applies with --resume")

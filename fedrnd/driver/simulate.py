@@ -127,9 +127,21 @@ def simulate(config: Config | dict | str | Path | None = None, *, resume: bool =
     run_dir = Path(run_dir)
     cfg_dict = cfg.to_dict()
     # Read-only: refuse a directory that cannot be used before anything is built or written.
-    decision, changes = rundir.preflight(run_dir, resume=resume, overwrite=overwrite,
-                                         config=cfg_dict, allow_change=list(allow_change),
-                                         defaults=Config().to_dict())
+    # Process 0 decides (the others would see its writes); every process learns the outcome.
+    decisions = ("new", "resume", "overwrite")
+    decision, changes, refused = "new", [], None
+    if primary:
+        try:
+            decision, changes = rundir.preflight(
+                run_dir, resume=resume, overwrite=overwrite, config=cfg_dict,
+                allow_change=list(allow_change), defaults=Config().to_dict())
+        except rundir.RunDirError as e:
+            refused = e
+    code = distributed.agree(-1 if refused is not None else decisions.index(decision))
+    if code < 0:
+        raise refused or rundir.RunDirError(
+            f"process 0 refused the run directory {run_dir}; see its message")
+    decision = decisions[code]
     with progress_mod.mode(show), _Signals() as signals:
         log = print if verbose else None
         if data is None:

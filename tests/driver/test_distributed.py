@@ -78,7 +78,7 @@ def _run(cfg: Path, out: Path, sets: list[str], *, processes: int, tmp: Path,
          resume: bool = False) -> list[str]:
     """Run ``fedrnd run`` as ``processes`` processes of one job; returns their logs."""
     base = [sys.executable, "-m", "fedrnd", "run", str(cfg), "--out", str(out),
-            *(["--resume"] if resume else [])]
+            *(["--resume", "--allow-change", "rounds"] if resume else [])]
     for s in sets:
         base += ["--set", s]
     if processes == 1:

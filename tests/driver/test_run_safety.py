@@ -103,7 +103,7 @@ def test_a_directory_with_other_content_is_never_used(tmp_path, capsys, monkeypa
 def test_out_pointing_at_a_file_is_refused(tmp_path, capsys):
     (tmp_path / "f").write_text("x")
     assert main(["run", "--out", str(tmp_path / "f"), *SMALL]) == 2
-    assert "is a file" in _error_paragraph(capsys)
+    assert "file, not a directory" in _error_paragraph(capsys)
     assert (tmp_path / "f").read_text() == "x"
 
 
