@@ -6,6 +6,8 @@ from fedrnd.data.federated import (
     FederatedData,
     Partition,
     build_federated,
+    check_dataset,
+    check_federated,
     estimate_bytes,
 )
 from fedrnd.data.partition import (
@@ -39,7 +41,8 @@ from fedrnd.data.sources import (
 )
 
 __all__ = [
-    "Dataset", "FederatedData", "Partition", "build_federated", "estimate_bytes",
+    "Dataset", "FederatedData", "Partition", "build_federated", "check_dataset",
+    "check_federated", "estimate_bytes",
     # drift
     "DriftEvent", "DriftingData", "build_drifting", "build_phases", "drift_groups",
     # partitioners

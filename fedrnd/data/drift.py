@@ -24,7 +24,16 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from fedrnd.data.federated import Dataset, FederatedData, Partition, build_federated
+from fedrnd.data.federated import (
+    Dataset,
+    FederatedData,
+    Partition,
+    _check_all,
+    _check_partition,
+    _materialise,
+    _phase_name,
+    _to_device,
+)
 
 __all__ = ["DriftEvent", "DriftingData", "build_drifting", "build_phases", "drift_groups"]
 
@@ -208,11 +217,18 @@ def build_phases(dataset: Dataset, partition: Partition,
     joint = dataclasses.replace(
         partition, train=list(partition.train) * k, test=list(partition.test) * k,
         group=np.concatenate(groups))
-    full = build_federated(dataset, joint)
-    phases = tuple(full.replace(**{name: v[p * c:(p + 1) * c]
-                                   for name, v in full.client_arrays().items()})
-                   for p in range(k))
-    return DriftingData(phases, tuple(starts), tuple(events))
+    where = _check_partition(dataset, partition)  # the joint one repeats it k times
+    host, row_name = _materialise(dataset, joint)
+
+    def split(full: FederatedData) -> tuple[FederatedData, ...]:
+        return tuple(full.replace(**{name: v[p * c:(p + 1) * c]
+                                     for name, v in full.client_arrays().items()})
+                     for p in range(k))
+
+    # Checked per phase, so a message names the real client and the phase, not joint ids.
+    _check_all([(_phase_name(where, p, starts[p], k), d) for p, d in enumerate(split(host))],
+               True, row_name)
+    return DriftingData(split(_to_device(host)), tuple(starts), tuple(events))
 
 
 def build_drifting(dataset: Dataset, partition: Partition, at_round: int | Sequence[int], *,

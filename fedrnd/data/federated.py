@@ -9,6 +9,10 @@ Group-wise transforms (a rotation or an additive pattern per hidden group) are m
 once per (example, group) pair that some client actually uses, so a test example shared by
 clients of two groups exists twice in the pool, transformed each way, and nothing else is
 duplicated.
+
+Bad input fails with one message naming the culprit: a malformed source by its first bad row
+(:func:`check_dataset`, on construction), a federation by client and example
+(:func:`check_federated`: what :func:`build_federated` checks, callable on data built any way).
 """
 
 from __future__ import annotations
@@ -93,7 +97,7 @@ def check_dataset(dataset: Dataset) -> None:
             row = int(bad[0])
             raise ValueError(f"{name}: y_{split}[{row}] = {np.asarray(y)[row].item()} is not a class "
                              f"in [0, num_classes={k}); labels must be integers 0..{k - 1}")
-    if shapes["test"] != shapes["train"] and np.shape(dataset.x_test)[0]:
+    if shapes["test"] != shapes["train"]:
         raise ValueError(f"{name}: x_train has feature shape {shapes['train']} but x_test has "
                          f"{shapes['test']}; both splits need the same feature shape")
     for split in ("train", "test"):
@@ -219,15 +223,15 @@ class FederatedData:
 _SHOW = 10  # client ids named in a message before "..."
 
 
-def _ids(ids: np.ndarray) -> str:
-    """``[3, 7]`` or ``[0, 1, ..., 9, ...]``: the first few ids of a list that may be long."""
+def id_list(ids: np.ndarray) -> str:
+    """``"[3, 7]"``; a long list as its first ten ids and ``...``, so a message stays short."""
     head = ", ".join(str(int(i)) for i in ids[:_SHOW])
     return f"[{head}, ...]" if ids.size > _SHOW else f"[{head}]"
 
 
-def empty_clients_message(where: str, empty: np.ndarray, num_clients: int) -> str:
+def _empty_message(where: str, empty: np.ndarray, num_clients: int) -> str:
     """The one message for clients without training examples (data checks and RND alike)."""
-    return (f"{where}: client(s) {_ids(empty)} have no training examples ({empty.size} of "
+    return (f"{where}: client(s) {id_list(empty)} have no training examples ({empty.size} of "
             f"{num_clients} clients are empty); every client needs at least one (use fewer "
             "clients or a partition with a minimum size)")
 
@@ -243,7 +247,11 @@ def _bad_pool_rows(x: jax.Array | np.ndarray) -> np.ndarray:
     if p == 0 or np.issubdtype(np.dtype(x.dtype), np.integer) or x.dtype == np.bool_:
         return np.zeros(0, np.int64)
     flat = x.reshape(p, -1)
-    sums = jnp.sum(flat, axis=1) if isinstance(x, jax.Array) else np.sum(flat, axis=1)
+    if isinstance(x, jax.Array):
+        sums = jnp.sum(flat, axis=1)
+    else:
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow is what we look for
+            sums = np.sum(flat, axis=1)
     suspect = np.flatnonzero(~np.isfinite(np.asarray(sums)))
     if suspect.size == 0:
         return suspect
@@ -286,7 +294,7 @@ def _check_phase(data: FederatedData, where: str, labels: bool, bad_x: np.ndarra
             i = int(over[0])
             raise ValueError(f"{where}: client {i} has {split}_count {int(cnt[i])} but its "
                              f"{split}_idx row holds {w} examples; counts must be in [0, {w}] "
-                             f"({over.size} client(s) affected: {_ids(over)})")
+                             f"({over.size} client(s) affected: {id_list(over)})")
         valid = np.arange(w)[None, :] < cnt[:, None]
         out = valid & ((idx < 0) | (idx >= p))
         if out.any():
@@ -297,7 +305,7 @@ def _check_phase(data: FederatedData, where: str, labels: bool, bad_x: np.ndarra
         used[split] = idx, valid
     empty = np.flatnonzero(np.asarray(data.train_count) < 1)
     if empty.size:
-        raise ValueError(empty_clients_message(where, empty, c))
+        raise ValueError(_empty_message(where, empty, c))
     if labels:
         k = data.num_classes
         if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
@@ -464,7 +472,7 @@ def _check_partition(dataset: Dataset, partition: Partition) -> str:
         raise ValueError(f"partition has {c} train lists but {len(partition.test)} test lists")
     empty = np.flatnonzero(np.array([len(r) for r in partition.train]) == 0)
     if empty.size:
-        raise ValueError(empty_clients_message(where, empty, c))
+        raise ValueError(_empty_message(where, empty, c))
     for i, (tr, te) in enumerate(zip(partition.train, partition.test, strict=True)):
         if len(tr) and (np.min(tr) < 0 or np.max(tr) >= n_train):
             raise ValueError(f"client {i}: train index out of range [0, {n_train})")

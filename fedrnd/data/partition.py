@@ -30,6 +30,8 @@ construction or raise ``ValueError``; ``dirichlet`` resamples and then tops up (
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import inspect
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -43,6 +45,7 @@ __all__ = [
     "IIDSplit",
     "QuantitySkew",
     "ShardSplit",
+    "check_partition_options",
     "dirichlet",
     "feature_patterns",
     "feature_pattern",
@@ -51,6 +54,7 @@ __all__ = [
     "label_permutation",
     "make_partition",
     "natural",
+    "partition_parameters",
     "quantity_skew",
     "rotation",
     "shards",
@@ -286,6 +290,13 @@ class DirichletSplit:
         return f"dirichlet(alpha={self.alpha:g})"
 
 
+def _check_k(k: Any, num_classes: int | None = None) -> None:
+    top = "num_classes" if num_classes is None else f"num_classes={num_classes}"
+    if (isinstance(k, bool) or not isinstance(k, int | np.integer)
+            or not 1 <= k <= (k if num_classes is None else num_classes)):
+        raise ValueError(f"k (labels per client) must be in [1, {top}], got {k!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class ShardSplit:
     """``k`` labels per client: label-pure shards, ``k`` shards with distinct labels each.
@@ -302,9 +313,7 @@ class ShardSplit:
     def __call__(self, y: np.ndarray, num_classes: int, num_clients: int,
                  rng: np.random.Generator) -> list[np.ndarray]:
         k, c = self.k, num_clients
-        if not isinstance(k, int | np.integer) or not 1 <= k <= num_classes:
-            raise ValueError(f"k (labels per client) must be in [1, num_classes={num_classes}], "
-                             f"got {k!r}")
+        _check_k(k, num_classes)
         _check_num_clients(len(y), c)
         n_l = np.bincount(y, minlength=num_classes)
         if len(y) < c * k:
@@ -336,6 +345,9 @@ _SPLITS: dict[str, Callable[..., SplitFn]] = {
     "shards": ShardSplit,
     "quantity_skew": lambda **kw: IIDSplit(sizes=QuantitySkew(**kw)),
 }
+_SPLIT_SPECS = {"iid": IIDSplit, "dirichlet": DirichletSplit, "shards": ShardSplit,
+                "quantity_skew": QuantitySkew}
+"""The dataclass whose fields are the options of each ``within=`` split name."""
 
 
 def _as_split(within: Any, sizes: SizeSpec = None) -> SplitFn:
@@ -364,17 +376,38 @@ def _as_split(within: Any, sizes: SizeSpec = None) -> SplitFn:
         raise ValueError(f"within must be a name, (name, kwargs), a dict or a split callable, "
                          f"got {within!r}")
     if name not in _SPLITS:
-        raise ValueError(f"unknown within-group split {name!r}; allowed: {', '.join(_SPLITS)}")
+        close = difflib.get_close_matches(str(name), list(_SPLITS), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"unknown within-group split {name!r}{hint}; allowed: "
+                         f"{', '.join(_SPLITS)}")
+    fields = dataclasses.fields(_SPLIT_SPECS[name])
+    allowed = [f.name for f in fields]
+    bad = sorted(set(kwargs) - set(allowed))
+    if bad:
+        raise ValueError(f"within split {name!r} has no option(s) {bad}; allowed: {allowed}")
+    need = [f.name for f in fields if f.default is dataclasses.MISSING and f.name not in kwargs]
+    if need:
+        raise ValueError(f"within split {name!r} needs {', '.join(need)}, e.g. "
+                         f'within = {{name = "{name}", {need[0]} = ...}}')
     if sizes is not None:
         if name != "iid":
             raise ValueError(f"sizes= only combines with within='iid', not {name!r}")
         kwargs["sizes"] = sizes
-    return _SPLITS[name](**kwargs)
+    try:
+        return _SPLITS[name](**kwargs)
+    except ValueError as e:
+        raise ValueError(f"within split {name!r}: {e}") from None
 
 
 # --------------------------------------------------------------------------------------------
 # test split and assembly
 # --------------------------------------------------------------------------------------------
+
+
+def _check_test_size(test_size: Any) -> None:
+    if test_size is not None and (isinstance(test_size, bool) or
+                                  not isinstance(test_size, int | np.integer) or test_size < 1):
+        raise ValueError(f"test_size must be an integer >= 1 or None, got {test_size!r}")
 
 
 def _sample_test(dataset: Dataset, train: Sequence[np.ndarray], rng: np.random.Generator,
@@ -390,8 +423,7 @@ def _sample_test(dataset: Dataset, train: Sequence[np.ndarray], rng: np.random.G
     if test_size is None:
         m = np.maximum(1, np.rint(n_c * (n_test / n_train))).astype(np.int64)
     else:
-        if not isinstance(test_size, int | np.integer) or test_size < 1:
-            raise ValueError(f"test_size must be an integer >= 1 or None, got {test_size!r}")
+        _check_test_size(test_size)
         m = np.full(c, int(test_size), np.int64)
     cat = np.concatenate(train).astype(np.int64)
     counts = np.bincount(np.repeat(np.arange(c), n_c) * k + dataset.y_train[cat],
@@ -558,6 +590,13 @@ def _rotate(x: np.ndarray, g: int) -> np.ndarray:
     return np.ascontiguousarray(np.rot90(x, k=g, axes=(1, 2)))
 
 
+def _check_rotation_groups(num_groups: Any) -> None:
+    if (isinstance(num_groups, bool) or not isinstance(num_groups, int | np.integer)
+            or not 1 <= num_groups <= 4):
+        raise ValueError(f"num_groups for rotation must be in [1, 4] (exact 90-degree "
+                         f"rotations), got {num_groups!r}")
+
+
 def rotation(dataset: Dataset, num_clients: int, *, num_groups: int = 4, seed: int,
              group_sizes: Sequence[int] | None = None, within: Any = "iid",
              sizes: SizeSpec = None, test_size: int | None = None) -> Partition:
@@ -571,9 +610,7 @@ def rotation(dataset: Dataset, num_clients: int, *, num_groups: int = 4, seed: i
     if len(shape) != 3:
         raise ValueError(f"rotation needs images [n, H, W, C]; {dataset.name!r} has feature "
                          f"shape {shape}")
-    if not isinstance(num_groups, int | np.integer) or not 1 <= num_groups <= 4:
-        raise ValueError(f"num_groups for rotation must be in [1, 4] (exact 90-degree "
-                         f"rotations), got {num_groups!r}")
+    _check_rotation_groups(num_groups)
     if num_groups > 1 and shape[0] != shape[1]:
         raise ValueError(f"rotation by 90 degrees needs square images, got H={shape[0]}, "
                          f"W={shape[1]}")
@@ -596,6 +633,15 @@ def _box_filter(img: np.ndarray, size: int) -> np.ndarray:
     return win.mean(axis=(-2, -1))
 
 
+def _check_pattern(rms: Any, smooth: Any) -> None:
+    if isinstance(rms, bool) or not isinstance(rms, int | float | np.number) or not (
+            np.isfinite(rms) and rms > 0):
+        raise ValueError(f"rms must be a finite number > 0, got {rms!r}")
+    if (isinstance(smooth, bool) or not isinstance(smooth, int | np.integer) or smooth < 1
+            or smooth % 2 == 0):
+        raise ValueError(f"smooth must be an odd integer >= 1, got {smooth!r}")
+
+
 def feature_patterns(feature_shape: Sequence[int], num_groups: int, *, rms: float = 0.15,
                      smooth: int = 7, seed: int = 0) -> np.ndarray:
     """``[G, *feature_shape]`` float32 smooth, equidistant additive patterns with RMS ``rms``.
@@ -615,10 +661,7 @@ def feature_patterns(feature_shape: Sequence[int], num_groups: int, *, rms: floa
     d = int(np.prod(shape))
     if not isinstance(num_groups, int | np.integer) or not 1 <= num_groups <= d:
         raise ValueError(f"num_groups must be an integer in [1, D={d}], got {num_groups!r}")
-    if not rms > 0:
-        raise ValueError(f"rms must be > 0, got {rms}")
-    if not isinstance(smooth, int | np.integer) or smooth < 1 or smooth % 2 == 0:
-        raise ValueError(f"smooth must be an odd integer >= 1, got {smooth!r}")
+    _check_pattern(rms, smooth)
     if smooth > 1 and len(shape) != 3:
         raise ValueError(f"smooth={smooth} needs image features [H, W, C], got {shape}; "
                          "use smooth=1")
@@ -759,11 +802,67 @@ PARTITIONS: dict[str, Callable[..., Partition]] = {
 """Partitioners by name, each returning a :class:`Partition`."""
 
 
+def _unknown_partition(name: str) -> ValueError:
+    close = difflib.get_close_matches(str(name), list(PARTITIONS), n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return ValueError(f"data.partition={name!r} is unknown{hint}; allowed: "
+                      f"{', '.join(PARTITIONS)}")
+
+
+_SUPPLIED = ("dataset", "num_clients", "seed")
+"""Partitioner arguments that a run supplies itself (never ``partition_options``)."""
+
+
+def partition_parameters(name: str) -> dict[str, inspect.Parameter]:
+    """The options a partitioner takes (``data.partition_options``), with their defaults."""
+    if name not in PARTITIONS:
+        raise _unknown_partition(name)
+    return {k: p for k, p in inspect.signature(PARTITIONS[name]).parameters.items()
+            if k not in _SUPPLIED}
+
+
+def check_partition_options(name: str, num_clients: int, options: Mapping[str, Any]) -> None:
+    """Check a partitioner's options for ``num_clients`` clients without any data.
+
+    Raises ``ValueError`` (the message starts with the option's name where one is at fault)
+    for what can be told before the data set is loaded; the partitioner itself checks the
+    rest (e.g. ``k`` against the number of classes).
+    """
+    params = partition_parameters(name)
+    bad = sorted(set(options) - set(params))
+    if bad:
+        raise ValueError(f"unknown option(s) {bad}; allowed: {', '.join(params)}")
+    need = [k for k, p in params.items() if p.default is p.empty and k not in options]
+    if need:
+        raise ValueError(f"{need[0]} is required by partition {name!r}")
+    kw = {k: p.default for k, p in params.items() if p.default is not p.empty} | dict(options)
+    _check_test_size(kw.get("test_size"))
+    # Explicit sizes are checked against the client count; their sum needs the data.
+    sizes = kw.get("sizes")
+    if sizes is not None and not callable(sizes):
+        _resolve_sizes(sizes, np.iinfo(np.int64).max, num_clients, np.random.default_rng(0))
+    if name == "dirichlet":
+        DirichletSplit(kw["alpha"], min_size=kw["min_size"], max_tries=kw["max_tries"],
+                       top_up=kw["top_up"])
+    elif name == "shards":
+        _check_k(kw["k"])
+    elif name == "quantity_skew":
+        QuantitySkew(dist=kw["dist"], sigma=kw["sigma"], exponent=kw["exponent"],
+                     min_size=kw["min_size"])
+    elif name in ("grouped", "rotation", "feature_pattern", "label_permutation"):
+        if name == "rotation":
+            _check_rotation_groups(kw["num_groups"])
+        if name == "feature_pattern":
+            _check_pattern(kw["rms"], kw["smooth"])
+        _group_sizes(num_clients, kw["num_groups"], kw["group_sizes"])
+        _as_split(kw["within"], sizes)
+
+
 def make_partition(name: str, dataset: Dataset, num_clients: int, seed: int,
                    **kwargs) -> Partition:
     """Run the partitioner ``name`` (a key of :data:`PARTITIONS`)."""
     if name not in PARTITIONS:
-        raise ValueError(f"data.partition={name!r} is unknown; allowed: {', '.join(PARTITIONS)}")
+        raise _unknown_partition(name)
     try:
         return PARTITIONS[name](dataset, num_clients, seed=seed, **kwargs)
     except TypeError as e:

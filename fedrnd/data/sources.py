@@ -11,11 +11,15 @@ download. ``fashion_mnist`` reads the IDX files of the Debian package ``dataset-
 
 from __future__ import annotations
 
+import difflib
 import functools
 import gzip
+import inspect
 import os
+import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -25,11 +29,14 @@ __all__ = [
     "DEFAULT_FASHION_MNIST_DIR",
     "SOURCES",
     "TFDS_NAMES",
+    "check_source_options",
     "digits",
     "fashion_mnist",
     "gaussian_mixture",
     "load_source",
     "read_idx",
+    "source_kwargs",
+    "source_parameters",
     "synthetic",
     "tfds_source",
 ]
@@ -46,9 +53,26 @@ def _readonly(*arrays: np.ndarray) -> None:
             a.setflags(write=False)
 
 
+def _check_fraction(test_fraction: Any) -> None:
+    if isinstance(test_fraction, bool) or not isinstance(test_fraction, int | float) or not (
+            0.0 < test_fraction < 1.0):
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction!r}")
+
+
+def _check_seed(seed: Any) -> None:
+    # numpy and scikit-learn take seeds in [0, 2**32); say so before they do, in our words.
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or not 0 <= seed < 2**32:
+        raise ValueError(f"seed must be an integer >= 0 (and < 2**32), got {seed!r}")
+
+
 # --------------------------------------------------------------------------------------------
 # digits
 # --------------------------------------------------------------------------------------------
+
+
+def _check_digits(test_fraction: float = 0.25, seed: int = 0) -> None:
+    _check_fraction(test_fraction)
+    _check_seed(seed)
 
 
 def digits(test_fraction: float = 0.25, seed: int = 0) -> Dataset:
@@ -58,8 +82,7 @@ def digits(test_fraction: float = 0.25, seed: int = 0) -> Dataset:
     train/test split (``test_fraction`` of each class held out, fixed by ``seed``).
     Source: Alpaydin & Kaynak (1998), UCI optical recognition of handwritten digits.
     """
-    if not 0.0 < test_fraction < 1.0:
-        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    _check_digits(test_fraction, seed)
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
@@ -84,13 +107,18 @@ _IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 
 def read_idx(path: str | os.PathLike) -> np.ndarray:
     """Parse one IDX file (raw or ``.gz``) into a numpy array of its declared shape.
 
-    Raises ``ValueError`` naming the file when the magic number, the type code or the length
-    does not match the header.
+    Raises ``ValueError`` naming the file when it cannot be read or decompressed (truncated or
+    corrupt download), or when the magic number, the type code or the length does not match
+    the header.
     """
     path = Path(path)
-    raw = path.read_bytes()
-    if raw[:2] == b"\x1f\x8b":  # gzip magic; decide by content, not by the suffix
-        raw = gzip.decompress(raw)
+    try:
+        raw = path.read_bytes()
+        if raw[:2] == b"\x1f\x8b":  # gzip magic; decide by content, not by the suffix
+            raw = gzip.decompress(raw)
+    except (EOFError, zlib.error, OSError) as e:  # OSError includes gzip.BadGzipFile
+        raise ValueError(f"{path}: cannot read this IDX file, it is truncated or corrupt "
+                         f"({type(e).__name__}: {e}); reinstall or re-download it") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
         raise ValueError(f"{path}: not an IDX file (magic number must start with two zero "
                          f"bytes, got {raw[:4].hex() or 'empty file'})")
@@ -133,8 +161,8 @@ def _missing_fashion(directory: Path, missing: Sequence[str]) -> FileNotFoundErr
         f"and pass data_dir=... or set {FASHION_MNIST_ENV}.")
 
 
-@functools.lru_cache(maxsize=4)
-def _load_fashion_mnist(directory: Path) -> Dataset:
+def _fashion_paths(directory: Path) -> dict[str, Path]:
+    """The four IDX files in ``directory`` (raw or ``.gz``); ``FileNotFoundError`` if any lack."""
     if not directory.is_dir():
         raise _missing_fashion(directory, list(_FASHION_FILES.values()))
     paths, missing = {}, []
@@ -147,12 +175,20 @@ def _load_fashion_mnist(directory: Path) -> Dataset:
             missing.append(base)
     if missing:
         raise _missing_fashion(directory, missing)
-    arr = {k: read_idx(p) for k, p in paths.items()}
+    return paths
+
+
+@functools.lru_cache(maxsize=4)
+def _load_fashion_mnist(directory: Path) -> Dataset:
+    arr = {k: read_idx(p) for k, p in _fashion_paths(directory).items()}
     for split in ("train", "test"):
         x, y = arr[f"x_{split}"], arr[f"y_{split}"]
         if x.ndim != 3 or y.ndim != 1 or x.shape[0] != y.shape[0]:
             raise ValueError(f"Fashion-MNIST {split} files in {directory} disagree: images "
                              f"{x.shape}, labels {y.shape}; expected [n, H, W] and [n]")
+        if y.size and (y.min() < 0 or y.max() > 9):
+            raise ValueError(f"Fashion-MNIST {split} labels in {directory} must be in [0, 9], "
+                             f"got values in [{y.min()}, {y.max()}]; the file is corrupt")
     x_train = (arr["x_train"].astype(np.float32) / 255.0)[..., None]
     x_test = (arr["x_test"].astype(np.float32) / 255.0)[..., None]
     y_train = arr["y_train"].astype(np.int32)
@@ -160,6 +196,11 @@ def _load_fashion_mnist(directory: Path) -> Dataset:
     _readonly(x_train, x_test, y_train, y_test)
     return Dataset(x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test,
                    num_classes=10, name="fashion_mnist")
+
+
+def _check_fashion_mnist(data_dir: str | os.PathLike | None = None) -> None:
+    if data_dir is not None and not isinstance(data_dir, str | os.PathLike):
+        raise ValueError(f"data_dir must be a directory path, got {data_dir!r}")
 
 
 def fashion_mnist(data_dir: str | os.PathLike | None = None) -> Dataset:
@@ -193,6 +234,39 @@ def _split_per_client(client: np.ndarray, test_fraction: float, rng: np.random.G
     return ~is_test, is_test
 
 
+def _check_int(name: str, value: Any, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
+def _check_number(name: str, value: Any, low: float, strict: bool = False) -> None:
+    ok = (not isinstance(value, bool) and isinstance(value, int | float | np.number)
+          and np.isfinite(value) and (value > low if strict else value >= low))
+    if not ok:
+        raise ValueError(f"{name} must be a finite number {'>' if strict else '>='} {low:g}, "
+                         f"got {value!r}")
+
+
+def _check_synthetic(alpha: float = 1.0, beta: float = 1.0, num_clients: int = 30, dim: int = 60,
+                     num_classes: int = 10, iid: bool = False, seed: int = 0,
+                     mean_samples: float | None = None, sigma_samples: float = 2.0,
+                     min_samples: int = 50, test_fraction: float = 0.2) -> None:
+    _check_int("num_clients", num_clients, 1)
+    _check_int("dim", dim, 1)
+    _check_int("num_classes", num_classes, 1)
+    _check_int("min_samples", min_samples, 2)  # one train and one test row
+    _check_fraction(test_fraction)
+    _check_number("alpha", alpha, 0.0)
+    _check_number("beta", beta, 0.0)
+    _check_number("sigma_samples", sigma_samples, 0.0)
+    _check_seed(seed)
+    if mean_samples is not None:
+        _check_number("mean_samples", mean_samples, 0.0)
+        if mean_samples <= min_samples:
+            raise ValueError(f"mean_samples must exceed min_samples={min_samples}, got "
+                             f"{mean_samples}")
+
+
 def synthetic(alpha: float = 1.0, beta: float = 1.0, num_clients: int = 30, dim: int = 60,
               num_classes: int = 10, iid: bool = False, seed: int = 0,
               mean_samples: float | None = None, sigma_samples: float = 2.0,
@@ -212,19 +286,11 @@ def synthetic(alpha: float = 1.0, beta: float = 1.0, num_clients: int = 30, dim:
     because the generator has a continuum of clients, not discrete groups.
     Source: Li et al. (2020), Federated Optimization in Heterogeneous Networks (FedProx).
     """
-    if num_clients < 1:
-        raise ValueError(f"num_clients must be >= 1, got {num_clients}")
-    if min_samples < 2:
-        raise ValueError(f"min_samples must be >= 2 (one train and one test row), got {min_samples}")
-    if not 0.0 < test_fraction < 1.0:
-        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
-    if alpha < 0 or beta < 0:
-        raise ValueError(f"alpha and beta must be >= 0, got alpha={alpha}, beta={beta}")
+    _check_synthetic(alpha, beta, num_clients, dim, num_classes, iid, seed, mean_samples,
+                     sigma_samples, min_samples, test_fraction)
     rng = np.random.default_rng(seed)
     mu = 4.0
     if mean_samples is not None:
-        if mean_samples <= min_samples:
-            raise ValueError(f"mean_samples must exceed min_samples={min_samples}, got {mean_samples}")
         mu = float(np.log(mean_samples - min_samples) - sigma_samples ** 2 / 2)
     sizes = rng.lognormal(mu, sigma_samples, num_clients).astype(np.int64) + min_samples
 
@@ -257,6 +323,26 @@ def synthetic(alpha: float = 1.0, beta: float = 1.0, num_clients: int = 30, dim:
                    client_group=np.zeros(num_clients, np.int32))
 
 
+def _check_gaussian_mixture(num_groups: int = 4, num_clients: int = 20,
+                            samples_per_client: int = 100, dim: int = 10, num_classes: int = 3,
+                            separation: float = 4.0, class_separation: float = 3.0,
+                            noise: float = 1.0, group_labels: bool = False, seed: int = 0,
+                            test_fraction: float = 0.2) -> None:
+    _check_int("num_clients", num_clients, 1)
+    if (isinstance(num_groups, bool) or not isinstance(num_groups, int | np.integer)
+            or not 1 <= num_groups <= num_clients):
+        raise ValueError(f"num_groups must be an integer in [1, num_clients={num_clients}], "
+                         f"got {num_groups!r}")
+    _check_int("samples_per_client", samples_per_client, 2)
+    _check_int("dim", dim, 1)
+    _check_int("num_classes", num_classes, 1)
+    _check_number("separation", separation, 0.0)
+    _check_number("class_separation", class_separation, 0.0)
+    _check_number("noise", noise, 0.0)
+    _check_seed(seed)
+    _check_fraction(test_fraction)
+
+
 def gaussian_mixture(num_groups: int = 4, num_clients: int = 20, samples_per_client: int = 100,
                      dim: int = 10, num_classes: int = 3, separation: float = 4.0,
                      class_separation: float = 3.0, noise: float = 1.0,
@@ -274,14 +360,9 @@ def gaussian_mixture(num_groups: int = 4, num_clients: int = 20, samples_per_cli
     ``client_group`` holds the group, ``train_client``/``test_client`` the natural client.
     Source: a standard clustered-FL test bed, e.g. Ghosh et al. (2020), IFCA.
     """
-    if num_groups < 1 or num_groups > num_clients:
-        raise ValueError(f"num_groups must be in [1, num_clients={num_clients}], got {num_groups}")
-    if samples_per_client < 2:
-        raise ValueError(f"samples_per_client must be >= 2, got {samples_per_client}")
-    if num_classes < 1:
-        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-    if not 0.0 < test_fraction < 1.0:
-        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    _check_gaussian_mixture(num_groups, num_clients, samples_per_client, dim, num_classes,
+                            separation, class_separation, noise, group_labels, seed,
+                            test_fraction)
     rng = np.random.default_rng(seed)
 
     def directions(k: int, norm: float) -> np.ndarray:
@@ -337,7 +418,7 @@ def _tfds_split_arrays(builder, split: str, label_key: str) -> tuple[np.ndarray,
         try:
             import tensorflow  # noqa: F401
         except ImportError:
-            raise RuntimeError(
+            raise ImportError(
                 f"{builder.name} in {builder.data_dir} was prepared as TFRecord, which needs "
                 "TensorFlow to read. Either `pip install tensorflow`, or re-prepare it as "
                 f"array_record: `tfds build {builder.name} --file_format=array_record` on a "
@@ -376,6 +457,24 @@ def _tfds_to_dataset(builder, name: str, splits: Sequence[str], label_key: str) 
                    num_classes=num_classes, name=f"tfds:{name}")
 
 
+def _check_tfds_source(name: str, data_dir: str | os.PathLike | None = None,
+                       split: tuple[str, str] = ("train", "test"),
+                       label_key: str = "label") -> None:
+    base = name.partition("/")[0]
+    if _TFDS_ALIASES.get(base, base) not in TFDS_NAMES:
+        allowed = TFDS_NAMES + tuple(_TFDS_ALIASES)
+        close = difflib.get_close_matches(base, allowed, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"unknown tfds data set {name!r}{hint}; allowed: {', '.join(allowed)}")
+    if (isinstance(split, str) or not isinstance(split, Sequence) or len(split) != 2
+            or not all(isinstance(s, str) for s in split)):
+        raise ValueError(f"split must be a (train, test) pair of split names, got {split!r}")
+    if data_dir is not None and not isinstance(data_dir, str | os.PathLike):
+        raise ValueError(f"data_dir must be a directory path, got {data_dir!r}")
+    if not isinstance(label_key, str):
+        raise ValueError(f"label_key must be a feature name, got {label_key!r}")
+
+
 def tfds_source(name: str, data_dir: str | os.PathLike | None = None,
                 split: tuple[str, str] = ("train", "test"), label_key: str = "label") -> Dataset:
     """A prepared TensorFlow Datasets image set as a :class:`Dataset` (images NHWC in [0, 1]).
@@ -385,17 +484,16 @@ def tfds_source(name: str, data_dir: str | os.PathLike | None = None,
     Never downloads: raises ``FileNotFoundError`` naming the data set and ``data_dir`` when the
     data is not prepared there. Source: TensorFlow Datasets, https://www.tensorflow.org/datasets.
     """
+    _check_tfds_source(name, data_dir, split, label_key)
     base, _, config = name.partition("/")
     base = _TFDS_ALIASES.get(base, base)
-    if base not in TFDS_NAMES:
-        raise ValueError(f"unknown tfds data set {name!r}; allowed: "
-                         f"{', '.join(TFDS_NAMES + tuple(_TFDS_ALIASES))}")
-    if len(split) != 2:
-        raise ValueError(f"split must be a (train, test) pair of split names, got {split!r}")
     full = f"{base}/{config}" if config else base
     tfds = _import_tfds()
     kwargs = {} if data_dir is None else {"data_dir": os.fspath(data_dir)}
-    builder = tfds.builder(full, **kwargs)
+    try:
+        builder = tfds.builder(full, **kwargs)
+    except (ValueError, KeyError, TypeError) as e:  # e.g. an unknown config name after the /
+        raise ValueError(f"tfds cannot open {full!r}: {' '.join(str(e).split())}") from None
     if not builder.is_prepared():
         raise FileNotFoundError(
             f"tfds data set {full!r} is not prepared in {builder.data_dir} "
@@ -419,11 +517,66 @@ SOURCES: dict[str, Callable[..., Dataset]] = {
 }
 
 
+_CHECKS: dict[str, Callable[..., None]] = {
+    "digits": _check_digits,
+    "fashion_mnist": _check_fashion_mnist,
+    "synthetic": _check_synthetic,
+    "gaussian_mixture": _check_gaussian_mixture,
+}
+"""Cheap argument checks of each source, run by the source itself and, before anything is
+loaded, by :func:`check_source_options` (config validation)."""
+
+
+def _unknown_source(name: str) -> ValueError:
+    close = difflib.get_close_matches(name, list(SOURCES), n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return ValueError(f"unknown data source {name!r}{hint}; allowed: {', '.join(SOURCES)}, or "
+                      f"tfds:<name> with name in {', '.join(TFDS_NAMES + tuple(_TFDS_ALIASES))}")
+
+
+def source_parameters(name: str) -> dict[str, inspect.Parameter]:
+    """The options a source takes (``data.source_options``), by name, with their defaults."""
+    if name.startswith("tfds:"):
+        params = dict(inspect.signature(tfds_source).parameters)
+        params.pop("name")
+        return params
+    if name not in SOURCES:
+        raise _unknown_source(name)
+    return dict(inspect.signature(SOURCES[name]).parameters)
+
+
+def source_kwargs(name: str, options: dict[str, Any], num_clients: int, seed: int
+                  ) -> dict[str, Any]:
+    """``options`` plus what a run supplies: generators that make data per client get the
+    run's client count and seed unless the options set them."""
+    opts = dict(options)
+    params = source_parameters(name)
+    if "num_clients" in params:
+        opts.setdefault("num_clients", num_clients)
+    if "seed" in params:
+        opts.setdefault("seed", seed)
+    return opts
+
+
+def check_source_options(name: str, options: dict[str, Any]) -> None:
+    """Check a source's options without loading anything; ``ValueError`` names the option.
+
+    ``options`` as :func:`load_source` would get them (see :func:`source_kwargs`).
+    """
+    params = source_parameters(name)
+    bad = sorted(set(options) - set(params))
+    if bad:
+        raise ValueError(f"unknown option(s) {bad}; allowed: {', '.join(params)}")
+    if name.startswith("tfds:"):
+        _check_tfds_source(name[len("tfds:"):], **options)
+    elif name in _CHECKS:
+        _CHECKS[name](**options)
+
+
 def load_source(name: str, **kwargs) -> Dataset:
     """Load a source by name: a key of :data:`SOURCES`, or ``"tfds:<name>"``."""
     if name.startswith("tfds:"):
         return tfds_source(name[len("tfds:"):], **kwargs)
     if name not in SOURCES:
-        raise ValueError(f"unknown data source {name!r}; allowed: {', '.join(SOURCES)}, or "
-                         f"tfds:<name> with name in {', '.join(TFDS_NAMES + tuple(_TFDS_ALIASES))}")
+        raise _unknown_source(name)
     return SOURCES[name](**kwargs)

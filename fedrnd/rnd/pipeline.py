@@ -24,7 +24,7 @@ import numpy as np
 from scipy.sparse import coo_matrix, csr_matrix
 from scipy.stats import t as student_t
 
-from fedrnd.data.federated import FederatedData
+from fedrnd.data.federated import FederatedData, check_federated, id_list
 from fedrnd.engine import ClientMapper, EdgeList, tree_bytes
 from fedrnd.engine.multihost import to_host
 from fedrnd.rnd.config import RNDConfig
@@ -314,6 +314,8 @@ def discover(data: FederatedData, config: RNDConfig = RNDConfig(), *,
     cfg = config
     if not isinstance(cfg, RNDConfig):
         raise TypeError(f"config must be an RNDConfig, got {type(cfg).__name__}")
+    # NaN inputs would otherwise come back as NaN scores and arbitrary federations.
+    check_federated(data, "data", labels=False)
     mapper = mapper or ClientMapper()
     key = jax.random.key(cfg.seed) if key is None else key
     pair = cfg.pair(data.feature_shape)
@@ -333,6 +335,7 @@ def discover(data: FederatedData, config: RNDConfig = RNDConfig(), *,
     s_self, s_std, e_self = clock("self", self_errors(apply, preds, data.x, t_pool, pr_idx,
                                                       pr_cnt, mapper))
     s_self, s_std = to_host(s_self, np.float64), to_host(s_std, np.float64)
+    _check_self_errors(cfg, s_self, loss)
     nbytes = tree_bytes(jax.tree.map(lambda a: a[0], preds))
     count = np.asarray(pr_cnt)
     fp = None
@@ -340,6 +343,7 @@ def discover(data: FederatedData, config: RNDConfig = RNDConfig(), *,
         s, q2 = (to_host(v, np.float32) for v in clock("scores", paired_matrix(
             scorer, preds, data.x, t_pool, pr_idx, pr_cnt, e_self, row_tile=cfg.row_tile,
             col_tile=cfg.col_tile, mapper=mapper, tile_evals=cfg.tile_evals)))
+        _check_scores(cfg, s, q2)
         s_self = np.diag(s).astype(np.float64)
         dec = federations_from_scores(s, cfg, second=q2, count=count, self_std=s_std)
         # Up: its predictor and one row of scores (and of second moments for the test);
@@ -366,6 +370,7 @@ def discover(data: FederatedData, config: RNDConfig = RNDConfig(), *,
         scorer, preds, data.x, t_pool, pr_idx, pr_cnt, e_self,
         EdgeList(jnp.asarray(src), jnp.asarray(dst), jnp.ones(len(src))), cfg.edge_chunk,
         mapper)))
+    _check_scores(cfg, e_scores, e_q2, (src, dst))
     dec = federations_from_scores(e_scores, cfg, second=e_q2, count=count, s_self=s_self,
                                   self_std=s_std, edges=(src, dst), num_clients=c)
     in_deg = np.bincount(dst, minlength=c)
@@ -381,6 +386,55 @@ def discover(data: FederatedData, config: RNDConfig = RNDConfig(), *,
                      cfg, to_host(loss), count, e_q2,
                      EdgeList(jnp.asarray(src), jnp.asarray(dst), jnp.ones(len(src))), e_scores,
                      fp, clock.times, clock.cpu)
+
+
+def _diverged(cfg: RNDConfig) -> str:
+    return (f"predictor training diverged (inputs are finite); lower RNDConfig.lr (now "
+            f"{cfg.lr:g}) or rescale the features")
+
+
+def _check_self_errors(cfg: RNDConfig, s_self: np.ndarray, loss: jax.Array) -> None:
+    """Raise naming the clients whose predictor's self-error is NaN/inf.
+
+    Non-finite scores would otherwise turn into an opaque error in the test criterion or,
+    with ``eps``, into singleton federations. Finite runs are untouched (only read here).
+    """
+    bad = np.flatnonzero(~np.isfinite(s_self))
+    if bad.size:
+        i = int(bad[0])
+        raise ValueError(f"discover: the predictors of client(s) {id_list(bad)} ({bad.size} of "
+                         f"{s_self.size}) have a non-finite self-error (client {i}: "
+                         f"{s_self[i]}, training loss {to_host(loss, np.float64)[i]}); "
+                         f"{_diverged(cfg)}")
+
+
+def _check_scores(cfg: RNDConfig, scores: np.ndarray, second: np.ndarray,
+                  edges: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+    """Raise naming the clients behind NaN/inf novelty scores (dense ``[C, C]`` or ``[E]``).
+
+    A predictor can have a finite self-error and still overflow on other clients' probes.
+    The second moments count only where the criterion reads them (``"test"``): there an
+    overflowing ``Q`` would make every test pass. Dense rows are screened by a float64 sum
+    each (no ``[C, C]`` temporary); only flagged rows are re-checked entry by entry.
+    """
+    checks = [("novelty score(s)", scores)]
+    if cfg.criterion == "test":
+        checks.append(("second moment(s) Q of novelty scores", second))
+    for what, a in checks:
+        if edges is None:
+            with np.errstate(over="ignore", invalid="ignore"):
+                rows = np.flatnonzero(~np.isfinite(np.sum(a, axis=1, dtype=np.float64)))
+            r, src = np.nonzero(~np.isfinite(a[rows]))
+            dst = rows[r]
+            vals = a[dst, src]
+        else:
+            hit = np.flatnonzero(~np.isfinite(a))
+            src, dst, vals = edges[0][hit], edges[1][hit], a[hit]
+        if dst.size:
+            who = np.unique(np.concatenate([src, dst]))
+            raise ValueError(f"discover: {dst.size} {what} are non-finite (first: client "
+                             f"{int(dst[0])} scoring client {int(src[0])}'s predictor: "
+                             f"{vals[0]}); clients involved: {id_list(who)}; {_diverged(cfg)}")
 
 
 def assign_newcomers(disc: Discovery, new: FederatedData, *, key: jax.Array | None = None,
@@ -405,6 +459,7 @@ def assign_newcomers(disc: Discovery, new: FederatedData, *, key: jax.Array | No
     Bytes are not counted here (a newcomer downloads ``C`` predictors and uploads its own).
     """
     cfg, pair = disc.config, disc.pair
+    check_federated(new, "newcomers", labels=False)
     if tuple(new.feature_shape) != tuple(disc.pair.feature_shape):
         raise ValueError(f"newcomers have features {tuple(new.feature_shape)}, the discovery "
                          f"was run on {disc.pair.feature_shape}")

@@ -343,7 +343,8 @@ def test_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path, make_federat
 
     full = simulate(cfg(4), run_dir=tmp_path / "full", data=data, verbose=False)
     simulate(cfg(2), run_dir=tmp_path / "cut", data=data, verbose=False)
-    resumed = simulate(cfg(4), run_dir=tmp_path / "cut", data=data, verbose=False, resume=True)
+    resumed = simulate(cfg(4), run_dir=tmp_path / "cut", data=data, verbose=False, resume=True,
+                       allow_change=["rounds"])
     a, b = full.methods["disue"], resumed.methods["disue"]
     for u, v in zip(jax.tree.leaves(a.state), jax.tree.leaves(b.state), strict=True):
         np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=1e-5, atol=1e-6)

@@ -247,7 +247,7 @@ def test_simulate_end_to_end_and_resume(tmp_path):
     full = simulate(cfg(6), run_dir=tmp_path / "full", data=data, verbose=False)
     simulate(cfg(2), run_dir=tmp_path / "cut", data=data, verbose=False)
     resumed = simulate(cfg(6), run_dir=tmp_path / "cut", data=data, verbose=False,
-                       resume=True)
+                       resume=True, allow_change=["rounds"])
     a, b = full.methods["fesem"], resumed.methods["fesem"]
     for u, v in zip(jax.tree.leaves(a.state), jax.tree.leaves(b.state), strict=True):
         np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=1e-6, atol=1e-7)

@@ -260,7 +260,8 @@ def test_driver_run_resumes_to_the_same_models_and_reports_clusters(tmp_path):
 
     full = simulate(cfg(6), run_dir=tmp_path / "full", verbose=False)
     simulate(cfg(4), run_dir=tmp_path / "cut", verbose=False)
-    resumed = simulate(cfg(6), run_dir=tmp_path / "cut", resume=True, verbose=False)
+    resumed = simulate(cfg(6), run_dir=tmp_path / "cut", resume=True, allow_change=["rounds"],
+                       verbose=False)
     for tag in ("ssdfl", "random_dfl"):
         for a, b in zip(jax.tree.leaves(full.methods[tag].state),
                         jax.tree.leaves(resumed.methods[tag].state), strict=True):
