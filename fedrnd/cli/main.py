@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
+import re
 import sys
+import textwrap
+import typing
 from pathlib import Path
 
 import numpy as np
@@ -23,10 +27,14 @@ def _enable_compilation_cache() -> None:
 def _cmd_run(args: argparse.Namespace) -> int:
     from fedrnd.configs import default_config_path
     from fedrnd.driver import load_config, simulate
+    from fedrnd.driver.config import to_toml, toml_value
 
-    cfg = load_config(args.config or default_config_path(), args.set)
-    if args.out:
-        cfg.out_dir = args.out
+    # --out goes through the config checks like any other out_dir (an existing file, ...).
+    out = [f"out_dir={toml_value(args.out)}"] if args.out is not None else []
+    cfg = load_config(args.config or default_config_path(), [*args.set, *out])
+    if args.print_config:  # the resolved config only: nothing runs, nothing is written
+        print(to_toml(cfg), end="")
+        return 0
     _enable_compilation_cache()
     result = simulate(cfg, resume=args.resume, run_dir=args.run_dir,
                       progress=False if args.no_progress else None, overwrite=args.overwrite,
@@ -126,53 +134,108 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         from fedrnd.driver.compare import load_cell
 
         records = {}
-        for c in grid.cells():
+        cells = grid.cells()
+        for c in cells:
             rec = load_cell(c, grid.cache_dir)
             if rec is not None:
                 records[(c.scenario.name, c.method.label, c.seed)] = rec
+        if not records:
+            # An empty table would replace a committed report (experiments/RESULTS.md).
+            raise ValueError(
+                f"--report-only: none of the grid's {len(cells)} cells is cached in "
+                f"{grid.cache_dir}, so there is nothing to report; the report "
+                f"{grid.results} was left untouched. Run the grid first (fedrnd compare "
+                f"{args.grid}), or point --cache-dir at the cache that holds its cells")
         print(f"report from {len(records)} cached cells: {write_report(grid, records)}")
         return 0
     run_grid(grid, rerun=args.rerun)
     return 0
 
 
-def _cmd_list(args: argparse.Namespace) -> int:
-    import dataclasses
+_LIST_WIDTH = 100
+"""Column at which ``fedrnd list`` wraps its descriptions."""
 
-    from fedrnd.algorithms import ALGORITHMS, algorithm_options
+
+def _describe(obj) -> str:
+    """The first paragraph of ``obj``'s docstring as one line of plain text.
+
+    Sphinx markup (``code``, :func:`name`) is reduced to its text.
+    """
+    doc = inspect.getdoc(obj) or ""
+    para = " ".join(doc.split("\n\n")[0].split())
+    return re.sub(r":[a-z]+:`~?([^`]+)`", r"\1", para).replace("``", "")
+
+
+def _wrap(text: str, first: str, indent: int) -> str:
+    return textwrap.fill(text, _LIST_WIDTH, initial_indent=first,
+                         subsequent_indent=" " * indent)
+
+
+def _entry(name: str, text: str, options: list[str]) -> str:
+    """A name, its description wrapped under column 23, then its options (``k = v`` kept whole)."""
+    keep = ", ".join(o.replace(" ", "\xa0") for o in options) or "none"
+    return (_wrap(text, f"  {name:20s} ", 23) + "\n"
+            + _wrap(f"options: {keep}", " " * 23, 32).replace("\xa0", " "))
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    from fedrnd.algorithms import ALGORITHMS
     from fedrnd.data.partition import PARTITIONS
-    from fedrnd.data.sources import SOURCES
+    from fedrnd.data.sources import SOURCES, TFDS_NAMES
+    from fedrnd.driver.config import (
+        DIVERGENCE_ACTIONS,
+        OPTIMIZER_OPTIONS,
+        SCHEDULE_OPTIONS,
+        algorithm_parameters,
+        model_parameters,
+        option_items,
+        partition_parameters,
+        source_parameters,
+    )
     from fedrnd.engine.optim import OPTIMIZERS, SERVER_OPTIMIZERS
     from fedrnd.models import MODELS
 
-    def doc(obj) -> str:
-        text = (getattr(obj, "__doc__", None) or "").strip().splitlines()
-        return text[0] if text else ""
-
-    print("data sets (data.source):")
+    print("data sets (data.source; options go in data.source_options):")
     for name, fn in SOURCES.items():
-        print(f"  {name:20s} {doc(fn)}")
-    print("  tfds:<name>          mnist, fashion_mnist, cifar10, cifar100, emnist, svhn "
-          "(tensorflow-datasets, data must be prepared)")
-    print("partitions (data.partition):")
+        print(_entry(name, _describe(fn), option_items(source_parameters(name))))
+    print(_entry("tfds:<name>", f"A prepared TensorFlow Datasets image set, name in "
+                 f"{', '.join(TFDS_NAMES)} (needs tensorflow-datasets; never downloads).",
+                 option_items(source_parameters("tfds:mnist"))))
+    print("partitions (data.partition; options go in data.partition_options):")
     for name, fn in PARTITIONS.items():
-        print(f"  {name:20s} {doc(fn)}")
-    print("models (model.name):")
-    for name in MODELS:
-        print(f"  {name}")
-    print("algorithms (algorithms[].name, options):")
+        print(_entry(name, _describe(fn), option_items(partition_parameters(name))))
+    print("models (model.name; options go in model.options):")
+    for name, fn in MODELS.items():
+        print(_entry(name, _describe(fn), option_items(model_parameters(name))))
+    print("algorithms (algorithms[].name; options go in algorithms[].options):")
     for name, cls in ALGORITHMS.items():
-        fields = {f.name: f.default for f in dataclasses.fields(cls) if f.name != "engine"}
-        opts = ", ".join(f"{k}={v!r}" for k, v in fields.items() if k in algorithm_options(name))
-        print(f"  {name:10s} {doc(cls)}\n             options: {opts}")
-    print(f"local optimizers (local.optimizer): {', '.join(OPTIMIZERS)}")
-    print(f"server optimizers (server_opt): {', '.join(SERVER_OPTIMIZERS)}")
+        print(_entry(name, _describe(cls), option_items(algorithm_parameters(name))))
+    schedules = "; ".join(f"{k} ({', '.join(v)})" if v else k
+                          for k, v in SCHEDULE_OPTIONS.items())
+    for line in (f"local optimizers (local.optimizer): {', '.join(OPTIMIZERS)}; settings "
+                 f"(local.optimizer_options): {', '.join(OPTIMIZER_OPTIONS)}",
+                 f"lr schedules (local.schedule; options in local.schedule_options): "
+                 f"{schedules}",
+                 f"server optimizers (algorithm option server_opt): "
+                 f"{', '.join(SERVER_OPTIMIZERS)}",
+                 f"divergence rules (divergence.action): {', '.join(DIVERGENCE_ACTIONS)}"):
+        print(_wrap(line, "", 2))
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with errors as one ``fedrnd: error: ...`` line (no usage block), exit code 2."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"fedrnd: error: {_paragraph(message)} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fedrnd", description=__doc__)
-    sub = p.add_subparsers(dest="command", required=True)
+    from fedrnd import __version__
+
+    p = _Parser(prog="fedrnd", description=__doc__)
+    p.add_argument("--version", action="version", version=f"fedrnd {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     r = sub.add_parser("run", help="run a simulation from a TOML config")
     r.add_argument("config", nargs="?", default=None,
                    help="TOML config file (default: the built-in default experiment)")
@@ -190,6 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", default=None, help="output root (config out_dir)")
     r.add_argument("--run-dir", default=None, help="exact run directory (default out_dir/name)")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    r.add_argument("--print-config", action="store_true",
+                   help="print the resolved config (file + --set) as TOML and exit without "
+                        "running or writing anything")
     r.set_defaults(func=_cmd_run)
     c = sub.add_parser("compare", help="run a grid of methods x scenarios x seeds (cached per "
                        "cell, resumable) and write a results report")
@@ -209,21 +275,44 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _paragraph(text: object) -> str:
+    """A message as one paragraph: line breaks and runs of blanks become single spaces."""
+    return " ".join(str(text).split())
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help, --version, or a usage error (already printed)
+        return e.code if isinstance(e.code, int) else 0 if e.code is None else 2
     from fedrnd.driver.rundir import Diverged, RunInterrupted
 
     try:
         return args.func(args)
     except RunInterrupted as e:
-        print(f"fedrnd: {e}", file=sys.stderr)
+        if args.command == "compare":
+            print(f"fedrnd: interrupted in the cell {e.run_dir} at round {e.round}; finished "
+                  "cells are cached and this one continues from its checkpoint: run the same "
+                  "command again", file=sys.stderr)
+        else:
+            print(f"fedrnd: {e}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        # fedrnd run: before the run directory was touched (loading, checking, building the
+        # data); fedrnd compare: finished cells are cached.
+        print("fedrnd: interrupted" + (
+            "; finished cells are cached: run the same command again to continue"
+            if args.command == "compare" else " before the run directory was written"),
+              file=sys.stderr)
         return 130
     except Diverged as e:
         # Not bad input: the run itself failed (status.json says failed, with this reason).
         print(f"fedrnd: run failed: {e}", file=sys.stderr)
         return 1
-    except (ValueError, FileNotFoundError, ImportError, FloatingPointError) as e:
-        print(f"fedrnd: error: {e}", file=sys.stderr)
+    except (ValueError, OSError, ImportError, FloatingPointError) as e:
+        # Bad input (config, flags, paths, data files): one paragraph, no traceback.
+        # OSError covers FileNotFoundError, PermissionError, NotADirectoryError, ...
+        print(f"fedrnd: error: {_paragraph(e)}", file=sys.stderr)
         return 2
 
 

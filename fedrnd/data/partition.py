@@ -378,7 +378,7 @@ def _as_split(within: Any, sizes: SizeSpec = None) -> SplitFn:
     if name not in _SPLITS:
         close = difflib.get_close_matches(str(name), list(_SPLITS), n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ValueError(f"unknown within-group split {name!r}{hint}; allowed: "
+        raise ValueError(f"within: unknown within-group split {name!r}{hint}; allowed: "
                          f"{', '.join(_SPLITS)}")
     fields = dataclasses.fields(_SPLIT_SPECS[name])
     allowed = [f.name for f in fields]

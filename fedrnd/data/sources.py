@@ -117,8 +117,9 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
         if raw[:2] == b"\x1f\x8b":  # gzip magic; decide by content, not by the suffix
             raw = gzip.decompress(raw)
     except (EOFError, zlib.error, OSError) as e:  # OSError includes gzip.BadGzipFile
+        kind = "zlib.error" if isinstance(e, zlib.error) else type(e).__name__
         raise ValueError(f"{path}: cannot read this IDX file, it is truncated or corrupt "
-                         f"({type(e).__name__}: {e}); reinstall or re-download it") from None
+                         f"({kind}: {e}); reinstall or re-download it") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
         raise ValueError(f"{path}: not an IDX file (magic number must start with two zero "
                          f"bytes, got {raw[:4].hex() or 'empty file'})")

@@ -1,8 +1,13 @@
-"""From a validated config to the objects a run needs: federated data and the client engine."""
+"""From a validated config to the objects a run needs: federated data and the client engine.
+
+:func:`~fedrnd.driver.config.validate` checks what it can before anything is loaded; what
+only the data can tell (a corrupt file, too few examples for the clients, a conv model on
+vectors) fails here, with a ``ValueError`` naming the config path (``data.source``,
+``data.partition_options.k``, ``model.options``) rather than a builder's Python name.
+"""
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -10,7 +15,13 @@ import numpy as np
 
 from fedrnd.data.drift import DriftingData, build_drifting
 from fedrnd.data.federated import Dataset, FederatedData, build_federated, estimate_bytes
-from fedrnd.driver.config import Config
+from fedrnd.driver.config import (
+    Config,
+    model_parameters,
+    option_error,
+    partition_parameters,
+    source_parameters,
+)
 from fedrnd.engine import (
     ClientHParams,
     ClientMapper,
@@ -24,11 +35,32 @@ from fedrnd.engine import (
 from fedrnd.models import make_model
 
 
-def _accepts(fn: Callable, name: str) -> bool:
+def _load(cfg: Config):
+    """The data set of ``data.source``; errors name the source (and the file, if one is bad)."""
+    from fedrnd.data.sources import load_source, source_kwargs
+
+    d = cfg.data
+    what = f"data.source = {d.source!r}"
     try:
-        return name in inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
+        return load_source(d.source, **source_kwargs(d.source, d.source_options,
+                                                     d.num_clients, cfg.seed))
+    except (FileNotFoundError, ImportError) as e:
+        raise type(e)(f"config: {what}: {e}") from None
+    except (TypeError, ValueError) as e:
+        raise option_error("data.source_options", what, e, list(source_parameters(d.source)),
+                           general=True) from None
+
+
+def _partition(cfg: Config, dataset: Dataset):
+    from fedrnd.data.partition import make_partition
+
+    d = cfg.data
+    try:
+        return make_partition(d.partition, dataset, d.num_clients, seed=cfg.seed,
+                              **d.partition_options)
+    except (TypeError, ValueError) as e:
+        raise option_error("data.partition_options", f"data.partition = {d.partition!r}", e,
+                           list(partition_parameters(d.partition)), general=True) from None
 
 
 def build_data(cfg: Config, log: Callable[[str], None] | None = None
@@ -38,20 +70,10 @@ def build_data(cfg: Config, log: Callable[[str], None] | None = None
     With ``cfg.data.drift`` set, the data is a :class:`~fedrnd.data.drift.DriftingData` (one
     phase per drift, all on one pool); its pool size is reported in the info as built.
     """
-    from fedrnd.data.partition import make_partition
-    from fedrnd.data.sources import SOURCES, load_source
-
     d = cfg.data
-    opts = dict(d.source_options)
-    fn = SOURCES.get(d.source)
-    # Generators that make data per client need the client count and the run's seed.
-    if fn is not None and _accepts(fn, "num_clients"):
-        opts.setdefault("num_clients", d.num_clients)
-    if fn is not None and _accepts(fn, "seed"):
-        opts.setdefault("seed", cfg.seed)
-    dataset: Dataset = load_source(d.source, **opts)
-    part = make_partition(d.partition, dataset, d.num_clients, seed=cfg.seed,
-                          **d.partition_options)
+    # Generators that make data per client get the client count and the run's seed.
+    dataset: Dataset = _load(cfg)
+    part = _partition(cfg, dataset)
     need = estimate_bytes(dataset, part)
     if log:
         log(f"data: {dataset.name}, {part.num_clients} clients, partition {part.name or d.partition}"
@@ -60,9 +82,14 @@ def build_data(cfg: Config, log: Callable[[str], None] | None = None
         data = build_federated(dataset, part)
     else:
         # Clients switch group mid-run: every phase on one pool (fedrnd.data.drift).
-        drift = build_drifting(dataset, part, d.drift.at_round, fraction=d.drift.fraction,
-                               clients=d.drift.clients,
-                               seed=cfg.seed if d.drift.seed is None else d.drift.seed)
+        try:
+            drift = build_drifting(dataset, part, d.drift.at_round, fraction=d.drift.fraction,
+                                   clients=d.drift.clients,
+                                   seed=cfg.seed if d.drift.seed is None else d.drift.seed)
+        except (TypeError, ValueError) as e:
+            raise option_error("data.drift", "data.drift", e,
+                               ["at_round", "fraction", "clients", "seed"], general=True
+                               ) from None
         data = drift.initial
         # The pool also holds the moved clients' examples under their new groups.
         need = data.nbytes() + (len(drift.phases) - 1) * sum(
@@ -99,7 +126,12 @@ def _mesh(cfg: Config):
 def build_engine(cfg: Config, data: FederatedData) -> tuple[Engine, ClientHParams, ClientMapper]:
     """The task model, local schedule, per-client optimizers and the client map of a run."""
     loc = cfg.local
-    model = make_model(cfg.model.name, data.feature_shape, data.num_classes, **cfg.model.options)
+    try:
+        model = make_model(cfg.model.name, data.feature_shape, data.num_classes,
+                           **cfg.model.options)
+    except (TypeError, ValueError) as e:
+        raise option_error("model.options", f"model.name = {cfg.model.name!r}", e,
+                           list(model_parameters(cfg.model.name)), general=True) from None
     per_group = loc.optimizer if isinstance(loc.optimizer, list) else None
     opt, hp = client_hparams(data.num_clients,
                              optimizer="sgd" if per_group else loc.optimizer, lr=loc.lr,
@@ -112,7 +144,11 @@ def build_engine(cfg: Config, data: FederatedData) -> tuple[Engine, ClientHParam
         opts = dict(loc.schedule_options)
         if loc.schedule == "cosine":
             opts.setdefault("rounds", cfg.rounds)
-        schedule = lr_schedule(loc.schedule, **opts)
+        try:
+            schedule = lr_schedule(loc.schedule, **opts)
+        except (TypeError, ValueError, KeyError) as e:
+            raise ValueError(f"config: local.schedule_options (local.schedule = "
+                             f"{loc.schedule!r}): {e}") from None
     mesh = _mesh(cfg)
     mapper = ClientMapper(cfg.chunk_size, mesh)
     if mesh is not None:

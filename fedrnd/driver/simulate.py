@@ -34,7 +34,15 @@ from fedrnd.data.drift import DriftingData
 from fedrnd.data.federated import FederatedData, check_federated
 from fedrnd.driver import distributed, memory, outputs, rundir
 from fedrnd.driver.checkpoint import Checkpointer
-from fedrnd.driver.config import AlgorithmConfig, Config, from_dict, load_config, validate
+from fedrnd.driver.config import (
+    AlgorithmConfig,
+    Config,
+    algorithm_parameters,
+    from_dict,
+    load_config,
+    option_error,
+    validate,
+)
 from fedrnd.driver.protocol import finetune_results
 from fedrnd.driver.setup import build_data, build_engine
 from fedrnd.engine import ClientHParams, Engine, evaluate_clients, summarize
@@ -160,10 +168,15 @@ def simulate(config: Config | dict | str | Path | None = None, *, resume: bool =
                              f"rounds={cfg.rounds}")
         engine, hp, mapper = build_engine(cfg, phases.initial)
         algorithms = []
-        for a in cfg.algorithms:
-            alg = _make(a, engine, cfg)
-            for d in phases.phases:
-                alg.validate(d)
+        for i, a in enumerate(cfg.algorithms):
+            try:
+                alg = _make(a, engine, cfg)
+                for d in phases.phases:
+                    alg.validate(d)
+            except (TypeError, ValueError) as e:
+                # Options only the data can check (e.g. too many clusters for the clients).
+                raise option_error(f"algorithms.{i}.options", f"algorithms.{i}.name = "
+                                   f"{a.name!r}", e, list(algorithm_parameters(a.name))) from None
             algorithms.append((a.tag, alg))
         # Memory plan and chunk size (autotuned on request) before anything else is allocated.
         plan, tuned = _plan(cfg, phases, hp, algorithms, log)

@@ -13,9 +13,11 @@ from fedrnd.models._core import (
     LogisticRegression,
     Model,
     ResNet,
+    check_model_options,
     count_flops,
     from_flax,
     make_model,
+    model_parameters,
 )
 from fedrnd.models.generator import ConditionalGenerator, Generator, make_generator
 
@@ -29,8 +31,10 @@ __all__ = [
     "LogisticRegression",
     "Model",
     "ResNet",
+    "check_model_options",
     "count_flops",
     "from_flax",
     "make_generator",
     "make_model",
+    "model_parameters",
 ]

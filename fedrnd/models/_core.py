@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -143,36 +145,93 @@ class ResNet(nn.Module):
         return nn.Dense(self.num_classes)(x)
 
 
-def _as_tuple(v: Any) -> tuple[int, ...]:
-    return (int(v),) if isinstance(v, int) else tuple(int(u) for u in v)
+def _widths(name: str, v: Any) -> tuple[int, ...]:
+    """Layer widths from an int or a list of ints; ``ValueError`` naming the option if not all
+    are integers >= 1 (flax would fail later, deep inside ``init``, or build empty layers)."""
+    items = [v] if isinstance(v, int | np.integer) and not isinstance(v, bool) else v
+    if isinstance(items, str) or not isinstance(items, Sequence) or not all(
+            isinstance(u, int | np.integer) and not isinstance(u, bool) and u >= 1
+            for u in items):
+        raise ValueError(f"{name} must be a list of layer widths, integers >= 1, got {v!r}")
+    return tuple(int(u) for u in items)
 
 
-def _mlp(num_classes: int, hidden: Sequence[int] = (200, 200)) -> nn.Module:
-    return MLP(num_classes, _as_tuple(hidden))
+def _positive(name: str, v: Any) -> int:
+    if isinstance(v, bool) or not isinstance(v, int | np.integer) or v < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+    return int(v)
 
 
-def _cnn(num_classes: int, channels: Sequence[int] = (32, 64), dense: int = 512,
+def _logreg(num_classes: int) -> nn.Module:
+    """Multinomial logistic regression on flattened inputs (no options)."""
+    return LogisticRegression(num_classes)
+
+
+def _mlp(num_classes: int, hidden: int | Sequence[int] = (200, 200)) -> nn.Module:
+    """Fully connected ReLU network on flattened inputs; ``hidden``: the hidden layer widths
+    (``[]`` is logistic regression), e.g. 784-200-200-10 as in McMahan et al. (2017)."""
+    return MLP(num_classes, _widths("hidden", hidden))
+
+
+def _cnn(num_classes: int, channels: int | Sequence[int] = (32, 64), dense: int = 512,
          kernel: int = 5) -> nn.Module:
-    return CNN(num_classes, _as_tuple(channels), int(dense), int(kernel))
+    """LeNet-style CNN for images: one conv(``kernel`` x ``kernel``)+ReLU+maxpool(2) block per
+    entry of ``channels``, then a dense layer of width ``dense`` (McMahan et al., 2017)."""
+    return CNN(num_classes, _widths("channels", channels), _positive("dense", dense),
+               _positive("kernel", kernel))
 
 
-def _resnet(num_classes: int, stages: Sequence[int] = (16, 32, 64),
+def _resnet(num_classes: int, stages: int | Sequence[int] = (16, 32, 64),
             blocks_per_stage: int = 1) -> nn.Module:
-    return ResNet(num_classes, _as_tuple(stages), int(blocks_per_stage))
+    """A small ResNet with GroupNorm for images (CIFAR scale): ``stages`` gives the channels
+    of each stage (each stage after the first halves the resolution), ``blocks_per_stage``
+    residual blocks each."""
+    widths = _widths("stages", stages)
+    if not widths:
+        raise ValueError("stages must list at least one stage width, got []")
+    return ResNet(num_classes, widths, _positive("blocks_per_stage", blocks_per_stage))
 
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
-    "logreg": lambda num_classes: LogisticRegression(num_classes),
+    "logreg": _logreg,
     "mlp": _mlp,
     "cnn": _cnn,
     "resnet": _resnet,
 }
+"""Model builders by name: ``builder(num_classes, **options) -> flax module``."""
+
+
+def _unknown_model(name: str) -> ValueError:
+    close = difflib.get_close_matches(str(name), list(MODELS), n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return ValueError(f"model.name={name!r} is unknown{hint}; allowed: {sorted(MODELS)}")
+
+
+def model_parameters(name: str) -> dict[str, inspect.Parameter]:
+    """The options of a registered model (``model.options``), with their defaults."""
+    if name not in MODELS:
+        raise _unknown_model(name)
+    params = dict(inspect.signature(MODELS[name]).parameters)
+    params.pop("num_classes", None)
+    return params
+
+
+def check_model_options(name: str, options: dict[str, Any]) -> None:
+    """Build the (cheap, parameter-free) module once to check ``options`` before any data.
+
+    Raises ``ValueError`` whose message starts with the option at fault.
+    """
+    params = model_parameters(name)
+    bad = sorted(set(options) - set(params))
+    if bad:
+        raise ValueError(f"unknown option(s) {bad}; allowed: {', '.join(params)}")
+    MODELS[name](2, **options)
 
 
 def make_model(name: str, feature_shape: Sequence[int], num_classes: int, **kwargs: Any) -> Model:
     """Build a registered model by name; ``kwargs`` go to the module (e.g. ``hidden=[200, 200]``)."""
     if name not in MODELS:
-        raise ValueError(f"model.name={name!r} is unknown; allowed: {sorted(MODELS)}")
+        raise _unknown_model(name)
     try:
         module = MODELS[name](num_classes, **kwargs)
     except TypeError as e:

@@ -16,8 +16,15 @@ import numpy as np
 import pytest
 
 from fedrnd.cli.main import main
-from fedrnd.driver import AlgorithmConfig, Config, DataConfig, ModelConfig, outputs, simulate
-from fedrnd.driver import rundir
+from fedrnd.driver import (
+    AlgorithmConfig,
+    Config,
+    DataConfig,
+    ModelConfig,
+    outputs,
+    rundir,
+    simulate,
+)
 from fedrnd.driver.config import DivergenceConfig, LocalConfig
 
 SMALL = ["--set", "rounds=4", "--set", "eval_every=2", "--set", "checkpoint_every=2",
