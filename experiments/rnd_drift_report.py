@@ -1,4 +1,4 @@
-"""Tables and a figure for docs/drift.md from runs of experiments/rnd_drift.toml.
+"""Tables and a figure for docs/methods/rnd-drift.md from runs of experiments/rnd_drift.toml.
 
 Run:   for s in 0 1 2; do fedrnd run experiments/rnd_drift.toml --set seed=$s \
            --set name="\"rnd_drift_s$s\""; done

@@ -45,12 +45,12 @@ import platform
 import shutil
 import sys
 import time
+import tomllib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import tomllib
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent

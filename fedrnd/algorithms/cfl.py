@@ -35,7 +35,7 @@ learning rate, the number of local steps and the parameter count. The default
 ``thresholds = "relative"`` measures both norms in units of ``ref``, the mean client-update
 norm of the first round (all clients start from the same initial model, so ``ref`` is the scale
 of an update under this model, optimizer and local budget). ``thresholds = "absolute"`` uses
-``ref = 1`` (the paper's reading; defaults 0.4 / 1.6). The README records the measurements
+``ref = 1`` (the paper's reading; defaults 0.4 / 1.6). docs/methods/cfl.md records the measurements
 behind the relative defaults.
 
 Partial participation: the criterion uses the clients that took part in the latest round; a

@@ -30,7 +30,7 @@ Proximity ``A[i, j]`` in degrees (option ``proximity``):
 Clusters: agglomerative clustering of ``A`` (``linkage``: ``"complete"``, default, or
 ``"average"``), cut at ``threshold`` degrees (``scipy.cluster.hierarchy.fcluster``, distance
 criterion: clusters merge while their linkage distance is at most the threshold). See the
-README for the default threshold and the measurements behind it.
+docs/methods/pacfl.md for the default threshold and the measurements behind it.
 
 The bases are computed for all clients in one jitted program mapped over clients (padded rows
 masked to zero; ``max_samples`` caps the samples per client), the proximity matrix blockwise
@@ -67,7 +67,7 @@ LINKAGES = ("complete", "average")
 OVERSAMPLE = 8
 """Extra directions in the refinement of the top singular vectors (see :func:`_top_vectors`)."""
 DEFAULT_THRESHOLD = 20.0
-"""Degrees, for the default smallest principal angle (see the README's measurements)."""
+"""Degrees, for the default smallest principal angle (see docs/methods/pacfl.md)."""
 
 
 # ------------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ import inspect
 import math
 import os
 import re
+import tomllib
 import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
@@ -36,7 +37,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import tomllib
 
 
 @dataclasses.dataclass

@@ -1,6 +1,6 @@
 """Run directories that never lose a user's data, honest resume, and the status file.
 
-Rules (the README's "Run directories" section says the same):
+Rules (docs/getting-started.md, "Run directories", says the same):
 
 - A run directory is ``<out_dir>/<name>`` (or ``--run-dir``). ``name`` is one path component:
   not empty, not ``.`` or ``..``, no ``/`` or ``\\``.

@@ -14,11 +14,11 @@ import json
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import numpy as np
 import pytest
-import tomllib
 
 from fedrnd.cli.main import main
 from fedrnd.driver.config import from_dict, load_config

@@ -3,10 +3,10 @@ writer behind ``--print-config``, and options checked against the functions they
 
 from __future__ import annotations
 
+import tomllib
 from pathlib import Path
 
 import pytest
-import tomllib
 
 from fedrnd.driver.config import (
     Config,
