@@ -25,7 +25,7 @@ from scipy.sparse import coo_matrix, csr_matrix
 from scipy.stats import t as student_t
 
 from fedrnd.data.federated import FederatedData, check_federated, id_list
-from fedrnd.engine import ClientMapper, EdgeList, tree_bytes
+from fedrnd.engine import ClientMapper, EdgeList, progress, tree_bytes
 from fedrnd.engine.multihost import to_host
 from fedrnd.rnd.config import RNDConfig
 from fedrnd.rnd.extract import federations, linkage_test_federations
@@ -289,6 +289,13 @@ class _Clock:
         return value
 
 
+def _deciding(cfg: RNDConfig, c: int, edges: int | None = None) -> None:
+    """Say that the host-side decision starts: one step without a count that took 40-90 s at
+    10,000 clients (``federations`` in the timings of ``experiments/discovery/cells``)."""
+    on = f"{c}x{c} scores" if edges is None else f"{edges} edge scores"
+    progress.note(f"rnd: deciding federations from {on} (criterion {cfg.criterion}) ...")
+
+
 def _drop_self_edges(edges: EdgeList) -> tuple[np.ndarray, np.ndarray]:
     src, dst = np.asarray(edges.src), np.asarray(edges.dst)
     w = np.asarray(edges.weight)
@@ -345,6 +352,7 @@ def discover(data: FederatedData, config: RNDConfig = RNDConfig(), *,
             col_tile=cfg.col_tile, mapper=mapper, tile_evals=cfg.tile_evals)))
         _check_scores(cfg, s, q2)
         s_self = np.diag(s).astype(np.float64)
+        _deciding(cfg, c)
         dec = federations_from_scores(s, cfg, second=q2, count=count, self_std=s_std)
         # Up: its predictor and one row of scores (and of second moments for the test);
         # down: the other C - 1 predictors.
@@ -371,6 +379,7 @@ def discover(data: FederatedData, config: RNDConfig = RNDConfig(), *,
         EdgeList(jnp.asarray(src), jnp.asarray(dst), jnp.ones(len(src))), cfg.edge_chunk,
         mapper)))
     _check_scores(cfg, e_scores, e_q2, (src, dst))
+    _deciding(cfg, c, len(src))
     dec = federations_from_scores(e_scores, cfg, second=e_q2, count=count, s_self=s_self,
                                   self_std=s_std, edges=(src, dst), num_clients=c)
     in_deg = np.bincount(dst, minlength=c)

@@ -18,6 +18,7 @@ from fedrnd.engine import (
     ClientOptimizer,
     Engine,
     LocalSpec,
+    progress,
 )
 from fedrnd.rnd.config import PROBES, RNDConfig
 from fedrnd.rnd.networks import RNDPair
@@ -114,8 +115,10 @@ class FeatureMSE:
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
-def _train_program(engine: Engine, init, client_init, data, hp, key):
-    p, _, m = engine.train(init, data, hp, key, jnp.zeros((), jnp.int32),
+def _train_program(engine: Engine, init, client_init, data, hp, key, ids=None):
+    if ids is not None and client_init is not None:
+        client_init = jax.tree.map(lambda a: a[ids], client_init)
+    p, _, m = engine.train(init, data, hp, key, jnp.zeros((), jnp.int32), ids=ids,
                            client_params=client_init)
     return p, m["loss"]
 
@@ -135,6 +138,10 @@ def train_predictors(pair: RNDPair, cfg: RNDConfig, x: jax.Array, targets: jax.A
                      train_idx: jax.Array, train_count: jax.Array, key: jax.Array,
                      mapper: ClientMapper | None = None) -> tuple[PyTree, jax.Array]:
     """Train every client's predictor in one jitted program.
+
+    With progress shown (:mod:`fedrnd.engine.progress`) the program runs over a few blocks of
+    clients from the host, counted as each block finishes; client ``i``'s key is
+    ``fold_in(key, i)`` whatever block it is in, so the predictors are bit-identical.
 
     Args:
       x: pool ``[P, *feature_shape]``; targets: cached target outputs ``[P, out_dim]``.
@@ -159,6 +166,23 @@ def train_predictors(pair: RNDPair, cfg: RNDConfig, x: jax.Array, targets: jax.A
                          test_count=z[:, 0], group=z[:, 0])
     hp = ClientHParams(jnp.zeros(c, jnp.int32), jnp.full(c, cfg.lr, jnp.float32),
                        jnp.zeros(c, jnp.float32))
-    return _train_program(engine, init, client_init, data, hp, k_train)
+    # The low-rank path batches clients in blocks of its own (never taken with Adam).
+    if progress.get_mode() == "off" or engine.use_lowrank(data, materialize=1):
+        return _train_program(engine, init, client_init, data, hp, k_train)
+    n_max = int(train_idx.shape[1])
+    # A training step on one example costs about three predictor evaluations (back and forth).
+    work = 3 * engine.local.total_steps(n_max) * min(engine.local.batch_size, n_max)
+    m = engine.mapper
+    plan = progress.blocks(c, chunk=m.chunk, shards=m.num_shards, work=work)
+
+    def block(b: progress.Block):
+        if b.size == c:  # one block: the program as without progress
+            return _train_program(engine, init, client_init, data, hp, k_train)
+        # Padding slots train a copy of the last client; their results are dropped.
+        ids = np.minimum(np.arange(b.lo, b.lo + b.size), c - 1).astype(np.int32)
+        return _train_program(engine, init, client_init, data, hp, k_train, ids)
+
+    return progress.run_blocks(block, plan, c, f"rnd: training {c} predictors", c, "predictor",
+                               compile_note="rnd: compiling predictor training ...")
 
 

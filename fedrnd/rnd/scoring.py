@@ -1,4 +1,9 @@
-"""Novelty scores: the dense matrix, the self-novelty and the edge scores (sparse mode)."""
+"""Novelty scores: the dense matrix, the self-novelty and the edge scores (sparse mode).
+
+With progress shown (:mod:`fedrnd.engine.progress`) the scoring programs run over a few host
+blocks of tiles, rows or edge rows (:func:`~fedrnd.engine.progress.blocks`), counted as each
+finishes; every score is computed alone in its loop step either way, so they are bit-identical.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ import numpy as np
 from fedrnd.engine import (
     ClientMapper,
     EdgeList,
+    progress,
 )
 from fedrnd.rnd.networks import RNDPair, stacked_errors
 
@@ -129,9 +135,23 @@ def _matrix(apply, preds, x_pool, t_pool, probe_idx, probe_count, self_err, *, r
         m = int(np.shape(probe_idx)[1])
         row_tile = max(1, min(mapper.chunk, int(tile_evals) // max(1, int(col_tile) * m)))
     mapper = dataclasses.replace(mapper, chunk_size=int(row_tile))
-    return _novelty_rows(apply, mapper, int(col_tile), preds, jnp.asarray(x_pool),
-                         jnp.asarray(t_pool), jnp.asarray(probe_idx, jnp.int32),
-                         jnp.asarray(probe_count, jnp.int32), self_err)
+    x_pool, t_pool = jnp.asarray(x_pool), jnp.asarray(t_pool)
+    rows, c = int(np.shape(probe_idx)[0]), jax.tree.leaves(preds)[0].shape[0]
+    plan = _plan(rows, mapper, c * int(np.shape(probe_idx)[1]))
+    n = plan[-1].lo + plan[-1].size
+    idx, cnt = jnp.asarray(probe_idx, jnp.int32), jnp.asarray(probe_count, jnp.int32)
+    if n > rows:
+        # Padding rows (host blocks only) probe the first pool row once and are dropped.
+        idx = jnp.asarray(_pad_rows(np.asarray(idx), n, 0))
+        cnt = jnp.asarray(_pad_rows(np.asarray(cnt), n, 1))
+        self_err = jnp.concatenate([self_err, jnp.zeros((n - rows, self_err.shape[1]),
+                                                        self_err.dtype)])
+
+    def block(lo: int, hi: int):
+        return _novelty_rows(apply, mapper, int(col_tile), preds, x_pool, t_pool,
+                             _part(idx, lo, hi), _part(cnt, lo, hi), _part(self_err, lo, hi))
+
+    return _run_rows(block, plan, n, rows, c)
 
 
 FUSED_TILE_EVALS = {"mlp": 1 << 16, "conv": 1 << 11}
@@ -155,6 +175,37 @@ def _pad_rows(a: np.ndarray, n: int, fill) -> np.ndarray:
         return a
     pad = np.full((n - a.shape[0], *a.shape[1:]), fill, a.dtype)
     return np.concatenate([a, pad])
+
+
+def _plan(n: int, mapper: ClientMapper, work: float) -> list[progress.Block]:
+    """Host blocks of ``n`` mapped items of ``work`` predictor evaluations each when progress
+    is shown, else one block."""
+    if progress.get_mode() == "off":
+        return [progress.Block(0, n, n)]
+    return progress.blocks(n, chunk=mapper.chunk, shards=mapper.num_shards, work=work)
+
+
+def _part(a, lo: int, hi: int):
+    """Rows ``[lo, hi)`` of ``a``; ``a`` itself when that is all of it (no copy)."""
+    return a if lo == 0 and hi == a.shape[0] else a[lo:hi]
+
+
+def _run_rows(call, plan: list[progress.Block], n: int, rows: int, cols: int, per: int = 1
+              ) -> tuple[jax.Array, ...]:
+    """``call(lo, hi)`` over the blocks of ``plan``, joined on the first axis: ``n`` mapped
+    items (rows, or tiles of ``per`` rows) of which ``rows`` scoring rows are real; progress
+    off: one plain call (``n`` items, no padding)."""
+    if progress.get_mode() == "off":
+        return call(0, n)
+
+    def block(b: progress.Block):
+        return call(b.lo, b.lo + b.size)
+
+    last = plan[-1].hi  # the items before host-block padding
+    return progress.run_blocks(
+        block, plan, last, f"rnd: scoring {rows}x{cols} pairs", rows, "row",
+        count=lambda b: min(b.hi * per, rows) - min(b.lo * per, rows),
+        compile_note="rnd: compiling scoring ...")
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
@@ -203,16 +254,24 @@ def _fused_matrix(pair: RNDPair, preds, x_pool, t_pool, probe_idx, probe_count, 
     # first pool row once and are dropped.
     n_tiles = -(-rows // r)
     n_tiles += (-n_tiles) % mapper.num_shards
+    one = dataclasses.replace(mapper, chunk_size=1)
+    plan = _plan(n_tiles, one, r * m * c)
+    n_tiles = max(n_tiles, plan[-1].lo + plan[-1].size)  # host blocks may pad whole tiles
     idx = _pad_rows(np.asarray(probe_idx, np.int32), n_tiles * r, 0)
     cnt = _pad_rows(np.asarray(probe_count, np.int32), n_tiles * r, 1)
     err = jnp.asarray(self_err, jnp.float32)
     if n_tiles * r > rows:
         err = jnp.concatenate([err, jnp.zeros((n_tiles * r - rows, m), err.dtype)])
-    out = _fused_rows(pair, dataclasses.replace(mapper, chunk_size=1), k, preds,
-                      jnp.asarray(x_pool), jnp.asarray(t_pool),
-                      jnp.asarray(idx.reshape(n_tiles, r, m)),
-                      jnp.asarray(cnt.reshape(n_tiles, r)), err.reshape(n_tiles, r, m))
-    return tuple(o.reshape(n_tiles * r, c)[:rows] for o in out)
+    x_pool, t_pool = jnp.asarray(x_pool), jnp.asarray(t_pool)
+    idx, cnt, err = idx.reshape(n_tiles, r, m), cnt.reshape(n_tiles, r), err.reshape(n_tiles, r, m)
+
+    def tiles(lo: int, hi: int):
+        # Host arrays go to the jitted call as they are: cheaper than a jnp.asarray each.
+        return _fused_rows(pair, one, k, preds, x_pool, t_pool, idx[lo:hi], cnt[lo:hi],
+                           _part(err, lo, hi))
+
+    out = _run_rows(tiles, plan, n_tiles, rows, c, per=r)
+    return tuple(o.reshape(-1, c)[:rows] for o in out)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
@@ -315,9 +374,22 @@ def _edges(apply, preds, x_pool, t_pool, probe_idx, probe_count, self_err, edges
     if isinstance(apply, RNDPair):
         return _fused_edges(apply, preds, x_pool, t_pool, probe_idx, probe_count, self_err,
                             src, dst, int(edge_chunk), mapper or ClientMapper())
-    return _edge_rows(apply, int(edge_chunk), preds, jnp.asarray(x_pool), jnp.asarray(t_pool),
-                      jnp.asarray(probe_idx, jnp.int32), jnp.asarray(probe_count, jnp.int32),
-                      self_err, jnp.asarray(src, jnp.int32), jnp.asarray(dst, jnp.int32))
+    args = (preds, jnp.asarray(x_pool), jnp.asarray(t_pool), jnp.asarray(probe_idx, jnp.int32),
+            jnp.asarray(probe_count, jnp.int32), self_err)
+    e = len(src)
+    # Edges run in a loop over batches of min(edge_chunk, E): host blocks keep those batches.
+    plan = _plan(e, ClientMapper(min(int(edge_chunk), e)), int(np.shape(probe_idx)[1]))
+    n = plan[-1].lo + plan[-1].size
+    src, dst = (_pad_rows(v.astype(np.int32), n, 0) for v in (src, dst))
+
+    def block(b: progress.Block):
+        hi = b.lo + b.size
+        return _edge_rows(apply, int(edge_chunk), *args, src[b.lo:hi], dst[b.lo:hi])
+
+    if progress.get_mode() == "off":
+        return block(plan[0])
+    return progress.run_blocks(block, plan, e, f"rnd: scoring {e} edges", e, "edge",
+                               compile_note="rnd: compiling scoring ...")
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
@@ -359,10 +431,26 @@ def _fused_edges(pair, preds, x_pool, t_pool, probe_idx, probe_count, self_err, 
     row_dst = _pad_rows(np.repeat(np.arange(c), per).astype(np.int32), n_rows, 0)
     row_src = np.zeros((n_rows, w), np.int32)  # empty slots score predictor 0, dropped
     row_src[row_of, slot] = src[order]
-    out = _fused_edge_rows(pair, mapper, preds, jnp.asarray(x_pool), jnp.asarray(t_pool),
-                           jnp.asarray(probe_idx, jnp.int32),
-                           jnp.asarray(probe_count, jnp.int32), self_err,
-                           jnp.asarray(row_dst), jnp.asarray(row_src))
+    plan = _plan(n_rows, mapper, w * m)
+    if plan[-1].lo + plan[-1].size > n_rows:  # host blocks pad whole rows, dropped as above
+        row_dst = _pad_rows(row_dst, plan[-1].lo + plan[-1].size, 0)
+        row_src = _pad_rows(row_src, len(row_dst), 0)
+    args = (preds, jnp.asarray(x_pool), jnp.asarray(t_pool), jnp.asarray(probe_idx, jnp.int32),
+            jnp.asarray(probe_count, jnp.int32), self_err)
+
+    def block(b: progress.Block):
+        hi = b.lo + b.size
+        return _fused_edge_rows(pair, mapper, *args, row_dst[b.lo:hi], row_src[b.lo:hi])
+
+    if progress.get_mode() == "off":
+        out = block(plan[0])
+    else:
+        # Edges per table row, to count the real edges of each block.
+        per_row = np.cumsum(np.concatenate([[0], np.bincount(row_of, minlength=len(row_dst))]))
+        out = progress.run_blocks(
+            block, plan, n_rows, f"rnd: scoring {len(dst)} edges", len(dst), "edge",
+            count=lambda b: int(per_row[b.hi] - per_row[b.lo]),
+            compile_note="rnd: compiling scoring ...")
     flat = jnp.asarray(row_of * w + slot)
     inv = jnp.asarray(order)
     return tuple(jnp.zeros(len(dst), o.dtype).at[inv].set(o.reshape(-1)[flat]) for o in out)
