@@ -8,7 +8,7 @@ scenario, one seed) and reports the ratio over a whole run of ``R`` rounds (the 
 ``rounds``):
 
 - **IFCA**: ``t_ifca`` = one round's cluster estimation, a jitted function doing just that
-  (:func:`fedrnd.algorithms.ifca.cluster_losses` over every client and the ``argmin``, as at
+  (:func:`fedrnd.engine.cluster_losses` over every client and the ``argmin``, as at
   the start of :meth:`IFCA.round`), median of ``--repeat`` calls after compilation; over the
   run ``R * t_ifca``. A second estimate is the difference between IFCA's and FedAvg's jitted
   round times (median of ``--repeat`` rounds each), which also holds the per-slot aggregation.
@@ -114,7 +114,7 @@ def flop_counts(task, pair, *, clusters: int, train_examples: int, pool_rows: in
 
 def _ifca_estimation(engine, ifca, data, hp, key, repeat: int) -> dict[str, float]:
     """Median wall / CPU seconds of one round's cluster estimation (all K models, all clients)."""
-    from fedrnd.algorithms.ifca import cluster_losses
+    from fedrnd.engine import cluster_losses
 
     slots = ifca.init(key, data, hp)["slots"]
     estimate = jax.jit(lambda s, d: jnp.argmin(cluster_losses(engine, s, d), axis=1))

@@ -1,15 +1,20 @@
 """Federated methods, one module each, all behind :class:`Algorithm`.
 
 ``ALGORITHMS`` maps a name to its class; :func:`make_algorithm` builds one from a config.
-A new method is one module with an ``Algorithm`` subclass plus a line here.
+Every method, built-in or not, enters the table through :func:`register_algorithm`, so a
+method written outside fedrnd (a plug-in, see ``docs/extending.md``) is validated, listed and
+run exactly like the built-ins.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+import re
+from collections.abc import Callable
+from typing import Any, TypeVar
 
-from fedrnd.algorithms.base import Algorithm, Metrics, State
+from fedrnd.algorithms._gossip import Gossip
+from fedrnd.algorithms.base import ARTIFACT_KINDS, Algorithm, Artifact, Metrics, Report, State
 from fedrnd.algorithms.cfl import CFL
 from fedrnd.algorithms.decentralized import DPSGD, DFedAvg, DFedAvgM
 from fedrnd.algorithms.disue import DisUE
@@ -30,11 +35,53 @@ from fedrnd.algorithms.ssdfl import (
 )
 from fedrnd.engine import Engine
 
-ALGORITHMS: dict[str, type[Algorithm]] = {cls.name: cls for cls in (FedAvg, FedProx, Local, RNDClustered, IFCA, FeSEM,
-                                                                  CFL, PACFL, DPSGD, DFedAvg,
-                                                                  DFedAvgM, RNDDFL, DisUE, NTKDFL, SPARK,
-                                                                  SSDFL, SyncDFL, PeriodicDFL,
-                                                                  RandomDFL, RandomClusterDFL)}
+_A = TypeVar("_A", bound=Algorithm)
+
+ALGORITHMS: dict[str, type[Algorithm]] = {}
+"""Methods by name (their class attribute ``name``), in registration order."""
+
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*")
+"""A method's name doubles as its output directory and label: one path component."""
+
+
+def register_algorithm(cls: type[_A] | None = None, *, replace: bool = False
+                       ) -> type[_A] | Callable[[type[_A]], type[_A]]:
+    """Add a method class to :data:`ALGORITHMS` under its ``name``; use as a decorator.
+
+    ``@register_algorithm`` (or ``@register_algorithm(replace=True)``) above
+    ``@dataclasses.dataclass(frozen=True)``. The class must derive from :class:`Algorithm`,
+    be a frozen dataclass of its own (its fields are its options, checked by config
+    validation; frozen so ``jax.jit`` can hash it) and set a ``name`` of its own.
+    Registering a name that exists raises ``ValueError`` unless ``replace=True``: silently
+    shadowing a built-in would change what a config means.
+    """
+    if cls is None:
+        return lambda c: register_algorithm(c, replace=replace)
+    if not (isinstance(cls, type) and issubclass(cls, Algorithm)):
+        raise TypeError(f"register_algorithm expects a subclass of fedrnd.algorithms.Algorithm, "
+                        f"got {cls!r}")
+    params = vars(cls).get("__dataclass_params__")
+    if params is None or not params.frozen:
+        raise TypeError(f"{cls.__qualname__} must be decorated with "
+                        "@dataclasses.dataclass(frozen=True) (below @register_algorithm): its "
+                        "fields are its options and jax.jit hashes it")
+    name = cls.name
+    if "name" not in vars(cls) or not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise ValueError(f"{cls.__qualname__} needs a name of its own, a class attribute "
+                         "name: ClassVar[str] = \"...\" of letters, digits, _ . + -")
+    if name in ALGORITHMS and ALGORITHMS[name] is not cls and not replace:
+        raise ValueError(f"algorithm {name!r} is already registered "
+                         f"({ALGORITHMS[name].__module__}.{ALGORITHMS[name].__qualname__}); "
+                         "choose another name, or pass replace=True to replace it")
+    ALGORITHMS[name] = cls
+    return cls
+
+
+for _cls in (FedAvg, FedProx, Local, RNDClustered, IFCA, FeSEM, CFL, PACFL, DPSGD, DFedAvg,
+             DFedAvgM, RNDDFL, DisUE, NTKDFL, SPARK, SSDFL, SyncDFL, PeriodicDFL, RandomDFL,
+             RandomClusterDFL):
+    register_algorithm(_cls)
+del _cls
 
 
 def algorithm_options(name: str) -> list[str]:
@@ -52,6 +99,8 @@ def make_algorithm(name: str, engine: Engine, **options: Any) -> Algorithm:
     return ALGORITHMS[name](engine=engine, **options)
 
 
-__all__ = ["ALGORITHMS", "Algorithm", "CFL", "DFedAvg", "DFedAvgM", "DPSGD", "DisUE", "FeSEM", "FedAvg", "FedProx", "IFCA", "Local", "Metrics", "NTKDFL", "SPARK", "PACFL", "RNDDFL", "State",
-           "SSDFL", "SyncDFL", "PeriodicDFL", "RandomDFL", "RandomClusterDFL",
-           "algorithm_options", "make_algorithm"]
+__all__ = ["ALGORITHMS", "ARTIFACT_KINDS", "Algorithm", "Artifact", "CFL", "DFedAvg", "DFedAvgM",
+           "DPSGD", "DisUE", "FeSEM", "FedAvg", "FedProx", "Gossip", "IFCA", "Local", "Metrics",
+           "NTKDFL", "PACFL", "RNDDFL", "Report", "SPARK", "SSDFL", "State", "SyncDFL",
+           "PeriodicDFL", "RandomDFL", "RandomClusterDFL", "algorithm_options", "make_algorithm",
+           "register_algorithm"]

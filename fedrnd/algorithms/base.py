@@ -16,15 +16,20 @@ An algorithm is a frozen dataclass (static configuration, hashable so it can be 
 - ``host_hook(state, data, round) -> state`` runs on the host between jitted blocks, every
   ``hook_every`` rounds, for steps that are inherently host-side (a hierarchical clustering of a
   small matrix, a graph redraw). The default does nothing.
-- ``report(state, data, out_dir) -> dict`` runs once at the end of a run: it may write
-  method-specific artifacts (a novelty matrix, a heat map) into ``out_dir`` and returns extra
-  summary figures. The default writes nothing.
+- ``report(state, data) -> Report`` runs once at the end of a run, on the host: its
+  ``scalars`` are extra summary figures (they go into ``final.json``), its ``artifacts`` what
+  the method found (a novelty matrix, federations, a graph) as data, by name. The driver
+  decides how to write and plot them, so a method never touches files or plotting libraries
+  (and never imports the driver). The default reports nothing.
+
+Class attributes (metadata the driver reads, so that it holds no method names):
+``clusters_clients``, ``input_only``, ``clusters_in_round``, ``finetune_baseline``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import jax
@@ -35,6 +40,63 @@ from fedrnd.engine import ClientHParams, Engine, sample_cohort
 
 State = dict[str, Any]
 Metrics = dict[str, jax.Array]
+
+ARTIFACT_KINDS = ("arrays", "matrix", "graph", "json")
+
+
+@dataclasses.dataclass(frozen=True)
+class Artifact:
+    """Something a method found, returned by :meth:`Algorithm.report` under a name; the
+    driver writes it into the method's output directory and plots it.
+
+    ``kind`` says what ``data`` is and so how it is written (``<name>`` is its key in the
+    report; a key may end in the file's extension, ``clusters.json``, so that two artifacts
+    of different kinds can share a stem):
+
+    - ``"arrays"``: named arrays (``{name: array}``), written as ``<name>.npz``;
+    - ``"matrix"``: a client x client matrix, ``data[meta.get("matrix", "matrix")]``
+      ``[C, C]``, among named arrays: ``<name>.npz`` (all of them; none with
+      ``meta["save"] = False``, for a view derived from arrays saved elsewhere) and a heat map
+      ``<name>.png`` with the clients ordered by ``data[meta.get("group", "group")]`` when
+      present. ``meta``: ``title``, ``label`` (the colour bar), ``xlabel``, ``ylabel``;
+    - ``"graph"``: an edge list ``data["u"]``, ``data["v"]`` ``[E]`` (client ids) with node
+      or edge arrays (``positions [C, 2]``, ``group [C]``, ...), written as ``<name>.npz``;
+    - ``"json"``: plain data (dicts, lists, numbers, strings), written as ``<name>.json``.
+
+    Arrays may be numpy or host-side jax arrays; the driver writes every file atomically.
+    """
+
+    kind: str
+    data: Any
+    meta: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.kind not in ARTIFACT_KINDS:
+            raise ValueError(f"Artifact kind must be one of {ARTIFACT_KINDS}, got {self.kind!r}")
+        if self.kind != "json" and not isinstance(self.data, Mapping):
+            raise TypeError(f"a {self.kind!r} Artifact holds named arrays (a dict), got "
+                            f"{type(self.data).__name__}")
+        if self.kind == "graph" and not {"u", "v"} <= set(self.data):
+            raise ValueError("a 'graph' Artifact needs its edge list: data['u'] and data['v']")
+        if self.kind == "matrix" and self.meta.get("matrix", "matrix") not in self.data:
+            key = self.meta.get("matrix", "matrix")
+            raise ValueError(f"a 'matrix' Artifact needs data[{key!r}] (meta['matrix'] names "
+                             "the array to draw)")
+
+
+@dataclasses.dataclass
+class Report:
+    """What :meth:`Algorithm.report` returns: summary figures and artifacts, each by name.
+
+    ``scalars`` go into the method's ``final.json`` (next to accuracy, bytes and times);
+    ``artifacts`` become files named after their keys (``novelty`` -> ``novelty.npz``,
+    ``novelty.png``; see :class:`Artifact`). A figure and an artifact may share a name
+    (``regions``: a count and the regions' graph). A subclass extends its parent's report:
+    ``rep = super().report(state, data); rep.scalars[...] = ...; return rep``.
+    """
+
+    scalars: dict[str, float] = dataclasses.field(default_factory=dict)
+    artifacts: dict[str, Artifact] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +109,17 @@ class Algorithm:
     hook_every: ClassVar[int | None] = None
     clusters_clients: ClassVar[bool] = False
     """True for methods whose ``models`` assignment is a clustering (scored by ARI/NMI)."""
+    input_only: ClassVar[bool] = False
+    """True for methods that group clients from their inputs alone (by default): groups that
+    differ in their labels only are invisible to them, so ``fedrnd compare`` marks their rows
+    on such a split as a negative control."""
+    clusters_in_round: ClassVar[bool] = False
+    """True for methods that (re)assign clients inside the jitted rounds: their clustering
+    cost is part of the round time (``fedrnd compare`` says so in its clustering column)."""
+    finetune_baseline: ClassVar[bool] = False
+    """True for the method whose fine-tuned evaluation is the usual personalisation baseline
+    (FedAvg + fine-tune): ``fedrnd compare`` adds a ``<label>+ft`` row for it when it runs
+    with its default options."""
 
     def init(self, key: jax.Array, data: FederatedData, hp: ClientHParams) -> State:
         raise NotImplementedError
@@ -73,8 +146,10 @@ class Algorithm:
     def host_hook(self, state: State, data: FederatedData, round_idx: int) -> State:
         return state
 
-    def report(self, state: State, data: FederatedData, out_dir: Path) -> dict[str, float]:
-        return {}
+    def report(self, state: State, data: FederatedData) -> Report:
+        """Summary figures and :class:`Artifact` values, once, at the end (host arrays):
+        figures go into ``final.json``; the driver writes and plots the artifacts."""
+        return Report()
 
     # Helpers shared by methods.
     def cohort(self, key: jax.Array, num_clients: int) -> tuple[jax.Array | None, jax.Array]:

@@ -49,14 +49,13 @@ update is model-sized). Splits are server-side and cost no communication.
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedrnd.algorithms.base import Algorithm, Metrics, State
+from fedrnd.algorithms.base import Algorithm, Metrics, Report, State
 from fedrnd.data.federated import FederatedData
 from fedrnd.engine import (
     ClientHParams,
@@ -345,11 +344,11 @@ class CFL(Algorithm):
                 "max_norm": jnp.asarray(max_norm),
                 "clients": {**cl, "cluster_id": jnp.asarray(cid, jnp.int32)}}
 
-    def report(self, state: State, data: FederatedData, out_dir: Path) -> dict[str, float]:
+    def report(self, state: State, data: FederatedData) -> Report:
         """The update-norm scale and the rounds of the first and last split."""
         k = int(state["num_clusters"])
         born = np.asarray(state["born"])[:k]
         splits = sorted(int(b) for b in born if b > 0)
-        return {"ref_norm": float(state["ref_norm"]),
-                "first_split_round": float(splits[0]) if splits else float("nan"),
-                "last_split_round": float(splits[-1]) if splits else float("nan")}
+        return Report({"ref_norm": float(state["ref_norm"]),
+                       "first_split_round": float(splits[0]) if splits else float("nan"),
+                       "last_split_round": float(splits[-1]) if splits else float("nan")})

@@ -12,7 +12,7 @@ One round:
 
 Grouping (``grouping``):
 
-- ``"ifca"``: IFCA's assignment (:func:`fedrnd.algorithms.ifca.cluster_losses`): each client
+- ``"ifca"``: IFCA's assignment (:func:`fedrnd.engine.cluster_losses`): each client
   scores the ``K`` cluster experts of the previous round on its training data and joins the one
   with the lowest loss (round 0: ``K`` random initialisations, slot 0 the shared initial model).
 - ``"rnd"``: RND federations (:func:`fedrnd.rnd.discover`), found once before round 0 on the
@@ -93,11 +93,11 @@ import numpy as np
 import optax
 
 from fedrnd.algorithms._clusters import check_choice, check_int, check_num_clusters
-from fedrnd.algorithms.base import Algorithm, Metrics, State
-from fedrnd.algorithms.ifca import cluster_losses
+from fedrnd.algorithms.base import Algorithm, Metrics, Report, State
 from fedrnd.data.federated import FederatedData
 from fedrnd.engine import (
     ClientHParams,
+    cluster_losses,
     comm,
     grow_slots,
     keep_nonempty,
@@ -553,11 +553,11 @@ class DisUE(Algorithm):
     def models(self, state: State):
         return state["slots"], state["clients"]["cluster_id"]
 
-    def report(self, state: State, data: FederatedData, out_dir) -> dict[str, float]:
+    def report(self, state: State, data: FederatedData) -> Report:
         """The final universal expert's accuracy on the global test set (pooled test rows)."""
         acc = global_accuracy(self.engine,
                               jax.tree.map(lambda a: a[None], state["universal"]), data)
-        return {"universal_acc": float(acc[0])}
+        return Report({"universal_acc": float(acc[0])})
 
 
 def global_accuracy(engine, models, data: FederatedData) -> jax.Array:

@@ -24,6 +24,7 @@ class FedAvg(Algorithm):
     """FedAvg (McMahan et al., 2017): sample-weighted mean of the cohort's local models."""
 
     name: ClassVar[str] = "fedavg"
+    finetune_baseline: ClassVar[bool] = True
     server_opt: str = "sgd"
     server_lr: float = 1.0
     prox_mu: float = 0.0
@@ -64,6 +65,7 @@ class FedProx(FedAvg):
     """FedProx (Li et al., 2020): FedAvg whose local loss adds ``(mu/2) ||w - w_global||^2``."""
 
     name: ClassVar[str] = "fedprox"
+    finetune_baseline: ClassVar[bool] = False
     prox_mu: float = 0.01
 
     def validate(self, data: FederatedData) -> None:

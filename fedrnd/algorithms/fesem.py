@@ -147,6 +147,7 @@ class FeSEM(Algorithm):
 
     name: ClassVar[str] = "fesem"
     clusters_clients: ClassVar[bool] = True
+    clusters_in_round: ClassVar[bool] = True  # every round reassigns by model distance
     num_clusters: int | None = None
     kmeans_iters: int = 5
     seeding: str = "kmeans++"

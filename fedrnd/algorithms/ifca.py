@@ -58,7 +58,7 @@ from fedrnd.algorithms.base import Algorithm, Metrics, State
 from fedrnd.data.federated import FederatedData
 from fedrnd.engine import (
     ClientHParams,
-    Engine,
+    cluster_losses,
     comm,
     keep_nonempty,
     per_client,
@@ -69,30 +69,6 @@ from fedrnd.engine import (
 AVERAGING = ("model", "gradient")
 LOSS_BYTES = 4
 """A float32 loss value, what a client reports per candidate set during restarts."""
-
-
-def cluster_losses(engine: Engine, slots, data: FederatedData,
-                   ids: jax.Array | None = None) -> jax.Array:
-    """``L[c, k]``: the engine's training loss of slot ``k`` on client ``c``'s training data.
-
-    Args:
-      slots: ``K`` models, leaves ``[K, ...]``.
-      ids: the cohort ``[M]`` (``None``: every client).
-    Returns:
-      ``[M, K]`` mean losses over each client's real examples (padding masked).
-    """
-    take = (lambda a: a) if ids is None else (lambda a: a[ids])
-    per = dict(idx=take(data.train_idx), count=take(data.train_count))
-    loss_fn = engine.loss_fn
-
-    def one(client, shared):
-        sl, x_pool, y_pool = shared
-        idx = client["idx"]
-        x, y = x_pool[idx], y_pool[idx]
-        mask = (jnp.arange(idx.shape[0]) < client["count"]).astype(x.dtype)
-        return jax.vmap(lambda p: loss_fn(p, x, y, mask))(sl)
-
-    return engine.mapper.map(one, per, (slots, data.x, data.y))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,6 +85,7 @@ class IFCA(Algorithm):
 
     name: ClassVar[str] = "ifca"
     clusters_clients: ClassVar[bool] = True
+    clusters_in_round: ClassVar[bool] = True  # every round re-estimates the identities
     num_clusters: int | None = None
     averaging: str = "model"
     weighting: str = "samples"

@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from pathlib import Path
 from typing import ClassVar
 
 import jax
@@ -51,7 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedrnd.algorithms._clusters import fixed_cluster_round
-from fedrnd.algorithms.base import Algorithm, Metrics, State
+from fedrnd.algorithms.base import Algorithm, Artifact, Metrics, Report, State
 from fedrnd.data.federated import FederatedData
 from fedrnd.engine import (
     ClientHParams,
@@ -371,20 +370,16 @@ class PACFL(Algorithm):
     def models(self, state: State):
         return state["slots"], state["clients"]["cluster_id"]
 
-    def report(self, state: State, data: FederatedData, out_dir: Path) -> dict[str, float]:
-        """Write the proximity matrix (``proximity.npz``) and its heat map (``proximity.png``)."""
-        from fedrnd.driver import outputs  # the driver imports the algorithms, not vice versa
-
+    def report(self, state: State, data: FederatedData) -> Report:
+        """The proximity matrix (``proximity``: matrix, clusters, true groups, threshold),
+        drawn as a heat map, when the state keeps it."""
         cl = state["clients"]
         k = int(state["num_clusters"])
-        if "proximity" in cl:
-            a = np.asarray(cl["proximity"])
-            group = np.asarray(data.group)
-            out_dir = Path(out_dir)
-            out_dir.mkdir(parents=True, exist_ok=True)
-            np.savez(out_dir / "proximity.npz", proximity=a, cluster=np.asarray(cl["cluster_id"]),
-                     group=group, threshold=float(self.threshold))
-            outputs.plot_matrix(out_dir / "proximity.png", a, group,
-                                title=f"PACFL {self.proximity} (deg), {k} clusters",
-                                label="degrees", xlabel="client j", ylabel="client i")
-        return {}
+        if "proximity" not in cl:
+            return Report()
+        return Report(artifacts={"proximity": Artifact(
+            "matrix", {"proximity": np.asarray(cl["proximity"]),
+                       "cluster": np.asarray(cl["cluster_id"]), "group": np.asarray(data.group),
+                       "threshold": float(self.threshold)},
+            {"matrix": "proximity", "title": f"PACFL {self.proximity} (deg), {k} clusters",
+             "label": "degrees", "xlabel": "client j", "ylabel": "client i"})})

@@ -21,13 +21,13 @@ up, the peers' predictors down), reported in the first round after each discover
 Discovery runs on the host in :meth:`RNDClustered.init` (its heavy parts are jitted programs;
 the driver never calls ``host_hook`` before round 0) and again in ``host_hook`` every ``tau``
 rounds. The state also keeps the ``eps`` used and, for up to 2048 clients by default, the
-novelty matrix as one row per client; :meth:`RNDClustered.report` writes it out with a heat map.
+novelty matrix as one row per client; :meth:`RNDClustered.report` returns it (the driver
+writes it out with a heat map).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 from typing import ClassVar
 
 import jax
@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedrnd.algorithms._clusters import fixed_cluster_round
-from fedrnd.algorithms.base import Algorithm, Metrics, State
+from fedrnd.algorithms.base import Algorithm, Artifact, Metrics, Report, State
 from fedrnd.data.federated import FederatedData
 from fedrnd.engine import (
     ClientHParams,
@@ -79,6 +79,7 @@ class RNDClustered(Algorithm):
 
     name: ClassVar[str] = "rnd"
     clusters_clients: ClassVar[bool] = True
+    input_only: ClassVar[bool] = True  # the predictors see client inputs, never labels
     criterion: str = "test"
     alpha: float = 0.01
     min_effect: float = 0.05
@@ -215,45 +216,41 @@ class RNDClustered(Algorithm):
         return {**state, "slots": slots, "num_federations": jnp.asarray(f, jnp.int32),
                 "eps": jnp.asarray(disc.eps, jnp.float32), "clients": cl}
 
-    def report(self, state: State, data: FederatedData, out_dir: Path) -> dict[str, float]:
-        """Write the latest discovery and return ``eps`` and the federation count.
+    def report(self, state: State, data: FederatedData) -> Report:
+        """``eps``, the federation count and the latest discovery as artifacts.
 
-        Files: ``novelty.npz`` (matrix, sigma, federations, eps, true groups), heat maps of
-        the raw matrix ``novelty.png`` and of the normalised scores ``(s_ij - s_ii) / sigma_i``
-        that the rule thresholds, ``novelty_normalised.png`` (clients ordered by true group).
+        ``novelty`` (matrix, sigma, federations, eps, true groups; a heat map of the raw
+        matrix) and ``novelty_normalised``: a heat map of the scores the rule thresholds,
+        ``(s_ij - s_ii) / sigma_i`` (clients ordered by true group).
         """
-        from fedrnd.driver import outputs  # the driver imports the algorithms, not vice versa
-
         cl = state["clients"]
         fed = np.asarray(cl["cluster_id"])
         eps = float(state["eps"])
-        out = {"eps": eps, "federations": float(int(state["num_federations"]))}
+        nfed = float(int(state["num_federations"]))
+        rep = Report({"eps": eps, "federations": nfed})
         if "novelty" in cl:
             s = np.asarray(cl["novelty"])
             sigma = np.asarray(cl["sigma"])
             group = np.asarray(data.group)
-            out_dir = Path(out_dir)
-            out_dir.mkdir(parents=True, exist_ok=True)
-            np.savez(out_dir / "novelty.npz", scores=s, sigma=sigma, federation=fed, eps=eps,
-                     group=group)
-            title = f"eps={eps:.3g}, {out['federations']:.0f} federations"
-            outputs.plot_matrix(out_dir / "novelty.png", s, group,
-                                title=f"RND novelty S ({title})")
+            title = f"eps={eps:.3g}, {nfed:.0f} federations"
+            rep.artifacts["novelty"] = Artifact(
+                "matrix", {"scores": s, "sigma": sigma, "federation": fed, "eps": eps,
+                           "group": group},
+                {"matrix": "scores", "title": f"RND novelty S ({title})"})
             # Raw rows differ in scale (some data are more novel to everyone); the rule
             # compares within a row, so the normalised view is the one that shows federations.
             if np.isfinite(eps):
-                z = normalised_scores(s, np.diag(s), sigma)
-                outputs.plot_matrix(out_dir / "novelty_normalised.png",
-                                    np.minimum(z, 3 * eps + 1), group,
-                                    title=f"(s_ij - s_ii) / sigma_i ({title})",
-                                    label="normalised novelty")
+                view = np.minimum(normalised_scores(s, np.diag(s), sigma), 3 * eps + 1)
+                meta = {"title": f"(s_ij - s_ii) / sigma_i ({title})",
+                        "label": "normalised novelty"}
             else:
                 # The test criterion compares each peer with the client's own predictor,
                 # relative to the client's own error (held-out probes).
                 d = np.diag(s)
-                rel = (s - d[:, None]) / np.where(d > 0, d, 1.0)[:, None]
-                title = f"{out['federations']:.0f} federations, paired test"
-                outputs.plot_matrix(out_dir / "novelty_normalised.png", np.clip(rel, -1, 3),
-                                    group, title=f"(s_ij - s_ii) / s_ii ({title})",
-                                    label="relative excess")
-        return out
+                view = np.clip((s - d[:, None]) / np.where(d > 0, d, 1.0)[:, None], -1, 3)
+                meta = {"title": f"(s_ij - s_ii) / s_ii ({nfed:.0f} federations, paired test)",
+                        "label": "relative excess"}
+            # A view of the arrays saved above: drawn, not saved again.
+            rep.artifacts["novelty_normalised"] = Artifact(
+                "matrix", {"matrix": view, "group": group}, {**meta, "save": False})
+        return rep

@@ -15,7 +15,7 @@ its compatible links, so repeated gossip (``gossip_steps``) converges to the reg
 average of the trained models, i.e. FedAvg inside the region with equal client weights, served
 by the graph instead of a server. Links between regions carry nothing after discovery.
 
-State: the :class:`~fedrnd.algorithms.decentralized.Gossip` state (per-node models and
+State: the :class:`~fedrnd.algorithms._gossip.Gossip` state (per-node models and
 optimizer state, the static graph) plus ``clients.region`` ``[C]`` and ``compatible`` ``[L]``
 (per graph link). Ledger: ``up/model``, ``down/model`` (intra-region gossip) and
 ``up/discovery``, ``down/discovery`` (predictors and scores over every link, verdicts, election
@@ -26,17 +26,16 @@ regions against the true groups (the models are per node, so the driver does not
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedrnd.algorithms.base import Metrics, State
-from fedrnd.algorithms.decentralized import Gossip
+from fedrnd.algorithms._gossip import Gossip
+from fedrnd.algorithms.base import Artifact, Metrics, Report, State
 from fedrnd.data.federated import FederatedData
-from fedrnd.engine import ClientHParams
+from fedrnd.engine import ClientHParams, clustering_scores
 from fedrnd.graphs import Graph
 from fedrnd.rnd.decentral import (
     CRITERIA,
@@ -181,19 +180,20 @@ class RNDDFL(Gossip):
                                      "pending_down": zero}}, metrics
 
     # -- outputs ------------------------------------------------------------------------------
-    def report(self, state: State, data: FederatedData, out_dir: Path) -> dict[str, float]:
-        """``regions.npz`` (links, positions, compatible links, regions, true groups) and the
-        regions' ARI/NMI against the true groups."""
-        from fedrnd.driver import outputs  # the driver imports the algorithms, not vice versa
-
-        out = super().report(state, data, out_dir)
+    def report(self, state: State, data: FederatedData) -> Report:
+        """The graph's report, the ``regions`` artifact (links, positions, compatible links,
+        regions, true groups), the region count and the regions' ARI/NMI against the true
+        groups."""
+        rep = super().report(state, data)
         g = state["graph"]
         ok = np.asarray(g.valid, bool)
         region = np.asarray(state["clients"]["region"])
         group = np.asarray(data.group)
-        np.savez(Path(out_dir) / "regions.npz", u=np.asarray(g.u)[ok], v=np.asarray(g.v)[ok],
-                 compatible=np.asarray(state["compatible"])[ok],
-                 positions=np.asarray(g.positions), region=region, group=group)
-        scores = outputs.clustering_scores(region, group)
-        return {**out, **scores, "regions": float(int(state["num_regions"])),
-                "compatible_links": float(np.asarray(state["compatible"])[ok].sum())}
+        compatible = np.asarray(state["compatible"])[ok]
+        rep.artifacts["regions"] = Artifact("graph", {
+            "u": np.asarray(g.u)[ok], "v": np.asarray(g.v)[ok], "compatible": compatible,
+            "positions": np.asarray(g.positions), "region": region, "group": group})
+        rep.scalars.update(clustering_scores(region, group),
+                           regions=float(int(state["num_regions"])),
+                           compatible_links=float(compatible.sum()))
+        return rep

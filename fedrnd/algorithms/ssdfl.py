@@ -45,18 +45,22 @@ and gossip step.
 from __future__ import annotations
 
 import dataclasses
-import json
-from pathlib import Path
 from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedrnd.algorithms.base import Metrics, State
-from fedrnd.algorithms.decentralized import Gossip
+from fedrnd.algorithms._gossip import Gossip
+from fedrnd.algorithms.base import Artifact, Metrics, Report, State
 from fedrnd.data.federated import FederatedData
-from fedrnd.engine import ClientHParams, broadcast, segment_weighted_mean, tree_bytes
+from fedrnd.engine import (
+    ClientHParams,
+    broadcast,
+    clustering_scores,
+    segment_weighted_mean,
+    tree_bytes,
+)
 from fedrnd.graphs import Graph, degrees, edge_chunk_for, gossip, mixing_edges
 from fedrnd.graphs.spectral import client_descriptors, random_clusters, spectral_clusters
 
@@ -232,32 +236,29 @@ class SSDFL(Gossip):
         metrics["inter"] = is_inter.astype(jnp.float32)
         return self.next_state(state, new, opt), metrics
 
-    def report(self, state: State, data: FederatedData, out_dir: Path) -> dict[str, float]:
-        """Also write ``clusters.npz`` (cluster ids, true groups, graph) and, for the spectral
-        rule, ``clusters.json`` (every split made and the candidates rejected, with their
-        terms); return the cluster count and ARI/NMI against the true groups."""
-        from fedrnd.driver import outputs  # the driver imports the algorithms, not vice versa
-
-        out = super().report(state, data, out_dir)
+    def report(self, state: State, data: FederatedData) -> Report:
+        """The graph's report, the ``clusters`` artifact (cluster ids, true groups, graph)
+        and, for the spectral rule, ``clusters.json`` (every split made and the candidates
+        rejected, with their terms); the cluster count, sizes and ARI/NMI against the true
+        groups."""
+        rep = super().report(state, data)
         cl = state["clients"]
         cid = np.asarray(cl["cluster_id"])
         group = np.asarray(data.group)
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
         g = state["graph"]
         ok = np.asarray(g.valid)
-        np.savez(out_dir / "clusters.npz", cluster_id=cid, group=group,
-                 u=np.asarray(g.u)[ok], v=np.asarray(g.v)[ok], positions=np.asarray(g.positions))
+        rep.artifacts["clusters"] = Artifact("graph", {
+            "cluster_id": cid, "group": group, "u": np.asarray(g.u)[ok],
+            "v": np.asarray(g.v)[ok], "positions": np.asarray(g.positions)})
         if self.clustering == "spectral":
             hp = jax.tree.map(np.asarray, cl["hp"])
             res = self.spectral(g, data, hp, self.num_clusters)
-            (out_dir / "clusters.json").write_text(json.dumps(
-                {"splits": res.splits, "rejected": res.rejected}, indent=1, default=float))
-        scores = outputs.clustering_scores(cid, group)
-        out.update(scores)
-        out["cluster_sizes_min"] = float(np.bincount(cid).min())
-        out["cluster_sizes_max"] = float(np.bincount(cid).max())
-        return out
+            rep.artifacts["clusters.json"] = Artifact(
+                "json", {"splits": res.splits, "rejected": res.rejected})
+        rep.scalars.update(clustering_scores(cid, group),
+                           cluster_sizes_min=float(np.bincount(cid).min()),
+                           cluster_sizes_max=float(np.bincount(cid).max()))
+        return rep
 
 
 @dataclasses.dataclass(frozen=True)

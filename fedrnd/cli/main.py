@@ -1,4 +1,8 @@
-"""``fedrnd`` command line entry point."""
+"""``fedrnd`` command line entry point.
+
+``--plugin FILE_OR_MODULE`` (``run``, ``compare``, ``list``) loads a plug-in before anything
+else (see :mod:`fedrnd.driver.plugins`); a plug-in that fails is reported like bad input.
+"""
 
 from __future__ import annotations
 
@@ -24,14 +28,27 @@ def _enable_compilation_cache() -> None:
         jax.config.update("jax_compilation_cache_dir", cache)
 
 
+def _load_cli_plugins(args: argparse.Namespace) -> list[str]:
+    """Load the ``--plugin`` files and modules (paths from the working directory) before
+    anything reads a config or a table; return them resolved (absolute paths)."""
+    from fedrnd.driver.plugins import load_plugin, resolve
+
+    for spec in args.plugin:
+        load_plugin(spec, where="--plugin")
+    return [resolve(spec) for spec in args.plugin]
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from fedrnd.configs import default_config_path
     from fedrnd.driver import load_config, simulate
     from fedrnd.driver.config import to_toml, toml_value
 
+    extra = _load_cli_plugins(args)
     # --out goes through the config checks like any other out_dir (an existing file, ...).
     out = [f"out_dir={toml_value(args.out)}"] if args.out is not None else []
     cfg = load_config(args.config or default_config_path(), [*args.set, *out])
+    # Recorded with the config (config.json), so the run can be repeated from it alone.
+    cfg.plugins = list(dict.fromkeys([*cfg.plugins, *extra]))
     if args.print_config:  # the resolved config only: nothing runs, nothing is written
         print(to_toml(cfg), end="")
         return 0
@@ -111,6 +128,7 @@ def run_report(result) -> str:
 def _cmd_compare(args: argparse.Namespace) -> int:
     from fedrnd.driver.compare import load_grid, run_grid, write_report
 
+    _load_cli_plugins(args)
     seeds = None
     if args.seeds:
         try:
@@ -192,24 +210,32 @@ def _cmd_list(args: argparse.Namespace) -> int:
         partition_parameters,
         source_parameters,
     )
+    from fedrnd.driver.plugins import load_entry_points, origin
     from fedrnd.engine.optim import OPTIMIZERS, SERVER_OPTIMIZERS
     from fedrnd.models import MODELS
 
+    _load_cli_plugins(args)
+    load_entry_points()
+
+    def describe(obj) -> str:
+        src = origin(obj)
+        return _describe(obj) + (f" [plug-in: {src}]" if src else "")
+
     print("data sets (data.source; options go in data.source_options):")
     for name, fn in SOURCES.items():
-        print(_entry(name, _describe(fn), option_items(source_parameters(name))))
+        print(_entry(name, describe(fn), option_items(source_parameters(name))))
     print(_entry("tfds:<name>", f"A prepared TensorFlow Datasets image set, name in "
                  f"{', '.join(TFDS_NAMES)} (needs tensorflow-datasets; never downloads).",
                  option_items(source_parameters("tfds:mnist"))))
     print("partitions (data.partition; options go in data.partition_options):")
     for name, fn in PARTITIONS.items():
-        print(_entry(name, _describe(fn), option_items(partition_parameters(name))))
+        print(_entry(name, describe(fn), option_items(partition_parameters(name))))
     print("models (model.name; options go in model.options):")
     for name, fn in MODELS.items():
-        print(_entry(name, _describe(fn), option_items(model_parameters(name))))
+        print(_entry(name, describe(fn), option_items(model_parameters(name))))
     print("algorithms (algorithms[].name; options go in algorithms[].options):")
     for name, cls in ALGORITHMS.items():
-        print(_entry(name, _describe(cls), option_items(algorithm_parameters(name))))
+        print(_entry(name, describe(cls), option_items(algorithm_parameters(name))))
     schedules = "; ".join(f"{k} ({', '.join(v)})" if v else k
                           for k, v in SCHEDULE_OPTIONS.items())
     for line in (f"local optimizers (local.optimizer): {', '.join(OPTIMIZERS)}; settings "
@@ -256,6 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--print-config", action="store_true",
                    help="print the resolved config (file + --set) as TOML and exit without "
                         "running or writing anything")
+    _plugin_flag(r)
     r.set_defaults(func=_cmd_run)
     c = sub.add_parser("compare", help="run a grid of methods x scenarios x seeds (cached per "
                        "cell, resumable) and write a results report")
@@ -269,10 +296,18 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--rerun", action="store_true", help="ignore cached cells and run all")
     c.add_argument("--report-only", action="store_true",
                    help="write the report from cached cells without running anything")
+    _plugin_flag(c)
     c.set_defaults(func=_cmd_compare)
     ls = sub.add_parser("list", help="list data sets, partitions, models and algorithms")
+    _plugin_flag(ls)
     ls.set_defaults(func=_cmd_list)
     return p
+
+
+def _plugin_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--plugin", action="append", default=[], metavar="FILE_OR_MODULE",
+                   help="load a plug-in first: a .py file or a module name that registers "
+                        "methods, models, partitions or data sources (repeatable)")
 
 
 def _paragraph(text: object) -> str:

@@ -11,9 +11,11 @@ from fedrnd.data.federated import (
     estimate_bytes,
 )
 from fedrnd.data.partition import (
+    PARTITION_INFO,
     PARTITIONS,
     DirichletSplit,
     IIDSplit,
+    PartitionInfo,
     QuantitySkew,
     ShardSplit,
     dirichlet,
@@ -24,7 +26,9 @@ from fedrnd.data.partition import (
     label_permutation,
     make_partition,
     natural,
+    partition_info,
     quantity_skew,
+    register_partition,
     rotation,
     shards,
 )
@@ -36,6 +40,7 @@ from fedrnd.data.sources import (
     gaussian_mixture,
     load_source,
     read_idx,
+    register_source,
     synthetic,
     tfds_source,
 )
@@ -46,11 +51,11 @@ __all__ = [
     # drift
     "DriftEvent", "DriftingData", "build_drifting", "build_phases", "drift_groups",
     # partitioners
-    "PARTITIONS", "DirichletSplit", "IIDSplit", "QuantitySkew",
-    "ShardSplit", "dirichlet", "feature_pattern", "feature_patterns", "grouped", "iid",
-    "label_permutation", "make_partition", "natural", "quantity_skew",
-    "rotation", "shards",
+    "PARTITIONS", "PARTITION_INFO", "DirichletSplit", "IIDSplit", "PartitionInfo",
+    "QuantitySkew", "ShardSplit", "dirichlet", "feature_pattern", "feature_patterns", "grouped",
+    "iid", "label_permutation", "make_partition", "natural", "partition_info", "quantity_skew",
+    "register_partition", "rotation", "shards",
     # sources
     "SOURCES", "TFDS_NAMES", "digits", "fashion_mnist", "gaussian_mixture", "load_source",
-    "read_idx", "synthetic", "tfds_source",
+    "read_idx", "register_source", "synthetic", "tfds_source",
 ]

@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import inspect
+import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -41,6 +42,7 @@ from fedrnd.data.federated import Dataset, GroupTransform, Partition
 
 __all__ = [
     "PARTITIONS",
+    "PARTITION_INFO",
     "DirichletSplit",
     "IIDSplit",
     "QuantitySkew",
@@ -54,8 +56,11 @@ __all__ = [
     "label_permutation",
     "make_partition",
     "natural",
+    "PartitionInfo",
+    "partition_info",
     "partition_parameters",
     "quantity_skew",
+    "register_partition",
     "rotation",
     "shards",
 ]
@@ -788,18 +793,78 @@ def natural(dataset: Dataset, num_clients: int | None = None, *, seed: int) -> P
 # registry
 # --------------------------------------------------------------------------------------------
 
-PARTITIONS: dict[str, Callable[..., Partition]] = {
-    "iid": iid,
-    "dirichlet": dirichlet,
-    "shards": shards,
-    "quantity_skew": quantity_skew,
-    "grouped": grouped,
-    "rotation": rotation,
-    "feature_pattern": feature_pattern,
-    "label_permutation": label_permutation,
-    "natural": natural,
-}
-"""Partitioners by name, each returning a :class:`Partition`."""
+PARTITIONS: dict[str, Callable[..., Partition]] = {}
+"""Partitioners by name, each returning a :class:`Partition`; filled by
+:func:`register_partition` (the built-ins below use it too)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PartitionInfo:
+    """What a run needs to know about a partitioner besides its signature.
+
+    ``grouped``: clients belong to ground-truth groups that their data differs by (the
+    ``num_groups`` option, if any, is their number ``K``, e.g. for a method's number of
+    clusters in ``fedrnd compare``). ``labels_only``: the groups differ in their labels only
+    (the inputs are alike), so a method that looks at client inputs alone cannot tell them
+    apart: a negative control for such methods. ``check(num_clients, **options)``: a cheap
+    check of the options before any data is loaded (``ValueError`` whose message starts with
+    the option at fault); the partitioner itself checks the rest.
+    """
+
+    grouped: bool = False
+    labels_only: bool = False
+    check: Callable[..., None] | None = None
+
+
+PARTITION_INFO: dict[str, PartitionInfo] = {}
+"""The :class:`PartitionInfo` of every registered partitioner, by name."""
+
+_SUPPLIED = ("dataset", "num_clients", "seed")
+"""Partitioner arguments that a run supplies itself (never ``partition_options``)."""
+
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*")
+
+def register_partition(name: str | Callable[..., Partition] | None = None,
+                       fn: Callable[..., Partition] | None = None, *, grouped: bool = False,
+                       labels_only: bool = False, check: Callable[..., None] | None = None,
+                       replace: bool = False) -> Any:
+    """Add a partitioner to :data:`PARTITIONS` (and its :class:`PartitionInfo`).
+
+    ``register_partition("name", fn)``, or as a decorator: ``@register_partition("name",
+    grouped=True)`` (``@register_partition`` alone takes the function's own name). ``fn`` has
+    the signature ``(dataset, num_clients, *, seed, **options) -> Partition``; its keyword
+    options are ``data.partition_options``, validated against the signature like a built-in's.
+    A name that exists raises ``ValueError`` unless ``replace=True``.
+    """
+    if callable(name):
+        return register_partition(None, name, grouped=grouped, labels_only=labels_only,
+                                  check=check, replace=replace)
+    if fn is None:
+        return lambda f: register_partition(name, f, grouped=grouped, labels_only=labels_only,
+                                            check=check, replace=replace)
+    key = fn.__name__ if name is None else name
+    if not isinstance(key, str) or not _NAME.fullmatch(key):
+        raise ValueError(f"a partition name must be letters, digits, _ . + -; got {key!r}")
+    params = list(inspect.signature(fn).parameters.values())
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(positional) < 2 or "seed" not in {p.name for p in params}:
+        # The run calls fn(dataset, num_clients, seed=seed, **options); validation skips
+        # these three by name, so any other spelling would surface as a required option.
+        raise TypeError(f"partition {key!r}: {getattr(fn, '__qualname__', fn)} must take "
+                        "(dataset, num_clients, *, seed, **options)")
+    if key in PARTITIONS and PARTITIONS[key] is not fn and not replace:
+        raise ValueError(f"partition {key!r} is already registered; choose another name, or "
+                         "pass replace=True to replace it")
+    PARTITIONS[key] = fn
+    PARTITION_INFO[key] = PartitionInfo(grouped, labels_only, check)
+    return fn
+
+
+def partition_info(name: str) -> PartitionInfo:
+    """The :class:`PartitionInfo` of a registered partitioner."""
+    if name not in PARTITIONS:
+        raise _unknown_partition(name)
+    return PARTITION_INFO.get(name, PartitionInfo())
 
 
 def _unknown_partition(name: str) -> ValueError:
@@ -807,10 +872,6 @@ def _unknown_partition(name: str) -> ValueError:
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     return ValueError(f"data.partition={name!r} is unknown{hint}; allowed: "
                       f"{', '.join(PARTITIONS)}")
-
-
-_SUPPLIED = ("dataset", "num_clients", "seed")
-"""Partitioner arguments that a run supplies itself (never ``partition_options``)."""
 
 
 def partition_parameters(name: str) -> dict[str, inspect.Parameter]:
@@ -829,33 +890,67 @@ def check_partition_options(name: str, num_clients: int, options: Mapping[str, A
     rest (e.g. ``k`` against the number of classes).
     """
     params = partition_parameters(name)
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
     bad = sorted(set(options) - set(params))
-    if bad:
+    if bad and not takes_any:
         raise ValueError(f"unknown option(s) {bad}; allowed: {', '.join(params)}")
-    need = [k for k, p in params.items() if p.default is p.empty and k not in options]
+    need = [k for k, p in params.items() if p.default is p.empty and k not in options
+            and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
     if need:
         raise ValueError(f"{need[0]} is required by partition {name!r}")
     kw = {k: p.default for k, p in params.items() if p.default is not p.empty} | dict(options)
-    _check_test_size(kw.get("test_size"))
+    if "test_size" in params:
+        _check_test_size(kw.get("test_size"))
     # Explicit sizes are checked against the client count; their sum needs the data.
-    sizes = kw.get("sizes")
+    sizes = kw.get("sizes") if "sizes" in params else None
     if sizes is not None and not callable(sizes):
         _resolve_sizes(sizes, np.iinfo(np.int64).max, num_clients, np.random.default_rng(0))
-    if name == "dirichlet":
-        DirichletSplit(kw["alpha"], min_size=kw["min_size"], max_tries=kw["max_tries"],
-                       top_up=kw["top_up"])
-    elif name == "shards":
-        _check_k(kw["k"])
-    elif name == "quantity_skew":
-        QuantitySkew(dist=kw["dist"], sigma=kw["sigma"], exponent=kw["exponent"],
-                     min_size=kw["min_size"])
-    elif name in ("grouped", "rotation", "feature_pattern", "label_permutation"):
-        if name == "rotation":
-            _check_rotation_groups(kw["num_groups"])
-        if name == "feature_pattern":
-            _check_pattern(kw["rms"], kw["smooth"])
-        _group_sizes(num_clients, kw["num_groups"], kw["group_sizes"])
-        _as_split(kw["within"], sizes)
+    check = partition_info(name).check
+    if check is not None:
+        check(num_clients, **kw)
+
+
+def _check_dirichlet(num_clients: int, *, alpha: Any, min_size: Any, max_tries: Any,
+                     top_up: Any, **_: Any) -> None:
+    DirichletSplit(alpha, min_size=min_size, max_tries=max_tries, top_up=top_up)
+
+
+def _check_shards(num_clients: int, *, k: Any, **_: Any) -> None:
+    _check_k(k)
+
+
+def _check_quantity_skew(num_clients: int, *, dist: Any, sigma: Any, exponent: Any,
+                         min_size: Any, **_: Any) -> None:
+    QuantitySkew(dist=dist, sigma=sigma, exponent=exponent, min_size=min_size)
+
+
+def _check_grouped(num_clients: int, *, num_groups: Any, group_sizes: Any, within: Any,
+                   sizes: Any = None, **_: Any) -> None:
+    _group_sizes(num_clients, num_groups, group_sizes)
+    _as_split(within, sizes)
+
+
+def _check_rotation(num_clients: int, **kw: Any) -> None:
+    _check_rotation_groups(kw["num_groups"])
+    _check_grouped(num_clients, **kw)
+
+
+def _check_feature_pattern(num_clients: int, **kw: Any) -> None:
+    _check_pattern(kw["rms"], kw["smooth"])
+    _check_grouped(num_clients, **kw)
+
+
+register_partition("iid", iid)
+register_partition("dirichlet", dirichlet, check=_check_dirichlet)
+register_partition("shards", shards, check=_check_shards)
+register_partition("quantity_skew", quantity_skew, check=_check_quantity_skew)
+register_partition("grouped", grouped, grouped=True, check=_check_grouped)
+register_partition("rotation", rotation, grouped=True, check=_check_rotation)
+register_partition("feature_pattern", feature_pattern, grouped=True,
+                   check=_check_feature_pattern)
+register_partition("label_permutation", label_permutation, grouped=True, labels_only=True,
+                   check=_check_grouped)
+register_partition("natural", natural)
 
 
 def make_partition(name: str, dataset: Dataset, num_clients: int, seed: int,

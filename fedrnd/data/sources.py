@@ -16,6 +16,7 @@ import functools
 import gzip
 import inspect
 import os
+import re
 import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -35,6 +36,7 @@ __all__ = [
     "gaussian_mixture",
     "load_source",
     "read_idx",
+    "register_source",
     "source_kwargs",
     "source_parameters",
     "synthetic",
@@ -510,22 +512,54 @@ def tfds_source(name: str, data_dir: str | os.PathLike | None = None,
 # Registry
 # --------------------------------------------------------------------------------------------
 
-SOURCES: dict[str, Callable[..., Dataset]] = {
-    "digits": digits,
-    "fashion_mnist": fashion_mnist,
-    "synthetic": synthetic,
-    "gaussian_mixture": gaussian_mixture,
-}
+SOURCES: dict[str, Callable[..., Dataset]] = {}
+"""Data sources by name, each ``source(**options) -> Dataset``; filled by
+:func:`register_source` (the built-ins below use it too)."""
 
-
-_CHECKS: dict[str, Callable[..., None]] = {
-    "digits": _check_digits,
-    "fashion_mnist": _check_fashion_mnist,
-    "synthetic": _check_synthetic,
-    "gaussian_mixture": _check_gaussian_mixture,
-}
+_CHECKS: dict[str, Callable[..., None]] = {}
 """Cheap argument checks of each source, run by the source itself and, before anything is
 loaded, by :func:`check_source_options` (config validation)."""
+
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*")
+
+
+def register_source(name: str | Callable[..., Dataset] | None = None,
+                    fn: Callable[..., Dataset] | None = None, *,
+                    check: Callable[..., None] | None = None, replace: bool = False) -> Any:
+    """Add a data source to :data:`SOURCES`.
+
+    ``register_source("name", fn)``, or as a decorator: ``@register_source("name")``
+    (``@register_source`` alone takes the function's own name). ``fn(**options)`` returns a
+    :class:`~fedrnd.data.federated.Dataset`; its keyword arguments are
+    ``data.source_options``, validated against the signature like a built-in's (a generator
+    taking ``num_clients`` or ``seed`` gets the run's unless the options set them).
+    ``check(**options)``: a cheap check run by config validation before anything is loaded
+    (``ValueError`` whose message starts with the option at fault). A name that exists raises
+    ``ValueError`` unless ``replace=True``; ``tfds:`` names are reserved.
+    """
+    if callable(name):
+        return register_source(None, name, check=check, replace=replace)
+    if fn is None:
+        return lambda f: register_source(name, f, check=check, replace=replace)
+    key = fn.__name__ if name is None else name
+    if not isinstance(key, str) or not _NAME.fullmatch(key):
+        raise ValueError(f"a data source name must be letters, digits, _ . + - (tfds:<name> "
+                         f"is reserved); got {key!r}")
+    if key in SOURCES and SOURCES[key] is not fn and not replace:
+        raise ValueError(f"data source {key!r} is already registered; choose another name, or "
+                         "pass replace=True to replace it")
+    SOURCES[key] = fn
+    if check is None:
+        _CHECKS.pop(key, None)
+    else:
+        _CHECKS[key] = check
+    return fn
+
+
+register_source("digits", digits, check=_check_digits)
+register_source("fashion_mnist", fashion_mnist, check=_check_fashion_mnist)
+register_source("synthetic", synthetic, check=_check_synthetic)
+register_source("gaussian_mixture", gaussian_mixture, check=_check_gaussian_mixture)
 
 
 def _unknown_source(name: str) -> ValueError:
@@ -566,7 +600,7 @@ def check_source_options(name: str, options: dict[str, Any]) -> None:
     """
     params = source_parameters(name)
     bad = sorted(set(options) - set(params))
-    if bad:
+    if bad and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
         raise ValueError(f"unknown option(s) {bad}; allowed: {', '.join(params)}")
     if name.startswith("tfds:"):
         _check_tfds_source(name[len("tfds:"):], **options)

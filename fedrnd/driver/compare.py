@@ -46,24 +46,22 @@ import os
 import platform
 import re
 import time
+import tomllib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import tomllib
 
+from fedrnd.driver import outputs, rundir
 from fedrnd.driver.config import Config, apply_overrides, from_dict, validate
 
 _NAME = re.compile(r"^[A-Za-z0-9_.+-]+$")
 _K_EXPR = re.compile(r"^\s*K\s*(?:([+-])\s*(\d+))?\s*$")
-INPUT_ONLY = frozenset({"rnd"})
-"""Methods that see client inputs only by default (blind to a label permutation)."""
-IN_ROUND_CLUSTERING = frozenset({"ifca", "fesem"})
-"""Methods that (re)assign clients inside the jitted rounds by default: their clustering cost
-is part of the round time, which the clustering column says."""
-GROUPED_PARTITIONS = ("rotation", "feature_pattern", "label_permutation", "grouped")
-"""Partitions with ground-truth groups (their ``num_groups`` is the scenario's ``K``)."""
+# No method or partition names here: what the grid needs to know about them (input-only,
+# clustering inside the rounds, the fine-tune baseline; grouped or label-only partitions) is
+# metadata on the method classes (fedrnd.algorithms.base.Algorithm) and on the partition
+# registry (fedrnd.data.partition.PartitionInfo), so plug-ins take part like built-ins.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,7 +115,7 @@ class Cell:
     def config_hash(self) -> str:
         assert self.config is not None
         d = self.config.to_dict()
-        for k in ("progress", "out_dir", "name", "tensorboard"):
+        for k in ("progress", "out_dir", "name", "tensorboard", "plugins"):
             d.pop(k, None)
         # The method's defaults too: a changed default makes the cached cell stale.
         from fedrnd.algorithms import ALGORITHMS
@@ -197,7 +195,9 @@ def _check_keys(raw: dict[str, Any], allowed: set[str], where: str) -> None:
 
 
 def _default_groups(partition: str, options: dict[str, Any]) -> int:
-    if partition not in GROUPED_PARTITIONS:
+    from fedrnd.data.partition import partition_info
+
+    if not partition_info(partition).grouped:
         return 1
     if "num_groups" in options:
         return options["num_groups"]
@@ -210,7 +210,8 @@ def _default_groups(partition: str, options: dict[str, Any]) -> int:
 
 
 def _parse_scenario(raw: Any, i: int, base: Config) -> Scenario:
-    from fedrnd.data.partition import PARTITIONS
+    from fedrnd.data.partition import PARTITIONS, partition_info
+    from fedrnd.driver.plugins import load_entry_points
 
     where = f"scenarios[{i}]"
     if not isinstance(raw, dict):
@@ -221,6 +222,8 @@ def _parse_scenario(raw: Any, i: int, base: Config) -> Scenario:
         raise _err(f"{where}.name must be a non-empty name of letters, digits, _ . + -; "
                    f"got {name!r}")
     part = raw.get("partition")
+    if isinstance(part, str) and part not in PARTITIONS:
+        load_entry_points()  # an installed plug-in's, on demand
     if part not in PARTITIONS:
         raise _err(f"{where} ({name}): partition {part!r} is unknown; allowed: "
                    f"{sorted(PARTITIONS)}")
@@ -231,16 +234,18 @@ def _parse_scenario(raw: Any, i: int, base: Config) -> Scenario:
     groups = raw.get("groups", _default_groups(part, opts))
     if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
         raise _err(f"{where} ({name}): groups must be an integer >= 1, got {groups!r}")
-    neg = raw.get("negative_control", part == "label_permutation")
+    info = partition_info(part)
+    neg = raw.get("negative_control", info.labels_only)
     if not isinstance(neg, bool):
         raise _err(f"{where} ({name}): negative_control must be true or false")
     return Scenario(name, part, dict(opts), data, groups,
-                    has_groups=part in GROUPED_PARTITIONS and groups > 1,
+                    has_groups=info.grouped and groups > 1,
                     negative_control=neg, description=str(raw.get("description", "")))
 
 
 def _parse_method(raw: Any, i: int) -> MethodSpec:
     from fedrnd.algorithms import ALGORITHMS
+    from fedrnd.driver.plugins import load_entry_points
 
     where = f"methods[{i}]"
     if isinstance(raw, str):
@@ -249,6 +254,8 @@ def _parse_method(raw: Any, i: int) -> MethodSpec:
         raise _err(f"{where} must be a name or a table, got {raw!r}")
     _check_keys(raw, _METHOD, where)
     name = raw.get("name")
+    if isinstance(name, str) and name not in ALGORITHMS:
+        load_entry_points()  # an installed plug-in's, on demand
     if name not in ALGORITHMS:
         raise _err(f"{where}: algorithm {name!r} is not registered; allowed: "
                    f"{sorted(ALGORITHMS)}")
@@ -262,9 +269,10 @@ def _parse_method(raw: Any, i: int) -> MethodSpec:
     label = raw.get("label") or " ".join([name, *exprs])
     if not isinstance(label, str) or not label.strip():
         raise _err(f"{where} ({name}): label must be a non-empty string")
-    input_only = raw.get("input_only", name in INPUT_ONLY)
-    ft_row = raw.get("ft_row", name == "fedavg" and not opts)
-    in_round = raw.get("in_round", name in IN_ROUND_CLUSTERING)
+    cls = ALGORITHMS[name]
+    input_only = raw.get("input_only", cls.input_only)
+    ft_row = raw.get("ft_row", cls.finetune_baseline and not opts)
+    in_round = raw.get("in_round", cls.clusters_in_round)
     for field, v in (("input_only", input_only), ("ft_row", ft_row), ("in_round", in_round)):
         if not isinstance(v, bool):
             raise _err(f"{where} ({name}): {field} must be true or false")
@@ -329,7 +337,7 @@ def load_grid(path: str | Path, overrides: list[str] | None = None,
 def parse_grid(raw: dict[str, Any], root: Path | str = ".", *, overrides: list[str] | None = None,
                seeds: list[int] | None = None, path: Path | None = None) -> Grid:
     """Build a :class:`Grid` from plain data; relative paths are taken from ``root``."""
-    from fedrnd.driver.config import load_config
+    from fedrnd.driver.config import load_config, with_plugin_paths
 
     root = Path(root)
     _check_keys(raw, _TOP, "the grid file")
@@ -344,9 +352,13 @@ def parse_grid(raw: dict[str, Any], root: Path | str = ".", *, overrides: list[s
     cfg_over = raw.get("config", {})
     if not isinstance(cfg_over, dict):
         raise _err("[config] must be a table of config fields")
+    cfg_over = with_plugin_paths(cfg_over, root)  # the grid's plug-ins: from its directory
     if "algorithms" in cfg_over:
         raise _err("[config] must not set algorithms; list them as [[methods]]")
+    base_plugins = base_raw.get("plugins") or []
     base_raw = _merge(base_raw or Config().to_dict(), cfg_over)
+    if isinstance(cfg_over.get("plugins"), list):  # the grid's plug-ins add to the base's
+        base_raw["plugins"] = list(dict.fromkeys([*base_plugins, *cfg_over["plugins"]]))
     if overrides:
         base_raw = apply_overrides(base_raw, overrides)
     try:
@@ -431,16 +443,26 @@ def load_cell(cell: Cell, cache: Path) -> dict[str, Any] | None:
     return rec if rec.get("config_hash") == cell.config_hash else None
 
 
-def run_cell(cell: Cell, cache: Path, data: Any = None) -> dict[str, Any]:
-    """Run one cell with :func:`simulate` and cache its result (written atomically)."""
+def run_cell(cell: Cell, cache: Path, data: Any = None, fresh: bool = False) -> dict[str, Any]:
+    """Run one cell with :func:`simulate` and cache its result (written atomically).
+
+    A cell whose run was interrupted continues from its checkpoint (same config, same bits).
+    ``fresh`` (``--rerun``), or a leftover run of another config, starts afresh; the earlier
+    run directory is moved aside (``seed<k>.old-<n>``), never deleted.
+    """
+    from fedrnd.driver.rundir import RunDirError
     from fedrnd.driver.simulate import simulate
 
     assert cell.config is not None
     # Wall times are only comparable on a quiet machine: keep the load they were taken under.
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else math.nan
     t0 = time.perf_counter()
-    res = simulate(cell.config, run_dir=cell.run_dir(cache), data=data, verbose=False,
-                   progress=False)
+    kw = dict(run_dir=cell.run_dir(cache), data=data, verbose=False, progress=False)
+    try:
+        res = (simulate(cell.config, overwrite=True, **kw) if fresh else
+               simulate(cell.config, resume=True, **kw))
+    except RunDirError:
+        res = simulate(cell.config, overwrite=True, **kw)
     wall = time.perf_counter() - t0
     m = res.methods[cell.method.label]
     history = [{"round": r["round"], "test_acc": r["test_acc/mean"]}
@@ -502,17 +524,29 @@ def run_grid(grid: Grid, *, log: Callable[[str], None] | None = print,
             records[(c.scenario.name, c.method.label, c.seed)] = rec
     say(f"grid {grid.name}: {len(cells)} cells, {len(records)} cached, {len(todo)} to run, "
         f"{len(cells) - len(runnable)} not applicable; cache {grid.cache_dir}")
+    from fedrnd.engine import progress
+
     data_key, data = None, None
-    for i, c in enumerate(todo, 1):
-        if data_key != (c.scenario.name, c.seed):
-            data = pad_pool(build_data(c.config)[0])
-            data_key = (c.scenario.name, c.seed)
-        rec = run_cell(c, grid.cache_dir, data)
-        records[(c.scenario.name, c.method.label, c.seed)] = rec
-        f = rec["final"]
-        say(f"[{i}/{len(todo)}] {c.scenario.name} / {c.method.label} / seed {c.seed}: "
-            f"acc {f['test_acc/mean']:.4f}, +ft {f.get('test_acc_ft/mean', math.nan):.4f}, "
-            f"{rec['wall_time']:.1f} s")
+    # Printed lines must not tear a progress bar (progress.echo writes above it).
+    tell = progress.echo if log is print else say
+    # Cached cells count as done at once and stay out of the pace, so the ETA is that of
+    # the cells still to run.
+    with progress.task(f"compare {grid.name}", total=len(runnable), unit="cell",
+                       initial=len(records)) as bar:
+        for i, c in enumerate(todo, 1):
+            bar.set_postfix(cell=f"{c.scenario.name}/{c.method.label}/seed {c.seed}")
+            if data_key != (c.scenario.name, c.seed):
+                data = pad_pool(build_data(c.config)[0])
+                data_key = (c.scenario.name, c.seed)
+            rec = run_cell(c, grid.cache_dir, data, fresh=rerun)
+            records[(c.scenario.name, c.method.label, c.seed)] = rec
+            bar.update()
+            f = rec["final"]
+            eta = bar.eta() if i < len(todo) else None
+            tell(f"[{i}/{len(todo)}] {c.scenario.name} / {c.method.label} / seed {c.seed}: "
+                 f"acc {f['test_acc/mean']:.4f}, +ft {f.get('test_acc_ft/mean', math.nan):.4f}, "
+                 f"{rec['wall_time']:.1f} s; {bar.elapsed():.0f} s elapsed"
+                 + (f", about {eta:.0f} s left" if eta is not None else ""))
     if write:
         write_report(grid, records)
         say(f"report: {grid.results}")
@@ -696,7 +730,7 @@ def plot_scenario(path: Path, grid: Grid, scenario: Scenario,
     ax.legend(fontsize=7, ncol=2, loc="lower right")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    outputs.save_figure(fig, path)
     return True
 
 
@@ -728,8 +762,14 @@ def _machine() -> dict[str, str]:
 
 
 def _describe_base(grid: Grid) -> list[str]:
+    from fedrnd.algorithms import ALGORITHMS
+
     b = grid.base
     loc = b.local
+    # The +ft rows: each such method's own runs, evaluated after fine-tuning.
+    ft_rows = "".join(f" `{m.label}+ft` is {ALGORITHMS[m.name].__name__} + fine-tune: the "
+                      f"`{m.label}` runs evaluated this way (same cells, not extra runs)."
+                      for m in grid.methods if m.ft_row)
     budget = (f"{loc.steps} steps" if loc.steps is not None else
               f"{loc.epochs} epoch{'s' if loc.epochs != 1 else ''}")
     model = f"`{b.model.name}` {json.dumps(b.model.options)}"
@@ -748,8 +788,7 @@ def _describe_base(grid: Grid) -> list[str]:
         f"- Fine-tune protocol (column +FT): after the last round every client trains the model "
         f"it is evaluated with for {grid.finetune_epochs} local epoch"
         f"{'s' if grid.finetune_epochs != 1 else ''} (its own optimizer and lr, fresh "
-        "optimizer state, same key for all methods), then is scored. `fedavg+ft` is FedAvg + "
-        "fine-tune: the `fedavg` runs evaluated this way (same cells, not extra runs).",
+        "optimizer state, same key for all methods), then is scored." + ft_rows,
         "- Tuning budget: " + (grid.tuning or "none for every method: one run per cell with "
                                "the shared local training above and the options listed under "
                                "Methods; nothing was tuned per scenario or per seed."),
@@ -835,5 +874,5 @@ def write_report(grid: Grid, records: dict[tuple[str, str, int], dict]) -> Path:
         if plot_scenario(fig, grid, s, records):
             rel = os.path.relpath(fig, out.parent)
             lines += [f"![accuracy vs round, {s.name}]({rel})", ""]
-    out.write_text("\n".join(lines).rstrip() + "\n")
+    rundir.write_text(out, "\n".join(lines).rstrip() + "\n")
     return out

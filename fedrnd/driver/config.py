@@ -141,9 +141,18 @@ class AlgorithmConfig:
 
 @dataclasses.dataclass
 class Config:
-    """A whole simulation: data, model, local training, methods to compare, schedule, outputs."""
+    """A whole simulation: data, model, local training, methods to compare, schedule, outputs.
+
+    ``plugins``: Python files (``*.py``, relative to the config file's directory) or module
+    names to load before the config is checked; they register methods, models, partitions
+    or data sources (see :mod:`fedrnd.driver.plugins`).
+    """
 
     name: str = "default"
+    plugins: list[str] = dataclasses.field(default_factory=list, metadata={"doc": (
+        "Python files (relative to the config file) or module names loaded before the config "
+        "is checked; they register methods, models, partitions or data sources "
+        "(docs/extending.md)")})
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     local: LocalConfig = dataclasses.field(default_factory=LocalConfig)
@@ -235,6 +244,8 @@ def from_dict(raw: dict[str, Any]) -> Config:
     if not isinstance(raw, dict):
         raise ValueError(f"config: expected a table of fields, got {_show(raw)}")
     raw = dict(raw)
+    if isinstance(raw.get("plugins"), str):
+        raw["plugins"] = [raw["plugins"]]
     kw: dict[str, Any] = {}
     for name, cls in _SECTIONS.items():
         if name in raw:
@@ -369,8 +380,28 @@ def _get(tree: Any, path: tuple[str, ...]) -> Any:
     return tree
 
 
+def with_plugin_paths(raw: dict[str, Any], base_dir: str | Path) -> dict[str, Any]:
+    """``raw`` with its ``plugins`` file paths made absolute from ``base_dir`` (the directory
+    of the file that lists them), so the config means the same from any working directory
+    (in the run's ``config.json`` too)."""
+    from fedrnd.driver.plugins import resolve
+
+    specs = raw.get("plugins")
+    if isinstance(specs, str):
+        specs = [specs]
+    if not isinstance(specs, list):
+        return raw  # not a list: validation says so
+    return {**raw, "plugins": [resolve(s, base_dir) if isinstance(s, str) else s
+                               for s in specs]}
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Read a TOML config (``None`` = built-in defaults) and apply ``--set`` overrides."""
+    """Read a TOML config (``None`` = built-in defaults) and apply ``--set`` overrides.
+
+    The config's ``plugins`` are loaded (by :func:`validate`) before anything else is checked;
+    their relative paths are taken from the config file's directory, those set with ``--set``
+    from the working directory.
+    """
     raw: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
@@ -383,6 +414,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
                 raw = tomllib.load(f)
             except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
                 raise ValueError(f"config file {str(p)!r} is not valid TOML: {e}") from None
+        raw = with_plugin_paths(raw, p.parent)
     if overrides:
         # Overrides act on the fully resolved tree, so any field can be set, even one the
         # file leaves at its default.
@@ -735,6 +767,7 @@ def validate(cfg: Config) -> Config:
     _check_types(cfg)
     for i, a in enumerate(cfg.algorithms):
         _check_types(a, f"algorithms.{i}.")
+    _load_plugins(cfg)
 
     def need(cond: bool, msg: str) -> None:
         if not cond:
@@ -773,6 +806,28 @@ def validate(cfg: Config) -> Config:
         _validate_drift(cfg.data.drift, cfg, need)
     _validate_algorithms(cfg, need)
     return cfg
+
+
+def _load_plugins(cfg: Config) -> None:
+    """Load the config's plug-ins, then installed ones if a name is still unknown.
+
+    First, so that every check below treats plug-ins' entries exactly like the built-ins.
+    Paths are absolute when the config came from a file (:func:`load_config`); others are
+    taken from the working directory. Installed plug-ins (entry points) load only on demand:
+    a broken package that a run does not use cannot stop it.
+    """
+    from fedrnd.algorithms import ALGORITHMS
+    from fedrnd.data.partition import PARTITIONS
+    from fedrnd.data.sources import SOURCES
+    from fedrnd.driver.plugins import load_entry_points, load_plugins
+    from fedrnd.models import MODELS
+
+    load_plugins(cfg.plugins, where="config: plugins")
+    d = cfg.data
+    if ((not d.source.startswith("tfds:") and d.source not in SOURCES)
+            or d.partition not in PARTITIONS or cfg.model.name not in MODELS
+            or any(a.name not in ALGORITHMS for a in cfg.algorithms)):
+        load_entry_points()
 
 
 def _validate_outputs(cfg: Config) -> None:

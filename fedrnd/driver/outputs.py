@@ -7,6 +7,8 @@ Run directory layout::
     <run_dir>/summary.md|.csv     one row per method (printed at the end)
     <run_dir>/accuracy.png        mean client test accuracy vs round, all methods
     <run_dir>/<method>/metrics.jsonl, metrics.csv, final.json, per_client.npz, checkpoints/
+    <run_dir>/<method>/<artifact>.npz|.png|.json   what the method's report found (novelty
+                                  matrix, federations, graph), see :func:`write_report`
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ import datetime
 import json
 import os
 import platform
+import re
 import subprocess
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +28,7 @@ import jax
 import numpy as np
 
 from fedrnd.driver import rundir
+from fedrnd.engine.evaluate import clustering_scores  # noqa: F401 - the driver's scorer too
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -183,15 +188,6 @@ def plot_accuracy(path: Path, methods: dict[str, Any], title: str = "") -> None:
     save_figure(fig, path)
 
 
-def clustering_scores(assign: np.ndarray, group: np.ndarray) -> dict[str, float]:
-    """ARI and NMI of a client -> cluster assignment against the ground-truth groups."""
-    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
-
-    return {"ari": float(adjusted_rand_score(group, assign)),
-            "nmi": float(normalized_mutual_info_score(group, assign)),
-            "clusters": float(len(np.unique(assign)))}
-
-
 def plot_matrix(path: Path, matrix: np.ndarray, group: np.ndarray, title: str = "",
                 label: str = "novelty", xlabel: str = "predictor of client j",
                 ylabel: str = "data of client i") -> None:
@@ -217,3 +213,75 @@ def plot_matrix(path: Path, matrix: np.ndarray, group: np.ndarray, title: str = 
     ax.set_title(title)
     fig.tight_layout()
     save_figure(fig, path)
+
+
+_ARTIFACT_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+_RESERVED = frozenset({"final", "metrics", "per_client", "checkpoints", "events"})
+"""Stems of the files the driver itself writes into a method's directory."""
+_SUFFIX = {"arrays": ".npz", "matrix": ".npz", "graph": ".npz", "json": ".json"}
+
+
+def write_report(out_dir: Path, report: Any, method: str = "") -> dict[str, float]:
+    """Write a method's :class:`~fedrnd.algorithms.base.Report` into ``out_dir``; return its
+    summary figures (for ``final.json``, which the caller writes last).
+
+    Every artifact is written atomically under its name: ``arrays`` and ``graph`` as
+    ``<name>.npz``; ``matrix`` as ``<name>.npz`` (unless ``meta["save"]`` is false) and a heat
+    map ``<name>.png`` (:func:`plot_matrix`); ``json`` as ``<name>.json``. A plain mapping of
+    numbers is read as figures only. Raises ``TypeError`` / ``ValueError`` naming ``method``
+    for a report the driver cannot write (a method bug: better loud than a missing file).
+    """
+    from fedrnd.algorithms.base import Artifact, Report
+
+    who = f"{method}: " if method else ""
+    if isinstance(report, Mapping):
+        report = Report(dict(report))
+    if not isinstance(report, Report):
+        raise TypeError(f"{who}report() must return a fedrnd.algorithms.Report, got "
+                        f"{type(report).__name__}")
+    scalars = {}
+    for k, v in report.scalars.items():
+        try:
+            scalars[str(k)] = float(v)
+        except (TypeError, ValueError):
+            raise TypeError(f"{who}report figure {k!r} must be a number, got "
+                            f"{type(v).__name__}") from None
+    out_dir = Path(out_dir)
+    for name, art in report.artifacts.items():
+        if not isinstance(art, Artifact):
+            raise TypeError(f"{who}report artifact {name!r} must be an Artifact, got "
+                            f"{type(art).__name__}")
+        suffix = _SUFFIX[art.kind]
+        stem = name[:-len(suffix)] if isinstance(name, str) and name.endswith(suffix) else name
+        if (not isinstance(name, str) or not _ARTIFACT_NAME.fullmatch(name)
+                or stem in _RESERVED):
+            raise ValueError(f"{who}report artifact name {name!r} must be one file name of "
+                             f"letters, digits, _ . - and not one of {sorted(_RESERVED)}")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        _write_artifact(out_dir, stem, art)
+    return scalars
+
+
+def _write_artifact(out_dir: Path, stem: str, art: Any) -> None:
+    if art.kind == "json":
+        write_json(out_dir / f"{stem}.json", art.data)
+        return
+    arrays = {k: np.asarray(v) for k, v in art.data.items()}
+    meta = dict(art.meta)
+    if art.kind == "graph":
+        u, v = arrays["u"], arrays["v"]
+        if u.ndim != 1 or u.shape != v.shape:
+            raise ValueError(f"graph artifact {stem!r}: u and v must be edge lists of one "
+                             f"length, got shapes {u.shape} and {v.shape}")
+    if art.kind != "matrix" or meta.get("save", True):
+        savez(out_dir / f"{stem}.npz", **arrays)
+    if art.kind == "matrix":
+        m = arrays[meta.get("matrix", "matrix")]
+        if m.ndim != 2 or m.shape[0] != m.shape[1]:
+            raise ValueError(f"matrix artifact {stem!r}: a client x client matrix must be "
+                             f"square, got shape {m.shape}")
+        group = arrays.get(meta.get("group", "group"))
+        group = np.zeros(len(m), np.int32) if group is None else group
+        kw = {k: str(meta[k]) for k in ("title", "label", "xlabel", "ylabel") if k in meta}
+        plot_matrix(out_dir / f"{stem}.png", m, group, **kw)
+

@@ -37,8 +37,10 @@ STATUS = "status.json"
 STATES = ("running", "finished", "failed", "interrupted")
 
 FREE_FIELDS = frozenset({"name", "out_dir", "progress", "tensorboard", "coordinator",
-                         "process_id"})
-"""Fields that never change what a run computes: a resume accepts new values silently."""
+                         "process_id", "plugins"})
+"""Fields that never change what a run computes: a resume accepts new values silently.
+(``plugins`` says where code is loaded from; what the run computes with it, the names and
+options it registers, is in the other fields.)"""
 
 ALLOWABLE_FIELDS = frozenset({"eval_every", "checkpoint_every", "eval_batch", "memory_limit",
                               "chunk_size", "autotune", "num_devices", "num_processes",

@@ -566,8 +566,8 @@ def _run_method(cfg: Config, tag: str, alg: Algorithm, phases: DriftingData,
     if multiprocess():
         # The result holds the state as host arrays: readable on every process.
         state = to_host(state)
-    if primary:  # reports write files; other processes skip them
-        final.update(alg.report(state, hdata, out))
+    if primary:  # the driver writes what the report found; other processes skip it
+        final.update(outputs.write_report(out, alg.report(state, hdata), tag))
     compile_time = compile_clock.seconds
     final.update(ft_final, cluster_time=cluster_time, compile_time=compile_time,
                  wall_time=time.perf_counter() - wall0)

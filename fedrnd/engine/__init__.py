@@ -11,8 +11,9 @@ from fedrnd.engine.aggregate import (
     weighted_mean,
 )
 from fedrnd.engine.clientmap import CLIENT_AXIS, ClientMapper, default_chunk_size, make_mesh
+from fedrnd.engine.clusters import cluster_losses
 from fedrnd.engine.core import Engine, client_keys, sample_cohort
-from fedrnd.engine.evaluate import evaluate_clients, summarize
+from fedrnd.engine.evaluate import clustering_scores, evaluate_clients, summarize
 from fedrnd.engine.finetune import finetune_clients, finetune_evaluate, finetune_key
 from fedrnd.engine.ledger import comm, per_client, tree_bytes
 from fedrnd.engine.local import LocalSpec, cross_entropy_loss, local_train
@@ -39,6 +40,8 @@ __all__ = [
     "broadcast",
     "client_hparams",
     "client_keys",
+    "cluster_losses",
+    "clustering_scores",
     "comm",
     "cross_entropy_loss",
     "default_chunk_size",

@@ -94,3 +94,14 @@ def summarize(per_client: dict[str, np.ndarray], train_count: np.ndarray, test_c
             sel = group == g
             out[f"{k}/group{int(g)}"] = float(np.sum(v[sel] * w[sel]) / max(np.sum(w[sel]), 1.0))
     return out
+
+
+def clustering_scores(assign: np.ndarray, group: np.ndarray) -> dict[str, float]:
+    """ARI and NMI of a client -> cluster assignment ``[C]`` against the ground-truth groups
+    ``[C]``, and the number of clusters. Host side; shared by the driver (every evaluation of
+    a clustering method) and the methods' reports (regions, spectral clusters)."""
+    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
+    return {"ari": float(adjusted_rand_score(group, assign)),
+            "nmi": float(normalized_mutual_info_score(group, assign)),
+            "clusters": float(len(np.unique(assign)))}

@@ -2,7 +2,8 @@
 
 Every model is a :class:`Model`: ``init(key) -> params`` and ``apply(params, x) -> logits`` with
 ``x: [B, *feature_shape]`` and ``logits: [B, num_classes]``. Any flax module plugs in through
-:func:`from_flax`; the built-in ones are registered in :data:`MODELS` by name.
+:func:`from_flax`; models are registered in :data:`MODELS` by name with :func:`register_model`
+(the built-ins too), as builders ``(num_classes, **options) -> flax module``.
 """
 
 from fedrnd.models._core import (
@@ -18,6 +19,7 @@ from fedrnd.models._core import (
     from_flax,
     make_model,
     model_parameters,
+    register_model,
 )
 from fedrnd.models.generator import ConditionalGenerator, Generator, make_generator
 
@@ -37,4 +39,5 @@ __all__ = [
     "make_generator",
     "make_model",
     "model_parameters",
+    "register_model",
 ]

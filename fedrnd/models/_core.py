@@ -3,6 +3,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import inspect
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -192,13 +193,59 @@ def _resnet(num_classes: int, stages: int | Sequence[int] = (16, 32, 64),
     return ResNet(num_classes, widths, _positive("blocks_per_stage", blocks_per_stage))
 
 
-MODELS: dict[str, Callable[..., nn.Module]] = {
-    "logreg": _logreg,
-    "mlp": _mlp,
-    "cnn": _cnn,
-    "resnet": _resnet,
-}
-"""Model builders by name: ``builder(num_classes, **options) -> flax module``."""
+MODELS: dict[str, Callable[..., nn.Module]] = {}
+"""Model builders by name: ``builder(num_classes, **options) -> flax module``; filled by
+:func:`register_model` (the built-ins below use it too)."""
+
+_IMAGE_MODELS: set[str] = set()
+"""Registered models that need image inputs ``[H, W, C]`` (checked before ``init``)."""
+
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*")
+
+
+def register_model(name: str | Callable[..., nn.Module] | None = None,
+                   builder: Callable[..., nn.Module] | None = None, *,
+                   image_input: bool = False, replace: bool = False) -> Any:
+    """Add a model builder to :data:`MODELS`.
+
+    ``register_model("name", builder)``, or as a decorator: ``@register_model("name")``
+    (``@register_model`` alone takes the function's own name). ``builder(num_classes,
+    **options)`` returns a flax linen module mapping ``[B, *feature_shape]`` to logits
+    ``[B, num_classes]``; its keyword options are ``model.options``, validated against the
+    signature like a built-in's, and building it must be cheap (validation builds it once
+    with ``num_classes=2`` to check the options). ``image_input``: the model needs
+    ``[H, W, C]`` inputs, refused on vector data before anything is compiled. A name that
+    exists raises ``ValueError`` unless ``replace=True``.
+    """
+    if callable(name):
+        return register_model(None, name, image_input=image_input, replace=replace)
+    if builder is None:
+        return lambda b: register_model(name, b, image_input=image_input, replace=replace)
+    key = builder.__name__ if name is None else name
+    if not isinstance(key, str) or not _NAME.fullmatch(key):
+        raise ValueError(f"a model name must be letters, digits, _ . + -; got {key!r}")
+    params = list(inspect.signature(builder).parameters.values())
+    if not params or params[0].name != "num_classes" or params[0].kind not in (
+            inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD):
+        # The run calls builder(num_classes, **options) and validation skips num_classes by
+        # name; any other spelling would surface as a required option.
+        raise TypeError(f"model {key!r}: {getattr(builder, '__qualname__', builder)} must take "
+                        "(num_classes, **options)")
+    if key in MODELS and MODELS[key] is not builder and not replace:
+        raise ValueError(f"model {key!r} is already registered; choose another name, or pass "
+                         "replace=True to replace it")
+    MODELS[key] = builder
+    if image_input:
+        _IMAGE_MODELS.add(key)
+    else:
+        _IMAGE_MODELS.discard(key)
+    return builder
+
+
+register_model("logreg", _logreg)
+register_model("mlp", _mlp)
+register_model("cnn", _cnn, image_input=True)
+register_model("resnet", _resnet, image_input=True)
 
 
 def _unknown_model(name: str) -> ValueError:
@@ -223,7 +270,7 @@ def check_model_options(name: str, options: dict[str, Any]) -> None:
     """
     params = model_parameters(name)
     bad = sorted(set(options) - set(params))
-    if bad:
+    if bad and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
         raise ValueError(f"unknown option(s) {bad}; allowed: {', '.join(params)}")
     MODELS[name](2, **options)
 
@@ -236,7 +283,7 @@ def make_model(name: str, feature_shape: Sequence[int], num_classes: int, **kwar
         module = MODELS[name](num_classes, **kwargs)
     except TypeError as e:
         raise ValueError(f"bad options for model {name!r}: {e}") from None
-    if name in ("cnn", "resnet") and len(tuple(feature_shape)) != 3:
+    if name in _IMAGE_MODELS and len(tuple(feature_shape)) != 3:
         raise ValueError(f"model {name!r} needs image inputs [H, W, C], got feature shape "
                          f"{tuple(feature_shape)}")
     return from_flax(module, feature_shape, num_classes, name, _dense_stack(module))

@@ -217,5 +217,5 @@ def test_keep_scores_option(clustered):
     state = RNDClustered(engine=_engine(model), keep_scores=False).init(
         jax.random.key(0), data, hp)
     assert "novelty" not in state["clients"]
-    assert RNDClustered(engine=_engine(model), keep_scores=False).report(
-        state, data, "/nonexistent")["federations"] == 3.0
+    rep = RNDClustered(engine=_engine(model), keep_scores=False).report(state, data)
+    assert rep.scalars["federations"] == 3.0 and rep.artifacts == {}

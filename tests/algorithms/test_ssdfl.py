@@ -12,6 +12,7 @@ import pytest
 
 from fedrnd.algorithms import make_algorithm
 from fedrnd.data import Dataset, Partition, build_federated
+from fedrnd.driver.outputs import write_report
 from fedrnd.engine import Engine, LocalSpec, client_hparams
 from fedrnd.graphs import adjacency
 from fedrnd.graphs.spectral import spectral_clusters
@@ -209,8 +210,10 @@ def test_report_writes_clusters_and_scores(tmp_path):
     opt, hp = client_hparams(n, optimizer="sgd", lr=0.1)
     alg = _alg("ssdfl", data, opt, topology="ring")
     state = alg.init(jax.random.key(0), data, hp)
-    out = alg.report(state, data, tmp_path)
-    assert out["clusters"] == 2 and out["ari"] == 1.0
+    rep = alg.report(state, data)
+    assert rep.scalars["clusters"] == 2 and rep.scalars["ari"] == 1.0
+    assert set(rep.artifacts) == {"graph", "clusters", "clusters.json"}
+    assert write_report(tmp_path, rep) == rep.scalars  # the driver writes the files
     z = np.load(tmp_path / "clusters.npz")
     np.testing.assert_array_equal(z["cluster_id"], np.asarray(state["clients"]["cluster_id"]))
     assert (tmp_path / "clusters.json").exists()

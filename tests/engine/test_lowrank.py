@@ -307,14 +307,14 @@ def test_config_field_local_path_reaches_the_engine():
 
     data = gaussian_federated([6, 6, 6], dim=4)
     for path in ("auto", "general", "lowrank"):
-        cfg = validate(from_dict({"local": {"path": path}, "data": {"num_clients": 3}}))
+        cfg = validate(from_dict({"local": {"path": path}, "data": {"num_clients": 3, "partition_options": {"num_groups": 3}}}))
         engine, _, _ = build_engine(cfg, data)
         assert engine.path == path
     with pytest.raises(ValueError, match="local.path"):
         validate(from_dict({"local": {"path": "fast"}}))
     with pytest.raises(ValueError, match="not linear"):
         build_engine(validate(from_dict({"local": {"path": "lowrank", "optimizer": "adam"},
-                                         "data": {"num_clients": 3}})), data)
+                                         "data": {"num_clients": 3, "partition_options": {"num_groups": 3}}})), data)
 
 
 # --------------------------------------------------------------------------------------------
