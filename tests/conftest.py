@@ -1,4 +1,5 @@
-"""Shared fixtures: small federated data sets built from random numpy arrays."""
+"""Shared fixtures (small federated data sets built from random numpy arrays) and the slow
+tests kept out of the development lane ``pytest -m "not slow" -n 2``."""
 
 from __future__ import annotations
 
@@ -17,6 +18,26 @@ _cache = os.environ.get("FEDRND_CACHE_DIR", str(Path.home() / ".cache" / "fedrnd
 if _cache != "0":
     jax.config.update("jax_compilation_cache_dir", _cache)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+# Tests that took more than ~20 s each under `pytest -n 2 --durations` on 2 shared CPU cores
+# (2026-12-03), marked `slow` here, beside the ones marked in their files: the development
+# lane `pytest -m "not slow" -n 2` skips them, CI runs everything. An id without `[...]`
+# covers every parametrization. Prefer `@pytest.mark.slow` in the file for new tests.
+SLOW_TESTS = {
+    "tests/engine/test_sharding.py::test_sharded_simulation_matches_single_device",  # 65 s
+    "tests/ntk/test_ntk.py::test_structured_kernel_equals_dense_jjt",  # 31 s
+    "tests/ntk/test_ntk.py::test_byte_counts_match_message_array_sizes[False]",  # 28 s
+    "tests/ntk/test_ntk.py::test_spark_without_momentum_and_regulariser_is_the_ntk_dfl_update",
+    "tests/algorithms/test_decentralized.py::"  # 40 s, four cases
+    "test_dfedavg_round_equals_per_node_training_then_dense_gossip",
+    "tests/algorithms/test_rnd_dfl.py::test_gossip_stays_within_regions",  # 19 s
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.nodeid in SLOW_TESTS or item.nodeid.split("[")[0] in SLOW_TESTS:
+            item.add_marker(pytest.mark.slow)
 
 
 def gaussian_federated(counts: Sequence[int], test_counts: Sequence[int] | None = None,
