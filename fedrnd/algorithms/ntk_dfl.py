@@ -342,13 +342,16 @@ class NTKDFL(Algorithm):
         rowmask = (jnp.arange(nmax)[None, None, :] < count[..., None]).reshape(c, -1)
 
         def one(client, shared):
-            xp = data.x[client["idx"]]
-            yp = jax.nn.one_hot(data.y[client["idx"]], self.model.num_classes)
+            # The pool and projections come in as shared arguments: a sharded client map
+            # cannot close over arrays placed on its mesh.
+            xp = shared["x"][client["idx"]]
+            yp = jax.nn.one_hot(shared["y"][client["idx"]], self.model.num_classes)
             return self.client_step(client["look"], xp, yp, client["mask"], shared["lr"],
-                                    shared["beta"], proj)
+                                    shared["beta"], shared["proj"])
 
         out = self.engine.mapper.map(one, {"look": look, "idx": idx, "mask": rowmask},
-                                     {"lr": lr_k, "beta": beta})
+                                     {"lr": lr_k, "beta": beta, "x": data.x, "y": data.y,
+                                      "proj": proj})
         u = out["update"]
         clients = dict(cl)
         if mu == 0:

@@ -423,6 +423,7 @@ def _run_method(cfg: Config, tag: str, alg: Algorithm, phases: DriftingData,
     ckpt = Checkpointer(out / "checkpoints") if cfg.checkpoint_every else None
     run.at(tag, 0)
     run.checkpoint_round = None
+    hook_pending = False
     if resume and ckpt is not None and ckpt.latest() is not None:
         # Restore into init's structure without running init (no repeated discovery);
         # shapes come from the checkpoint.
@@ -432,6 +433,7 @@ def _run_method(cfg: Config, tag: str, alg: Algorithm, phases: DriftingData,
         cluster_time = float(meta.get("cluster_time", 0.0))
         wall0 -= float(meta.get("wall_time", 0.0))
         ledger_up, ledger_down = np.asarray(meta["bytes_up"]), np.asarray(meta["bytes_down"])
+        hook_pending = bool(meta.get("hook_pending", False))
         history = outputs.read_history(out / "metrics.jsonl", upto=start_round)
         distributed.barrier(f"read:{tag}")  # read before process 0 rewrites it
         run.at(tag, start_round)
@@ -480,6 +482,12 @@ def _run_method(cfg: Config, tag: str, alg: Algorithm, phases: DriftingData,
     final: dict[str, float] = {}
     r = start_round
     data, hdata = phases.at(r), host.at(r)
+    if hook_pending and r < cfg.rounds:
+        # Extended past the round its run ended at: that round's hook has not run yet.
+        t_hook = time.perf_counter()
+        state = _place_state(jax.block_until_ready(
+            alg.host_hook(_host_state(state), hdata, r)), alg)
+        cluster_time += time.perf_counter() - t_hook
     block_compile = 0.0
     watch = _Divergence(cfg, tag, phases.num_classes, history, run)
     with progress_mod.task(f"[{tag}] rounds", total=cfg.rounds, unit="round",
@@ -545,7 +553,10 @@ def _run_method(cfg: Config, tag: str, alg: Algorithm, phases: DriftingData,
                     "round": r, "elapsed": elapsed, "bytes_up": ledger_up.tolist(),
                     "bytes_down": ledger_down.tolist(), "cluster_time": cluster_time,
                     "wall_time": time.perf_counter() - wall0,
-                    "config_hash": rundir.config_hash(cfg.to_dict())})
+                    "config_hash": rundir.config_hash(cfg.to_dict()),
+                    # The last round has no hook; a run extended past it must run this one.
+                    "hook_pending": bool(alg.hook_every and r % alg.hook_every == 0
+                                         and r >= cfg.rounds)})
                 run.checkpoint_round = r
             if stopping:
                 logger.close()

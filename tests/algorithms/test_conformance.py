@@ -73,18 +73,11 @@ HOOK_OPTIONS: dict[str, dict[str, Any]] = {
 }
 
 # (property, method) -> the bug that makes the method fail the property (strict xfail).
-_HOOK_SKIPPED = ("fedrnd.driver.simulate: a finished run extended with resume=True, "
-                 "allow_change=['rounds'] never runs the host hook of the round it ended at "
-                 "(hooks run only for r < cfg.rounds, the checkpoint is saved without it, the "
-                 "resumed loop starts after it)")
-KNOWN_BUGS: dict[tuple[str, str], str] = {
-    ("resume_hook", "cfl"): _HOOK_SKIPPED + ": CFL loses the split of round 2",
-    ("resume_hook", "rnd"): _HOOK_SKIPPED + ": the ledger loses round 2's re-discovery",
-    **{("sharded", n): f"{n}: NTKDFL.round indexes data.x / data.y closed over inside the "
-       "client map (fedrnd/algorithms/ntk_dfl.py, `one`), which a sharded map rejects "
-       "('Context mesh ... should match the mesh of sharding'); pass them as `shared`"
-       for n in ("ntk_dfl", "spark")},
-}
+# Found by this suite and fixed: a finished run extended with allow_change=['rounds'] skipped
+# the host hook of the round it had ended at (the checkpoint now says so: hook_pending), and
+# NTK-DFL/SPARK closed over the pool inside a sharded client map.
+KNOWN_BUGS: dict[tuple[str, str], str] = {}
+
 
 # Leaves compared with an absolute tolerance of their own in the sharded property (above
 # rtol 1e-5): PACFL's proximity holds principal angles in degrees, arccos of cosines near 1,
