@@ -1,7 +1,11 @@
 """NTK-DFL and SPARK against gradient baselines on Fashion-MNIST (issue 8).
 
-Every (scenario, method) cell is one run cached as JSON under ``experiments/ntk/cells/``; a
-re-run skips finished cells. ``RESULTS.md`` is generated from the cells (``--report-only``).
+Every (scenario, method) cell is one run cached as JSON under ``experiments/ntk/cells/``
+(``<scenario>/<label>_seed<k>.json``, through :class:`fedrnd.driver.sweep.CellCache`); a re-run
+skips finished cells and re-runs a cell whose setting, method or round budget changed (the
+record's ``key_hash`` no longer matches). Records written before the hash existed carry none and
+are reused as they are, as this script always did. ``RESULTS.md`` is generated from the cells
+(``--report-only``).
 
     nice -n 5 python experiments/ntk/run.py                 # all cells, then the report
     python experiments/ntk/run.py --only main --methods ntk_dfl --max-rounds 2 --no-cache
@@ -35,11 +39,14 @@ from fedrnd.algorithms import make_algorithm
 from fedrnd.data import build_federated, load_source
 from fedrnd.data.federated import Partition
 from fedrnd.data.partition import _sample_test
+from fedrnd.driver.sweep import CellCache
 from fedrnd.engine import Engine, LocalSpec, client_hparams
 from fedrnd.models import make_model
 
 HERE = Path(__file__).resolve().parent
 CELLS = HERE / "cells"
+# No ``default``: a value JSON cannot hold is a bug in the record, not something to stringify.
+CACHE = CellCache(CELLS, legacy=True, default=None)
 TARGET = 0.85
 TARGETS = (0.85, 0.80, 0.75)
 GRADIENT = ("dpsgd", "dfedavg", "dfedavgm")
@@ -118,6 +125,23 @@ def build(scn: dict, seed: int):
     return ds, data, xt, yt
 
 
+def round_budget(scn: dict, local: dict | None, max_rounds: int | None) -> int:
+    """A cell's round budget: the scenario's for NTK methods (``local`` is ``None``) or for
+    gradient ones, capped by ``--max-rounds``."""
+    rounds = scn["ntk_rounds"] if local is None else scn["grad_rounds"]
+    return min(rounds, max_rounds) if max_rounds else rounds
+
+
+def cell_key(scn_name: str, label: str, seed: int, max_rounds: int | None) -> dict:
+    """What a cell's result depends on, hashed into its record: a cell run under another
+    setting, method definition, round budget or target is re-run, not reused."""
+    scn = SCENARIOS[scn_name]
+    algo, options, local = METHODS[label]
+    return {"scenario": scn_name, "label": label, "algorithm": algo, "options": options,
+            "local": local, "seed": seed, "setting": scn,
+            "max_rounds": round_budget(scn, local, max_rounds), "target": TARGET}
+
+
 def run_cell(scn_name: str, label: str, seed: int, max_rounds: int | None) -> dict:
     scn = SCENARIOS[scn_name]
     algo, options, local = METHODS[label]
@@ -126,13 +150,11 @@ def run_cell(scn_name: str, label: str, seed: int, max_rounds: int | None) -> di
     if local is None:
         opt, hp = client_hparams(data.num_clients)
         engine = Engine(model, LocalSpec(batch_size=20), opt)
-        rounds = scn["ntk_rounds"]
     else:
         opt, hp = client_hparams(data.num_clients, optimizer="sgd", lr=local["lr"])
         engine = Engine(model, LocalSpec(batch_size=local["batch"], epochs=local["epochs"]),
                         opt)
-        rounds = scn["grad_rounds"]
-    rounds = min(rounds, max_rounds) if max_rounds else rounds
+    rounds = round_budget(scn, local, max_rounds)
     alg = make_algorithm(algo, engine, **options)
     alg.validate(data)
     state = alg.init(jax.random.key(seed), data, hp)
@@ -174,9 +196,14 @@ def run_cell(scn_name: str, label: str, seed: int, max_rounds: int | None) -> di
                 model.init(jax.random.key(0))))) * 4}
 
 
-def cell_path(scn: str, label: str, seed: int) -> Path:
+def cell_name(scn: str, label: str, seed: int) -> str:
+    """A cell's record file under ``cells/`` (the layout the committed cells use)."""
     safe = label.replace("(", "_").replace(")", "").replace("+", "-")
-    return CELLS / scn / f"{safe}_seed{seed}.json"
+    return f"{scn}/{safe}_seed{seed}.json"
+
+
+def cell_path(scn: str, label: str, seed: int) -> Path:
+    return CELLS / cell_name(scn, label, seed)
 
 
 def first_reach(history: list[dict], target: float) -> dict | None:
@@ -311,14 +338,14 @@ def main(argv=None) -> int:
             for label in labels:
                 if args.methods and label not in args.methods:
                     continue
-                path = cell_path(scn_name, label, args.seed)
-                if path.exists() and not args.no_cache:
+                key = cell_key(scn_name, label, args.seed, args.max_rounds)
+                name = cell_name(scn_name, label, args.seed)
+                if not args.no_cache and CACHE.get(key, name=name) is not None:
                     continue
                 print(f"cell {scn_name} / {label}", flush=True)
                 cell = run_cell(scn_name, label, args.seed, args.max_rounds)
                 if not args.no_cache:
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    path.write_text(json.dumps(cell, indent=1))
+                    CACHE.put(key, cell, name=name)
     (HERE / "RESULTS.md").write_text(report(args.seed))
     return 0
 

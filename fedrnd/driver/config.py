@@ -168,6 +168,11 @@ class Config:
     num_devices: int = 1
     eval_batch: int = 0
     tensorboard: bool = False
+    loggers: list[str] = dataclasses.field(default_factory=lambda: ["jsonl"], metadata={"doc": (
+        "Where per-round metrics go: ``jsonl`` (``metrics.jsonl``, always written), ``tensorboard`` "
+        "(``pip install 'fedrnd[tensorboard]'``) and ``wandb`` (``pip install 'fedrnd[wandb]'``; project "
+        "``$WANDB_PROJECT``, offline with ``WANDB_MODE=offline``); ``tensorboard = true`` "
+        "also adds ``tensorboard``")})
     progress: bool = True
     finetune: bool = False
     finetune_epochs: int = 1
@@ -799,6 +804,7 @@ def validate(cfg: Config) -> Config:
     need(0 < div.chance_margin < 0.5,
          f"divergence.chance_margin must be in (0, 0.5), got {div.chance_margin}")
     _validate_outputs(cfg)
+    _validate_loggers(cfg)
     _validate_data(cfg)
     _validate_model(cfg)
     _validate_local(cfg, need)
@@ -850,6 +856,13 @@ def _validate_outputs(cfg: Config) -> None:
     if run.exists() and not run.is_dir():
         raise ValueError(f"config: the run directory {str(run)!r} (out_dir/name) is an existing "
                          "file; choose another name or out_dir")
+
+
+def _validate_loggers(cfg: Config) -> None:
+    """Known logger names whose packages import: a missing one fails here, not at round 1."""
+    from fedrnd.driver.loggers import check_loggers
+
+    check_loggers(cfg.loggers, cfg.tensorboard)
 
 
 def _validate_data(cfg: Config) -> None:

@@ -28,6 +28,7 @@ import jax
 import numpy as np
 
 from fedrnd.driver import rundir
+from fedrnd.driver.loggers import JsonlLogger
 from fedrnd.engine.evaluate import clustering_scores  # noqa: F401 - the driver's scorer too
 
 
@@ -76,32 +77,8 @@ def run_metadata(cfg, data, dataset_info: dict[str, Any], mapper) -> dict[str, A
     }
 
 
-class MetricLogger:
-    """Appends per-round rows to ``metrics.jsonl`` (and TensorBoard when asked)."""
-
-    def __init__(self, out: Path, tensorboard: bool = False):
-        self._f = open(out / "metrics.jsonl", "a")  # noqa: SIM115 (closed in close())
-        self._tb = None
-        if tensorboard:
-            try:
-                from tensorboardX import SummaryWriter
-            except ImportError as e:
-                raise ImportError("tensorboard = true needs tensorboardX: "
-                                  "pip install 'fedrnd[tensorboard]'") from e
-            self._tb = SummaryWriter(str(out / "tensorboard"))
-
-    def log(self, row: dict[str, Any]) -> None:
-        self._f.write(json.dumps(row) + "\n")
-        self._f.flush()
-        if self._tb is not None:
-            for k, v in row.items():
-                if k != "round" and isinstance(v, int | float):
-                    self._tb.add_scalar(k, v, row["round"])
-
-    def close(self) -> None:
-        self._f.close()
-        if self._tb is not None:
-            self._tb.close()
+MetricLogger = JsonlLogger
+"""The ``metrics.jsonl`` logger under its former name (moved to :mod:`fedrnd.driver.loggers`)."""
 
 
 def read_history(path: Path, upto: int) -> list[dict[str, Any]]:
@@ -167,25 +144,49 @@ def write_summary(run_dir: Path, methods: dict[str, Any]) -> None:
     write_csv(run_dir / "summary.csv", [{"method": t, **r.final} for t, r in methods.items()])
 
 
-def plot_accuracy(path: Path, methods: dict[str, Any], title: str = "") -> None:
-    """Mean client test accuracy vs round for every method (PNG)."""
+_LINESTYLES = ("-", "--", "-.", ":")
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+
+
+def accuracy_figure(methods: dict[str, Any], title: str = ""):
+    """The figure of :func:`plot_accuracy` (a matplotlib ``Figure``, not saved).
+
+    Why the styling: methods often reach the same accuracy, and same-styled lines then hide
+    each other; every method gets its own line style and marker (cycled at different
+    periods, so pairs repeat only after 8 methods), and the round axis only has integer ticks
+    (a 3-round run showed 0.5, 1.5, ...).
+    """
     # A bare Figure (no pyplot) leaves the user's backend alone, e.g. inline in notebooks.
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
-    fig = Figure(figsize=(6, 4), dpi=120)
+    fig = Figure(figsize=(6.5, 4), dpi=120)
     ax = fig.subplots()
-    for tag, res in methods.items():
+    plotted = 0
+    for i, (tag, res) in enumerate(methods.items()):
         pts = [(r["round"], r["test_acc/mean"]) for r in res.history if "test_acc/mean" in r]
         if pts:
             xs, ys = zip(*pts, strict=True)
-            ax.plot(xs, ys, marker="o", ms=3, label=tag)
+            ax.plot(xs, ys, linestyle=_LINESTYLES[i % len(_LINESTYLES)],
+                    marker=_MARKERS[i % len(_MARKERS)], ms=4, mfc="none", alpha=0.9, label=tag)
+            plotted += 1
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("round")
     ax.set_ylabel("mean client test accuracy")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend()
+    if plotted > 4:  # many methods: beside the axes, where it covers no line
+        ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0,
+                  fontsize="small")
+    elif plotted:
+        ax.legend(loc="best")
     fig.tight_layout()
-    save_figure(fig, path)
+    return fig
+
+
+def plot_accuracy(path: Path, methods: dict[str, Any], title: str = "") -> None:
+    """Mean client test accuracy vs round for every method (PNG, :func:`accuracy_figure`)."""
+    save_figure(accuracy_figure(methods, title), path)
 
 
 def plot_matrix(path: Path, matrix: np.ndarray, group: np.ndarray, title: str = "",

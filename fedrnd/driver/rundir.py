@@ -36,8 +36,8 @@ from typing import IO, Any
 STATUS = "status.json"
 STATES = ("running", "finished", "failed", "interrupted")
 
-FREE_FIELDS = frozenset({"name", "out_dir", "progress", "tensorboard", "coordinator",
-                         "process_id", "plugins"})
+FREE_FIELDS = frozenset({"name", "out_dir", "progress", "tensorboard", "loggers",
+                         "coordinator", "process_id", "plugins"})
 """Fields that never change what a run computes: a resume accepts new values silently.
 (``plugins`` says where code is loaded from; what the run computes with it, the names and
 options it registers, is in the other fields.)"""

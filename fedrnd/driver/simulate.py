@@ -32,7 +32,7 @@ import numpy as np
 from fedrnd.algorithms import Algorithm, make_algorithm
 from fedrnd.data.drift import DriftingData
 from fedrnd.data.federated import FederatedData, check_federated
-from fedrnd.driver import distributed, memory, outputs, rundir
+from fedrnd.driver import distributed, loggers, memory, outputs, rundir
 from fedrnd.driver.checkpoint import Checkpointer
 from fedrnd.driver.config import (
     AlgorithmConfig,
@@ -150,8 +150,10 @@ def simulate(config: Config | dict | str | Path | None = None, *, resume: bool =
         raise refused or rundir.RunDirError(
             f"process 0 refused the run directory {run_dir}; see its message")
     decision = decisions[code]
-    with progress_mod.mode(show), _Signals() as signals:
-        log = print if verbose else None
+    # Informational lines go to the "fedrnd" logger; printed on stdout when verbose and
+    # logging is not configured (loggers.console).
+    with loggers.console(verbose), progress_mod.mode(show), _Signals() as signals:
+        log = loggers.log.info if primary else None
         if data is None:
             # Built on the host (the CPU device) so the memory plan comes before placement.
             with _on_host():
@@ -198,10 +200,10 @@ def simulate(config: Config | dict | str | Path | None = None, *, resume: bool =
         status = None
         if primary:
             moved = rundir.prepare(run_dir, decision)
-            if moved is not None and verbose:
-                print(f"the earlier run in {run_dir} was moved to {moved}")
-            if resume and decision == "new" and verbose:
-                print(f"nothing to resume in {run_dir}; starting a new run")
+            if moved is not None:
+                loggers.log.info(f"the earlier run in {run_dir} was moved to {moved}")
+            if resume and decision == "new":
+                loggers.log.info(f"nothing to resume in {run_dir}; starting a new run")
             status = rundir.Status(run_dir, cfg_dict, resumed=decision == "resume",
                                    changes=changes, moved=moved)
             status.update()
@@ -233,7 +235,9 @@ def simulate(config: Config | dict | str | Path | None = None, *, resume: bool =
         run.set(state="finished", round=cfg.rounds)
     if verbose:
         print(result.table())
-        print(f"outputs: {run_dir}")
+    if primary:
+        with loggers.console(verbose):
+            loggers.log.info(f"outputs: {run_dir}")
     return result
 
 
@@ -438,11 +442,11 @@ def _run_method(cfg: Config, tag: str, alg: Algorithm, phases: DriftingData,
         distributed.barrier(f"read:{tag}")  # read before process 0 rewrites it
         run.at(tag, start_round)
         run.checkpoint_round = start_round
-        if verbose:
-            print(f"[{tag}] resumed at round {start_round}")
+        if primary:
+            loggers.log.info(f"[{tag}] resumed at round {start_round}")
     else:
-        if resume and verbose:
-            print(f"[{tag}] no checkpoint found; starting from round 0")
+        if resume and primary:
+            loggers.log.info(f"[{tag}] no checkpoint found; starting from round 0")
         # Clustering compute time: host-side work in init and host hooks (discovery, one-shot
         # clustering, splits), compilation included, waited on so it is not billed to round 1.
         t_init = time.perf_counter()
@@ -477,7 +481,7 @@ def _run_method(cfg: Config, tag: str, alg: Algorithm, phases: DriftingData,
             summary.update(outputs.clustering_scores(to_host(assign), np.asarray(h.group)))
         return scores, summary
 
-    logger = outputs.MetricLogger(out, cfg.tensorboard) if primary else _NoLogger()
+    logger = loggers.open_loggers(cfg, out, tag) if primary else _NoLogger()
     per_client: dict[str, np.ndarray] = {}
     final: dict[str, float] = {}
     r = start_round
@@ -582,9 +586,9 @@ def _run_method(cfg: Config, tag: str, alg: Algorithm, phases: DriftingData,
     compile_time = compile_clock.seconds
     final.update(ft_final, cluster_time=cluster_time, compile_time=compile_time,
                  wall_time=time.perf_counter() - wall0)
-    if verbose:
-        print(f"[{tag}] compilation {compile_time:.1f} s (rounds: {block_compile:.1f} s of "
-              f"{elapsed:.1f} s)")
+    if primary:
+        loggers.log.info(f"[{tag}] compilation {compile_time:.1f} s (rounds: "
+                         f"{block_compile:.1f} s of {elapsed:.1f} s)")
     if primary:
         outputs.write_csv(out / "metrics.csv", history)
         outputs.savez(out / "per_client.npz", **per_client, bytes_up=ledger_up,
