@@ -81,16 +81,22 @@ MetricLogger = JsonlLogger
 """The ``metrics.jsonl`` logger under its former name (moved to :mod:`fedrnd.driver.loggers`)."""
 
 
-def read_history(path: Path, upto: int) -> list[dict[str, Any]]:
-    """Rows of a metrics log with ``round <= upto`` (what a checkpoint at ``upto`` covers)."""
-    if not path.exists():
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """Whole rows of a metrics log; a last line cut short by a crash is dropped."""
+    if not path.is_file():
         return []
     rows = []
     for line in path.read_text().splitlines():
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError:
-            break  # a line cut short by a crash: the checkpoint covers only whole rows
+            break  # a line cut short by a crash: only whole rows count
+    return rows
+
+
+def read_history(path: Path, upto: int) -> list[dict[str, Any]]:
+    """Rows of a metrics log with ``round <= upto`` (what a checkpoint at ``upto`` covers)."""
+    rows = read_rows(path)
     return [r for r in rows if r["round"] <= upto]
 
 

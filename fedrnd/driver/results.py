@@ -26,16 +26,9 @@ def _read_json(path: Path) -> Any:
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Whole rows of a metrics log; a last line cut short by a crash is dropped."""
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            break
-    return rows
+    from fedrnd.driver.outputs import read_rows
+
+    return read_rows(path)
 
 
 def _pandas():
