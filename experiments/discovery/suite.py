@@ -29,7 +29,8 @@ examples each; group pools are disjoint shares of the source's training images):
   300 images each, the conv pair with 400 predictor steps.
 
 Discovery: library defaults (criterion "test", held-out probes) with the MLP pair (the conv
-pair at 1,000 clients costs about 20 CPU minutes here; ``--network`` to change), and at
+pair at 1,000 clients costs about 20 CPU minutes here; ``--network`` to change, e.g.
+``mlp-pool2`` for the MLP pair on 2x2-pooled images), and at
 10,000 clients the two-stage mode (``candidates=32``). Each cell stores the raw scores
 (``S``, ``Q``, self-novelty, probe counts, the true groups; edge lists in sparse mode), the
 default decision, CPU and wall seconds per phase, bytes per client and peak memory, so
@@ -173,11 +174,16 @@ def cell_name(source, pop, clients, seed, network):
 
 
 def rnd_config(pop: str, clients: int, network: str):
+    """The discovery settings of a cell: library defaults, with ``network`` ``"mlp"``,
+    ``"conv"`` or ``"<kind>-pool<k>"`` (the pair on images average-pooled by ``k``,
+    ``RNDConfig.input_pool``)."""
     from fedrnd.rnd import RNDConfig
 
     if pop == "paper":
         return RNDConfig(network="conv", steps=400)
-    return RNDConfig(network=network, candidates=32 if clients >= 5000 else None)
+    kind, _, pool = network.partition("-pool")
+    return RNDConfig(network=kind, input_pool=int(pool or 1),
+                     candidates=32 if clients >= 5000 else None)
 
 
 def run_cell(source, pop, clients, seed, network, force=False) -> Path:
@@ -195,7 +201,8 @@ def run_cell(source, pop, clients, seed, network, force=False) -> Path:
     disc = discover(data, cfg, key=jax.random.key(seed))
     wall, cpu = time.perf_counter() - w0, time.process_time() - c0
     meta = {"source": source, "population": pop, "clients": int(data.num_clients),
-            "seed": seed, "network": cfg.network, "config": repr(cfg), "wall_s": wall,
+            "seed": seed, "network": "conv" if pop == "paper" else network,
+            "config": repr(cfg), "wall_s": wall,
             "cpu_s": cpu, "build_s": build_s, "timings": disc.timings,
             "cpu_timings": disc.cpu_timings, "federations": disc.num_federations,
             "bytes_up_mean": float(np.mean(disc.bytes_up)),

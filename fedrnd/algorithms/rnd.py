@@ -53,8 +53,9 @@ class RNDClustered(Algorithm):
       criterion: ``"test"`` (default: the paired held-out test with Benjamini-Hochberg and
         average-linkage federations, :class:`fedrnd.rnd.RNDConfig`) or ``"eps"`` (the paper's
         rule, Eq. 9, with ``eps``, ``sigma`` and ``rule`` below).
-      alpha, min_effect: the test's level (0.01) and the smallest relative excess that counts
-        (0.05; see :class:`fedrnd.rnd.RNDConfig`).
+      alpha, min_effect, within_ratio: the test's level (0.05), the smallest log novelty
+        ratio that counts (0.025) and the homogeneity a split must reach (0.3); see
+        :class:`fedrnd.rnd.RNDConfig`.
       candidates, random_peers: two-stage discovery for large populations: each client scores
         only its ``candidates`` nearest peers by fingerprint plus ``random_peers`` random ones
         (``None``: every pair).
@@ -62,7 +63,8 @@ class RNDClustered(Algorithm):
       sigma: ``"row"`` (std of the novelty row, default) or ``"self"``.
       rule: federation extraction, ``"mutual"`` (default), ``"one_sided"`` or ``"leader"``.
       tau: re-discover every ``tau`` rounds (``None``: once, before round 0).
-      network: RND pair, ``"auto"`` (conv for images, else MLP), ``"conv"`` or ``"mlp"``.
+      network: RND pair, ``"auto"`` (conv for images, else MLP), ``"conv"`` or ``"mlp"``;
+        input_pool: average-pool images by this factor first (1: full resolution).
       predictor_epochs, predictor_steps, predictor_batch, predictor_lr: predictor training
         (Adam; the paper's 10 epochs, batch 128, lr 1e-3); steps replace epochs when set;
         predictor_min_steps (300): at least this many steps when the epochs come to fewer
@@ -81,8 +83,10 @@ class RNDClustered(Algorithm):
     clusters_clients: ClassVar[bool] = True
     input_only: ClassVar[bool] = True  # the predictors see client inputs, never labels
     criterion: str = "test"
-    alpha: float = 0.01
-    min_effect: float = 0.05
+    alpha: float = 0.05
+    min_effect: float = 0.025
+    within_ratio: float = 0.3
+    input_pool: int = 1
     candidates: int | None = None
     random_peers: int = 4
     eps: float | str = "auto"
@@ -115,6 +119,7 @@ class RNDClustered(Algorithm):
                          lr=self.predictor_lr, probe=self.probe, probe_cap=self.probe_cap,
                          eps=self.eps, sigma=self.sigma, rule=self.rule,
                          criterion=self.criterion, alpha=self.alpha, min_effect=self.min_effect,
+                         within_ratio=self.within_ratio, input_pool=self.input_pool,
                          candidates=self.candidates,
                          random_peers=self.random_peers)
 

@@ -10,7 +10,7 @@ import numpy as np
 from fedrnd.engine import (
     LocalSpec,
 )
-from fedrnd.rnd.networks import RNDPair, make_pair
+from fedrnd.rnd.networks import RNDPair, make_pair, pooled_shape
 
 PyTree = Any
 
@@ -33,7 +33,7 @@ class RNDConfig:
     Two compatibility criteria (``criterion``):
 
     * ``"test"`` (default): unbiased held-out novelty and paired statistics per pair
-      (:mod:`fedrnd.rnd.stats`); an average-linkage tree of the symmetrised relative excess,
+      (:mod:`fedrnd.rnd.stats`); an average-linkage tree of the symmetrised log novelty ratio,
       split top-down wherever a one-sided group test at level ``alpha`` with minimum effect
       ``min_effect`` says two subtrees differ
       (:func:`fedrnd.rnd.extract.linkage_test_federations`). Pairwise Benjamini-Hochberg
@@ -48,8 +48,12 @@ class RNDConfig:
       alpha: test: the level of each split test (a one-distribution population is split with
         probability at most ``alpha``) and of the pairwise Benjamini-Hochberg decisions.
       min_effect: test: two groups count as different only if peers' predictors do worse on
-        each other's held-out probes than the clients' own, by more than this fraction of
-        the own error (on average over the clients of both groups).
+        each other's held-out probes than the clients' own by more than this, as a log ratio
+        of novelty (0.025: about 2.5 % more error), on average over the clients of both groups.
+      within_ratio: test: a split is kept only if the federations it yields are homogeneous,
+        their mean statistic inside at most this fraction of the mean between them (0.3);
+        otherwise the split set is a continuum and stays one federation (``inf``: no check).
+        See :func:`fedrnd.rnd.extract.linkage_test_federations`.
       candidates: ``None``: score every pair (dense). An integer ``k``: two-stage discovery,
         every client scores only its ``k`` nearest peers by fingerprint plus ``random_peers``
         random ones, both ways (:mod:`fedrnd.rnd.fingerprints`).
@@ -57,6 +61,9 @@ class RNDConfig:
       min_support: sparse linkage: observed pairs needed between two groups to merge, per
         member of the smaller group.
       network: ``"conv"``, ``"mlp"`` or ``"auto"`` (conv for ``[H, W, C]`` features).
+      input_pool: average-pool image inputs by this factor before the pair sees them (1: full
+        resolution; 2: 28x28 -> 14x14, about a quarter of the MLP pair's training cost;
+        :func:`fedrnd.rnd.networks.pool_inputs`). Images only.
       target_width, predictor_width, out_dim: network sizes (see :func:`make_pair`).
       seed: the global seed of the frozen target (the same target for every client).
       epochs, steps, batch_size, lr: predictor training (Adam); ``steps`` replaces ``epochs``.
@@ -135,8 +142,10 @@ class RNDConfig:
     edge_chunk: int = 1024
     fused: bool = True
     criterion: str = "test"
-    alpha: float = 0.01
-    min_effect: float = 0.05
+    alpha: float = 0.05
+    min_effect: float = 0.025
+    within_ratio: float = 0.3
+    input_pool: int = 1
     candidates: int | None = None
     random_peers: int = 4
     min_support: float = 1.0
@@ -161,6 +170,10 @@ class RNDConfig:
             raise ValueError(f"alpha must be in (0, 1), got {self.alpha}")
         if not (np.isfinite(self.min_effect) and self.min_effect >= 0):
             raise ValueError(f"min_effect must be finite and >= 0, got {self.min_effect}")
+        pooled_shape((1, 1, 1), self.input_pool)  # validates the factor
+        if not self.within_ratio > 0:
+            raise ValueError(f"within_ratio must be > 0 (inf: no homogeneity check), got "
+                             f"{self.within_ratio}")
         if self.candidates is not None and (not isinstance(self.candidates, int | np.integer)
                                             or self.candidates < 1):
             raise ValueError(f"candidates must be an integer >= 1 or None, got "
@@ -200,7 +213,9 @@ class RNDConfig:
         return spec
 
     def pair(self, feature_shape: tuple[int, ...]) -> RNDPair:
-        return make_pair(self.network, feature_shape, target_width=self.target_width,
+        """The RND pair for data of ``feature_shape`` (before ``input_pool``)."""
+        return make_pair(self.network, pooled_shape(feature_shape, self.input_pool),
+                         target_width=self.target_width,
                          predictor_width=self.predictor_width, out_dim=self.out_dim)
 
 

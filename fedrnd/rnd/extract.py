@@ -353,7 +353,45 @@ def _refine(members, side, pa, pb, stat, iters: int = REFINE_ITERS):
     return side
 
 
-def _split_tree(c, merges, pa, pb, stat, se2, dfp, alpha, min_effect, refine=True):
+WITHIN_RATIO = 0.3
+"""Default of :func:`linkage_test_federations`'s ``within_ratio`` (:func:`_homogeneous`)."""
+
+_Z95 = 1.6448536269514722  # one-sided 95% normal quantile
+
+
+def _homogeneous(members, lab, pa, pb, stat, se2, within_ratio, inside) -> bool:
+    """Does the partition ``lab`` of ``members`` consist of homogeneous federations?
+
+    ``W``: the mean statistic over pairs of ``members`` in the same federation, lowered by
+    1.645 of its measurement standard error (small federations measure ``W`` noisily);
+    ``B``: the mean over pairs in different federations. Discrete groups have ``E[W] = 0``
+    (clients of one distribution), so ``W`` is a small fraction of ``B``; a continuum (every
+    client its own mix, e.g. a Dirichlet label skew over the whole population) cut into
+    pieces leaves ``W`` a large fraction of ``B``: the pieces are as mixed inside as between.
+    Homogeneous iff ``W <= within_ratio * B``. ``inside`` is a ``[C]`` scratch buffer.
+    """
+    inside[:] = False
+    inside[members] = True
+    m = inside[pa] & inside[pb]
+    r = stat[m]
+    same = lab[pa[m]] == lab[pb[m]]
+    if not (~same).any():
+        return True
+    b = float(r[~same].mean())
+    if b <= 0:
+        return False
+    if not same.any():
+        return True
+    e2 = se2[m][same]
+    e2 = e2[np.isfinite(e2)]
+    w = float(r[same].mean())
+    if e2.size:
+        w -= _Z95 * float(np.sqrt(e2.mean() / same.sum()))
+    return w <= within_ratio * b
+
+
+def _split_tree(c, merges, pa, pb, stat, se2, dfp, alpha, min_effect, refine=True,
+                within_ratio=np.inf):
     merges = np.asarray(merges, np.int64).reshape(-1, 2)
     order, start, size, roots = _leaf_order(c, merges)
     pos = np.empty(c, np.int64)
@@ -363,6 +401,7 @@ def _split_tree(c, merges, pa, pb, stat, se2, dfp, alpha, min_effect, refine=Tru
     # Work items: (tree node, members). The tree proposes a split of the members: the first
     # node below whose two children both hold members (the tree restricted to the members).
     stack = [(r, order[start[r]:start[r] + size[r]]) for r in roots]
+    split_nodes: list[np.ndarray] = []  # members of every accepted split, parents first
     while stack:
         n, members = stack.pop()
         split = None
@@ -385,10 +424,19 @@ def _split_tree(c, merges, pa, pb, stat, se2, dfp, alpha, min_effect, refine=Tru
             sides = side[members]
             side[members] = -1
             if p <= alpha:
+                split_nodes.append(members)
                 stack.append((n, members[sides == 0]))
                 stack.append((n, members[sides == 1]))
                 continue
         lab[members] = members.min()
+    if np.isfinite(within_ratio):
+        # Bottom-up (children were split after their parents): a split set whose federations
+        # are not homogeneous is no discrete structure; it becomes one federation, and its
+        # parent is judged with it whole.
+        inside = np.zeros(c, bool)
+        for members in reversed(split_nodes):
+            if not _homogeneous(members, lab, pa, pb, stat, se2, within_ratio, inside):
+                lab[members] = members.min()
     return _relabel(lab)
 
 
@@ -443,12 +491,12 @@ def _merge_back(lab, pa, pb, stat, se2, dfp, alpha, min_effect, k=MERGE_NEIGHBOU
 
 def linkage_test_federations(num_clients: int, i, j, stat, se, df, *,
                                alpha: float = 0.05, min_effect: float = 0.0,
-                               min_support: float = 1.0, dense: bool | None = None
-                               ) -> np.ndarray:
+                               min_support: float = 1.0, dense: bool | None = None,
+                               within_ratio: float = WITHIN_RATIO) -> np.ndarray:
     """Federations from a pair statistic: an average-linkage tree, split where a test says so.
 
     Inputs, one entry per observed unordered pair ``(i, j)``: ``stat`` the symmetrised
-    relative excess ``R_ij`` (0 in expectation for two clients of one distribution, larger
+    log novelty ratio ``R_ij`` (0 in expectation for two clients of one distribution, larger
     the more each one's predictor misses the other's data), its standard error ``se`` and
     degrees of freedom ``df`` (:func:`fedrnd.rnd.stats.pair_statistic`).
 
@@ -466,7 +514,13 @@ def linkage_test_federations(num_clients: int, i, j, stat, se, df, *,
        test). ``R`` is 0 in expectation between clients of one distribution, so under that
        null ``E[u] = 0``. Rejected at ``alpha``: ``A`` and ``B`` stay apart and each is split
        in turn; otherwise the set is one federation.
-    3. Merge back (:func:`_merge_back`): federations that the same test cannot tell apart
+    3. Homogeneity (``within_ratio``, :func:`_homogeneous`), bottom-up over the accepted
+       splits: a split set whose resulting federations are as mixed inside as between them
+       (mean statistic within federations above ``within_ratio`` times the mean between them)
+       has no discrete structure and becomes one federation. This keeps a continuum (every
+       client its own label mix) whole: each pair differs, so the splits are significant,
+       but no split yields homogeneous groups. ``inf`` turns the check off.
+    4. Merge back (:func:`_merge_back`): federations that the same test cannot tell apart
        (tried against each one's three nearest by mean ``R``) are merged, since top-down
        splitting never re-joins clients that an early split separated.
 
@@ -507,5 +561,8 @@ def linkage_test_federations(num_clients: int, i, j, stat, se, df, *,
         merges = linkage(cond, method="average")[:, :2].astype(np.int64)
     else:
         _, merges = _sparse_upgma(c, ua, ub, val, np.inf, min_support)
-    lab = _split_tree(c, merges, ua, ub, val, se2, dfp, alpha, min_effect)
+    if not (within_ratio > 0):
+        raise ValueError(f"within_ratio must be > 0 (inf: no check), got {within_ratio}")
+    lab = _split_tree(c, merges, ua, ub, val, se2, dfp, alpha, min_effect,
+                      within_ratio=float(within_ratio))
     return _relabel(_merge_back(lab, ua, ub, val, se2, dfp, alpha, min_effect))

@@ -59,6 +59,8 @@ __all__ = [
     "adaptive_pool_matrix",
     "conv_apply",
     "make_pair",
+    "pool_inputs",
+    "pooled_shape",
     "stacked_errors",
     "target_features",
 ]
@@ -95,6 +97,33 @@ def adaptive_avg_pool(x: jax.Array, out_hw: tuple[int, int]) -> jax.Array:
     ah = jnp.asarray(adaptive_pool_matrix(x.shape[1], out_hw[0]))
     aw = jnp.asarray(adaptive_pool_matrix(x.shape[2], out_hw[1]))
     return jnp.einsum("ih,jw,bhwc->bijc", ah, aw, x)
+
+
+def pooled_shape(feature_shape: Sequence[int], factor: int) -> tuple[int, ...]:
+    """Feature shape after :func:`pool_inputs` by ``factor`` (``[H, W, C]`` images only)."""
+    shape = tuple(int(s) for s in feature_shape)
+    if not isinstance(factor, int | np.integer) or factor < 1:
+        raise ValueError(f"input_pool must be an integer >= 1, got {factor!r}")
+    if factor == 1:
+        return shape
+    if len(shape) != 3:
+        raise ValueError(f"input_pool = {factor} averages image pixels, but the features have "
+                         f"shape {shape}, not [H, W, C]; use input_pool = 1")
+    return (-(-shape[0] // factor), -(-shape[1] // factor), shape[2])
+
+
+def pool_inputs(x: jax.Array, factor: int) -> jax.Array:
+    """Average-pool images ``[P, H, W, C]`` by ``factor`` (PyTorch's adaptive average pooling
+    to ``ceil(H / factor) x ceil(W / factor)``; exact 2x2 means for 28x28 and ``factor = 2``).
+
+    The RND pair then sees the coarser image: the first layer of the MLP pair shrinks by
+    ``factor^2`` (784 -> 196 inputs for Fashion-MNIST at 2), and so does most of its training
+    cost; rotations, smooth shifts and class mixes stay visible at 14x14.
+    """
+    if factor == 1:
+        return x
+    h, w, _ = pooled_shape(x.shape[1:], factor)
+    return adaptive_avg_pool(jnp.asarray(x, jnp.float32), (h, w))
 
 
 class RNDConv(nn.Module):

@@ -30,7 +30,7 @@ from fedrnd.engine.multihost import to_host
 from fedrnd.rnd.config import RNDConfig
 from fedrnd.rnd.extract import federations, linkage_test_federations
 from fedrnd.rnd.fingerprints import candidate_edges, fingerprint_bytes, fingerprints
-from fedrnd.rnd.networks import RNDPair, target_features
+from fedrnd.rnd.networks import RNDPair, pool_inputs, pooled_shape, target_features
 from fedrnd.rnd.predictors import probe_split, train_predictors
 from fedrnd.rnd.rules import (
     _sparse_row_std,
@@ -144,7 +144,8 @@ def federations_from_scores(scores: np.ndarray, config: RNDConfig = RNDConfig(),
         np.fill_diagonal(comp, True)
         pi, pj, stat, err, df = pair_statistic(diff, se, s_self, count)
         fed = linkage_test_federations(c, pi, pj, stat, err, df, alpha=cfg.alpha,
-                                         min_effect=cfg.min_effect, dense=True)
+                                         min_effect=cfg.min_effect, dense=True,
+                                         within_ratio=cfg.within_ratio)
         return Decision(fed, comp, "test", z, sigma, float("nan"), q=q, evidence=v)
     src, dst = (np.asarray(a, np.int64) for a in edges)
     e = np.asarray(scores, np.float64)
@@ -181,7 +182,7 @@ def federations_from_scores(scores: np.ndarray, config: RNDConfig = RNDConfig(),
                                            num_clients=c)
     fed = linkage_test_federations(c, pi, pj, stat, err, df, alpha=cfg.alpha,
                                      min_effect=cfg.min_effect, min_support=cfg.min_support,
-                                     dense=False)
+                                     dense=False, within_ratio=cfg.within_ratio)
     return Decision(fed, qmin[inv] > cfg.alpha, "test", z, sigma, float("nan"), q=q,
                     evidence=v, pairs=pairs)
 
@@ -328,6 +329,8 @@ def discover(data: FederatedData, config: RNDConfig = RNDConfig(), *,
     pair = cfg.pair(data.feature_shape)
     c = data.num_clients
     clock = _Clock()
+    if cfg.input_pool > 1:  # the pair sees coarser images (the pool is pooled once)
+        data = data.replace(x=pool_inputs(data.x, cfg.input_pool))
     tr_idx, tr_cnt, pr_idx, pr_cnt = probe_split(
         data, cfg.probe_kind, holdout=cfg.holdout, cap=cfg.probe_cap,
         seed=int(jax.random.randint(jax.random.fold_in(key, 7), (), 0, 2**31 - 1)))
@@ -453,9 +456,9 @@ def assign_newcomers(disc: Discovery, new: FederatedData, *, key: jax.Array | No
     Each newcomer trains its own predictor (same target, same schedule, same probe split),
     then scores every existing predictor on its own probes.
 
-    * criterion ``"test"``: the mean relative excess of each federation's predictors on the
-      newcomer's held-out probes (over its own predictor); it joins the federation of lowest
-      mean excess unless a one-sided test rejects "excess <= min_effect" at ``alpha`` (spread
+    * criterion ``"test"``: the mean log novelty ratio of each federation's predictors on the
+      newcomer's held-out probes (over its own predictor, :mod:`fedrnd.rnd.stats`); it joins
+      the federation of lowest mean ratio unless a one-sided test rejects "excess <= min_effect" at ``alpha`` (spread
       over members or the probes' own noise, whichever is larger). One direction only
       (members do not score the newcomer's predictor), so an unusually good or bad newcomer
       predictor shifts all its scores; the test on a whole federation is the safeguard.
@@ -469,9 +472,12 @@ def assign_newcomers(disc: Discovery, new: FederatedData, *, key: jax.Array | No
     """
     cfg, pair = disc.config, disc.pair
     check_federated(new, "newcomers", labels=False)
-    if tuple(new.feature_shape) != tuple(disc.pair.feature_shape):
-        raise ValueError(f"newcomers have features {tuple(new.feature_shape)}, the discovery "
-                         f"was run on {disc.pair.feature_shape}")
+    shape = tuple(new.feature_shape)
+    if pooled_shape(shape, cfg.input_pool) != tuple(disc.pair.feature_shape):
+        raise ValueError(f"newcomers have features {shape}, the discovery was run on "
+                         f"{disc.pair.feature_shape} (after input_pool = {cfg.input_pool})")
+    if cfg.input_pool > 1:
+        new = new.replace(x=pool_inputs(new.x, cfg.input_pool))
     mapper = mapper or ClientMapper()
     key = jax.random.key(cfg.seed + 1) if key is None else key
     tr_idx, tr_cnt, pr_idx, pr_cnt = probe_split(
@@ -494,9 +500,10 @@ def assign_newcomers(disc: Discovery, new: FederatedData, *, key: jax.Array | No
     if cfg.criterion == "test":
         diff, se = paired_moments(rows, rows_q, s_self, count)
         base = np.where(s_self > 0, s_self, np.finfo(np.float64).tiny)[:, None]
-        r, sr = diff / base, se / base
+        ratio = np.maximum(diff / base, -1.0 + 1e-12)  # as fedrnd.rnd.stats._relative
+        r, sr = np.log1p(ratio), se / (base * (1.0 + ratio))
         size = member.sum(0)
-        fed_r = r @ member / size  # [C_new, F] mean relative excess per federation
+        fed_r = r @ member / size  # [C_new, F] mean log novelty ratio per federation
         emp = np.maximum(r * r @ member / size - fed_r ** 2, 0.0) / size
         meas = (sr * sr) @ member / size  # the newcomer's probes are shared by all members
         var = np.maximum(emp, meas)

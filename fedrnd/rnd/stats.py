@@ -155,18 +155,34 @@ def evidence(q, alpha: float) -> np.ndarray:
 
 
 def _relative(diff, se, s_self, rows=None):
+    """Log novelty ratio ``log(S_ij / S_ii) = log1p(mean d / S_ii)`` and its standard error.
+
+    Why the log and not the relative excess ``mean d / S_ii``: for two clients of one
+    distribution the pair ``(S_ij, S_ii)`` is exchangeable (neither predictor saw the probes),
+    so ``E[log S_ij - log S_ii] = 0`` exactly, while ``E[S_ij / S_ii] - 1 > 0`` by Jensen
+    (about the squared coefficient of variation of ``S``), and its symmetrised form
+    ``(S_ij / S_ii + S_ji / S_jj) / 2 - 1`` is never negative. The standard error is the delta
+    method's for ``log(S_ii + mean d)``, ``se(d) / S_ij``: ``se(d) / S_ii`` at the null, and
+    shrinking with the ratio far from it (the log compresses large shifts, so dividing by
+    ``S_ii`` there would overstate the error and hide them).
+    """
     s_self = np.asarray(s_self, np.float64)
+    tiny = np.finfo(np.float64).tiny
     base = s_self[:, None] if rows is None else s_self[rows]
-    base = np.where(base > 0, base, np.finfo(np.float64).tiny)
-    return np.asarray(diff) / base, np.asarray(se) / base
+    base = np.where(base > 0, base, tiny)
+    diff = np.asarray(diff, np.float64)
+    # S_ij >= 0, so ratio >= -1; the floor only guards log(0) for a perfect peer predictor.
+    ratio = np.maximum(diff / base, -1.0 + 1e-12)
+    return np.log1p(ratio), np.asarray(se) / (base * (1.0 + ratio))
 
 
 def symmetric_pvalues(diff, se, s_self, count, min_effect: float, *, edges=None,
                       num_clients: int | None = None) -> np.ndarray:
-    """p-values of the *symmetrised* relative excess of each pair (the default statistic).
+    """p-values of the *symmetrised* log novelty ratio of each pair (the default statistic).
 
-    ``r_ij = mean d / S_ii`` is how much worse ``j``'s predictor does on ``i``'s held-out
-    probes than ``i``'s own, relative to ``i``'s error; the pair statistic is
+    ``r_ij = log(S_ij / S_ii)`` is how much worse ``j``'s predictor does on ``i``'s held-out
+    probes than ``i``'s own, on a log scale (``log1p`` of the relative excess
+    ``mean d / S_ii``; unbiased under the null, see :func:`_relative`); the pair statistic is
     ``R_ij = (r_ij + r_ji) / 2`` with standard error ``sqrt(se_ij^2 + se_ji^2) / 2``
     (relative standard errors; the two directions use disjoint probes). Why both directions:
     a predictor that happens to train better or worse than its peers shifts a whole row
@@ -213,10 +229,10 @@ def symmetric_pvalues(diff, se, s_self, count, min_effect: float, *, edges=None,
 
 
 def pair_statistic(diff, se, s_self, count, *, edges=None, num_clients: int | None = None):
-    """The symmetrised relative excess of every observed unordered pair.
+    """The symmetrised log novelty ratio of every observed unordered pair.
 
     Returns ``(i, j, R, se_R, df)``, one entry per pair ``i < j``: ``R_ij = (r_ij + r_ji) / 2``
-    with ``r_ij = mean d / S_ii`` (see :func:`symmetric_pvalues` for why both directions),
+    with ``r_ij = log(S_ij / S_ii)`` (see :func:`symmetric_pvalues` for why both directions),
     its standard error and ``min(m_i, m_j) - 1`` degrees of freedom. Dense ``[C, C]`` input
     gives all ``C (C - 1) / 2`` pairs; edge input (``edges = (src, dst)``) the pairs scored
     in at least one direction (one direction alone where the reverse is missing).

@@ -4,6 +4,8 @@ newcomers and errors."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -531,3 +533,27 @@ def test_min_steps_lengthens_short_epoch_schedules_only():
     assert RNDConfig(steps=50).schedule(64).steps == 50  # explicit steps win
     with pytest.raises(ValueError, match="min_steps"):
         RNDConfig(min_steps=0)
+
+
+def test_input_pool_equals_discovery_on_pooled_images_and_checks_newcomers():
+    # input_pool = 2 is discovery on 2x2-averaged images: the same scores and federations as
+    # pooling the pool by hand (28x28 digits upsampled: 8x8 -> 16x16 by repetition, so the
+    # 2x2 means give back the original digits exactly).
+    d = digits()
+    data = build_federated(d, feature_pattern(d, 12, num_groups=3, seed=0,
+                                              group_sizes=[2, 4, 6], rms=0.5))
+    big = data.replace(x=jnp.repeat(jnp.repeat(data.x, 2, axis=1), 2, axis=2))
+    cfg = RNDConfig(network="mlp", steps=60)
+    pooled = discover(big, dataclasses.replace(cfg, input_pool=2))
+    plain = discover(data, cfg)
+    assert pooled.pair.feature_shape == plain.pair.feature_shape == tuple(data.x.shape[1:])
+    np.testing.assert_allclose(pooled.scores, plain.scores, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(pooled.federation, plain.federation)
+    # Newcomers are pooled the same way, and must have the discovery's image size.
+    np.testing.assert_array_equal(assign_newcomers(pooled, big), assign_newcomers(plain, data))
+    with pytest.raises(ValueError, match="newcomers have features"):
+        assign_newcomers(pooled, data)
+    with pytest.raises(ValueError, match="input_pool"):
+        discover(grouped_gaussian([0, 1], n=10), RNDConfig(network="mlp", input_pool=2))
+    with pytest.raises(ValueError, match="input_pool"):
+        RNDConfig(input_pool=0)

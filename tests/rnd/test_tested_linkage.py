@@ -131,3 +131,51 @@ def test_rejects_repeated_pairs_and_bad_alpha():
                                    np.r_[e, e[:1]], np.r_[d, d[:1]])
     with pytest.raises(ValueError, match="alpha"):
         linkage_test_federations(5, i, j, s, e, d, alpha=1.5)
+
+
+def _continuum_stat(pos, scale=1.0, se=0.02, seed=0):
+    """Pair statistic of a continuum: clients at positions ``pos [C, D]`` (every client its
+    own distribution), ``R_ij = scale * |pos_i - pos_j|`` plus measurement noise."""
+    rng = np.random.default_rng(seed)
+    c = len(pos)
+    dist = np.linalg.norm(pos[:, None, :] - pos[None, :, :], axis=-1)
+    noise = rng.normal(0.0, se, (c, c))
+    stat = scale * dist + 0.5 * (noise + noise.T)
+    i, j = _pairs(c)
+    return i, j, stat[i, j], np.full(len(i), se / np.sqrt(2)), np.full(len(i), 15.0)
+
+
+@pytest.mark.parametrize("dim", [1, 3])
+def test_a_continuum_stays_one_federation_only_because_of_the_homogeneity_check(dim):
+    # Clients spread uniformly over a cube: every pair differs (most pair tests reject), but
+    # no split yields homogeneous groups. The check keeps the population whole; without it
+    # the tree cuts the continuum into many arbitrary pieces.
+    rng = np.random.default_rng(dim)
+    pos = rng.uniform(0.0, 1.0, (150, dim))
+    args = _continuum_stat(pos, seed=dim)
+    assert _fed(150, *args).max() == 0
+    assert _fed(150, *args, within_ratio=np.inf).max() >= 3
+
+
+def test_two_separated_continua_are_two_federations_each_kept_whole():
+    # The check works per split: each continuum is kept whole, the wide gap between them
+    # still splits the population.
+    rng = np.random.default_rng(5)
+    a = rng.uniform(0.0, 1.0, (80, 2))
+    b = rng.uniform(0.0, 1.0, (80, 2)) + np.array([6.0, 0.0])
+    g = np.repeat([0, 1], 80)
+    fed = _fed(160, *_continuum_stat(np.concatenate([a, b]), scale=0.3, seed=5))
+    assert adjusted_rand_score(g, fed) == 1.0
+
+
+def test_homogeneity_check_leaves_discrete_groups_alone():
+    # Groups whose members are identical up to noise: every ratio W / B is near 0, the
+    # decision is the same with and without the check.
+    sizes = [60, 30, 10, 5, 3]
+    g = np.random.default_rng(2).permutation(np.repeat(np.arange(len(sizes)), sizes))
+    args = _block_stat(g, between=0.3, se=0.05, seed=2)
+    with_check = _fed(len(g), *args)
+    np.testing.assert_array_equal(with_check, _fed(len(g), *args, within_ratio=np.inf))
+    assert adjusted_rand_score(g, with_check) == 1.0
+    with pytest.raises(ValueError, match="within_ratio"):
+        _fed(len(g), *args, within_ratio=0.0)
