@@ -10,8 +10,8 @@ The package is lazy: ``import fedrnd`` (or ``import fedrnd.data``) does not load
 the algorithms or orbax; ``fedrnd.simulate`` and friends import them on first use.
 
 Extending without editing fedrnd: ``fedrnd.register_algorithm``, ``register_model``,
-``register_partition`` and ``register_source`` add entries to the tables the built-ins are
-registered in; a config's ``plugins = ["my_method.py"]`` (or ``fedrnd run --plugin``) loads
+``register_optimizer``, ``register_partition`` and ``register_source`` add entries to the
+tables the built-ins are registered in; a config's ``plugins = ["my_method.py"]`` (or ``fedrnd run --plugin``) loads
 such a file before the config is checked. See ``docs/extending.md``.
 """
 
@@ -25,11 +25,13 @@ __version__ = "0.1.0"
 _LAZY = {"Config": "fedrnd.driver", "load_config": "fedrnd.driver", "simulate": "fedrnd.driver",
          # Extension points: each registry lives in the floor that owns its table.
          "register_algorithm": "fedrnd.algorithms", "register_model": "fedrnd.models",
+         "register_optimizer": "fedrnd.engine",
          "register_partition": "fedrnd.data.partition", "register_source": "fedrnd.data.sources",
          "load_plugins": "fedrnd.driver.plugins"}
 
 __all__ = ["Config", "__version__", "load_config", "load_plugins", "register_algorithm",
-           "register_model", "register_partition", "register_source", "simulate"]
+           "register_model", "register_optimizer", "register_partition", "register_source",
+           "simulate"]
 
 if TYPE_CHECKING:
     from fedrnd.algorithms import register_algorithm
@@ -37,6 +39,7 @@ if TYPE_CHECKING:
     from fedrnd.data.sources import register_source
     from fedrnd.driver import Config, load_config, simulate
     from fedrnd.driver.plugins import load_plugins
+    from fedrnd.engine import register_optimizer
     from fedrnd.models import register_model
 
 

@@ -396,16 +396,20 @@ def test_example_plugin_runs_from_the_command_line(tmp_path):
 
 def test_extending_page_snippets_register_working_pieces(tmp_path):
     """The Python blocks of docs/extending.md, saved as the plug-in the page says, give a
-    data set, a partition and a model that its config block validates and builds."""
+    data set, a partition, a model and a local optimizer that its config blocks validate and
+    build."""
+    import tomllib
+
     import jax
     import numpy as np
 
-    from fedrnd.driver.setup import build_data
+    from fedrnd.driver.config import from_dict
+    from fedrnd.driver.setup import build_data, build_engine
     from fedrnd.models import make_model
 
     page = (REPO / "docs" / "extending.md").read_text()
     blocks = re.findall(r"^```python\n(.*?)^```", page, flags=re.S | re.M)
-    assert len(blocks) == 3
+    assert len(blocks) == 4
     (tmp_path / "my_pieces.py").write_text("\n\n".join(blocks))
     toml = next(b for b in re.findall(r"^```toml\n(.*?)^```", page, flags=re.S | re.M)
                 if b.startswith('plugins = ["my_pieces.py"]'))
@@ -423,3 +427,12 @@ def test_extending_page_snippets_register_working_pieces(tmp_path):
         load_config(None, ["data.source=blobs", "data.source_options.n=1"])
     with pytest.raises(ValueError, match="model.options.width must be >= 1"):
         load_config(None, ["model.name=gelu_mlp", "model.options.width=0"])
+    # The optimizer blocks: the optax one needs no plug-in, the other the page's "signum".
+    local = [b for b in re.findall(r"^```toml\n(.*?)^```", page, flags=re.S | re.M)
+             if b.startswith("[local]")]
+    assert len(local) == 2
+    for block in local:
+        on = load_config(_config(tmp_path, f'plugins = ["my_pieces.py"]\nrounds = 1\n{block}'))
+        assert on.local == from_dict({"local": tomllib.loads(block)["local"]}).local
+    engine = build_engine(on, data)[0]
+    assert engine.optimizer.kinds == ("momentum", "signum")

@@ -98,14 +98,22 @@ FIELD_DOCS: dict[str, str] = {
     "local.epochs": "Local epochs per round.",
     "local.steps": "If set, exactly this many local steps per round instead of epochs.",
     "local.optimizer": "One optimizer kind, a mix ``{sgd = 0.5, adam = 0.5}`` (shares of the "
-                       "clients) or one kind per ground-truth group ``[\"sgd\", \"adam\"]``.",
+                       "clients) or one kind per ground-truth group ``[\"sgd\", \"adam\"]``; "
+                       "a kind may be ``\"optax:<name>\"``, any optax optimizer "
+                       "(``\"optax:adamw\"``), or one registered with "
+                       "``fedrnd.register_optimizer``.",
     "local.lr": "Learning rate: one value or one per optimizer kind.",
     "local.prox_mu": "Proximal weight of ``prox_sgd`` clients.",
     "local.optimizer_options": "Optimizer settings, e.g. ``{momentum = 0.9, weight_decay = "
-                               "1e-4}``.",
+                               "1e-4}``; ``clip_norm`` clips every kind's gradients to that "
+                               "global norm.",
+    "local.optax_options": "Keywords of the ``optax:<name>`` optimizers, e.g. "
+                           "``{weight_decay = 1e-4}`` for all of them, or "
+                           "``{\"optax:lion\" = {b1 = 0.95}}`` for one kind alone.",
     "local.schedule": "Learning-rate multiplier over rounds: ``constant``, ``exponential``, "
-                      "``cosine`` or ``step``.",
-    "local.schedule_options": "Options of the schedule.",
+                      "``cosine``, ``step`` or ``\"optax:<name>\"``, any optax schedule "
+                      "evaluated at the round index.",
+    "local.schedule_options": "Options of the schedule (an optax schedule's keywords).",
     "local.path": "Local training path: ``auto`` (the exact low-rank fast path where it "
                   "applies and pays), ``general`` or ``lowrank`` (forced).",
     "divergence.action": "``stop`` (status ``failed``), ``warn`` or ``off``.",
@@ -292,15 +300,18 @@ class Registry(_RstDirective):
     def _optimizers(self) -> list[str]:
         from fedrnd.driver.config import OPTIMIZER_OPTIONS, SCHEDULE_OPTIONS
         from fedrnd.engine import OPTIMIZERS, SERVER_OPTIMIZERS
+        from fedrnd.engine.optim import optax_optimizers, optax_schedules
 
         def names(xs) -> str:
             return ", ".join(_literal(x) for x in xs)
 
         schedules = "; ".join(f"``{k}``" + (f" ({names(v)})" if v else "")
                               for k, v in SCHEDULE_OPTIONS.items())
-        return [f"* ``local.optimizer`` kinds: {names(OPTIMIZERS)}.",
+        return [f"* ``local.optimizer`` kinds: {names(OPTIMIZERS)}, or ``optax:<name>`` for "
+                f"{names(optax_optimizers())} (keywords in ``local.optax_options``).",
                 f"* ``local.optimizer_options`` keys: {names(OPTIMIZER_OPTIONS)}.",
-                f"* ``local.schedule`` (its ``local.schedule_options``): {schedules}.",
+                f"* ``local.schedule`` (its ``local.schedule_options``): {schedules}; or "
+                f"``optax:<name>`` for {names(optax_schedules())}.",
                 f"* FedAvg's ``server_opt``: {names(SERVER_OPTIMIZERS)}.", ""]
 
     def _algorithms(self) -> list[str]:

@@ -211,7 +211,12 @@ def _cmd_list(args: argparse.Namespace) -> int:
         source_parameters,
     )
     from fedrnd.driver.plugins import load_entry_points, origin
-    from fedrnd.engine.optim import OPTIMIZERS, SERVER_OPTIMIZERS
+    from fedrnd.engine.optim import (
+        SERVER_OPTIMIZERS,
+        optax_optimizers,
+        optax_schedules,
+        optimizer_names,
+    )
     from fedrnd.models import MODELS
 
     _load_cli_plugins(args)
@@ -238,10 +243,12 @@ def _cmd_list(args: argparse.Namespace) -> int:
         print(_entry(name, describe(cls), option_items(algorithm_parameters(name))))
     schedules = "; ".join(f"{k} ({', '.join(v)})" if v else k
                           for k, v in SCHEDULE_OPTIONS.items())
-    for line in (f"local optimizers (local.optimizer): {', '.join(OPTIMIZERS)}; settings "
-                 f"(local.optimizer_options): {', '.join(OPTIMIZER_OPTIONS)}",
+    for line in (f"local optimizers (local.optimizer): {', '.join(optimizer_names())}; "
+                 f"settings (local.optimizer_options): {', '.join(OPTIMIZER_OPTIONS)}",
+                 f"optax optimizers (local.optimizer = \"optax:<name>\"; keywords in "
+                 f"local.optax_options): {', '.join(optax_optimizers())}",
                  f"lr schedules (local.schedule; options in local.schedule_options): "
-                 f"{schedules}",
+                 f"{schedules}; or optax:<name> for {', '.join(optax_schedules())}",
                  f"server optimizers (algorithm option server_opt): "
                  f"{', '.join(SERVER_OPTIMIZERS)}",
                  f"divergence rules (divergence.action): {', '.join(DIVERGENCE_ACTIONS)}"):

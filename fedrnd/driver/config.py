@@ -90,8 +90,18 @@ class LocalConfig:
     ``optimizer``: one kind, a mix ``{sgd = 0.5, adam = 0.5}`` (proportions of the clients,
     assigned in a seeded random order), or one kind per ground-truth group
     ``["sgd", "adam", "prox_sgd"]`` (group ``g`` uses entry ``g``; the list is cycled when the
-    data has more groups); ``lr``: one value or one per kind.
-    ``steps`` (if set) replaces ``epochs``. ``schedule``: lr multiplier over rounds.
+    data has more groups); ``lr``: one value or one per kind. A kind is a built-in one, one
+    added by :func:`fedrnd.register_optimizer`, or ``"optax:<name>"``, any optax optimizer
+    alias (``"optax:adamw"``, ``"optax:lion"``) run with the client's lr.
+    ``optimizer_options``: settings of the built-in kinds (also passed to registered ones);
+    ``clip_norm > 0`` clips every client's gradient to that global norm before any kind's
+    update. ``optax_options``: keywords of the ``optax:<name>`` kinds (``weight_decay = 1e-4``),
+    checked against the optax function's signature; a plain key goes to every optax kind of
+    a mix, a table under a kind's name (``"optax:lion" = { b1 = 0.95 }``) to that kind alone.
+    ``steps`` (if set) replaces ``epochs``. ``schedule``: lr multiplier over rounds, evaluated
+    at the round index: a built-in one or ``"optax:<schedule>"``, any optax schedule
+    (``"optax:warmup_cosine_decay_schedule"``) with ``schedule_options`` as its keywords; its
+    values multiply each client's lr (give ``init_value = 1.0`` and the like).
     ``path``: ``auto`` (the exact low-rank fast path where it applies and pays), ``general`` or
     ``lowrank`` (forced; see :mod:`fedrnd.engine.lowrank`).
     """
@@ -103,6 +113,7 @@ class LocalConfig:
     lr: float | dict[str, float] = 0.1
     prox_mu: float = 0.0
     optimizer_options: dict[str, float] = dataclasses.field(default_factory=dict)
+    optax_options: dict[str, Any] = dataclasses.field(default_factory=dict)
     schedule: str = "constant"
     schedule_options: dict[str, float] = dataclasses.field(default_factory=dict)
     path: str = "auto"
@@ -200,8 +211,9 @@ _CHOICES = {("data", "source"): ("data", "source_options"),
 """Fields that pick a registered function, and the table of that function's options."""
 
 OPTIMIZER_OPTIONS = ("momentum", "eps", "weight_decay", "b1", "b2", "decay",
-                     "initial_accumulator")
-"""``local.optimizer_options`` keys: the settings :mod:`fedrnd.engine.optim` reads."""
+                     "initial_accumulator", "clip_norm")
+"""``local.optimizer_options`` keys: the settings :mod:`fedrnd.engine.optim` reads
+(``clip_norm`` for every kind, the others for the built-in kinds)."""
 
 SCHEDULE_OPTIONS = {"constant": (), "exponential": ("decay_rate", "rate"),
                     "cosine": ("rounds", "alpha"), "step": ("every", "gamma")}
@@ -826,13 +838,17 @@ def _load_plugins(cfg: Config) -> None:
     from fedrnd.data.partition import PARTITIONS
     from fedrnd.data.sources import SOURCES
     from fedrnd.driver.plugins import load_entry_points, load_plugins
+    from fedrnd.engine.optim import unknown_optimizer
     from fedrnd.models import MODELS
 
     load_plugins(cfg.plugins, where="config: plugins")
     d = cfg.data
+    opt = cfg.local.optimizer
+    kinds = [opt] if isinstance(opt, str) else list(opt) if isinstance(opt, dict | list) else []
     if ((not d.source.startswith("tfds:") and d.source not in SOURCES)
             or d.partition not in PARTITIONS or cfg.model.name not in MODELS
-            or any(a.name not in ALGORITHMS for a in cfg.algorithms)):
+            or any(a.name not in ALGORITHMS for a in cfg.algorithms)
+            or any(isinstance(k, str) and unknown_optimizer(k) is not None for k in kinds)):
         load_entry_points()
 
 
@@ -926,7 +942,7 @@ def _validate_model(cfg: Config) -> None:
 
 
 def _validate_local(cfg: Config, need: Callable[[bool, str], None]) -> None:
-    from fedrnd.engine.optim import OPTIMIZERS
+    from fedrnd.engine.optim import OPTAX_PREFIX, extra_optimizer_options, unknown_optimizer
 
     loc = cfg.local
     need(loc.batch_size >= 1, f"local.batch_size must be >= 1, got {loc.batch_size}")
@@ -935,9 +951,8 @@ def _validate_local(cfg: Config, need: Callable[[bool, str], None]) -> None:
     kinds = [loc.optimizer] if isinstance(loc.optimizer, str) else list(loc.optimizer)
     need(len(kinds) >= 1, "local.optimizer must name at least one optimizer")
     for k in kinds:
-        need(isinstance(k, str) and k in OPTIMIZERS,
-             f"local.optimizer {k!r} is unknown{did_you_mean(k, OPTIMIZERS)}; allowed: "
-             f"{', '.join(OPTIMIZERS)}")
+        why = unknown_optimizer(k) if isinstance(k, str) else "is not a string"
+        need(why is None, f"local.optimizer {k!r} {why}")
     if isinstance(loc.optimizer, dict):
         w = list(loc.optimizer.values())
         need(all(isinstance(v, int | float) and not isinstance(v, bool) and v >= 0 for v in w)
@@ -952,19 +967,25 @@ def _validate_local(cfg: Config, need: Callable[[bool, str], None]) -> None:
          f"local.lr must be > 0, got {_show(loc.lr)}")
     need(math.isfinite(loc.prox_mu) and loc.prox_mu >= 0,
          f"local.prox_mu must be >= 0, got {loc.prox_mu}")
+    settings = OPTIMIZER_OPTIONS + extra_optimizer_options(kinds)
     for k, v in loc.optimizer_options.items():
-        need(k in OPTIMIZER_OPTIONS, f"local.optimizer_options.{k} is not an optimizer "
-                                     f"setting{did_you_mean(k, OPTIMIZER_OPTIONS)}; allowed: "
-                                     f"{', '.join(OPTIMIZER_OPTIONS)}")
+        need(k in settings, f"local.optimizer_options.{k} is not an optimizer "
+                            f"setting{did_you_mean(k, settings)}; allowed: "
+                            f"{', '.join(settings)}")
         need(math.isfinite(v) and v >= 0,
              f"local.optimizer_options.{k} must be a finite number >= 0, got {v}")
+    _validate_optax_options(loc, [k for k in dict.fromkeys(kinds)
+                                  if k.startswith(OPTAX_PREFIX)], need)
     paths = ("auto", "general", "lowrank")
     need(loc.path in paths, f"local.path={loc.path!r} is unknown"
                             f"{did_you_mean(loc.path, paths)}; allowed: {', '.join(paths)}")
+    if loc.schedule.startswith(OPTAX_PREFIX):
+        _validate_optax_schedule(loc, need)
+        return
     need(loc.schedule in SCHEDULE_OPTIONS,
          f"local.schedule={loc.schedule!r} is unknown"
          f"{did_you_mean(loc.schedule, list(SCHEDULE_OPTIONS))}; allowed: "
-         f"{', '.join(SCHEDULE_OPTIONS)}")
+         f"{', '.join(SCHEDULE_OPTIONS)}, or optax:<name> for any optax schedule")
     allowed = SCHEDULE_OPTIONS[loc.schedule]
     for k, v in loc.schedule_options.items():
         need(k in allowed, f"local.schedule_options.{k} is not an option of local.schedule = "
@@ -978,6 +999,71 @@ def _validate_local(cfg: Config, need: Callable[[bool, str], None]) -> None:
     if "every" in opts:
         need(opts["every"] >= 1, f"local.schedule_options.every must be >= 1, got "
                                  f"{opts['every']}")
+
+
+def _validate_optax_options(loc: LocalConfig, optax_kinds: list[str],
+                            need: Callable[[bool, str], None]) -> None:
+    """``local.optax_options``: keywords of the ``optax:<name>`` kinds, and buildable.
+
+    A plain key goes to every optax kind, so each must take it; a table under a kind's name
+    (``"optax:lion" = { b1 = 0.95 }``) goes to that kind alone.
+    """
+    from fedrnd.engine.optim import OPTAX_PREFIX, ClientOptimizer, optax_optimizer_parameters
+
+    opts = loc.optax_options
+    need(not opts or bool(optax_kinds),
+         f"local.optax_options is set ({', '.join(opts)}) but no optax:<name> optimizer is "
+         f"used; these are keywords of optax optimizers (local.optimizer = \"optax:adamw\"); "
+         f"the built-in kinds read local.optimizer_options")
+    for k, v in opts.items():
+        if k.startswith(OPTAX_PREFIX):
+            need(k in optax_kinds, f"local.optax_options.\"{k}\" holds keywords of {k}, which "
+                                   f"local.optimizer does not use; its optax kinds: "
+                                   f"{', '.join(optax_kinds)}")
+            need(isinstance(v, dict), f"local.optax_options.\"{k}\" must be a table of "
+                                      f"keywords of optax.{k[len(OPTAX_PREFIX):]}, got {_show(v)}")
+    for kind in optax_kinds:
+        name = kind[len(OPTAX_PREFIX):]
+        params = optax_optimizer_parameters(name)
+        own = [(f'"{kind}".{k}', k) for k in opts.get(kind, {})]
+        shared = [(k, k) for k in opts if not k.startswith(OPTAX_PREFIX)]
+        for path, k in shared + own:
+            hint = (f"; give it to one kind alone as local.optax_options.\"optax:<name>\" = "
+                    f"{{ {k} = ... }}" if (path, k) in shared and len(optax_kinds) > 1 else "")
+            need(k in params, f"local.optax_options.{path} is not a keyword of optax.{name} "
+                              f"(local.optimizer {kind!r}){did_you_mean(k, list(params))}; "
+                              f"allowed: {', '.join(params) or 'none'}{hint}")
+    if optax_kinds:
+        try:
+            ClientOptimizer(tuple(optax_kinds), (), tuple(opts.items())).init({})
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"config: local.optax_options ({', '.join(optax_kinds)}): "
+                             f"{' '.join(str(e).split())}") from None
+
+
+def _validate_optax_schedule(loc: LocalConfig, need: Callable[[bool, str], None]) -> None:
+    """``local.schedule = "optax:<name>"``: a schedule of optax, its keywords, and buildable."""
+    from fedrnd.engine.optim import (
+        OPTAX_PREFIX,
+        lr_schedule,
+        optax_schedule_parameters,
+        optax_schedules,
+    )
+
+    name = loc.schedule[len(OPTAX_PREFIX):]
+    names = optax_schedules()
+    close = difflib.get_close_matches(name, names, n=2, cutoff=0.6)
+    hint = (f" (did you mean {' or '.join(repr(OPTAX_PREFIX + c) for c in close)}?)"
+            if close else "")
+    need(name in names, f"local.schedule={loc.schedule!r} is not an optax schedule{hint}; "
+                        f"optax:<name> takes one of {', '.join(names)}")
+    params = optax_schedule_parameters(name)
+    what = f"local.schedule = {loc.schedule!r}"
+    _check_options("local.schedule_options", loc.schedule_options, params, what)
+    try:
+        lr_schedule(loc.schedule, **loc.schedule_options)(0)
+    except (TypeError, ValueError) as e:
+        raise option_error("local.schedule_options", what, e, list(params)) from None
 
 
 class _NeedsData(Exception):

@@ -1,8 +1,9 @@
-"""Plug-ins: code outside fedrnd that adds methods, models, partitions or data sources.
+"""Plug-ins: code outside fedrnd that adds methods, models, partitions, data sources or local
+optimizers.
 
 A plug-in is a Python file or an importable module that, when imported, calls the register
-functions (:func:`fedrnd.register_algorithm`, ``register_model``, ``register_partition``,
-``register_source``). The built-ins enter the same tables the same way, so once loaded a
+functions (:func:`fedrnd.register_algorithm`, ``register_model``, ``register_optimizer``,
+``register_partition``, ``register_source``). The built-ins enter the same tables the same way, so once loaded a
 plug-in's entries are validated, listed (``fedrnd list``) and run exactly like theirs.
 Plug-ins are loaded
 
@@ -73,17 +74,19 @@ def resolve(spec: str, base_dir: str | os.PathLike | None = None) -> str:
 
 @contextlib.contextmanager
 def registry_snapshot() -> Iterator[None]:
-    """Restore the four registries (and their metadata) if the block raises.
+    """Restore the five registries (and their metadata) if the block raises.
 
     A plug-in that fails halfway through must not leave half of its entries behind: loading
     it again after a fix would then refuse its names as duplicates.
     """
     from fedrnd.algorithms import ALGORITHMS
     from fedrnd.data import partition, sources
+    from fedrnd.engine import optim
     from fedrnd.models import _core as models
 
     tables: list[Any] = [ALGORITHMS, models.MODELS, models._IMAGE_MODELS, partition.PARTITIONS,
-                         partition.PARTITION_INFO, sources.SOURCES, sources._CHECKS]
+                         partition.PARTITION_INFO, sources.SOURCES, sources._CHECKS,
+                         optim.REGISTERED_OPTIMIZERS, optim._REGISTERED_OPTIONS]
     saved = [t.copy() for t in tables]
     try:
         yield

@@ -138,7 +138,8 @@ def build_engine(cfg: Config, data: FederatedData) -> tuple[Engine, ClientHParam
                              prox_mu=loc.prox_mu, seed=cfg.seed,
                              group=np.asarray(data.group) if per_group else None,
                              per_group=per_group)
-    opt = ClientOptimizer(opt.kinds, tuple(sorted(loc.optimizer_options.items())))
+    opt = ClientOptimizer(opt.kinds, tuple(sorted(loc.optimizer_options.items())),
+                          tuple(sorted(loc.optax_options.items())))
     schedule = None
     if loc.schedule != "constant":
         opts = dict(loc.schedule_options)

@@ -24,6 +24,7 @@ from fedrnd.engine.optim import (
     ClientOptimizer,
     client_hparams,
     lr_schedule,
+    register_optimizer,
     server_optimizer,
 )
 
@@ -56,6 +57,7 @@ __all__ = [
     "lr_schedule",
     "make_mesh",
     "per_client",
+    "register_optimizer",
     "sample_cohort",
     "segment_weighted_mean",
     "slot_means",

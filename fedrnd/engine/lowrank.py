@@ -111,6 +111,9 @@ def why_not(model: Model, optimizer: ClientOptimizer, loss: Any = None) -> str |
     if bad:
         return (f"optimizer kind(s) {bad} are not linear in the gradient; the low-rank path "
                 f"needs all of {list(optimizer.kinds)} in {list(LINEAR_KINDS)}")
+    if optimizer.clip_norm > 0:
+        return ("gradient clipping (clip_norm) is not linear in the gradient; the low-rank path "
+                "needs an update that is")
     return None
 
 

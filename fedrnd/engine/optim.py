@@ -5,12 +5,20 @@ one) followed by a scaling by ``-lr``. A client carries an integer ``kind`` (whi
 uses) and its own ``lr``; a population that mixes several kinds keeps the state of each kind
 for every client and selects per client, so a round never branches on the host and vmaps as
 one program. With one kind there is no selection and no extra state.
+
+Besides the built-in kinds (:data:`OPTIMIZERS`), a kind may be any optax optimizer alias,
+``"optax:<name>"`` (for instance ``"optax:adamw"``), or a name added with
+:func:`register_optimizer`. Gradient clipping (setting ``clip_norm``) applies to every kind.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+import difflib
+import functools
+import inspect
+import re
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -21,7 +29,151 @@ import optax
 PyTree = Any
 
 
-def _direction(kind: str, hp: dict[str, float]) -> optax.GradientTransformation:
+OPTAX_PREFIX = "optax:"
+"""Prefix of a kind (or schedule) taken from optax by name: ``optax:adamw``."""
+
+_NOT_OPTAX_OPTIMIZERS = frozenset({"lbfgs", "scale_by_learning_rate", "scale_by_rprop"})
+"""Functions of optax whose first parameter is ``learning_rate`` but that are no optimizer a
+client can run here: L-BFGS needs the loss value in its update, the other two are building
+blocks, not aliases."""
+
+OptimizerFactory = Callable[[dict[str, float]], optax.GradientTransformation]
+
+REGISTERED_OPTIMIZERS: dict[str, OptimizerFactory] = {}
+"""Optimizer kinds added by :func:`register_optimizer`: ``factory(options) -> direction``."""
+
+_REGISTERED_OPTIONS: dict[str, tuple[str, ...]] = {}
+"""The ``local.optimizer_options`` keys each registered kind reads beyond the built-in ones."""
+
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*")
+
+
+def register_optimizer(name: str | OptimizerFactory | None = None,
+                       factory: OptimizerFactory | None = None, *,
+                       options: Sequence[str] = (), replace: bool = False) -> Any:
+    """Add a local optimizer kind, usable by name in ``local.optimizer`` afterwards.
+
+    ``register_optimizer("name", factory)``, or as a decorator ``@register_optimizer("name")``
+    (``@register_optimizer`` alone takes the function's own name).
+    ``factory(options)`` gets the run's ``local.optimizer_options`` as a dict (less
+    ``clip_norm``, which the engine applies itself) and returns the kind's *direction*: an
+    optax transformation for learning rate one **without** the minus sign of descent. The
+    engine multiplies the direction's update by ``-lr`` of each client, so ``optax.identity()``
+    is plain SGD and ``optax.scale_by_adam()`` is Adam; an optax alias such as
+    ``optax.adam(1.0)``, which already descends, needs ``optax.scale(-1.0)`` after it. The
+    factory is called whenever the engine traces a step, so it must be cheap and pure.
+    ``options``: the ``local.optimizer_options`` keys the factory reads besides the built-in
+    ones (so the config check accepts them). A name that exists raises ``ValueError`` unless
+    ``replace=True``; built-in names and ``optax:`` names cannot be replaced.
+    """
+    if callable(name):
+        return register_optimizer(None, name, options=options, replace=replace)
+    if factory is None:
+        return lambda f: register_optimizer(name, f, options=options, replace=replace)
+    key = getattr(factory, "__name__", None) if name is None else name
+    if not isinstance(key, str) or not _NAME.fullmatch(key):
+        raise ValueError(f"an optimizer name must be letters, digits, _ . + -; got {key!r}")
+    if key in OPTIMIZERS:
+        raise ValueError(f"optimizer {key!r} is built in and cannot be replaced; choose another "
+                         "name")
+    if not callable(factory):
+        raise TypeError(f"optimizer {key!r}: the factory must be callable, got {factory!r}")
+    if key in REGISTERED_OPTIMIZERS and REGISTERED_OPTIMIZERS[key] is not factory \
+            and not replace:
+        raise ValueError(f"optimizer {key!r} is already registered; choose another name, or "
+                         "pass replace=True to replace it")
+    REGISTERED_OPTIMIZERS[key] = factory
+    _REGISTERED_OPTIONS[key] = tuple(options)
+    return factory
+
+
+@functools.cache
+def optax_optimizers() -> tuple[str, ...]:
+    """The names ``optax:<name>`` accepts: optax's optimizer aliases (public functions whose
+    first parameter is ``learning_rate``), less the ones a client cannot run. Read from the
+    installed optax, so a newer optax brings its new optimizers."""
+    out = []
+    for n in dir(optax):
+        fn = getattr(optax, n)
+        if n.startswith("_") or n in _NOT_OPTAX_OPTIMIZERS or not inspect.isfunction(fn):
+            continue
+        params = list(inspect.signature(fn).parameters)
+        if params and params[0] == "learning_rate":
+            out.append(n)
+    return tuple(out)
+
+
+def optax_optimizer_parameters(name: str) -> dict[str, inspect.Parameter]:
+    """The keywords of ``optax.<name>`` besides ``learning_rate`` (``local.optax_options``)."""
+    params = inspect.signature(getattr(optax, name)).parameters
+    return {k: p for k, p in params.items() if k != "learning_rate"
+            and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+
+
+def optimizer_names() -> list[str]:
+    """Every kind a name can select now: built-ins, then registered ones (and ``optax:*``)."""
+    return [*OPTIMIZERS, *REGISTERED_OPTIMIZERS]
+
+
+def extra_optimizer_options(kinds: Sequence[str]) -> tuple[str, ...]:
+    """The ``local.optimizer_options`` keys that registered kinds among ``kinds`` declared."""
+    return tuple(dict.fromkeys(o for k in kinds for o in _REGISTERED_OPTIONS.get(k, ())))
+
+
+def unknown_optimizer(kind: Any) -> str | None:
+    """``None`` when ``kind`` names an optimizer, else why not (with a did-you-mean).
+
+    The text reads after the kind's name: ``local.optimizer 'x' <text>``.
+    """
+    if isinstance(kind, str) and kind.startswith(OPTAX_PREFIX):
+        name = kind[len(OPTAX_PREFIX):]
+        aliases = optax_optimizers()
+        if name in aliases:
+            return None
+        close = difflib.get_close_matches(name, aliases, n=2, cutoff=0.6)
+        hint = (f" (did you mean {' or '.join(repr(OPTAX_PREFIX + c) for c in close)}?)"
+                if close else "")
+        return (f"is not an optax optimizer{hint}; optax:<name> takes one of optax's "
+                f"optimizer aliases: {', '.join(aliases)}")
+    names = optimizer_names()
+    if kind in names:
+        return None
+    close = difflib.get_close_matches(str(kind), names, n=2, cutoff=0.6)
+    hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+    return (f"is unknown{hint}; allowed: {', '.join(names)}, or optax:<name> for any optax "
+            f"optimizer (e.g. optax:adamw)")
+
+
+def optax_keywords(kind: str, optax_options: Mapping[str, Any]) -> dict[str, Any]:
+    """The keywords one ``optax:<name>`` kind is built with from ``optax_options``.
+
+    Plain keys go to every optax kind; a key that names a kind (``"optax:lion"``) holds a table
+    for that kind alone, which wins over the plain keys. So a mix of optax kinds can give each
+    its own settings while one shared setting is written once.
+    """
+    shared = {k: v for k, v in optax_options.items() if not k.startswith(OPTAX_PREFIX)}
+    return {**shared, **dict(optax_options.get(kind, ()))}
+
+
+def _frozen(v: Any) -> Any:
+    """Tables and lists of TOML as nested tuples: the optimizer is part of hashed, static
+    engine settings."""
+    if isinstance(v, Mapping):
+        return tuple((k, _frozen(x)) for k, x in v.items())
+    if isinstance(v, list | tuple):
+        return tuple(_frozen(x) for x in v)
+    return v
+
+
+def _direction(kind: str, hp: dict[str, float],
+               optax_options: Mapping[str, Any] | None = None) -> optax.GradientTransformation:
+    if kind.startswith(OPTAX_PREFIX):
+        alias = getattr(optax, kind[len(OPTAX_PREFIX):])
+        # optax's aliases descend (their update is -lr x direction) and are linear in lr.
+        return optax.chain(alias(learning_rate=1.0, **optax_keywords(kind, optax_options or {})),
+                           optax.scale(-1.0))
+    if kind in REGISTERED_OPTIMIZERS:
+        return REGISTERED_OPTIMIZERS[kind]({k: v for k, v in hp.items() if k != "clip_norm"})
     m = hp.get("momentum", 0.9)
     eps = hp.get("eps", 1e-8)
     wd = hp.get("weight_decay", 0.0)
@@ -42,14 +194,16 @@ def _direction(kind: str, hp: dict[str, float]) -> optax.GradientTransformation:
         base = optax.scale_by_yogi(b1=hp.get("b1", 0.9), b2=hp.get("b2", 0.999),
                                    eps=hp.get("eps", 1e-3))
     else:
-        raise ValueError(f"optimizer {kind!r} is unknown; allowed: {sorted(OPTIMIZERS)}")
+        raise ValueError(f"optimizer {kind!r} {unknown_optimizer(kind)}")
     if wd:
         return optax.chain(optax.add_decayed_weights(wd), base)
     return base
 
 
 OPTIMIZERS = ("sgd", "prox_sgd", "momentum", "nesterov", "adam", "rmsprop", "adagrad", "yogi")
-"""Local optimizer kinds. ``prox_sgd`` is SGD whose loss carries the client's ``prox_mu`` term."""
+"""Built-in local optimizer kinds. ``prox_sgd`` is SGD whose loss carries the client's
+``prox_mu`` term. Besides these a kind may be ``optax:<name>`` (:func:`optax_optimizers`) or a
+name in :data:`REGISTERED_OPTIMIZERS`."""
 
 
 class ClientHParams(NamedTuple):
@@ -65,23 +219,49 @@ class ClientOptimizer:
     """The set of optimizer kinds present in a population (static) and their settings.
 
     ``init(params) -> state`` and ``update(grads, state, params, kind, lr) -> (updates, state)``
-    act on one client; ``kind`` and ``lr`` are that client's scalars.
+    act on one client; ``kind`` and ``lr`` are that client's scalars. ``settings``: the
+    built-in kinds' options (``local.optimizer_options``), which registered kinds receive too;
+    ``clip_norm > 0`` in them clips each gradient to that global norm before any kind's
+    direction. ``optax_options``: the keywords of the ``optax:<name>`` kinds, shared or per
+    kind (:func:`optax_keywords`).
     """
 
     kinds: tuple[str, ...] = ("sgd",)
     settings: tuple[tuple[str, float], ...] = ()
+    optax_options: tuple[tuple[str, Any], ...] = ()
 
     def __post_init__(self):
         if not self.kinds:
             raise ValueError("ClientOptimizer needs at least one optimizer kind")
         for k in self.kinds:
-            if k not in OPTIMIZERS:
-                raise ValueError(f"optimizer {k!r} is unknown; allowed: {list(OPTIMIZERS)}")
+            why = unknown_optimizer(k)
+            if why is not None:
+                raise ValueError(f"optimizer {k!r} {why}")
+        object.__setattr__(self, "optax_options", tuple(
+            (k, _frozen(v)) for k, v in self.optax_options))
+        opts = dict(self.optax_options)
+        stray = [k for k in opts if k.startswith(OPTAX_PREFIX) and k not in self.kinds]
+        if stray:
+            raise ValueError(f"optax_options has tables for {stray}, which are not among the "
+                             f"kinds {list(self.kinds)}")
+        for k in self.kinds:
+            if k.startswith(OPTAX_PREFIX):
+                params = optax_optimizer_parameters(k[len(OPTAX_PREFIX):])
+                bad = [o for o in optax_keywords(k, opts) if o not in params]
+                if bad:
+                    raise ValueError(f"optax_options {bad} are not keywords of "
+                                     f"optax.{k[len(OPTAX_PREFIX):]}; allowed: "
+                                     f"{', '.join(params)}")
+
+    @property
+    def clip_norm(self) -> float:
+        return float(dict(self.settings).get("clip_norm", 0.0))
 
     @property
     def _dirs(self) -> list[optax.GradientTransformation]:
         hp = dict(self.settings)
-        return [_direction(k, hp) for k in self.kinds]
+        opts = dict(self.optax_options)
+        return [_direction(k, hp, opts) for k in self.kinds]
 
     def init(self, params: PyTree) -> PyTree:
         return tuple(d.init(params) for d in self._dirs)
@@ -89,6 +269,10 @@ class ClientOptimizer:
     def update(self, grads: PyTree, state: PyTree, params: PyTree, kind: jax.Array,
                lr: jax.Array) -> tuple[PyTree, PyTree]:
         dirs = self._dirs
+        if self.clip_norm > 0:
+            # Stateless, so clipping once here keeps the state of every kind as it was.
+            clip = optax.clip_by_global_norm(self.clip_norm)
+            grads, _ = clip.update(grads, clip.init(grads))
         if len(dirs) == 1:
             u, s = dirs[0].update(grads, state[0], params)
             return jax.tree.map(lambda v: -lr * v, u), (s,)
@@ -111,8 +295,10 @@ def client_hparams(num_clients: int, *, optimizer: str | dict[str, float] = "sgd
     """Assign an optimizer and learning rate to each client.
 
     Args:
-      optimizer: one kind for all (``"sgd"``), or a mix ``{"sgd": 0.5, "adam": 0.5}`` whose
-        proportions are rounded to client counts and assigned in a seeded random order.
+      optimizer: one kind for all (``"sgd"``, ``"optax:adamw"``, a registered name), or a mix
+        ``{"sgd": 0.5, "adam": 0.5}`` whose proportions are rounded to client counts and
+        assigned in a seeded random order. The returned optimizer has no settings: give them
+        (and ``optax_options``) with ``dataclasses.replace`` or a new :class:`ClientOptimizer`.
       lr: one learning rate, or one per kind ``{"sgd": 0.05, "adam": 1e-3}``.
       prox_mu: proximal weight; applies to ``prox_sgd`` clients, and to all clients when the
         algorithm itself is proximal (FedProx passes its own mu).
@@ -150,13 +336,40 @@ def client_hparams(num_clients: int, *, optimizer: str | dict[str, float] = "sgd
     return opt, ClientHParams(jnp.asarray(kind_idx), jnp.asarray(lrs), jnp.asarray(mus))
 
 
+@functools.cache
+def optax_schedules() -> tuple[str, ...]:
+    """The names ``optax:<name>`` accepts as ``local.schedule``: optax's schedule functions."""
+    return tuple(n for n in dir(optax.schedules) if not n.startswith("_")
+                 and inspect.isfunction(getattr(optax.schedules, n))
+                 and (n.endswith("_schedule") or n == "exponential_decay"))
+
+
+def optax_schedule_parameters(name: str) -> dict[str, inspect.Parameter]:
+    """The keywords of ``optax.schedules.<name>`` (``local.schedule_options``)."""
+    params = inspect.signature(getattr(optax.schedules, name)).parameters
+    return {k: p for k, p in params.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+
+
 def lr_schedule(name: str = "constant", **kw: float) -> Callable[[jax.Array], jax.Array]:
     """A multiplier of every client's lr as a function of the round index.
 
     ``constant``; ``exponential`` (``decay_rate ** round``, or ``exp(-rate * round)`` with
     ``rate``: NTK-DFL's ``exp(-0.07 k)``); ``cosine`` over ``rounds`` down to ``alpha``;
-    ``step`` (multiply by ``gamma`` every ``every`` rounds).
+    ``step`` (multiply by ``gamma`` every ``every`` rounds); or ``optax:<name>``, any optax
+    schedule (``optax:warmup_cosine_decay_schedule``) built with ``kw`` as its keywords. An
+    optax schedule is evaluated at the round index (not the local step) and multiplies each
+    client's own lr, so its values are factors: ``init_value = 1.0`` keeps the lr at first.
     """
+    if name.startswith(OPTAX_PREFIX):
+        sname = name[len(OPTAX_PREFIX):]
+        if sname not in optax_schedules():
+            close = difflib.get_close_matches(sname, optax_schedules(), n=2, cutoff=0.6)
+            hint = (f" (did you mean {' or '.join(repr(OPTAX_PREFIX + c) for c in close)}?)"
+                    if close else "")
+            raise ValueError(f"lr schedule {name!r} is not an optax schedule{hint}; allowed: "
+                             f"{', '.join(optax_schedules())}")
+        sched = getattr(optax.schedules, sname)(**kw)
+        return lambda r: jnp.asarray(sched(r), jnp.float32)
     if name == "constant":
         return lambda r: jnp.ones((), jnp.float32)
     if name == "exponential":
@@ -169,7 +382,8 @@ def lr_schedule(name: str = "constant", **kw: float) -> Callable[[jax.Array], ja
     if name == "step":
         every, gamma = int(kw.get("every", 100)), kw.get("gamma", 0.1)
         return lambda r: gamma ** jnp.floor_divide(r, every).astype(jnp.float32)
-    raise ValueError(f"lr schedule {name!r} is unknown; allowed: constant, exponential, cosine, step")
+    raise ValueError(f"lr schedule {name!r} is unknown; allowed: constant, exponential, cosine, "
+                     f"step, or optax:<name> for any optax schedule")
 
 
 SERVER_OPTIMIZERS = ("sgd", "momentum", "adam", "yogi", "adagrad")
