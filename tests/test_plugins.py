@@ -409,7 +409,7 @@ def test_extending_page_snippets_register_working_pieces(tmp_path):
 
     page = (REPO / "docs" / "extending.md").read_text()
     blocks = re.findall(r"^```python\n(.*?)^```", page, flags=re.S | re.M)
-    assert len(blocks) == 4
+    assert len(blocks) == 5
     (tmp_path / "my_pieces.py").write_text("\n\n".join(blocks))
     toml = next(b for b in re.findall(r"^```toml\n(.*?)^```", page, flags=re.S | re.M)
                 if b.startswith('plugins = ["my_pieces.py"]'))
@@ -423,6 +423,14 @@ def test_extending_page_snippets_register_working_pieces(tmp_path):
     model = make_model(cfg.model.name, data.feature_shape, data.num_classes, **cfg.model.options)
     params = model.init(jax.random.key(0))
     assert model.apply(params, np.zeros((5, 16), np.float32)).shape == (5, 3)
+    # The stateful models of "Models with state": linen dropout + BatchNorm, and NNX.
+    x = np.zeros((5, 16), np.float32)
+    for name, state in (("dropout_bn_net", "batch_stats"), ("nnx_net", "state")):
+        m = make_model(name, (16,), 3, width=8)
+        p = m.init(jax.random.key(0))
+        assert m.stateful and set(p) == {"params", state}
+        assert m.apply(p, x).shape == (5, 3)
+        assert m.train_apply(p, x, jax.random.key(1))[0].shape == (5, 3)
     with pytest.raises(ValueError, match="data.source_options.n must be >= 2"):
         load_config(None, ["data.source=blobs", "data.source_options.n=1"])
     with pytest.raises(ValueError, match="model.options.width must be >= 1"):

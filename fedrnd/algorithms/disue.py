@@ -273,6 +273,11 @@ class DisUE(Algorithm):
     def validate(self, data: FederatedData) -> None:
         super().validate(data)
         n = self.name
+        if not self.engine.model.plain:
+            raise ValueError(f"{self.name}: model {self.engine.model.name!r} has dropout or "
+                             f"state (BatchNorm); its distillation trains the student through "
+                             f"Model.apply, "
+                             f"so it needs a stateless deterministic model")
         check_choice(n, "grouping", self.grouping, GROUPINGS)
         check_choice(n, "distill", self.distill, DISTILLS)
         check_choice(n, "student_init", self.student_init, STUDENT_INITS)

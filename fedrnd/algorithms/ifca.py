@@ -96,6 +96,10 @@ class IFCA(Algorithm):
         super().validate(data)
         check_num_clusters(self.name, self.num_clusters, data.num_clients)
         check_choice(self.name, "averaging", self.averaging, AVERAGING)
+        if self.averaging == "gradient" and not self.engine.model.plain:
+            raise ValueError(f"{self.name}: averaging = 'gradient' differentiates Model.apply in "
+                             f"every leaf; model {self.engine.model.name!r} has dropout or state "
+                             f"(BatchNorm), so use averaging = 'model'")
         check_choice(self.name, "weighting", self.weighting, WEIGHTING)
         check_int(self.name, "restarts", self.restarts, 1)
         check_int(self.name, "restart_rounds", self.restart_rounds, 0)

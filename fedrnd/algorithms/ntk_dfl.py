@@ -199,6 +199,11 @@ class NTKDFL(Algorithm):
 
     def validate(self, data: FederatedData) -> None:
         super().validate(data)
+        if not self.engine.model.plain:
+            raise ValueError(f"{self.name}: model {self.engine.model.name!r} has dropout or "
+                             f"state (BatchNorm); its Jacobians differentiate Model.apply in "
+                             f"every leaf, "
+                             f"so it needs a stateless deterministic model")
         if self.cohort_size is not None and self.cohort_size < data.num_clients:
             raise ValueError(f"{self.name}: every node takes part every round; cohort_size="
                              f"{self.cohort_size} < {data.num_clients} is not supported")

@@ -10,6 +10,7 @@ from fedrnd.data.federated import (
     check_federated,
     estimate_bytes,
 )
+from fedrnd.data.leaf import SHAKESPEARE_VOCAB, femnist, leaf_users, shakespeare
 from fedrnd.data.partition import (
     PARTITION_INFO,
     PARTITIONS,
@@ -58,4 +59,6 @@ __all__ = [
     # sources
     "SOURCES", "TFDS_NAMES", "digits", "fashion_mnist", "gaussian_mixture", "load_source",
     "read_idx", "register_source", "synthetic", "tfds_source",
+    # LEAF (natural federated data)
+    "SHAKESPEARE_VOCAB", "femnist", "leaf_users", "shakespeare",
 ]

@@ -38,14 +38,15 @@ class Dataset:
     """A centralised data set as plain numpy arrays (what a *source* returns).
 
     Attributes:
-      x_train: ``[n, *feature_shape]`` float32 (images as ``[n, H, W, C]`` in [0, 1]).
+      x_train: ``[n, *feature_shape]`` float32 (images as ``[n, H, W, C]`` in [0, 1]); token
+        ids (text, e.g. LEAF Shakespeare) may be int32, kept as exact float32 values in the pool.
       y_train: ``[n]`` int32 labels in ``[0, num_classes)``.
       x_test, y_test: the held-out pool, same layout.
       num_classes: number of label values.
       name: the source's name.
       train_client, test_client: optional ``[n]`` int arrays giving a *natural* client for each
-        example (generators such as LEAF Synthetic produce data per client); used by the
-        ``natural`` partitioner.
+        example (generators such as LEAF Synthetic produce data per client, LEAF's FEMNIST
+        and Shakespeare come per writer / role); used by the ``natural`` partitioner.
       client_group: optional ``[num_natural_clients]`` ground-truth group per natural client.
     """
 

@@ -763,7 +763,8 @@ def natural(dataset: Dataset, num_clients: int | None = None, *, seed: int) -> P
     if dataset.train_client is None or dataset.test_client is None:
         raise ValueError(f"natural partition needs a data set with natural clients "
                          f"(train_client/test_client); {dataset.name!r} has none. Use a "
-                         "generator such as synthetic or gaussian_mixture")
+                         "generator such as synthetic or gaussian_mixture, or a LEAF source "
+                         "(femnist, shakespeare)")
     tr_c = np.asarray(dataset.train_client, np.int64)
     te_c = np.asarray(dataset.test_client, np.int64)
     total = int(max(tr_c.max(initial=-1), te_c.max(initial=-1)) + 1)
@@ -773,7 +774,7 @@ def natural(dataset: Dataset, num_clients: int | None = None, *, seed: int) -> P
         num_clients = total
     if not isinstance(num_clients, int | np.integer) or not 1 <= num_clients <= total:
         raise ValueError(f"num_clients must be in [1, {total}] (the natural clients of "
-                         f"{dataset.name!r}), got {num_clients!r}")
+                         f"{dataset.name!r}; data.num_clients in a config), got {num_clients!r}")
     rng = np.random.default_rng(seed)
     chosen = (np.arange(total) if num_clients == total
               else np.sort(rng.choice(total, num_clients, replace=False)))

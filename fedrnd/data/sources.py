@@ -7,6 +7,7 @@ them over clients. Images are ``[n, H, W, C]`` float32 in ``[0, 1]``; vector dat
 ``digits`` (scikit-learn's bundled 8x8 digits) is the default everywhere because it needs no
 download. ``fashion_mnist`` reads the IDX files of the Debian package ``dataset-fashion-mnist``;
 ``tfds:<name>`` reads an already prepared TensorFlow Datasets directory and never downloads.
+LEAF's naturally federated ``femnist`` and ``shakespeare`` live in :mod:`fedrnd.data.leaf`.
 """
 
 from __future__ import annotations

@@ -744,8 +744,10 @@ def partition_parameters(partition: str) -> dict[str, inspect.Parameter]:
 def model_parameters(model: str) -> dict[str, inspect.Parameter]:
     """``model.options`` of a registered model."""
     from fedrnd.models import MODELS
+    from fedrnd.models._core import _NNX_SUPPLIED, is_nnx_builder
 
-    return _parameters(MODELS[model], ("num_classes",))
+    nnx = is_nnx_builder(MODELS[model])
+    return _parameters(MODELS[model], ("num_classes", *(_NNX_SUPPLIED if nnx else ())))
 
 
 def algorithm_parameters(name: str) -> dict[str, inspect.Parameter]:

@@ -27,7 +27,14 @@ import jax.numpy as jnp
 from fedrnd.data.federated import FederatedData
 from fedrnd.engine import lowrank
 from fedrnd.engine.clientmap import ClientMapper
-from fedrnd.engine.local import LocalSpec, LossFn, cross_entropy_loss, local_train
+from fedrnd.engine.local import (
+    LocalSpec,
+    LossFn,
+    TrainLoss,
+    cross_entropy_loss,
+    local_train,
+    model_loss,
+)
 from fedrnd.engine.optim import ClientHParams, ClientOptimizer
 from fedrnd.models import Model
 
@@ -61,6 +68,10 @@ class Engine:
     def __post_init__(self):
         if self.path not in lowrank.PATHS:
             raise ValueError(f"Engine path={self.path!r} is unknown; allowed: {list(lowrank.PATHS)}")
+        if self.loss is not None and not self.model.plain:
+            raise ValueError(f"Engine loss: a custom loss takes (params, x, y, mask) and cannot "
+                             f"run model {self.model.name!r}, which has dropout or state "
+                             f"(Model.train_apply); use the default loss")
         if self.path == "lowrank":
             reason = lowrank.why_not(self.model, self.optimizer, self.loss)
             if reason:
@@ -85,7 +96,14 @@ class Engine:
 
     @property
     def loss_fn(self) -> LossFn:
+        """The loss of a model tree in evaluation mode (IFCA's cluster choice, scores)."""
         return self.loss or cross_entropy_loss(self.model.apply)
+
+    @property
+    def train_loss(self) -> LossFn | TrainLoss:
+        """The local training loss: :attr:`loss_fn`, or a :class:`~fedrnd.engine.local.TrainLoss`
+        through ``Model.train_apply`` for a model with dropout or state."""
+        return self.loss or model_loss(self.model)
 
     def lr_scale(self, round_idx: jax.Array) -> jax.Array:
         return jnp.ones(()) if self.schedule is None else self.schedule(round_idx)
@@ -103,7 +121,7 @@ class Engine:
         if opt_state is None:
             opt_state = self.optimizer.init(params)
         mu = client["mu"] if prox_mu is None else prox_mu
-        return local_train(self.loss_fn, self.optimizer, self.local, params, opt_state, x, y,
+        return local_train(self.train_loss, self.optimizer, self.local, params, opt_state, x, y,
                            client["idx"], client["count"], client["key"], client["kind"],
                            client["lr"] * lr_scale, mu)
 

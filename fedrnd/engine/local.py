@@ -7,6 +7,12 @@ has the static length ``ceil(N_max / B)`` steps per epoch; steps past a client's
 masked (parameters and optimizer state unchanged). With ``steps`` set instead of ``epochs``,
 every client runs exactly that many steps, each on ``B`` examples drawn without replacement
 from its own data (fewer when ``n_c < B``).
+
+Models with dropout or state (:class:`~fedrnd.models.Model` ``train_apply``) train through a
+:class:`TrainLoss`: step ``t`` of a client draws its dropout from ``fold_in(fold_in(key,
+DROPOUT_STREAM), t)`` (the client's own key, so independent of chunking), the gradient is
+taken with respect to the trainable weights only, and the state the forward pass returns
+(BatchNorm statistics) replaces the old one.
 """
 
 from __future__ import annotations
@@ -24,6 +30,30 @@ from fedrnd.engine.optim import ClientOptimizer
 PyTree = Any
 LossFn = Callable[[PyTree, jax.Array, jax.Array, jax.Array], jax.Array]
 """``loss(params, x [B,...], y [B], mask [B]) -> scalar`` (mean over real examples)."""
+
+DROPOUT_STREAM = 0x64726F70
+"""Folded into a client's key for its per-step training keys (dropout): a stream apart from
+the batch schedule's ``fold_in(key, epoch or step)``."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainLoss:
+    """The local loss of a model with state or randomness.
+
+    ``fn(trainable, state, x, y, mask, key) -> (loss, new_state)``; ``split(params) ->
+    (trainable, state)`` and ``merge(trainable, state) -> params`` separate a model tree
+    (:meth:`~fedrnd.models.Model.split`). Only ``trainable`` is differentiated; ``state`` is
+    replaced by what the forward pass returns.
+    """
+
+    fn: Callable[..., tuple[jax.Array, PyTree]]
+    split: Callable[[PyTree], tuple[PyTree, PyTree]]
+    merge: Callable[[PyTree, PyTree], PyTree]
+
+
+def _plain(loss: LossFn) -> TrainLoss:
+    return TrainLoss(lambda p, s, x, y, mask, key: (loss(p, x, y, mask), s),
+                     lambda p: (p, None), lambda p, s: p)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +90,21 @@ def cross_entropy_loss(apply: Callable[[PyTree, jax.Array], jax.Array]) -> LossF
         return jnp.sum(per * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
     return loss
+
+
+def model_loss(model: Any) -> LossFn | TrainLoss:
+    """The default local loss of a :class:`~fedrnd.models.Model`: masked softmax
+    cross-entropy, through ``train_apply`` (a :class:`TrainLoss`) when the model has one."""
+    if model.train_apply is None and not model.stateful:
+        return cross_entropy_loss(model.apply)
+    train_apply = model.train_apply or (lambda p, x, _k: (model.apply(p, x), model.split(p)[1]))
+
+    def fn(trainable, state, x, y, mask, key):
+        logits, new_state = train_apply(model.merge(trainable, state), x, key)
+        per = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+        return jnp.sum(per * mask) / jnp.maximum(jnp.sum(mask), 1.0), new_state
+
+    return TrainLoss(fn, model.split, model.merge)
 
 
 def _tree_where(pred, a, b):
@@ -112,7 +157,7 @@ def batch_schedule(spec: LocalSpec, n_max: int, count: jax.Array, key: jax.Array
 
 
 def local_train(
-    loss_fn: LossFn,
+    loss_fn: LossFn | TrainLoss,
     optimizer: ClientOptimizer,
     spec: LocalSpec,
     params: PyTree,
@@ -130,6 +175,9 @@ def local_train(
     """Train one client. Returns ``(params, opt_state, {"loss", "steps"})``.
 
     Args:
+      loss_fn: a :data:`LossFn` of the whole model tree, or a :class:`TrainLoss` (dropout,
+        state). ``opt_state`` covers the whole tree either way; with a ``TrainLoss`` the
+        gradient of the state leaves is zero and their updates are discarded.
       x_pool, y_pool: the shared pool ``[P, ...]``, ``[P]``.
       idx: ``[N]`` the client's rows into the pool; ``count``: how many are real.
       kind, lr: the client's optimizer kind index and learning rate (scalars).
@@ -137,40 +185,50 @@ def local_train(
         at the start of the round).
     """
     n_max = idx.shape[0]
-    anchor = params if anchor is None else anchor
+    tl = loss_fn if isinstance(loss_fn, TrainLoss) else _plain(loss_fn)
+    anchor = tl.split(params if anchor is None else anchor)[0]
 
-    loss_and_grad = jax.value_and_grad(loss_fn)
+    loss_and_grad = jax.value_and_grad(tl.fn, has_aux=True)
     prox_and_grad = jax.value_and_grad(lambda p: 0.5 * prox_mu * _sq_dist(p, anchor))
 
     def with_prox(p, loss, g):
         pl, pg = prox_and_grad(p)
         return loss + pl, jax.tree.map(jnp.add, g, pg)
 
-    def grad_fn(p, x, y, mask):
+    def grad_fn(p, state, x, y, mask, k):
         # Value and gradient of ``loss + (mu / 2) ||p - anchor||^2``. The proximal term costs
         # extra passes over the parameters every step (about half the CPU time of a FedAvg
         # round at chunk 1, benchmarks/RESULTS.md), so it is skipped when mu is 0: statically
         # for a Python number, with a ``cond`` for a traced mu (a real branch when mu is not
         # batched, as with ClientMapper chunk 1; under vmap a select, no dearer than before).
-        loss, g = loss_and_grad(p, x, y, mask)
+        (loss, state), g = loss_and_grad(p, state, x, y, mask, k)
         if isinstance(prox_mu, (int, float)):
-            return with_prox(p, loss, g) if prox_mu != 0 else (loss, g)
-        return jax.lax.cond(prox_mu != 0, with_prox, lambda _p, lo, gr: (lo, gr), p, loss, g)
+            return (*(with_prox(p, loss, g) if prox_mu != 0 else (loss, g)), state)
+        return (*jax.lax.cond(prox_mu != 0, with_prox, lambda _p, lo, gr: (lo, gr), p, loss, g),
+                state)
+
+    dropout_key = jax.random.fold_in(key, DROPOUT_STREAM)
 
     def step(carry, plan):
-        positions, valid, active = plan
-        p, s = carry
+        positions, valid, active, t = plan
+        w, s = carry
+        p, state = tl.split(w)
         rows = idx[positions]
         x, y = x_pool[rows], y_pool[rows]
-        loss, g = grad_fn(p, x, y, valid.astype(x.dtype))
-        u, s2 = optimizer.update(g, s, p, kind, lr)
-        p2 = optax.apply_updates(p, u)
+        loss, g, state2 = grad_fn(p, state, x, y, valid.astype(x.dtype),
+                                  jax.random.fold_in(dropout_key, t))
+        # The optimizer sees the whole tree with zero gradients for the state; the state's
+        # updates (weight decay, say) are dropped: it is only ever set by the forward pass.
+        u, s2 = optimizer.update(tl.merge(g, jax.tree.map(jnp.zeros_like, state)), s, w, kind,
+                                 lr)
+        w2 = tl.merge(optax.apply_updates(p, tl.split(u)[0]), state2)
         if spec.steps is not None:  # every step is real; no select to fuse
-            return (p2, s2), loss
-        return (_tree_where(active, p2, p), _tree_where(active, s2, s)), jnp.where(active, loss, 0.0)
+            return (w2, s2), loss
+        return (_tree_where(active, w2, w), _tree_where(active, s2, s)), jnp.where(active, loss, 0.0)
 
     positions, valid, active, n_steps = batch_schedule(spec, n_max, count, key)
+    steps = jnp.arange(positions.shape[0])
     (params, opt_state), losses = jax.lax.scan(step, (params, opt_state),
-                                               (positions, valid, active))
+                                               (positions, valid, active, steps))
     mean_loss = jnp.sum(losses) / jnp.maximum(n_steps, 1)
     return params, opt_state, {"loss": mean_loss, "steps": n_steps}

@@ -102,6 +102,9 @@ to CPU seconds per round on the throughput workload (MLP 784-200-200-10, batch 1
 # --------------------------------------------------------------------------------------------
 def why_not(model: Model, optimizer: ClientOptimizer, loss: Any = None) -> str | None:
     """``None`` when the fast path applies to this model, optimizer and loss, else the reason."""
+    if not model.plain:
+        return (f"model {model.name!r} has dropout or state (Model.train_apply, e.g. "
+                f"BatchNorm); the low-rank path needs a stateless deterministic model")
     if model.dense is None:
         return (f"model {model.name!r} does not declare a dense layer stack (Model.dense); the "
                 f"low-rank path needs dense layers with an elementwise activation")

@@ -37,6 +37,15 @@ class Model:
     ``feature_shape`` is the shape of one example; ``apply`` takes a batch ``[B, *feature_shape]``.
     ``dense``: the layer structure when the model is a plain stack of dense layers (MLP,
     logistic regression), else ``None``.
+
+    ``params`` is the client's whole model pytree: what is averaged, sent, checkpointed. For a
+    plain model it is the trainable weights. A model with non-trainable state (BatchNorm
+    statistics) is ``stateful`` and its tree is ``{"params": weights, **state}``, one entry per
+    state collection (e.g. ``"batch_stats"``); :meth:`split` and :meth:`merge` separate the two.
+    ``apply`` is the evaluation forward pass (``train=False``: no dropout, state frozen).
+    ``train_apply(params, x, key) -> (logits, state)``, when set, is the training forward pass
+    (dropout drawn from ``key``, state updated and returned; ``None`` when not stateful);
+    ``None`` means training uses ``apply``.
     """
 
     init: Callable[[jax.Array], Params]
@@ -45,10 +54,36 @@ class Model:
     num_classes: int
     name: str = "model"
     dense: DenseStack | None = None
+    train_apply: Callable[[Params, jax.Array, jax.Array], tuple[jax.Array, Any]] | None = None
+    stateful: bool = False
+
+    @property
+    def plain(self) -> bool:
+        """Stateless and deterministic: training is ``apply`` and every leaf of ``params`` is
+        trained (the low-rank fast path and the NTK methods need this)."""
+        return self.train_apply is None and not self.stateful
+
+    def split(self, params: Params) -> tuple[Params, Any]:
+        """``(trainable weights, state)`` of a model tree (state ``None`` if not stateful)."""
+        if not self.stateful:
+            return params, None
+        return params["params"], {k: v for k, v in params.items() if k != "params"}
+
+    def merge(self, trainable: Params, state: Any) -> Params:
+        """The inverse of :meth:`split`."""
+        return {"params": trainable, **state} if self.stateful else trainable
 
     def num_params(self) -> int:
-        shapes = jax.eval_shape(self.init, jax.random.key(0))
+        """Trainable parameters (state such as BatchNorm statistics not counted)."""
+        shapes = self.split(jax.eval_shape(self.init, jax.random.key(0)))[0]
         return int(sum(np.prod(s.shape) for s in jax.tree_util.tree_leaves(shapes)))
+
+
+def _takes_train(fn: Callable) -> bool:
+    try:
+        return "train" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def from_flax(module: nn.Module, feature_shape: Sequence[int], num_classes: int,
@@ -57,17 +92,120 @@ def from_flax(module: nn.Module, feature_shape: Sequence[int], num_classes: int,
 
     ``dense``: declare the module a stack of dense layers (see :class:`DenseStack`); only do so
     when it is exactly that.
+
+    A module whose ``__call__`` takes ``train`` is called with ``train=True`` in local training
+    (with a ``"dropout"`` rng per client and step) and ``train=False`` elsewhere. Variable
+    collections other than ``"params"`` (``"batch_stats"``) make the model stateful: they live
+    in the model tree next to the weights, are updated by the training pass (``mutable``) and
+    frozen in evaluation. Both are detected here, once.
     """
     feature_shape = tuple(int(s) for s in feature_shape)
+    x0 = jnp.zeros((1, *feature_shape), jnp.float32)
+    takes_train = _takes_train(module.__call__)
+    kw_eval = {"train": False} if takes_train else {}
+    kw_train = {"train": True} if takes_train else {}
+    shapes = jax.eval_shape(lambda k: module.init(k, x0, **kw_eval), jax.random.key(0))
+    collections = tuple(sorted(c for c in shapes if c != "params"))
+    stateful = bool(collections)
 
     def init(key: jax.Array) -> Params:
-        return module.init(key, jnp.zeros((1, *feature_shape), jnp.float32))["params"]
+        variables = module.init(key, x0, **kw_eval)
+        if not stateful:
+            return variables["params"]
+        return {"params": variables["params"], **{c: variables[c] for c in collections}}
 
     def apply(params: Params, x: jax.Array) -> jax.Array:
-        return module.apply({"params": params}, x)
+        return module.apply(params if stateful else {"params": params}, x, **kw_eval)
 
+    def train_apply(params: Params, x: jax.Array, key: jax.Array) -> tuple[jax.Array, Any]:
+        if not stateful:
+            return module.apply({"params": params}, x, rngs={"dropout": key}, **kw_train), None
+        logits, state = module.apply(params, x, rngs={"dropout": key}, mutable=list(collections),
+                                     **kw_train)
+        return logits, {c: state[c] for c in collections}
+
+    plain = not (takes_train or stateful)
     return Model(init, apply, feature_shape, int(num_classes), name or type(module).__name__,
-                 dense)
+                 dense, None if plain else train_apply, stateful)
+
+
+def from_nnx(module: Any, feature_shape: Sequence[int], num_classes: int,
+             name: str | None = None) -> Model:
+    """Wrap a flax NNX module whose ``__call__(x)`` maps ``[B, *feature_shape]`` to logits.
+
+    ``module``: an ``nnx.Module``, or a factory ``rngs -> nnx.Module``. With a factory,
+    ``init(key)`` builds the module with ``nnx.Rngs(key)``, so keys give different weights
+    (methods that initialise several models, IFCA, need that); with a module, ``init`` returns
+    its current weights whatever the key.
+
+    The module is split (``nnx.split``) into a graph and its state: the ``nnx.Param`` state is
+    the trainable weights; RNG state (``nnx.Rngs`` given to ``nnx.Dropout``) is not kept in
+    the model but re-seeded from the training key at every local step; any other state
+    (``nnx.BatchStat``) makes the model stateful, stored under ``"state"`` in the model tree.
+    Training runs the module with ``deterministic=False, use_running_average=False``,
+    evaluation with both ``True`` (``nnx.view``). Leaves are plain arrays in nested dicts
+    (``State.to_pure_dict``), like a linen model's.
+    """
+    from flax import nnx
+
+    feature_shape = tuple(int(s) for s in feature_shape)
+    factory = None if isinstance(module, nnx.Module) else module
+    template = module if factory is None else nnx.eval_shape(lambda: factory(nnx.Rngs(0)))
+
+    def graph(deterministic: bool):
+        view = nnx.view(template, deterministic=deterministic,
+                        use_running_average=deterministic, raise_if_not_found=False)
+        return nnx.split(view, nnx.Param, nnx.RngState, ...)
+
+    gd_train, p_abs, rng_abs, rest_abs = graph(False)
+    gd_eval = graph(True)[0]
+    p_def, rng_def, rest_def = (jax.tree.structure(t) for t in (p_abs, rng_abs, rest_abs))
+    rng_leaves = jax.tree.leaves(rng_abs)
+    stateful = bool(jax.tree.leaves(rest_abs))
+    stochastic = bool(rng_leaves) or gd_train != gd_eval
+
+    def pure(params, rest):
+        p = params.to_pure_dict()
+        return {"params": p, "state": rest.to_pure_dict()} if stateful else p
+
+    if factory is None:
+        weights = pure(*nnx.split(module, nnx.Param, nnx.RngState, ...)[1::2])
+
+        def init(key: jax.Array) -> Params:
+            return weights
+    else:
+        def init(key: jax.Array) -> Params:
+            _, p, _, rest = nnx.split(factory(nnx.Rngs(key)), nnx.Param, nnx.RngState, ...)
+            return pure(p, rest)
+
+    def rngs(key: jax.Array):
+        # Every RNG stream of the module restarts from its own fold of the step key.
+        out = []
+        for i, leaf in enumerate(rng_leaves):
+            if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+                k = jax.random.fold_in(key, i)
+                out.append(jax.random.split(k, leaf.shape) if leaf.shape else k)
+            else:
+                out.append(jnp.zeros(leaf.shape, leaf.dtype))
+        return jax.tree.unflatten(rng_def, out)
+
+    def run(gd, params, x, key):
+        p, rest = (params["params"], params["state"]) if stateful else (params, {})
+        m = nnx.merge(gd, jax.tree.unflatten(p_def, jax.tree.leaves(p)), rngs(key),
+                      jax.tree.unflatten(rest_def, jax.tree.leaves(rest)))
+        logits = m(x)
+        return logits, nnx.split(m, nnx.Param, nnx.RngState, ...)[3].to_pure_dict()
+
+    def apply(params: Params, x: jax.Array) -> jax.Array:
+        return run(gd_eval, params, x, jax.random.key(0))[0]
+
+    def train_apply(params: Params, x: jax.Array, key: jax.Array) -> tuple[jax.Array, Any]:
+        logits, rest = run(gd_train, params, x, key)
+        return logits, ({"state": rest} if stateful else None)
+
+    return Model(init, apply, feature_shape, int(num_classes),
+                 name or type(template).__name__, None,
+                 train_apply if stateful or stochastic else None, stateful)
 
 
 class LogisticRegression(nn.Module):
@@ -193,8 +331,9 @@ def _resnet(num_classes: int, stages: int | Sequence[int] = (16, 32, 64),
     return ResNet(num_classes, widths, _positive("blocks_per_stage", blocks_per_stage))
 
 
-MODELS: dict[str, Callable[..., nn.Module]] = {}
-"""Model builders by name: ``builder(num_classes, **options) -> flax module``; filled by
+MODELS: dict[str, Callable[..., Any]] = {}
+"""Model builders by name: ``builder(num_classes, **options) -> flax module`` (linen, or NNX
+for builders taking ``rngs``, see :func:`register_model`); filled by
 :func:`register_model` (the built-ins below use it too)."""
 
 _IMAGE_MODELS: set[str] = set()
@@ -213,7 +352,11 @@ def register_model(name: str | Callable[..., nn.Module] | None = None,
     **options)`` returns a flax linen module mapping ``[B, *feature_shape]`` to logits
     ``[B, num_classes]``; its keyword options are ``model.options``, validated against the
     signature like a built-in's, and building it must be cheap (validation builds it once
-    with ``num_classes=2`` to check the options). ``image_input``: the model needs
+    with ``num_classes=2`` to check the options). A builder with an ``rngs`` parameter is a
+    flax NNX builder: ``builder(num_classes, *, rngs, **options)`` (plus ``feature_shape=``
+    when it takes that parameter, as NNX layers need their input sizes) returns an
+    ``nnx.Module`` and is wrapped with :func:`from_nnx` (validation checks its options
+    against the signature without building it). ``image_input``: the model needs
     ``[H, W, C]`` inputs, refused on vector data before anything is compiled. A name that
     exists raises ``ValueError`` unless ``replace=True``.
     """
@@ -254,12 +397,24 @@ def _unknown_model(name: str) -> ValueError:
     return ValueError(f"model.name={name!r} is unknown{hint}; allowed: {sorted(MODELS)}")
 
 
+_NNX_SUPPLIED = ("rngs", "feature_shape")
+"""Parameters of an NNX model builder that the run supplies (not ``model.options``)."""
+
+
+def is_nnx_builder(builder: Callable[..., Any]) -> bool:
+    """Whether a model builder is a flax NNX one (it takes ``rngs``)."""
+    return "rngs" in inspect.signature(builder).parameters
+
+
 def model_parameters(name: str) -> dict[str, inspect.Parameter]:
     """The options of a registered model (``model.options``), with their defaults."""
     if name not in MODELS:
         raise _unknown_model(name)
     params = dict(inspect.signature(MODELS[name]).parameters)
     params.pop("num_classes", None)
+    if is_nnx_builder(MODELS[name]):
+        for k in _NNX_SUPPLIED:
+            params.pop(k, None)
     return params
 
 
@@ -272,20 +427,41 @@ def check_model_options(name: str, options: dict[str, Any]) -> None:
     bad = sorted(set(options) - set(params))
     if bad and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
         raise ValueError(f"unknown option(s) {bad}; allowed: {', '.join(params)}")
+    if is_nnx_builder(MODELS[name]):
+        # Building allocates weights and needs the feature shape: check the call only.
+        inspect.signature(MODELS[name]).bind(2, **_nnx_supplied(MODELS[name], (1,), None),
+                                             **options)
+        return
     MODELS[name](2, **options)
+
+
+def _nnx_supplied(builder: Callable[..., Any], feature_shape: Sequence[int], rngs: Any
+                  ) -> dict[str, Any]:
+    extra = {"rngs": rngs}
+    if "feature_shape" in inspect.signature(builder).parameters:
+        extra["feature_shape"] = tuple(int(s) for s in feature_shape)
+    return extra
 
 
 def make_model(name: str, feature_shape: Sequence[int], num_classes: int, **kwargs: Any) -> Model:
     """Build a registered model by name; ``kwargs`` go to the module (e.g. ``hidden=[200, 200]``)."""
     if name not in MODELS:
         raise _unknown_model(name)
+    builder = MODELS[name]
     try:
-        module = MODELS[name](num_classes, **kwargs)
+        if is_nnx_builder(builder):
+            inspect.signature(builder).bind(num_classes, **_nnx_supplied(builder, (1,), None),
+                                            **kwargs)
+        else:
+            module = builder(num_classes, **kwargs)
     except TypeError as e:
         raise ValueError(f"bad options for model {name!r}: {e}") from None
     if name in _IMAGE_MODELS and len(tuple(feature_shape)) != 3:
         raise ValueError(f"model {name!r} needs image inputs [H, W, C], got feature shape "
                          f"{tuple(feature_shape)}")
+    if is_nnx_builder(builder):
+        return from_nnx(lambda rngs: builder(num_classes, **_nnx_supplied(
+            builder, feature_shape, rngs), **kwargs), feature_shape, num_classes, name)
     return from_flax(module, feature_shape, num_classes, name, _dense_stack(module))
 
 

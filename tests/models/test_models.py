@@ -19,7 +19,8 @@ IMAGES = (DIGITS, MNIST, CIFAR)
 # Small options so every registered model compiles in about a second; a model missing here
 # is built with its defaults.
 SMALL = {"mlp": {"hidden": [7, 5]}, "cnn": {"channels": [4, 8], "dense": 16, "kernel": 3},
-         "resnet": {"stages": [4, 8]}}
+         "resnet": {"stages": [4, 8]}, "char_lstm": {"hidden": [6], "embed": 3}}
+TEXT = ("char_lstm",)  # models of token ids [B, L] (fedrnd.models.text)
 
 
 def n_params(tree) -> int:
@@ -35,8 +36,18 @@ def build(name, shape):
 
 
 def accepts(name: str, shape) -> bool:
-    """Dense models flatten any input; convolutional ones need images ``[H, W, C]``."""
+    """Dense models flatten any input; convolutional ones need images ``[H, W, C]``, text
+    models sequences ``[L]``."""
+    if name in TEXT:
+        return len(shape) == 1
     return len(shape) == 3 or name in ("logreg", "mlp")
+
+
+def inputs(name: str, n: int = 3, seed: int = 0) -> jax.Array:
+    """A batch for the value tests: images ``DIGITS``, or token ids ``[n, 6]`` for text."""
+    if name in TEXT:  # ids as the float pool stores them
+        return jnp.floor(batch(VECTOR, n, seed) * K)
+    return batch(DIGITS, n, seed)
 
 
 # --------------------------------------------------------------------------------- shapes
@@ -49,6 +60,10 @@ def shape_id(shape) -> str:
 def test_logits_are_batch_by_classes_for_every_accepted_input(name, shape):
     """Shapes by abstract evaluation (nothing compiled); the values are checked below."""
     if not accepts(name, shape):
+        if name in TEXT:  # refused when traced, by the module
+            with pytest.raises(ValueError, match=r"token ids \[B, L\]"):
+                jax.eval_shape(build(name, shape).init, jax.random.key(0))
+            return
         with pytest.raises(ValueError, match="image inputs"):
             build(name, shape)
         return
@@ -144,7 +159,7 @@ def test_generator_parameter_count_with_a_dense_head():
 # -------------------------------------------------------------------------------- purity
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_apply_is_pure_and_jit_equals_eager(name):
-    shape = DIGITS
+    shape = VECTOR if name in TEXT else DIGITS
     model = build(name, shape)
     params = model.init(jax.random.key(0))
     same = model.init(jax.random.key(0))
@@ -153,7 +168,7 @@ def test_apply_is_pure_and_jit_equals_eager(name):
         np.testing.assert_array_equal(a, b)
     assert any(not np.array_equal(a, b) for a, b in
                zip(jax.tree.leaves(params), jax.tree.leaves(other), strict=True))
-    x = batch(shape, 4)
+    x = inputs(name, 4)
     eager = model.apply(params, x)
     np.testing.assert_array_equal(eager, model.apply(params, x))
     np.testing.assert_allclose(jax.jit(model.apply)(params, x), eager, rtol=1e-5, atol=1e-6)
@@ -173,9 +188,9 @@ def test_generator_apply_is_pure_and_jit_equals_eager():
 # ----------------------------------------------------------------------------- gradients
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_cross_entropy_gradients_are_finite_and_reach_every_parameter(name):
-    model = build(name, DIGITS)
+    model = build(name, VECTOR if name in TEXT else DIGITS)
     params = model.init(jax.random.key(0))
-    x, y = batch(DIGITS, 6), jnp.arange(6) % K
+    x, y = inputs(name, 6), jnp.arange(6) % K
 
     def loss(p):
         return optax.softmax_cross_entropy_with_integer_labels(model.apply(p, x), y).mean()
