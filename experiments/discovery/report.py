@@ -103,6 +103,36 @@ def score(meta, arr, fed):
             else 1.0, normalized_mutual_info_score(t, fed), int(fed.max()) + 1)
 
 
+def _cell_reads(path: Path):
+    """Every read of one cell: ``{read name: (ARI, NMI, federations)}`` and, for dense cells
+    of at most 200 clients, the sensitivity decisions (one per :data:`SENSITIVITY` entry)."""
+    meta, arr = _load(path)
+    reads = {}
+    for name, fn in READS.items():
+        if "scores" not in arr and not name.startswith("test") and name != "eps auto":
+            continue  # sparse cells: the test and the largest-gap eps only
+        reads[name] = score(meta, arr, fn(arr))
+    sens = []
+    if "scores" in arr and meta["clients"] <= 200:
+        sens = [score(meta, arr, decide(arr, dataclasses.replace(RNDConfig(), **kw)))
+                for kw in SENSITIVITY]
+    return reads, sens
+
+
+def _all_reads(paths, workers: int | None = None):
+    """:func:`_cell_reads` of every path, in worker processes (``FEDRND_REPORT_WORKERS``,
+    default the CPU count): the reads are independent and the report re-decides a few
+    thousand matrices."""
+    import os
+    from concurrent.futures import ProcessPoolExecutor
+
+    workers = workers or int(os.environ.get("FEDRND_REPORT_WORKERS", os.cpu_count() or 1))
+    if workers <= 1:
+        return dict(zip(paths, map(_cell_reads, paths), strict=True))
+    with ProcessPoolExecutor(workers) as ex:
+        return dict(zip(paths, ex.map(_cell_reads, paths, chunksize=1), strict=True))
+
+
 def _ms(v, fmt="{:.2f}"):
     v = np.asarray(v, float)
     if v.size == 0:
@@ -162,19 +192,16 @@ def write_report() -> str:
               "| CPU s | wall s | KB per client (up / down) | peak RSS MB |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     keyed = sorted(cells, key=lambda k: (k[0], k[2], ORDER.index(k[1]) if k[1] in ORDER else 99))
+    cell_reads = _all_reads([p for key in keyed for p, _, _ in cells[key]])
     singles_split = defaultdict(lambda: [0, 0])
     results = {}
     for key in keyed:
         source, pop, c, net = key
         rows = cells[key]
         reads = {name: [] for name in READS}
-        for _, meta, arr in rows:
-            for name, fn in READS.items():
-                if not name.startswith("test") and "scores" not in arr:
-                    if name == "eps auto":
-                        reads[name].append(score(meta, arr, fn(arr)))
-                    continue
-                reads[name].append(score(meta, arr, fn(arr)))
+        for p, _, _ in rows:
+            for name, v in cell_reads[p][0].items():
+                reads[name].append(v)
         results[key] = reads
         d = np.array(reads["test (default)"])
         metas = [m for _, m, _ in rows]
@@ -252,16 +279,16 @@ def write_report() -> str:
               "| alpha | min_effect | within_ratio | grouped mean ARI | grouped cells with "
               "ARI >= 0.95 | IID + label permutation cells split | Dirichlet cells split |",
               "|---|---|---|---|---|---|---|"]
-    for kw in SENSITIVITY:
-        cfg = dataclasses.replace(RNDConfig(), **kw)
+    for k, kw in enumerate(SENSITIVITY):
         ag, good, n_g, split, n_s, dsplit, n_d = [], 0, 0, 0, 0, 0, 0
         for key in keyed:
             if key[2] > 200:
                 continue
-            for _, meta, arr in cells[key]:
-                if "scores" not in arr:
+            for p, _, _ in cells[key]:
+                sens = cell_reads[p][1]
+                if not sens:
                     continue
-                a, _, f = score(meta, arr, decide(arr, cfg))
+                a, _, f = sens[k]
                 if key[1] == "dirichlet":
                     dsplit += f > 1
                     n_d += 1
