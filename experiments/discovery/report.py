@@ -314,9 +314,10 @@ def write_report() -> str:
         p, meta, arr = cells[key][0]
         if "scores" not in arr:
             continue
-        fig = FIG / f"{source}_{pop}_{c}.png"
-        _heatmap(fig, arr, f"{source} {pop}, {c} clients, seed {meta['seed']}")
-        lines.append(f"![{pop} {c}](figures/{fig.name})")
+        tag = "" if net in ("mlp", "conv") else f"_{net}"
+        fig = FIG / f"{source}_{pop}_{c}{tag}.png"
+        _heatmap(fig, arr, f"{source} {pop}, {c} clients, {net}, seed {meta['seed']}")
+        lines.append(f"![{pop} {c} {net}](figures/{fig.name})")
     text = "\n".join(lines) + "\n"
     OUT.write_text(text)
     return text
