@@ -263,21 +263,17 @@ def _run(tmp_path, source: str, root: Path, model: str, options: dict, clients: 
     return simulate(cfg, run_dir=tmp_path / "run", verbose=False)
 
 
-def test_fedavg_on_shakespeare_with_char_lstm(shakespeare_dir, tmp_path):
-    root, _ = shakespeare_dir
-    res = _run(tmp_path, "shakespeare", root, "char_lstm", {"hidden": [16], "embed": 4}, 3)
+@pytest.mark.parametrize("source,model,options,clients", [
+    ("shakespeare", "char_lstm", {"hidden": [16], "embed": 4}, 3),
+    ("femnist", "cnn", {"channels": [4], "dense": 16}, 4),
+])
+def test_fedavg_on_natural_data(source, model, options, clients, request, tmp_path):
+    root, _ = request.getfixturevalue(f"{source}_dir")
+    res = _run(tmp_path, source, root, model, options, clients)
     final = res.methods["fedavg"].final
     loss = [v for k, v in final.items() if "loss" in k]
     assert loss and all(math.isfinite(v) for v in loss)
     assert 0.0 <= final["test_acc/mean"] <= 1.0
-
-
-def test_fedavg_on_femnist_with_cnn(femnist_dir, tmp_path):
-    root, _ = femnist_dir
-    res = _run(tmp_path, "femnist", root, "cnn", {"channels": [4], "dense": 16}, 4)
-    final = res.methods["fedavg"].final
-    loss = [v for k, v in final.items() if "loss" in k]
-    assert loss and all(math.isfinite(v) for v in loss)
 
 
 def test_natural_data_through_build_federated_keeps_token_ids(shakespeare_dir):
