@@ -164,7 +164,7 @@ def run(args: argparse.Namespace) -> dict:
     edges = (random_graph(args.clients, args.sparse_degree, args.seed)
              if args.sparse_degree else None)
     cfg = RNDConfig(criterion=args.criterion, network=args.network, probe_cap=args.probe_cap,
-                    fused=not args.generic,
+                    input_pool=args.input_pool, fused=not args.generic,
                     min_steps=args.min_steps or None,
                     seed=args.seed, epochs=args.epochs, steps=args.steps)
     runs, res = [], None
@@ -228,6 +228,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--per-client", type=int, default=64)
     p.add_argument("--network", choices=["mlp", "conv"], default="mlp")
     p.add_argument("--probe-cap", type=int, default=None)
+    p.add_argument("--input-pool", type=int, default=1,
+                   help="average-pool images by this factor before the pair (RNDConfig.input_pool)")
     p.add_argument("--sparse-degree", type=int, default=0,
                    help="score about d random peers per client, both ways, not all (0: dense)")
     p.add_argument("--repeat", type=int, default=1,

@@ -208,3 +208,50 @@ def test_discovery_fused_and_generic_agree():
     np.testing.assert_array_equal(fs.federation, gs.federation)
     e_src, e_dst = np.asarray(fs.edges.src), np.asarray(fs.edges.dst)
     np.testing.assert_allclose(fs.edge_scores, fast.scores[e_dst, e_src], rtol=2e-5)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "conv"])
+@pytest.mark.parametrize("per_client_init", [False, True])
+def test_full_batch_training_equals_the_engine_path(kind, per_client_init, monkeypatch):
+    """The full-batch predictor trainer (rows gathered once per client) against the engine's
+    general path on ragged clients: the same updates up to the order of a sum, so equal to
+    float rounding; and a progress run over blocks of clients gives the same bits."""
+    from fedrnd.engine import ClientHParams, progress
+    from fedrnd.rnd.predictors import _full_batch, _train_program, predictor_engine
+
+    pair, _, x, t_pool, _, _ = _ragged_setup(kind)
+    cfg = RNDConfig(network=kind, target_width=(16,) if kind == "mlp" else (4, 8),
+                    predictor_width=(4,) if kind == "mlp" else (2, 4), out_dim=8, steps=12,
+                    batch_size=64, per_client_init=per_client_init)
+    c = 9
+    tr_cnt = np.arange(5, 5 + c, dtype=np.int32)
+    tr_idx = (np.arange(c)[:, None] * 20 + np.arange(16)[None, :]).astype(np.int32)
+    tr_idx = np.where(np.arange(16)[None, :] < tr_cnt[:, None], tr_idx, 0)
+    key = jax.random.key(3)
+    engine = predictor_engine(pair, cfg, max_count=16)
+    assert _full_batch(engine, 16)
+    with progress.mode("off"):
+        got, loss = train_predictors(pair, cfg, x, t_pool, tr_idx, tr_cnt, key)
+    # The engine's general path (shuffled full batches drawn every step).
+    k_init, k_train = jax.random.split(key)
+    init = pair.predictor.init(k_init)
+    client_init = (jax.vmap(pair.predictor.init)(jax.random.split(k_init, c))
+                   if per_client_init else None)
+    z = jnp.zeros((c, 1), jnp.int32)
+    from fedrnd.data import FederatedData
+    data = FederatedData(x=x, y=t_pool, train_idx=jnp.asarray(tr_idx),
+                         train_count=jnp.asarray(tr_cnt), test_idx=z, test_count=z[:, 0],
+                         group=z[:, 0])
+    hp = ClientHParams(jnp.zeros(c, jnp.int32), jnp.full(c, cfg.lr, jnp.float32),
+                       jnp.zeros(c, jnp.float32))
+    want, want_loss = _train_program(engine, init, client_init, data, hp, k_train)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-5)
+    np.testing.assert_allclose(np.asarray(loss), np.asarray(want_loss), rtol=1e-4)
+    # Blocks of clients (progress on) give the same bits as one program.
+    monkeypatch.setattr(progress, "MIN_BLOCK_WORK", 0)
+    assert len(progress.blocks(c, work=1.0)) > 1
+    with progress.mode("log"):
+        blocked, _ = train_predictors(pair, cfg, x, t_pool, tr_idx, tr_cnt, key)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(blocked), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
