@@ -10,9 +10,12 @@ selection), :mod:`~fedrnd.rnd.extract` (federations: components, leaders, averag
 :mod:`~fedrnd.rnd.fingerprints` (two-stage candidates) and :mod:`~fedrnd.rnd.pipeline`
 (:func:`discover`; :func:`federations_from_scores` turns stored scores into federations).
 :mod:`~fedrnd.rnd.decentral` is discovery without a server: neighbour scores only, a novelty
-band, regions by leader election (:func:`discover_regions`).
+band, regions by leader election (:func:`discover_regions`). :mod:`~fedrnd.rnd.adversarial`
+makes chosen clients lie in their uploads (``discover(..., attack=)``);
+:mod:`~fedrnd.rnd.defences` holds the decision's defences (``discover(..., defences=)``).
 """
 
+from fedrnd.rnd.adversarial import AttackConfig
 from fedrnd.rnd.config import (
     DISCOVERY_CRITERIA,
     PROBE_CHOICES,
@@ -35,6 +38,7 @@ from fedrnd.rnd.decentral import (
     node_ranks,
     regions_from_scores,
 )
+from fedrnd.rnd.defences import STRICT, Defences
 from fedrnd.rnd.extract import (
     LINKAGE_CUT,
     federations,
@@ -91,6 +95,9 @@ from fedrnd.rnd.stats import (
 )
 
 __all__ = [
+    "STRICT",
+    "AttackConfig",
+    "Defences",
     "DISCOVERY_CRITERIA",
     "Decision",
     "LINKAGE_CUT",

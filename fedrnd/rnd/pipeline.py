@@ -28,7 +28,14 @@ from fedrnd.data.federated import FederatedData, check_federated, id_list
 from fedrnd.engine import ClientMapper, EdgeList, progress, tree_bytes
 from fedrnd.engine.multihost import to_host
 from fedrnd.rnd.config import RNDConfig
-from fedrnd.rnd.extract import federations, linkage_test_federations
+from fedrnd.rnd.defences import (
+    Defences,
+    check_uploads,
+    consent_filter,
+    replay_flags,
+    robust_statistic,
+)
+from fedrnd.rnd.extract import _relabel, federations, linkage_test_federations
 from fedrnd.rnd.fingerprints import candidate_edges, fingerprint_bytes, fingerprints
 from fedrnd.rnd.networks import RNDPair, pool_inputs, pooled_shape, target_features
 from fedrnd.rnd.predictors import probe_split, train_predictors
@@ -44,6 +51,7 @@ from fedrnd.rnd.scoring import paired_edges, paired_matrix, self_errors
 from fedrnd.rnd.stats import (
     bh_adjust,
     evidence,
+    pair_pvalues,
     pair_statistic,
     paired_moments,
     symmetric_pvalues,
@@ -101,7 +109,9 @@ def federations_from_scores(scores: np.ndarray, config: RNDConfig = RNDConfig(),
                             s_self: np.ndarray | None = None,
                             self_std: np.ndarray | None = None,
                             edges: tuple[np.ndarray, np.ndarray] | None = None,
-                            num_clients: int | None = None) -> Decision:
+                            num_clients: int | None = None,
+                            defences: Defences | None = None,
+                            exclude: np.ndarray | None = None) -> Decision:
     """Turn novelty scores into federations with ``config``'s criterion.
 
     Dense: ``scores`` is ``S [C, C]`` (diagonal = self-novelty on the same probes). Sparse:
@@ -111,8 +121,21 @@ def federations_from_scores(scores: np.ndarray, config: RNDConfig = RNDConfig(),
     The test criterion also needs ``second`` (``Q`` of :func:`~fedrnd.rnd.scoring.paired_matrix`
     or ``q`` of :func:`~fedrnd.rnd.scoring.paired_edges`) and ``count [C]`` (probes per
     client). ``sigma="self"`` needs ``self_std [C]``.
+
+    ``defences`` (:class:`~fedrnd.rnd.defences.Defences`, default: validation only) are the
+    decision's defences against lying clients; ``exclude`` (dense ``[C]`` bool) leaves clients
+    out of every federation, each alone (e.g. replayed predictors, found by
+    :func:`~fedrnd.rnd.defences.replay_flags`); the other fields of the :class:`Decision` then
+    hold the kept clients' values (excluded: compatible with themselves only, ``q = 1``, NaN).
     """
     cfg = config
+    dfn = Defences() if defences is None else defences
+    if dfn.validate:
+        check_uploads(scores, second if cfg.criterion == "test" else None, edges=edges)
+    if exclude is not None and np.any(exclude):
+        if edges is not None:
+            raise ValueError("exclude applies to dense scores only")
+        return _without(np.asarray(exclude, bool), scores, cfg, second, count, self_std, dfn)
     if edges is None:
         s = np.asarray(scores, np.float32)
         c = s.shape[0]
@@ -143,9 +166,16 @@ def federations_from_scores(scores: np.ndarray, config: RNDConfig = RNDConfig(),
         comp = qs > cfg.alpha
         np.fill_diagonal(comp, True)
         pi, pj, stat, err, df = pair_statistic(diff, se, s_self, count)
+        stat, err = robust_statistic(stat, err, dfn)
         fed = linkage_test_federations(c, pi, pj, stat, err, df, alpha=cfg.alpha,
                                          min_effect=cfg.min_effect, dense=True,
                                          within_ratio=cfg.within_ratio)
+        if dfn.consent is not None:
+            # Member m accepts k by its own one-directional test (m's probes, k's predictor).
+            accepts = bh_adjust(pair_pvalues(diff, se, s_self, count, cfg.min_effect)) > cfg.alpha
+            fed = consent_filter(fed, accepts, dfn.consent, lambda ids: federations_from_scores(
+                s[np.ix_(ids, ids)], cfg, second=np.asarray(second)[np.ix_(ids, ids)],
+                count=np.asarray(count)[ids], self_std=std[ids], defences=dfn).federation)
         return Decision(fed, comp, "test", z, sigma, float("nan"), q=q, evidence=v)
     src, dst = (np.asarray(a, np.int64) for a in edges)
     e = np.asarray(scores, np.float64)
@@ -180,11 +210,44 @@ def federations_from_scores(scores: np.ndarray, config: RNDConfig = RNDConfig(),
     pairs = np.stack([uniq // c, uniq % c], 1)
     pi, pj, stat, err, df = pair_statistic(diff, se, s_self, count, edges=(src, dst),
                                            num_clients=c)
+    stat, err = robust_statistic(stat, err, dfn)
+    if dfn.consent is not None:
+        raise ValueError("Defences.consent needs dense scores (sparse consent is not built)")
     fed = linkage_test_federations(c, pi, pj, stat, err, df, alpha=cfg.alpha,
                                      min_effect=cfg.min_effect, min_support=cfg.min_support,
                                      dense=False, within_ratio=cfg.within_ratio)
     return Decision(fed, qmin[inv] > cfg.alpha, "test", z, sigma, float("nan"), q=q,
                     evidence=v, pairs=pairs)
+
+
+def _without(out, scores, cfg, second, count, self_std, dfn) -> Decision:
+    """:func:`federations_from_scores` on the clients not in ``out``; ``out`` alone."""
+    keep = np.flatnonzero(~out)
+    c = out.shape[0]
+    ix = np.ix_(keep, keep)
+    sub = lambda a: None if a is None else np.asarray(a)[ix]  # noqa: E731
+    vec = lambda a: None if a is None else np.asarray(a)[keep]  # noqa: E731
+    dec = federations_from_scores(np.asarray(scores)[ix], cfg, second=sub(second),
+                                  count=vec(count), self_std=vec(self_std), defences=dfn)
+
+    def full(a, fill):
+        if a is None:
+            return None
+        b = np.full((c, c) if a.ndim == 2 else (c,), fill, a.dtype)
+        b[ix if a.ndim == 2 else keep] = a
+        if a.ndim == 2 and a.dtype == bool:
+            np.fill_diagonal(b, True)
+        return b
+
+    fed = np.empty(c, np.int64)
+    fed[keep] = dec.federation
+    fed[out] = dec.num_federations + np.arange(int(out.sum()))
+    v = full(dec.evidence, 1.0)
+    if v is not None:
+        np.fill_diagonal(v, 0.0)
+    return dataclasses.replace(
+        dec, federation=_relabel(fed), compatible=full(dec.compatible, False),
+        z=full(dec.z, np.nan), sigma=full(dec.sigma, np.nan), q=full(dec.q, 1.0), evidence=v)
 
 
 def _need(second, count):
@@ -307,7 +370,8 @@ def _drop_self_edges(edges: EdgeList) -> tuple[np.ndarray, np.ndarray]:
 
 def discover(data: FederatedData, config: RNDConfig = RNDConfig(), *,
              key: jax.Array | None = None, mapper: ClientMapper | None = None,
-             edges: EdgeList | None = None) -> Discovery:
+             edges: EdgeList | None = None, attack: Any = None,
+             defences: Defences | None = None) -> Discovery:
     """Discover federations among ``data``'s clients with RND (labels and ``group`` unused).
 
     Args:
@@ -318,8 +382,13 @@ def discover(data: FederatedData, config: RNDConfig = RNDConfig(), *,
       edges: sparse mode with a given graph: client ``dst`` scores only the predictors of its
         in-neighbours ``src`` (self-loops and zero-weight padding edges are ignored). ``None``:
         every pair, or with ``config.candidates`` the fingerprint candidates.
+      attack: an :class:`~fedrnd.rnd.adversarial.AttackConfig`: the clients it names upload
+        what its strategy says instead of their honest predictor and scores (dense mode).
+      defences: :class:`~fedrnd.rnd.defences.Defences` of the decision (default: uploads are
+        validated, nothing else; :data:`~fedrnd.rnd.defences.STRICT`: every defence).
     """
     cfg = config
+    dfn = Defences() if defences is None else defences
     if not isinstance(cfg, RNDConfig):
         raise TypeError(f"config must be an RNDConfig, got {type(cfg).__name__}")
     # NaN inputs would otherwise come back as NaN scores and arbitrary federations.
@@ -353,10 +422,20 @@ def discover(data: FederatedData, config: RNDConfig = RNDConfig(), *,
         s, q2 = (to_host(v, np.float32) for v in clock("scores", paired_matrix(
             scorer, preds, data.x, t_pool, pr_idx, pr_cnt, e_self, row_tile=cfg.row_tile,
             col_tile=cfg.col_tile, mapper=mapper, tile_evals=cfg.tile_evals)))
+        if attack is not None:  # only the attackers' rows and columns are scored again
+            from fedrnd.rnd.adversarial import attack_uploads
+
+            preds, s, q2, s_std = attack_uploads(attack, data, cfg, pair, key, mapper, preds,
+                                                 t_pool, tr_idx, tr_cnt, pr_idx, pr_cnt,
+                                                 e_self, s, q2, s_std)
+            clock("attack")
         _check_scores(cfg, s, q2)
         s_self = np.diag(s).astype(np.float64)
+        out = replay_flags(apply, preds, pair.feature_shape, dfn, cfg.seed)
         _deciding(cfg, c)
-        dec = federations_from_scores(s, cfg, second=q2, count=count, self_std=s_std)
+        dec = federations_from_scores(s, cfg, second=q2, count=count, self_std=s_std,
+                                      defences=dataclasses.replace(dfn, validate=False),
+                                      exclude=out)
         # Up: its predictor and one row of scores (and of second moments for the test);
         # down: the other C - 1 predictors.
         row = c * 4 * (2 if cfg.criterion == "test" else 1)
@@ -376,6 +455,9 @@ def discover(data: FederatedData, config: RNDConfig = RNDConfig(), *,
         # Each client sends its fingerprint; the coordinator returns its candidate list.
         extra_up += fingerprint_bytes(pair.out_dim)
         extra_down += np.bincount(np.asarray(edges.dst), minlength=c) * 4.0
+    if attack is not None:
+        raise ValueError("attack: the harness runs on dense discovery only (candidates=None, "
+                         "edges=None)")
     src, dst = _drop_self_edges(edges)
     e_scores, e_q2 = (to_host(v, np.float64) for v in clock("scores", paired_edges(
         scorer, preds, data.x, t_pool, pr_idx, pr_cnt, e_self,
@@ -384,7 +466,8 @@ def discover(data: FederatedData, config: RNDConfig = RNDConfig(), *,
     _check_scores(cfg, e_scores, e_q2, (src, dst))
     _deciding(cfg, c, len(src))
     dec = federations_from_scores(e_scores, cfg, second=e_q2, count=count, s_self=s_self,
-                                  self_std=s_std, edges=(src, dst), num_clients=c)
+                                  self_std=s_std, edges=(src, dst), num_clients=c,
+                                  defences=dataclasses.replace(dfn, validate=False))
     in_deg = np.bincount(dst, minlength=c)
     out_deg = np.bincount(src, minlength=c)
     # Peer to peer: a predictor to each out-neighbour and, back to it, the score it gave
@@ -422,31 +505,15 @@ def _check_self_errors(cfg: RNDConfig, s_self: np.ndarray, loss: jax.Array) -> N
 
 def _check_scores(cfg: RNDConfig, scores: np.ndarray, second: np.ndarray,
                   edges: tuple[np.ndarray, np.ndarray] | None = None) -> None:
-    """Raise naming the clients behind NaN/inf novelty scores (dense ``[C, C]`` or ``[E]``).
+    """Raise naming the clients behind NaN/inf or negative novelty scores (dense ``[C, C]``
+    or ``[E]``; :func:`~fedrnd.rnd.defences.check_uploads`, always on in :func:`discover`).
 
-    A predictor can have a finite self-error and still overflow on other clients' probes.
-    The second moments count only where the criterion reads them (``"test"``): there an
-    overflowing ``Q`` would make every test pass. Dense rows are screened by a float64 sum
-    each (no ``[C, C]`` temporary); only flagged rows are re-checked entry by entry.
+    A predictor can have a finite self-error and still overflow on other clients' probes, and
+    a client can upload a forged row. The second moments count only where the criterion reads
+    them (``"test"``): there an overflowing ``Q`` would make every test pass.
     """
-    checks = [("novelty score(s)", scores)]
-    if cfg.criterion == "test":
-        checks.append(("second moment(s) Q of novelty scores", second))
-    for what, a in checks:
-        if edges is None:
-            with np.errstate(over="ignore", invalid="ignore"):
-                rows = np.flatnonzero(~np.isfinite(np.sum(a, axis=1, dtype=np.float64)))
-            r, src = np.nonzero(~np.isfinite(a[rows]))
-            dst = rows[r]
-            vals = a[dst, src]
-        else:
-            hit = np.flatnonzero(~np.isfinite(a))
-            src, dst, vals = edges[0][hit], edges[1][hit], a[hit]
-        if dst.size:
-            who = np.unique(np.concatenate([src, dst]))
-            raise ValueError(f"discover: {dst.size} {what} are non-finite (first: client "
-                             f"{int(dst[0])} scoring client {int(src[0])}'s predictor: "
-                             f"{vals[0]}); clients involved: {id_list(who)}; {_diverged(cfg)}")
+    check_uploads(scores, second if cfg.criterion == "test" else None, edges=edges,
+                  hint=f"; either a forged upload or {_diverged(cfg)}")
 
 
 def assign_newcomers(disc: Discovery, new: FederatedData, *, key: jax.Array | None = None,
