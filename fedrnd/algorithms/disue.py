@@ -41,10 +41,14 @@ Distillation (``distill``):
   over features) pushes different noise to different inputs. The task models have no batch
   norm, so there is no batch-statistics term. Student loss: ``tau^2 * KL(softmax(T/tau) ||
   softmax(S/tau))`` (Hinton et al.), ``tau = temperature``.
-- ``"proxy"``: the same student steps on a small proxy set instead of generated inputs:
-  ``proxy_size`` training rows of the pool drawn once (a stand-in for a public data set from
-  the same domain; the server would not hold client data in practice). Proxy rows carry no
-  labels: each is weighted by the class the mass-weighted ensemble predicts for it.
+- ``"proxy"``: the same student steps on real unlabeled inputs instead of generated ones, an
+  *upper bound* that separates generator failure from distillation failure (same teachers,
+  weights, temperature and student budget; only the inputs differ). The proxy set is
+  ``proxy_size`` of the clients' training rows drawn once, uniformly without replacement (a
+  stand-in for a public data set from the same domain; the server would not hold client data
+  in practice). Training rows, not test rows: the pool holds only rows some client uses, and
+  the test rows are where ``universal_acc`` and ``student_agree`` are measured. Labels are
+  not used: each row is weighted by the class the mass-weighted ensemble predicts for it.
 - ``"average"``: no distillation; the universal expert is the sample-weighted average of the
   cluster experts (which equals FedAvg's global model: clients all start from it).
 - ``"none"``: per-cluster FedAvg without distillation: every client starts from its own
@@ -74,6 +78,22 @@ label mix follows the clients' training labels, i.e. the data set's label mix). 
 ``test_acc`` is the personalised accuracy (each client's cluster expert on its own test rows).
 Also ``distill_loss`` (mean student KL over the last iteration), ``gen_ce``, ``gen_adv``,
 ``gen_div`` (generator terms, last iteration) and ``clusters_used``.
+
+Diagnostics, computed in the round (:func:`batch_diagnostics`, :func:`ensemble_agreement`):
+
+- ``student_agree``: on the global test set, the share of rows where the new universal
+  expert's argmax equals that of the teacher ensemble ``sum_k m_k f_k`` (``m``: cluster
+  masses, normalised); ``ensemble_acc``: that ensemble's accuracy, what a perfect
+  distillation would reach. Every ``distill`` mode.
+- ``generator`` and ``proxy`` only, on one fresh batch of ``distill_batch`` inputs from the
+  final generator (proxy: proxy rows), scored by the per-class ensemble ``T`` the student is
+  trained on: ``gen_teacher_acc`` (share where ``argmax T(x)`` is the requested class; with
+  a proxy, the requested class is the pseudo-label, so about 1 by construction),
+  ``gen_coverage`` (share of the classes some cluster holds that ``argmax T`` gives to at
+  least one input), ``gen_pred_entropy`` (entropy of the predicted classes, nats) and
+  ``gen_diversity`` (mean RMS feature distance between inputs of the same requested class;
+  0 when the generator gives one input per class). The proxy's values are the real-data
+  reference for the generator's.
 
 Ledger per participating client and round: ``up/model`` one model; ``up/histogram``
 ``num_classes`` float32 counts; ``down/model`` the start model (the universal expert, or its
@@ -116,6 +136,8 @@ TEACHER_WEIGHTS = ("class_mass", "uniform")
 STUDENT_INITS = ("previous", "average")
 COUNT_BYTES = 4
 """A float32 count: one entry of a label histogram."""
+DIAGNOSTIC_STREAM = 0xD1A6
+"""``fold_in`` constant of the key of the diagnostic batch (apart from the training keys)."""
 
 
 # ------------------------------------------------------------------------------------------
@@ -169,6 +191,40 @@ def diversity_loss(x: jax.Array, z: jax.Array) -> jax.Array:
     dx = jnp.mean(jnp.abs(xf[:, None, :] - xf[None, :, :]), axis=-1)
     dz = jnp.mean(jnp.square(z[:, None, :] - z[None, :, :]), axis=-1)
     return jnp.exp(-jnp.mean(dx * dz))
+
+
+def batch_diagnostics(x: jax.Array, y: jax.Array, t_logits: jax.Array,
+                      present: jax.Array) -> dict[str, jax.Array]:
+    """What the teachers make of one distillation batch (generated or proxy inputs).
+
+    Args:
+      x: ``[B, ...]`` inputs; y: ``[B]`` requested classes (the generator's; a proxy batch's
+        pseudo-labels); t_logits: ``[B, L]`` the teacher ensemble's logits ``T(x)`` (per-class
+        weights of the requested class, the student's target); present: ``[L]`` bool, the
+        classes some cluster holds.
+    Returns:
+      ``gen_teacher_acc``: share of samples whose ``argmax T(x)`` is the requested class;
+      ``gen_coverage``: share of the present classes that ``argmax T`` gives to at least one
+      sample; ``gen_pred_entropy``: entropy (nats) of the batch's predicted-class histogram
+      (``log L`` at most); ``gen_diversity``: mean root-mean-square feature difference
+      ``sqrt(mean_f (x_i - x_j)^2)`` over pairs ``i != j`` that requested the same class (0
+      when the generator collapses to one input per class; 0 if no two samples share a class).
+    """
+    b, num_classes = t_logits.shape
+    pred = jnp.argmax(t_logits, axis=-1)
+    hits = jnp.sum(jax.nn.one_hot(pred, num_classes, dtype=jnp.float32), axis=0)  # [L]
+    covered = jnp.sum((hits > 0) & present) / jnp.maximum(jnp.sum(present), 1)
+    p = hits / b
+    entropy = -jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0))
+    xf = x.reshape(b, -1).astype(jnp.float32)
+    sq = jnp.sum(xf * xf, axis=1)
+    d2 = jnp.maximum(sq[:, None] + sq[None, :] - 2.0 * xf @ xf.T, 0.0) / xf.shape[1]
+    same = (y[:, None] == y[None, :]) & ~jnp.eye(b, dtype=bool)
+    pairs = jnp.sum(same)
+    diversity = jnp.sum(jnp.where(same, jnp.sqrt(d2), 0.0)) / jnp.maximum(pairs, 1)
+    return {"gen_teacher_acc": jnp.mean((pred == y).astype(jnp.float32)),
+            "gen_coverage": covered.astype(jnp.float32), "gen_pred_entropy": entropy,
+            "gen_diversity": diversity}
 
 
 def similarity_clusters(updates: jax.Array, weights: jax.Array, num_clusters: int,
@@ -451,6 +507,8 @@ class DisUE(Algorithm):
 
         acc = global_accuracy(self.engine, jax.tree.map(lambda a, b: jnp.stack([a, b]),
                                                         universal, average), data)
+        agree, ensemble_acc = ensemble_agreement(self.engine, universal, experts,
+                                                 mass / jnp.maximum(jnp.sum(mass), 1e-12), data)
         cluster_id = cid if ids is None else cl["cluster_id"].at[ids].set(cid)
         nbytes = tree_bytes(jax.tree.map(lambda s: s[0], slots))
         experts_down = num_slots if self.grouping == "ifca" else 1
@@ -466,7 +524,8 @@ class DisUE(Algorithm):
             ledger.update(up_discovery=cl["pending_up"], down_discovery=cl["pending_down"])
         metrics = {"train_loss": train_loss, "local_steps": steps,
                    "clusters_used": jnp.sum(mass > 0).astype(jnp.float32),
-                   "universal_acc": acc[0], "average_acc": acc[1], **out, **comm(**ledger)}
+                   "universal_acc": acc[0], "average_acc": acc[1], "student_agree": agree,
+                   "ensemble_acc": ensemble_acc, **out, **comm(**ledger)}
         new_state.update(round=state["round"] + 1, slots=experts, universal=universal,
                          clients={**cl, "cluster_id": cluster_id, "pending_up": zero,
                                   "pending_down": zero})
@@ -553,6 +612,10 @@ class DisUE(Algorithm):
             body, carry, jax.random.split(key, self.distill_steps))
         metrics = {"distill_loss": hist[0][-1], "gen_ce": hist[1][-1], "gen_adv": hist[2][-1],
                    "gen_div": hist[3][-1]}
+        # Diagnostics on a fresh batch from the final generator (or the proxy set).
+        x, y, _ = sample(gp, jax.random.fold_in(key, DIAGNOSTIC_STREAM))
+        metrics.update(batch_diagnostics(x, y, ensemble_logits(apply, teachers, weights, x, y),
+                                         present))
         return student, ({"params": gp, "opt": go} if use_gen else None), metrics
 
     def models(self, state: State):
@@ -580,3 +643,28 @@ def global_accuracy(engine, models, data: FederatedData) -> jax.Array:
 
     hits, n = engine.mapper.sum(one, per, (models, data.x, data.y))
     return hits / jnp.maximum(n, 1.0)
+
+
+def ensemble_agreement(engine, student, teachers, mix: jax.Array,
+                       data: FederatedData) -> tuple[jax.Array, jax.Array]:
+    """The student against the teacher ensemble on every client's test rows pooled.
+
+    The ensemble is ``sum_k mix[k] * f_k(x)`` (logits; ``mix: [K]``, the cluster masses
+    normalised, the weights of the proxy's pseudo-labels), ``teachers`` leaves ``[K, ...]``.
+    Returns ``(agree, ensemble_acc)``: the share of rows where the student's argmax equals the
+    ensemble's, and the ensemble's accuracy (what a perfect distillation would reach).
+    """
+    apply = engine.model.apply
+    per = dict(idx=data.test_idx, count=data.test_count)
+
+    def one(client, shared):
+        s, ts, w, x_pool, y_pool = shared
+        idx = client["idx"]
+        x, y = x_pool[idx], y_pool[idx]
+        mask = (jnp.arange(idx.shape[0]) < client["count"]).astype(jnp.float32)
+        t = jnp.argmax(jnp.einsum("k,kbl->bl", w, jax.vmap(lambda p: apply(p, x))(ts)), -1)
+        same = jnp.argmax(apply(s, x), -1) == t
+        return jnp.stack([jnp.sum(same * mask), jnp.sum((t == y) * mask), jnp.sum(mask)])
+
+    tot = engine.mapper.sum(one, per, (student, teachers, mix, data.x, data.y))
+    return tot[0] / jnp.maximum(tot[2], 1.0), tot[1] / jnp.maximum(tot[2], 1.0)

@@ -1,10 +1,15 @@
-"""DisUE: distillation matches the teacher on real inputs, per-class teacher weights against a
-numpy reference, one compilation across rounds, the averaging pipeline equals FedAvg, the
+"""DisUE: distillation (generator and proxy) matches the teacher on real inputs, per-class
+teacher weights against a numpy reference, the generator and agreement diagnostics against
+known answers, one compilation across rounds, the averaging pipeline equals FedAvg, the
 update-similarity grouping, the ledger, validation, and the driver end to end."""
 
 from __future__ import annotations
 
+import csv
+import importlib.util
 import itertools
+import json
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +19,10 @@ import pytest
 
 from fedrnd.algorithms import ALGORITHMS, DisUE, FedAvg, make_algorithm
 from fedrnd.algorithms.disue import (
+    DISTILLS,
+    batch_diagnostics,
+    ensemble_agreement,
+    global_accuracy,
     label_histograms,
     similarity_clusters,
     softened_kl,
@@ -88,6 +97,190 @@ def test_student_converges_to_identical_teachers_on_real_held_out_inputs(digits_
     assert agree0 < 0.3 and agree1 >= 0.85
     assert kl1 < 0.2 * kl0
     assert np.isfinite(float(m["distill_loss"]))
+
+
+@pytest.mark.slow
+def test_proxy_student_converges_to_the_teacher_on_real_held_out_inputs(digits_teacher):
+    """``distill="proxy"`` (the upper bound): the student, trained on 256 unlabeled real images
+    the teacher labels, predicts like the teacher on test images it never saw."""
+    model, teacher, xt = digits_teacher
+    ds = load_source("digits")
+    alg = DisUE(Engine(model), num_clusters=2, distill="proxy", distill_steps=150,
+                student_steps=2)
+    teachers = jax.tree.map(lambda a: jnp.broadcast_to(a, (2, *a.shape)), teacher)
+    weights = teacher_weights(jnp.ones((2, 10)), jnp.ones(2))
+    proxy_x = jnp.asarray(ds.x_train[:256])
+    student0 = model.init(jax.random.key(9))
+    student, gen, m = jax.jit(alg.distill_phase)(student0, teachers, weights, jnp.ones(2),
+                                                 jnp.ones(10, bool), None, jax.random.key(5),
+                                                 proxy_x)
+    assert gen is None
+    t = jnp.argmax(model.apply(teacher, xt), -1)
+    agree0 = float(jnp.mean(jnp.argmax(model.apply(student0, xt), -1) == t))
+    agree1 = float(jnp.mean(jnp.argmax(model.apply(student, xt), -1) == t))
+    assert agree0 < 0.3 and agree1 >= 0.9
+    # On real inputs the ensemble's pseudo-labels are its own argmax: accuracy 1 by construction.
+    assert float(m["gen_teacher_acc"]) == 1.0 and float(m["gen_coverage"]) >= 0.9
+
+
+# ------------------------------------------------------------------ diagnostics
+def _ref_batch_diagnostics(x, y, logits, present):
+    """Plain loops: teacher accuracy, coverage, entropy, same-class RMS distance."""
+    pred = logits.argmax(-1)
+    b, num_classes = logits.shape
+    covered = [c for c in range(num_classes) if present[c] and np.any(pred == c)]
+    p = np.bincount(pred, minlength=num_classes) / b
+    ent = -sum(q * np.log(q) for q in p if q > 0)
+    xf = x.reshape(b, -1).astype(np.float64)
+    d = [np.sqrt(np.mean((xf[i] - xf[j]) ** 2)) for i in range(b) for j in range(b)
+         if i != j and y[i] == y[j]]
+    return {"gen_teacher_acc": np.mean(pred == y), "gen_coverage": len(covered) / present.sum(),
+            "gen_pred_entropy": ent, "gen_diversity": np.mean(d) if d else 0.0}
+
+
+def test_batch_diagnostics_match_a_plain_loop_reference():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(24, 3, 2)).astype(np.float32)
+    y = rng.integers(0, 5, 24).astype(np.int32)
+    logits = rng.normal(size=(24, 5)).astype(np.float32)
+    present = np.array([True, True, False, True, True])
+    got = batch_diagnostics(jnp.asarray(x), jnp.asarray(y), jnp.asarray(logits),
+                            jnp.asarray(present))
+    for k, v in _ref_batch_diagnostics(x, y, logits, present).items():
+        assert float(got[k]) == pytest.approx(v, rel=1e-4, abs=1e-5), k
+
+
+def test_batch_diagnostics_known_answers():
+    """A teacher that always says class 0 is right exactly on the requested 0s, covers one of
+    the present classes, has zero prediction entropy; identical inputs have zero diversity."""
+    y = jnp.array([0, 1, 0, 2, 0, 1, 1, 0])
+    logits = jnp.tile(jnp.array([[5.0, 0.0, 0.0, 0.0]]), (8, 1))
+    present = jnp.array([True, True, True, False])
+    x = jnp.ones((8, 6))
+    got = batch_diagnostics(x, y, logits, present)
+    assert float(got["gen_teacher_acc"]) == pytest.approx(0.5)  # four of eight asked for 0
+    assert float(got["gen_coverage"]) == pytest.approx(1 / 3)
+    assert float(got["gen_pred_entropy"]) == pytest.approx(0.0, abs=1e-7)
+    assert float(got["gen_diversity"]) == pytest.approx(0.0, abs=1e-6)
+    # A perfect teacher covers every present class it is asked for; entropy log(3) here.
+    got = batch_diagnostics(x, y, jax.nn.one_hot(y, 4) * 5.0, present)
+    assert float(got["gen_teacher_acc"]) == 1.0 and float(got["gen_coverage"]) == 1.0
+    assert float(got["gen_pred_entropy"]) == pytest.approx(
+        -(0.5 * np.log(0.5) + 3 / 8 * np.log(3 / 8) + 1 / 8 * np.log(1 / 8)), rel=1e-5)
+
+
+def _class0_teachers(k, dim=4, num_classes=3):
+    """``k`` logistic regressions that predict class 0 whatever the input."""
+    p = {"Dense_0": {"kernel": jnp.zeros((k, dim, num_classes)),
+                     "bias": jnp.tile(jnp.array([10.0] + [0.0] * (num_classes - 1)), (k, 1))}}
+    return make_model("logreg", (dim,), num_classes), p
+
+
+@pytest.mark.parametrize("distill", ["generator", "proxy"])
+def test_distill_phase_diagnostics_of_a_teacher_that_always_says_class_0(distill):
+    """Generator: asked only for class 0, accuracy and coverage are 1; asked uniformly for three
+    classes, coverage is exactly 1/3 and accuracy the share of requested 0s (about 1/3).
+    Proxy: the pseudo-labels are the teachers' own argmax (class 0): accuracy 1, coverage 1/3."""
+    model, teachers = _class0_teachers(2)
+    alg = DisUE(Engine(model), num_clusters=2, distill=distill, distill_steps=2,
+                distill_batch=256, noise_dim=4, generator_hidden=(8,),
+                generator_output="linear")
+    weights = teacher_weights(jnp.ones((2, 3)), jnp.ones(2))
+    gp = alg.generator.init(jax.random.key(1))
+    gs = {"params": gp, "opt": optax.adam(1e-3).init(gp)} if distill == "generator" else None
+    proxy_x = jax.random.normal(jax.random.key(2), (50, 4)) if distill == "proxy" else None
+    student0 = model.init(jax.random.key(3))
+    run = jax.jit(alg.distill_phase)
+    _, _, m = run(student0, teachers, weights, jnp.ones(2), jnp.ones(3, bool), gs,
+                  jax.random.key(4), proxy_x)
+    assert float(m["gen_coverage"]) == pytest.approx(1 / 3)
+    assert float(m["gen_pred_entropy"]) == pytest.approx(0.0, abs=1e-6)
+    assert float(m["gen_diversity"]) > 0
+    if distill == "proxy":
+        assert float(m["gen_teacher_acc"]) == 1.0
+    else:
+        assert 0.2 < float(m["gen_teacher_acc"]) < 0.45  # Binomial(256, 1/3) / 256
+        _, _, m0 = run(student0, teachers, weights, jnp.ones(2),
+                       jnp.array([True, False, False]), gs, jax.random.key(4), proxy_x)
+        assert float(m0["gen_teacher_acc"]) == 1.0 and float(m0["gen_coverage"]) == 1.0
+
+
+def test_student_agreement_is_one_for_identical_models_and_matches_numpy(make_federated):
+    """Identical student and teachers agree everywhere and the ensemble's accuracy is the
+    model's own; a different student's agreement equals a plain count over the pooled test
+    rows (padding excluded) against the mass-weighted ensemble's argmax."""
+    data = make_federated([6, 8, 5, 7], test_counts=[3, 9, 1, 6], dim=4, num_classes=3, seed=7)
+    model = make_model("mlp", (4,), 3, hidden=[8])
+    eng = Engine(model, mapper=ClientMapper(chunk_size=3))
+    p = model.init(jax.random.key(0))
+    same = jax.tree.map(lambda a: jnp.stack([a, a]), p)
+    agree, ens_acc = ensemble_agreement(eng, p, same, jnp.array([0.3, 0.7]), data)
+    assert float(agree) == 1.0
+    own = global_accuracy(eng, jax.tree.map(lambda a: a[None], p), data)[0]
+    assert float(ens_acc) == pytest.approx(float(own))
+
+    teachers = jax.tree.map(lambda a, b: jnp.stack([a, b]), model.init(jax.random.key(1)),
+                            model.init(jax.random.key(2)))
+    mix = jnp.array([0.25, 0.75])
+    agree, ens_acc = ensemble_agreement(eng, p, teachers, mix, data)
+    rows = np.concatenate([np.asarray(data.test_idx)[c, :n]
+                           for c, n in enumerate(np.asarray(data.test_count))])
+    x, y = data.x[rows], np.asarray(data.y)[rows]
+    each = [model.apply(q, x) for q in (jax.tree.map(lambda a: a[0], teachers),
+                                        jax.tree.map(lambda a: a[1], teachers))]
+    t = np.asarray(mix[0] * each[0] + mix[1] * each[1]).argmax(-1)
+    s = np.asarray(model.apply(p, x)).argmax(-1)
+    assert float(agree) == pytest.approx(np.mean(s == t))
+    assert float(ens_acc) == pytest.approx(np.mean(t == y))
+
+
+@pytest.mark.parametrize("distill", ["generator", "proxy", "average", "none"])
+def test_round_metrics_carry_the_diagnostics(make_federated, distill):
+    """Every round logs ``student_agree`` and ``ensemble_acc``; generator and proxy rounds also
+    the batch diagnostics, all in range. With one cluster and ``distill="average"`` the
+    universal expert is the only teacher, so it agrees with the ensemble everywhere."""
+    data = make_federated([9, 14, 6, 11], dim=4, num_classes=3, seed=5)
+    model = make_model("mlp", (4,), 3, hidden=[8])
+    eng = Engine(model, LocalSpec(batch_size=8, steps=2))
+    hp = ClientHParams(jnp.zeros(4, jnp.int32), jnp.full(4, 0.2), jnp.zeros(4))
+    alg = DisUE(eng, num_clusters=2, distill=distill, distill_steps=3, distill_batch=16,
+                generator_hidden=(16,), noise_dim=8, generator_output="linear", proxy_size=20)
+    state = alg.init(jax.random.key(0), data, hp)
+    _, m = jax.jit(alg.round)(state, data, jax.random.key(1))
+    diag = ("gen_teacher_acc", "gen_coverage", "gen_diversity", "gen_pred_entropy")
+    for k in ("student_agree", "ensemble_acc") + (diag if distill in ("generator", "proxy")
+                                                  else ()):
+        v = float(m[k])
+        assert np.isfinite(v) and v >= 0, k
+        if k != "gen_diversity" and k != "gen_pred_entropy":
+            assert v <= 1.0, k
+    if distill in ("average", "none"):
+        assert not any(k in m for k in diag)
+    one = DisUE(eng, num_clusters=1, distill="average")
+    _, m1 = jax.jit(one.round)(one.init(jax.random.key(0), data, hp), data, jax.random.key(1))
+    assert float(m1["student_agree"]) == 1.0
+    assert float(m1["ensemble_acc"]) == pytest.approx(float(m1["universal_acc"]))
+
+
+def test_proxy_rows_are_distinct_training_rows_of_the_clients(make_federated):
+    """The proxy set is drawn once, without replacement, among the clients' real training rows
+    (never padding, never the test rows the diagnostics and accuracies are measured on)."""
+    data = make_federated([5, 12, 3, 9], test_counts=[4, 4, 4, 4], dim=4, num_classes=3)
+    model = make_model("logreg", (4,), 3)
+    hp = ClientHParams(jnp.zeros(4, jnp.int32), jnp.full(4, 0.1), jnp.zeros(4))
+    alg = DisUE(Engine(model), num_clusters=2, distill="proxy", proxy_size=29)
+    idx = np.asarray(alg.init(jax.random.key(0), data, hp)["proxy_idx"])
+    train = {int(r) for c, n in enumerate(np.asarray(data.train_count))
+             for r in np.asarray(data.train_idx)[c, :n]}
+    assert len(set(idx.tolist())) == 29 and set(idx.tolist()) == train
+
+
+def test_unknown_distill_names_the_allowed_values(make_federated):
+    data = make_federated([6, 8, 5], dim=4, num_classes=3)
+    alg = DisUE(Engine(make_model("logreg", (4,), 3)), num_clusters=2, distill="public")
+    with pytest.raises(ValueError, match="distill") as err:
+        alg.validate(data)
+    assert all(repr(d) in str(err.value) for d in DISTILLS) and "proxy" in DISTILLS
 
 
 # ------------------------------------------------------------------ per-class teacher weights
@@ -349,3 +542,28 @@ def test_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path, make_federat
     for u, v in zip(jax.tree.leaves(a.state), jax.tree.leaves(b.state), strict=True):
         np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=1e-5, atol=1e-6)
     assert a.final["universal_acc"] == pytest.approx(b.final["universal_acc"])
+
+
+@pytest.mark.slow
+def test_diagnostics_experiment_writes_its_numbers_figure_and_command(tmp_path):
+    """experiments/disue/diagnostics.py at a small size (digits, 6 clients, 2 rounds): every
+    variant's per-round diagnostics land in the JSON and CSV, the figure is written and the
+    markdown names the command that made it."""
+    path = Path(__file__).resolve().parents[2] / "experiments" / "disue" / "diagnostics.py"
+    spec = importlib.util.spec_from_file_location("disue_diagnostics", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mod.main(["--rounds", "2", "--num-clients", "6", "--source", "digits",
+              "--out", str(tmp_path), "--run-dir", str(tmp_path / "run")])
+    raw = json.loads((tmp_path / "diagnostics.json").read_text())
+    assert set(raw["history"]) == set(mod.VARIANTS)
+    for label, rows in raw["history"].items():
+        assert [r["round"] for r in rows] == [1, 2]
+        assert all(0.0 <= r["student_agree"] <= 1.0 for r in rows)
+        if label != "average":
+            assert all(0.0 <= r["gen_coverage"] <= 1.0 for r in rows)
+    with open(tmp_path / "diagnostics.csv") as f:
+        assert len(list(csv.DictReader(f))) == 2 * len(mod.VARIANTS)
+    assert (tmp_path / "figures" / "disue_diagnostics.png").stat().st_size > 0
+    text = (tmp_path / "DIAGNOSTICS.md").read_text()
+    assert "`python experiments/disue/diagnostics.py --rounds 2" in text
