@@ -64,7 +64,8 @@ class RNDClustered(Algorithm):
       rule: federation extraction, ``"mutual"`` (default), ``"one_sided"`` or ``"leader"``.
       tau: re-discover every ``tau`` rounds (``None``: once, before round 0).
       network: RND pair, ``"auto"`` (conv for images, else MLP), ``"conv"`` or ``"mlp"``;
-        input_pool: average-pool images by this factor first (1: full resolution).
+        input_pool: average-pool images by this factor first (1: full resolution; ``"auto"``,
+        the default: 2 for the MLP pair on images of 28 x 28 pixels or more, else 1).
       predictor_epochs, predictor_steps, predictor_batch, predictor_lr: predictor training
         (Adam; the paper's 10 epochs, batch 128, lr 1e-3); steps replace epochs when set;
         predictor_min_steps (300): at least this many steps when the epochs come to fewer
@@ -86,7 +87,7 @@ class RNDClustered(Algorithm):
     alpha: float = 0.05
     min_effect: float = 0.025
     within_ratio: float = 0.3
-    input_pool: int = 1
+    input_pool: int | str = "auto"
     candidates: int | None = None
     random_peers: int = 4
     eps: float | str = "auto"

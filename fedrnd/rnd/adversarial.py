@@ -318,8 +318,9 @@ def prepare(data: FederatedData, config: RNDConfig = RNDConfig(), *,
     mapper = mapper or ClientMapper()
     key = jax.random.key(cfg.seed) if key is None else key
     pair = cfg.pair(data.feature_shape)
-    if cfg.input_pool > 1:
-        data = data.replace(x=pool_inputs(data.x, cfg.input_pool))
+    pool = cfg.pool_factor(data.feature_shape)
+    if pool > 1:
+        data = data.replace(x=pool_inputs(data.x, pool))
     tr_idx, tr_cnt, pr_idx, pr_cnt = probe_split(
         data, cfg.probe_kind, holdout=cfg.holdout, cap=cfg.probe_cap,
         seed=int(jax.random.randint(jax.random.fold_in(key, 7), (), 0, 2**31 - 1)))

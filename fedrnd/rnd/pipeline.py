@@ -398,8 +398,9 @@ def discover(data: FederatedData, config: RNDConfig = RNDConfig(), *,
     pair = cfg.pair(data.feature_shape)
     c = data.num_clients
     clock = _Clock()
-    if cfg.input_pool > 1:  # the pair sees coarser images (the pool is pooled once)
-        data = data.replace(x=pool_inputs(data.x, cfg.input_pool))
+    pool = cfg.pool_factor(data.feature_shape)
+    if pool > 1:  # the pair sees coarser images (the pool is pooled once)
+        data = data.replace(x=pool_inputs(data.x, pool))
     tr_idx, tr_cnt, pr_idx, pr_cnt = probe_split(
         data, cfg.probe_kind, holdout=cfg.holdout, cap=cfg.probe_cap,
         seed=int(jax.random.randint(jax.random.fold_in(key, 7), (), 0, 2**31 - 1)))
@@ -540,11 +541,12 @@ def assign_newcomers(disc: Discovery, new: FederatedData, *, key: jax.Array | No
     cfg, pair = disc.config, disc.pair
     check_federated(new, "newcomers", labels=False)
     shape = tuple(new.feature_shape)
-    if pooled_shape(shape, cfg.input_pool) != tuple(disc.pair.feature_shape):
+    pool = cfg.pool_factor(shape)
+    if pooled_shape(shape, pool) != tuple(disc.pair.feature_shape):
         raise ValueError(f"newcomers have features {shape}, the discovery was run on "
-                         f"{disc.pair.feature_shape} (after input_pool = {cfg.input_pool})")
-    if cfg.input_pool > 1:
-        new = new.replace(x=pool_inputs(new.x, cfg.input_pool))
+                         f"{disc.pair.feature_shape} (after input_pool = {pool})")
+    if pool > 1:
+        new = new.replace(x=pool_inputs(new.x, pool))
     mapper = mapper or ClientMapper()
     key = jax.random.key(cfg.seed + 1) if key is None else key
     tr_idx, tr_cnt, pr_idx, pr_cnt = probe_split(

@@ -557,3 +557,19 @@ def test_input_pool_equals_discovery_on_pooled_images_and_checks_newcomers():
         discover(grouped_gaussian([0, 1], n=10), RNDConfig(network="mlp", input_pool=2))
     with pytest.raises(ValueError, match="input_pool"):
         RNDConfig(input_pool=0)
+
+
+def test_input_pool_auto_pools_the_mlp_pair_on_large_images_only():
+    # "auto": 2 for the MLP pair on images of at least 28 x 28 pixels, else full resolution
+    # (the conv pair, the default network on images, small images and vectors).
+    mlp, auto = RNDConfig(network="mlp"), RNDConfig()
+    assert mlp.pool_factor((28, 28, 1)) == 2 and mlp.pair((28, 28, 1)).feature_shape == (14, 14, 1)
+    assert mlp.pool_factor((32, 32, 3)) == 2
+    assert mlp.pool_factor((8, 8, 1)) == 1 and mlp.pool_factor((27, 40, 1)) == 1
+    assert mlp.pool_factor((784,)) == 1
+    assert auto.pool_factor((28, 28, 1)) == 1  # "auto" network: conv on images
+    assert RNDConfig(network="conv").pool_factor((32, 32, 3)) == 1
+    assert RNDConfig(network="mlp", input_pool=1).pool_factor((28, 28, 1)) == 1
+    assert RNDConfig(network="conv", input_pool=2).pool_factor((28, 28, 1)) == 2
+    with pytest.raises(ValueError, match="'auto'"):
+        RNDConfig(input_pool="half")
