@@ -33,6 +33,7 @@ load is high); machine, jax version and date.
 Usage::
 
     python benchmarks/discovery.py                                   # MLP, 1000 clients
+    python benchmarks/discovery.py --input-pool 2                    # the MLP pair on 14x14
     python benchmarks/discovery.py --network conv --probe-cap 10
     python benchmarks/discovery.py --network conv --clients 200 --rms 0.5 --ari-eps 0.5,1
     python benchmarks/discovery.py --clients 10000 --sparse-degree 20
@@ -190,7 +191,8 @@ def run(args: argparse.Namespace) -> dict:
         "benchmark": "discovery",
         "date": _dt.datetime.now().isoformat(timespec="seconds"),
         "clients": args.clients, "per_client": args.per_client, "network": args.network,
-        "probe_cap": args.probe_cap, "sparse_degree": args.sparse_degree,
+        "probe_cap": args.probe_cap, "input_pool": args.input_pool,
+        "sparse_degree": args.sparse_degree,
         "epochs": args.epochs, "steps": args.steps,
         "path": "generic" if args.generic else "fused", "groups": args.groups, "rms": args.rms,
         "first_s": runs[0]["wall_s"],
