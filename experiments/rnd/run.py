@@ -9,8 +9,10 @@ Run from the repository root::
     python experiments/rnd/run.py --quick --out /tmp/q  # smoke test: tiny settings, ~1 min
 
 Parts (each result is one JSON *cell* per (part, population, variant, seed) under
-``experiments/rnd/cells/``; existing cells are never recomputed, so an interrupted run resumes
-where it stopped and partial results are kept):
+``experiments/rnd/cells/``, stored through :class:`fedrnd.driver.sweep.CellCache`: a finished
+cell is never recomputed while its key (:func:`discovery_key`, :func:`sim_key`) holds, so an
+interrupted run resumes where it stopped and partial results are kept; a cell whose setting
+changed is re-run. Cells written before the key existed carry none and are kept as they are):
 
 ``paper``    the paper's setup (``paper_fmnist.toml``, ``paper_cifar10.toml``): 12 clients in 4
              groups of 3 under additive feature patterns; RND's ARI/NMI against the true groups,
@@ -250,15 +252,37 @@ def host_info() -> dict[str, Any]:
             "load_avg_1min": round(load, 2)}
 
 
-def cell_path(cells: Path, part: str, pop: str, variant: str, seed: int) -> Path:
-    return cells / part / pop / variant / f"seed{seed}.json"
+def cell_name(part: str, pop: str, variant: str, seed: int) -> str:
+    """A cell's file under the cells directory."""
+    return f"{part}/{pop}/{variant}/seed{seed}.json"
 
 
-def write_cell(path: Path, cell: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(cell, indent=1, default=_jsonable) + "\n")
-    tmp.replace(path)  # atomic: a killed run never leaves half a cell
+def cell_cache(cells: Path):
+    """The cells directory as a :class:`~fedrnd.driver.sweep.CellCache`: records written
+    atomically and stamped with their key's hash; ``legacy``: cells written before this script
+    used the cache carry no hash and are reused as they are (as the script always did)."""
+    from fedrnd.driver.sweep import CellCache
+
+    return CellCache(cells, legacy=True, indent=1, default=_jsonable)
+
+
+def discovery_key(cfg, rc, seed: int) -> dict[str, Any]:
+    """What a discovery cell depends on: the data (its config and split seed), the RND settings
+    and the discovery key."""
+    from fedrnd.driver.sweep.cells import config_key
+
+    d = config_key(cfg)
+    return {"data": d["data"], "data_seed": d["seed"], "rnd": dataclasses.asdict(rc),
+            "key": int(seed)}
+
+
+def sim_key(cfg) -> dict[str, Any]:
+    """What a simulation cell depends on: its resolved config (without where it runs) and the
+    defaults of its methods, as for the cells of ``fedrnd compare``."""
+    from fedrnd.driver.sweep.cells import config_key, method_defaults
+
+    return {**config_key(cfg), "defaults": {a.tag: method_defaults(a.name)
+                                            for a in cfg.algorithms}}
 
 
 def _jsonable(o: Any) -> Any:
@@ -290,8 +314,8 @@ def load_data(cfg, cells: Path, part: str, pop: Population):
     except (FileNotFoundError, ImportError, RuntimeError) as e:
         msg = f"{type(e).__name__}: {e}"
         print(f"[{pop.name}] skipped: {msg}")
-        write_cell(skip_path(cells, part, pop.name), {"population": pop.name, "reason": msg,
-                                                      **host_info()})
+        cell_cache(cells).rewrite(skip_path(cells, part, pop.name).relative_to(cells),
+                                  {"population": pop.name, "reason": msg, **host_info()})
         return None
     sp = skip_path(cells, part, pop.name)
     if sp.exists():
@@ -404,19 +428,20 @@ def run_discovery_cell(pop: Population, variant: Variant, seed: int, cells: Path
                        matrices: Path | None = None, data_seed: int | None = None) -> None:
     """Discovery on ``pop`` split with ``data_seed`` (default ``seed``), discovery key
     ``key(seed)``: one cell with every sigma/eps/rule read."""
-    path = cell_path(cells, part, pop.name, variant.name, seed)
-    if path.exists():
+    name, cache = cell_name(part, pop.name, variant.name, seed), cell_cache(cells)
+    data_seed = seed if data_seed is None else data_seed
+    cfg = load_cfg(pop, data_seed, quick)
+    rc = rnd_config(variant, quick)
+    key = discovery_key(cfg, rc, seed)
+    if cache.get(key, name=name) is not None:
         return
     import jax
 
     from fedrnd.rnd import discover
 
-    data_seed = seed if data_seed is None else data_seed
-    cfg = load_cfg(pop, data_seed, quick)
     data = load_data(cfg, cells, part, pop)
     if data is None:
         return
-    rc = rnd_config(variant, quick)
     info = host_info()
     print(f"[{part}/{pop.name}/{variant.name}] seed {seed}: {data.num_clients} clients ...",
           flush=True)
@@ -449,7 +474,7 @@ def run_discovery_cell(pop: Population, variant: Variant, seed: int, cells: Path
         _plot_normalised(figures / f"{pop.name}_{variant.name}_seed{seed}.png", disc.z, group,
                          f"{pop.name}, {variant.name}: eps={disc.eps:.2f}, "
                          f"{disc.num_federations} federations")
-    write_cell(path, cell)
+    cache.put(key, cell, name=name)
     print(f"  {elapsed:.0f} s, {d['federations']} federations, ARI {d['ari']:.3f}", flush=True)
 
 
@@ -476,12 +501,13 @@ def _plot_normalised(path: Path, z, group, title: str, max_side: int = 250) -> N
 def run_sim_cell(pop: Population, seed: int, cells: Path, part: str, quick: bool,
                  runs: Path, figures: Path | None) -> None:
     """One seed of rnd vs fedavg vs local through :func:`fedrnd.simulate`."""
-    path = cell_path(cells, part, pop.name, "sim", seed)
-    if path.exists():
+    name, cache = cell_name(part, pop.name, "sim", seed), cell_cache(cells)
+    cfg = load_cfg(pop, seed, quick, out_dir=runs)
+    key = sim_key(cfg)
+    if cache.get(key, name=name) is not None:
         return
     import fedrnd
 
-    cfg = load_cfg(pop, seed, quick, out_dir=runs)
     data = load_data(cfg, cells, part, pop)
     if data is None:
         return
@@ -528,7 +554,7 @@ def run_sim_cell(pop: Population, seed: int, cells: Path, part: str, quick: bool
             for f in ("novelty.png", "novelty_normalised.png"):
                 shutil.copyfile(run_dir / rnd_tag / f,
                                 figures / f"{prefix}_{f[:-4]}_seed{seed}.png")
-    write_cell(path, cell)
+    cache.put(key, cell, name=name)
     acc = {t: round(m["test_acc/mean"], 4) for t, m in methods.items()}
     print(f"  {elapsed:.0f} s, test acc {acc}", flush=True)
 
@@ -582,8 +608,9 @@ PARTS = ("paper", "control", "grid", "keys", "scaled", "paper_eps", "scaled_acc"
 
 def reread(cells: Path, runs: Path) -> int:
     """Recompute the sigma/eps/rule reads of existing discovery cells from their stored
-    matrices (in the cell for 12 clients, ``runs/matrices`` for 1,000); returns how many."""
-    n = 0
+    matrices (in the cell for 12 clients, ``runs/matrices`` for 1,000); returns how many.
+    A re-read cell keeps the key hash it was stamped with (or its lack of one)."""
+    n, cache = 0, cell_cache(cells)
     for path in sorted(cells.rglob("seed*.json")):
         cell = json.loads(path.read_text())
         if "reads" not in cell:
@@ -599,7 +626,7 @@ def reread(cells: Path, runs: Path) -> int:
             s, sd, g, yh = z["scores"], z["self_std"], z["group"], z["label_hist"]
         cell["reads"] = score_reads(np.asarray(s, np.float32), np.asarray(sd), np.asarray(g),
                                     yh)
-        write_cell(path, cell)
+        cache.rewrite(path.relative_to(cells), cell)
         n += 1
     return n
 

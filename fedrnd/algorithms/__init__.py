@@ -14,7 +14,19 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from fedrnd.algorithms._gossip import Gossip
-from fedrnd.algorithms.base import ARTIFACT_KINDS, Algorithm, Artifact, Metrics, Report, State
+from fedrnd.algorithms.base import (
+    ARTIFACT_KINDS,
+    Algorithm,
+    Artifact,
+    ClientState,
+    MethodState,
+    Metrics,
+    Report,
+    State,
+    cluster_assignment,
+    join_state,
+    split_state,
+)
 from fedrnd.algorithms.cfl import CFL
 from fedrnd.algorithms.decentralized import DPSGD, DFedAvg, DFedAvgM
 from fedrnd.algorithms.disue import DisUE
@@ -99,8 +111,9 @@ def make_algorithm(name: str, engine: Engine, **options: Any) -> Algorithm:
     return ALGORITHMS[name](engine=engine, **options)
 
 
-__all__ = ["ALGORITHMS", "ARTIFACT_KINDS", "Algorithm", "Artifact", "CFL", "DFedAvg", "DFedAvgM",
-           "DPSGD", "DisUE", "FeSEM", "FedAvg", "FedProx", "Gossip", "IFCA", "Local", "Metrics",
-           "NTKDFL", "PACFL", "RNDDFL", "Report", "SPARK", "SSDFL", "State", "SyncDFL",
-           "PeriodicDFL", "RandomDFL", "RandomClusterDFL", "algorithm_options", "make_algorithm",
-           "register_algorithm"]
+__all__ = ["ALGORITHMS", "ARTIFACT_KINDS", "Algorithm", "Artifact", "CFL", "ClientState",
+           "DFedAvg", "DFedAvgM", "DPSGD", "DisUE", "FeSEM", "FedAvg", "FedProx", "Gossip", "IFCA",
+           "Local", "MethodState", "Metrics", "NTKDFL", "PACFL", "RNDDFL", "Report", "SPARK",
+           "SSDFL", "State", "SyncDFL", "PeriodicDFL", "RandomDFL", "RandomClusterDFL",
+           "algorithm_options", "cluster_assignment", "join_state", "make_algorithm",
+           "register_algorithm", "split_state"]

@@ -3,8 +3,10 @@
 An algorithm is a frozen dataclass (static configuration, hashable so it can be closed over by
 ``jax.jit``) with pure functions of arrays:
 
-- ``init(key, data, hp) -> state``: the state is a dict of arrays; ``state["clients"]`` holds the
-  per-client leaves (leading axis ``C``, sharded across devices), everything else is replicated.
+- ``init(key, data, hp) -> state``: the state is a dict of arrays (:data:`State`);
+  ``state["clients"]`` holds the per-client leaves (leading axis ``C``, sharded across devices),
+  everything else is replicated. :class:`MethodState` lists the keys with a meaning outside the
+  method; the rest of the state is the method's own business.
 - ``init_template(key, data, hp) -> state`` of ``jax.ShapeDtypeStruct``: ``init``'s structure
   without its work, what a resumed run restores its checkpoint into. The default traces
   ``init`` abstractly; a method whose ``init`` does host-side work (RND discovery) overrides it.
@@ -24,13 +26,19 @@ An algorithm is a frozen dataclass (static configuration, hashable so it can be 
 
 Class attributes (metadata the driver reads, so that it holds no method names):
 ``clusters_clients``, ``input_only``, ``clusters_in_round``, ``finetune_baseline``.
+
+What the driver reads of a method, in one place: the state keys of :class:`MethodState`
+(through :func:`split_state`, :func:`join_state` and :func:`cluster_assignment`, never by
+string), the round metrics ``train_loss`` (:data:`TRAIN_LOSS`) and the ledger entries
+``up/<kind>``, ``down/<kind>`` (:func:`fedrnd.engine.ledger.comm`), the class attributes above,
+and what ``models`` and ``report`` return.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypedDict
 
 import jax
 import jax.numpy as jnp
@@ -39,7 +47,89 @@ from fedrnd.data.federated import FederatedData
 from fedrnd.engine import ClientHParams, Engine, sample_cohort
 
 State = dict[str, Any]
+"""A method's state at run time: a dict of arrays (a pytree), its keys the method's choice
+except those of :class:`MethodState`. Checkpoints store it as it is, keys included."""
 Metrics = dict[str, jax.Array]
+"""A round's metrics: scalars (``train_loss``, ...) and ledger entries ``up/<kind>``,
+``down/<kind>`` (bytes per client ``[C]``, from :func:`fedrnd.engine.ledger.comm`)."""
+
+# Keys of a method's state with a meaning outside the method (see MethodState, ClientState).
+CLIENTS = "clients"
+ROUND = "round"
+CLUSTER_ID = "cluster_id"
+CLIENT_HP = "hp"
+PENDING_UP = "pending_up"
+PENDING_DOWN = "pending_down"
+
+TRAIN_LOSS = "train_loss"
+"""The round metric the driver watches for divergence: the mean local training loss (a scalar
+per round; non-finite stops the run)."""
+
+
+class ClientState(TypedDict, total=False):
+    """``state["clients"]``: the per-client part of a method's state.
+
+    Every leaf has the leading axis ``C`` (one row per client); the driver shards this part
+    over the devices along the client axis (and the memory planner counts ``C / devices`` rows
+    of it per device). A method keeps here whatever it holds per client; these keys have an
+    agreed meaning:
+    """
+
+    hp: ClientHParams
+    """Each client's local optimizer and learning rate, from ``init``'s
+    ``hp`` argument."""
+    params: Any
+    """Per-client (personalised, or per-node in decentralized methods) model parameters,
+    leaves ``[C, ...]``."""
+    cluster_id: jax.Array
+    """``[C]`` int: the cluster (slot) each client belongs to. ``fedrnd run`` reads it for its
+    account of the clusters found (sizes, make-up by true group)."""
+    pending_up: jax.Array
+    """``[C]`` float32: bytes each client sent outside the jitted rounds (host-side discovery in
+    ``init`` or a host hook), not yet in the ledger. The next ``round`` reports them as
+    ``up/<kind>`` entries and resets them to zero, so host-side traffic lands in the ledger
+    (and survives a checkpoint) without the driver knowing about it."""
+    pending_down: jax.Array
+    """``[C]`` float32: as ``pending_up``, for bytes received."""
+
+
+class MethodState(TypedDict, total=False):
+    """The keys of a method's state that have a meaning outside the method.
+
+    The state itself is a plain dict (:data:`State`) that may hold any other keys (cluster
+    slots, a server optimizer state, novelty rows, ...): the driver never looks inside them.
+    None of these keys is required; a method that has the thing uses the key:
+
+    - ``clients`` (:data:`CLIENTS`): the per-client part (:class:`ClientState`), sharded over
+      devices; everything else in the state is replicated on every device.
+    - ``round`` (:data:`ROUND`): int32 scalar, the rounds run so far, by convention advanced by
+      ``round`` itself (the driver counts rounds on the host and passes each round's key).
+
+    Checkpoints store the state with these keys as they are, so renaming one would make old
+    checkpoints unreadable.
+    """
+
+    clients: ClientState
+    round: jax.Array
+
+
+def split_state(state: State) -> tuple[State, ClientState | None]:
+    """``(replicated part, per-client part or None)``: how the driver places a state (and the
+    memory planner counts it): the second is sharded over the client axis."""
+    if not isinstance(state, Mapping) or CLIENTS not in state:
+        return state, None
+    return {k: v for k, v in state.items() if k != CLIENTS}, state[CLIENTS]
+
+
+def join_state(rest: State, clients: ClientState | None) -> State:
+    """The inverse of :func:`split_state` (the per-client part goes last)."""
+    return rest if clients is None else {**rest, CLIENTS: clients}
+
+
+def cluster_assignment(state: Any) -> jax.Array | None:
+    """``state["clients"]["cluster_id"]`` (``[C]``) when the method keeps one, else ``None``."""
+    clients = state.get(CLIENTS) if isinstance(state, Mapping) else None
+    return clients.get(CLUSTER_ID) if isinstance(clients, Mapping) else None
 
 ARTIFACT_KINDS = ("arrays", "matrix", "graph", "json")
 

@@ -69,6 +69,8 @@ _MAX_LISTED = 8
 
 def _cluster_lines(res, group: np.ndarray | None) -> list[str]:
     """What a clustering method found: count, sizes, make-up by true group, ARI/NMI."""
+    from fedrnd.algorithms.base import cluster_assignment
+
     f = res.final
     kind = "federations" if "federations" in f else "clusters"
     head = f"{res.label}: {f.get('clusters', float('nan')):.0f} {kind} found"
@@ -77,9 +79,7 @@ def _cluster_lines(res, group: np.ndarray | None) -> list[str]:
         [f"{f['cluster_time']:.1f} s, compilation included"] if "cluster_time" in f else [])
     if notes:
         head += f" ({'; '.join(notes)})"
-    state = res.state if isinstance(res.state, dict) else {}
-    assign = state.get("clients", {}).get("cluster_id") if isinstance(
-        state.get("clients"), dict) else None
+    assign = cluster_assignment(res.state)
     lines = [head]
     if assign is not None:
         assign = np.asarray(assign)

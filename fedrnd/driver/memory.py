@@ -42,6 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fedrnd.algorithms.base import split_state
 from fedrnd.data.drift import DriftingData
 from fedrnd.data.federated import FederatedData
 from fedrnd.engine import ClientHParams, Engine, evaluate_clients
@@ -111,11 +112,10 @@ def data_bytes(data: FederatedData | DriftingData, shards: int = 1) -> int:
 
 
 def state_bytes(state: PyTree, shards: int = 1) -> int:
-    """Bytes one device holds of a method's state (``state["clients"]`` split over devices)."""
-    if isinstance(state, dict) and "clients" in state:
-        rest = {k: v for k, v in state.items() if k != "clients"}
-        return tree_bytes(rest) + _split_bytes(state["clients"], shards)
-    return tree_bytes(state)
+    """Bytes one device holds of a method's state: its per-client part (``state["clients"]``,
+    :func:`~fedrnd.algorithms.base.split_state`) split over devices, the rest replicated."""
+    rest, clients = split_state(state)
+    return tree_bytes(rest) + (0 if clients is None else _split_bytes(clients, shards))
 
 
 def _sub_jaxprs(eqn) -> list:

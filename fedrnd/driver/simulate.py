@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedrnd.algorithms import Algorithm, make_algorithm
+from fedrnd.algorithms.base import TRAIN_LOSS, State, join_state, split_state
 from fedrnd.data.drift import DriftingData
 from fedrnd.data.federated import FederatedData, check_federated
 from fedrnd.driver import distributed, loggers, memory, outputs, rundir
@@ -45,7 +46,7 @@ from fedrnd.driver.config import (
 )
 from fedrnd.driver.protocol import finetune_results
 from fedrnd.driver.setup import build_data, build_engine
-from fedrnd.engine import ClientHParams, Engine, evaluate_clients, summarize
+from fedrnd.engine import ClientHParams, Engine, evaluate_clients, ledger, summarize
 from fedrnd.engine import progress as progress_mod
 from fedrnd.engine.multihost import multiprocess, to_host
 
@@ -133,15 +134,35 @@ def simulate(config: Config | dict | str | Path | None = None, *, resume: bool =
         rundir.check_name(cfg.name)
         run_dir = Path(cfg.out_dir) / cfg.name
     run_dir = Path(run_dir)
-    cfg_dict = cfg.to_dict()
-    # Read-only: refuse a directory that cannot be used before anything is built or written.
-    # Process 0 decides (the others would see its writes); every process learns the outcome.
+    decision, changes = _preflight(cfg, run_dir, resume, overwrite, allow_change)
+    # Informational lines go to the "fedrnd" logger; printed on stdout when verbose and
+    # logging is not configured (loggers.console).
+    with loggers.console(verbose), progress_mod.mode(show), _Signals() as signals:
+        setup = _set_up(cfg, data, loggers.log.info if primary else None)
+        # The first write of the run: everything above is validated.
+        status = _start(cfg, run_dir, decision, resume, changes, setup.meta) if primary else None
+        distributed.barrier("run_dir")
+        run = _Run(status, signals, run_dir)
+        result = _run_methods(cfg, setup, run, resume and decision == "resume")
+    if verbose:
+        print(result.table())
+    if primary:
+        with loggers.console(verbose):
+            loggers.log.info(f"outputs: {run_dir}")
+    return result
+
+
+def _preflight(cfg: Config, run_dir: Path, resume: bool, overwrite: bool,
+               allow_change: list[str] | tuple) -> tuple[str, list]:
+    """Read-only: refuse a directory that cannot be used before anything is built or written.
+    Process 0 decides (the others would see its writes); every process learns the outcome:
+    ``("new" | "resume" | "overwrite", the config changes allowed on resume)``."""
     decisions = ("new", "resume", "overwrite")
     decision, changes, refused = "new", [], None
-    if primary:
+    if distributed.is_primary():
         try:
             decision, changes = rundir.preflight(
-                run_dir, resume=resume, overwrite=overwrite, config=cfg_dict,
+                run_dir, resume=resume, overwrite=overwrite, config=cfg.to_dict(),
                 allow_change=list(allow_change), defaults=Config().to_dict())
         except rundir.RunDirError as e:
             refused = e
@@ -149,95 +170,117 @@ def simulate(config: Config | dict | str | Path | None = None, *, resume: bool =
     if code < 0:
         raise refused or rundir.RunDirError(
             f"process 0 refused the run directory {run_dir}; see its message")
-    decision = decisions[code]
-    # Informational lines go to the "fedrnd" logger; printed on stdout when verbose and
-    # logging is not configured (loggers.console).
-    with loggers.console(verbose), progress_mod.mode(show), _Signals() as signals:
-        log = loggers.log.info if primary else None
-        if data is None:
-            # Built on the host (the CPU device) so the memory plan comes before placement.
-            with _on_host():
-                data, dataset_info = build_data(cfg, log=log)
-        else:
-            check_federated(data)
-            dataset_info = {"name": data.name, "clients": data.num_clients}
-            if isinstance(data, DriftingData):
-                dataset_info["drift"] = data.summary()
-        phases = data if isinstance(data, DriftingData) else DriftingData.static(data)
-        late = [r for r in phases.drift_rounds if r >= cfg.rounds]
-        if late:
-            raise ValueError(f"data drifts after round(s) {late}, but the run has only "
-                             f"rounds={cfg.rounds}")
-        engine, hp, mapper = build_engine(cfg, phases.initial)
-        algorithms = []
-        for i, a in enumerate(cfg.algorithms):
-            try:
-                alg = _make(a, engine, cfg)
-                for d in phases.phases:
-                    alg.validate(d)
-            except (TypeError, ValueError) as e:
-                # Options only the data can check (e.g. too many clusters for the clients).
-                raise option_error(f"algorithms.{i}.options", f"algorithms.{i}.name = "
-                                   f"{a.name!r}", e, list(algorithm_parameters(a.name))) from None
-            algorithms.append((a.tag, alg))
-        # Memory plan and chunk size (autotuned on request) before anything else is allocated.
-        plan, tuned = _plan(cfg, phases, hp, algorithms, log)
-        if plan.chunk != mapper.chunk:
-            mapper = dataclasses.replace(mapper, chunk_size=plan.chunk)
-            engine = dataclasses.replace(engine, mapper=mapper)
-            algorithms = [(t, dataclasses.replace(a, engine=engine)) for t, a in algorithms]
-        # Host-side steps (discovery in init, hooks, reports, summaries) read the data from a
-        # host copy when several processes share the run: placed per-client arrays are spread
-        # over the hosts. With one process both are the placed data.
-        placed = _place_data(phases, mapper)
-        host, phases = (phases if multiprocess() else placed), placed
+    return decisions[code], changes
 
-        meta = outputs.run_metadata(cfg, phases.initial, dataset_info, mapper)
-        meta.update(memory=plan.to_dict(), distributed=distributed.describe())
-        if tuned is not None:
-            meta["autotune"] = tuned.to_dict()
-        # The first write of the run: everything above is validated.
-        status = None
-        if primary:
-            moved = rundir.prepare(run_dir, decision)
-            if moved is not None:
-                loggers.log.info(f"the earlier run in {run_dir} was moved to {moved}")
-            if resume and decision == "new":
-                loggers.log.info(f"nothing to resume in {run_dir}; starting a new run")
-            status = rundir.Status(run_dir, cfg_dict, resumed=decision == "resume",
-                                   changes=changes, moved=moved)
-            status.update()
-            outputs.write_json(run_dir / "config.json", cfg_dict)
-            outputs.write_json(run_dir / "metadata.json", meta)
-        distributed.barrier("run_dir")
-        run = _Run(status, signals, run_dir)
+
+@dataclasses.dataclass
+class _Setup:
+    """What every method of a run shares: the data (placed for the program, and on the host),
+    client hyperparameters, the methods by tag, the memory plan and the run's metadata."""
+
+    phases: DriftingData
+    host: DriftingData
+    hp: ClientHParams
+    algorithms: list[tuple[str, Algorithm]]
+    plan: memory.MemoryPlan
+    meta: dict[str, Any]
+
+
+def _set_up(cfg: Config, data: FederatedData | DriftingData | None, log) -> _Setup:
+    """Data, engine, methods (their options checked against the data) and memory plan, all
+    validated before the first write; the data placed on the devices last."""
+    if data is None:
+        # Built on the host (the CPU device) so the memory plan comes before placement.
+        with _on_host():
+            data, dataset_info = build_data(cfg, log=log)
+    else:
+        check_federated(data)
+        dataset_info = {"name": data.name, "clients": data.num_clients}
+        if isinstance(data, DriftingData):
+            dataset_info["drift"] = data.summary()
+    phases = data if isinstance(data, DriftingData) else DriftingData.static(data)
+    late = [r for r in phases.drift_rounds if r >= cfg.rounds]
+    if late:
+        raise ValueError(f"data drifts after round(s) {late}, but the run has only "
+                         f"rounds={cfg.rounds}")
+    engine, hp, mapper = build_engine(cfg, phases.initial)
+    algorithms = _make_all(cfg, engine, phases)
+    # Memory plan and chunk size (autotuned on request) before anything else is allocated.
+    plan, tuned = _plan(cfg, phases, hp, algorithms, log)
+    if plan.chunk != mapper.chunk:
+        mapper = dataclasses.replace(mapper, chunk_size=plan.chunk)
+        engine = dataclasses.replace(engine, mapper=mapper)
+        algorithms = [(t, dataclasses.replace(a, engine=engine)) for t, a in algorithms]
+    # Host-side steps (discovery in init, hooks, reports, summaries) read the data from a
+    # host copy when several processes share the run: placed per-client arrays are spread
+    # over the hosts. With one process both are the placed data.
+    placed = _place_data(phases, mapper)
+    host = phases if multiprocess() else placed
+    meta = outputs.run_metadata(cfg, placed.initial, dataset_info, mapper)
+    meta.update(memory=plan.to_dict(), distributed=distributed.describe())
+    if tuned is not None:
+        meta["autotune"] = tuned.to_dict()
+    return _Setup(placed, host, hp, algorithms, plan, meta)
+
+
+def _make_all(cfg: Config, engine: Engine, phases: DriftingData) -> list[tuple[str, Algorithm]]:
+    """Every method of the config by tag, its options checked against every data phase."""
+    algorithms = []
+    for i, a in enumerate(cfg.algorithms):
         try:
-            results = {}
-            for tag, alg in algorithms:
-                with _CompileClock() as clock:
-                    results[tag] = _run_method(cfg, tag, alg, phases, host, hp, run_dir / tag,
-                                               resume and decision == "resume", verbose, clock,
-                                               run)
-            result = SimulationResult(cfg, run_dir, results, host.at(cfg.rounds),
-                                      host if host.events else None, plan)
-            if primary:
-                outputs.write_summary(run_dir, results)
-                outputs.plot_accuracy(run_dir / "accuracy.png", results, title=cfg.name)
-        except KeyboardInterrupt:
-            # A second Ctrl-C, or one outside the rounds loop: the last checkpoint stands.
-            raise run.interrupted(checkpointed=None) from None
-        except rundir.RunInterrupted as e:
-            run.set(state="interrupted", reason=str(e))
-            raise
-        except BaseException as e:
-            run.set(state="failed", reason=f"{type(e).__name__}: {e}")
-            raise
-        run.set(state="finished", round=cfg.rounds)
-    if verbose:
-        print(result.table())
-    if primary:
-        with loggers.console(verbose):
-            loggers.log.info(f"outputs: {run_dir}")
+            alg = _make(a, engine, cfg)
+            for d in phases.phases:
+                alg.validate(d)
+        except (TypeError, ValueError) as e:
+            # Options only the data can check (e.g. too many clusters for the clients).
+            raise option_error(f"algorithms.{i}.options", f"algorithms.{i}.name = "
+                               f"{a.name!r}", e, list(algorithm_parameters(a.name))) from None
+        algorithms.append((a.tag, alg))
+    return algorithms
+
+
+def _start(cfg: Config, run_dir: Path, decision: str, resume: bool, changes: list,
+           meta: dict[str, Any]) -> rundir.Status:
+    """Process 0 prepares the run directory (moving an earlier run aside on ``overwrite``) and
+    writes the status, config and metadata."""
+    cfg_dict = cfg.to_dict()
+    moved = rundir.prepare(run_dir, decision)
+    if moved is not None:
+        loggers.log.info(f"the earlier run in {run_dir} was moved to {moved}")
+    if resume and decision == "new":
+        loggers.log.info(f"nothing to resume in {run_dir}; starting a new run")
+    status = rundir.Status(run_dir, cfg_dict, resumed=decision == "resume",
+                           changes=changes, moved=moved)
+    status.update()
+    outputs.write_json(run_dir / "config.json", cfg_dict)
+    outputs.write_json(run_dir / "metadata.json", meta)
+    return status
+
+
+def _run_methods(cfg: Config, setup: _Setup, run: _Run, resume: bool) -> SimulationResult:
+    """Every method in turn, then the run's summary; the status says how the run ended."""
+    try:
+        results = {}
+        for tag, alg in setup.algorithms:
+            with _CompileClock() as clock:
+                results[tag] = _run_method(cfg, tag, alg, setup.phases, setup.host, setup.hp,
+                                           run.run_dir / tag, resume, clock, run)
+        host = setup.host
+        result = SimulationResult(cfg, run.run_dir, results, host.at(cfg.rounds),
+                                  host if host.events else None, setup.plan)
+        if distributed.is_primary():
+            outputs.write_summary(run.run_dir, results)
+            outputs.plot_accuracy(run.run_dir / "accuracy.png", results, title=cfg.name)
+    except KeyboardInterrupt:
+        # A second Ctrl-C, or one outside the rounds loop: the last checkpoint stands.
+        raise run.interrupted(checkpointed=None) from None
+    except rundir.RunInterrupted as e:
+        run.set(state="interrupted", reason=str(e))
+        raise
+    except BaseException as e:
+        run.set(state="failed", reason=f"{type(e).__name__}: {e}")
+        raise
+    run.set(state="finished", round=cfg.rounds)
     return result
 
 
@@ -408,195 +451,291 @@ def _boundaries(cfg: Config, alg: Algorithm, drift_rounds: tuple[int, ...] = ())
 
 
 def _run_method(cfg: Config, tag: str, alg: Algorithm, phases: DriftingData,
-                host: DriftingData, hp: ClientHParams, out: Path, resume: bool, verbose: bool,
+                host: DriftingData, hp: ClientHParams, out: Path, resume: bool,
                 compile_clock: _CompileClock, run: _Run) -> MethodResult:
-    """One method's rounds. ``phases``: the placed data; ``host``: the same data readable on
-    this host (the same object with one process), for host-side steps and summaries."""
-    primary = distributed.is_primary()
-    if primary:
+    """One method's run: restore or init, then blocks of rounds with evaluation, ledger, host
+    hooks, checkpoints and interrupts between them (:class:`_MethodLoop`), then the final
+    figures. ``phases``: the placed data; ``host``: the same data readable on this host (the
+    same object with one process), for host-side steps and summaries."""
+    if distributed.is_primary():
         out.mkdir(parents=True, exist_ok=True)
     distributed.barrier(f"method:{tag}")
-    key = jax.random.key(cfg.seed)
-    # Same initial weights for every method: the model init key depends on the seed only.
-    init_key = jax.random.fold_in(key, 0)
-    c = phases.num_clients
-    ledger_up, ledger_down = np.zeros(c), np.zeros(c)
-    history: list[dict[str, Any]] = []
-    start_round, elapsed, cluster_time, wall0 = 0, 0.0, 0.0, time.perf_counter()
-
     ckpt = Checkpointer(out / "checkpoints") if cfg.checkpoint_every else None
     run.at(tag, 0)
     run.checkpoint_round = None
-    hook_pending = False
+    state, tally = _restore_or_init(cfg, tag, alg, phases, host, hp, out, ckpt, resume, run)
+    loop = _MethodLoop(cfg, tag, alg, phases, host, out, ckpt, compile_clock, run, tally)
+    state = loop.pending_hook(state)
+    state = loop.rounds(state)
+    return loop.finish(state, hp)
+
+
+@dataclasses.dataclass
+class _Tally:
+    """One method's host-side counters; a checkpoint stores them (:meth:`meta`) beside the state.
+
+    ``bytes_up``, ``bytes_down``: the ledger, bytes per client ``[C]`` summed over the rounds
+    run; ``elapsed``: seconds spent in blocks of rounds; ``cluster_time``: seconds of host-side
+    work (init, host hooks); ``wall0``: ``perf_counter`` at the run's start, moved back by the
+    wall time of the runs it resumes; ``hook_pending``: the checkpoint's round still owes its
+    host hook (a run extended past its last round).
+    """
+
+    bytes_up: np.ndarray
+    bytes_down: np.ndarray
+    history: list[dict[str, Any]]
+    round: int = 0
+    elapsed: float = 0.0
+    cluster_time: float = 0.0
+    wall0: float = 0.0
+    hook_pending: bool = False
+
+    @classmethod
+    def fresh(cls, num_clients: int, wall0: float) -> _Tally:
+        return cls(np.zeros(num_clients), np.zeros(num_clients), [], wall0=wall0)
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any], history: list[dict[str, Any]],
+                  wall0: float) -> _Tally:
+        return cls(np.asarray(meta["bytes_up"]), np.asarray(meta["bytes_down"]), history,
+                   round=int(meta["round"]), elapsed=float(meta["elapsed"]),
+                   cluster_time=float(meta.get("cluster_time", 0.0)),
+                   wall0=wall0 - float(meta.get("wall_time", 0.0)),
+                   hook_pending=bool(meta.get("hook_pending", False)))
+
+    def meta(self, cfg: Config, alg: Algorithm) -> dict[str, Any]:
+        r = self.round
+        return {"round": r, "elapsed": self.elapsed, "bytes_up": self.bytes_up.tolist(),
+                "bytes_down": self.bytes_down.tolist(), "cluster_time": self.cluster_time,
+                "wall_time": time.perf_counter() - self.wall0,
+                "config_hash": rundir.config_hash(cfg.to_dict()),
+                # The last round has no hook; a run extended past it must run this one.
+                "hook_pending": bool(alg.hook_every and r % alg.hook_every == 0
+                                     and r >= cfg.rounds)}
+
+    def bytes_per_client(self) -> float:
+        return float((self.bytes_up + self.bytes_down).mean())
+
+    def account(self, metrics: dict[str, Any], first: int, stop: int) -> list[dict[str, Any]]:
+        """One history row per round ``first .. stop - 1`` of a block's ``metrics`` (leaves
+        ``[n, ...]``): its scalars and its traffic (``up/<kind>``, ``down/<kind>`` ``[n, C]``),
+        which the ledger adds up per client."""
+        rows = []
+        for i, rr in enumerate(range(first, stop)):
+            row: dict[str, Any] = {"round": rr + 1}
+            up = down = 0.0
+            for k, v in metrics.items():
+                v = np.asarray(v[i])
+                if k.startswith(ledger.UP):
+                    self.bytes_up += v
+                    up += float(v.sum())
+                    row[f"bytes_{k.replace('/', '_')}"] = float(v.sum())
+                elif k.startswith(ledger.DOWN):
+                    self.bytes_down += v
+                    down += float(v.sum())
+                    row[f"bytes_{k.replace('/', '_')}"] = float(v.sum())
+                elif v.ndim == 0:
+                    row[k] = float(v)
+            row["bytes_up"], row["bytes_down"] = up, down
+            row["bytes_per_client"] = self.bytes_per_client()
+            rows.append(row)
+        return rows
+
+
+def _restore_or_init(cfg: Config, tag: str, alg: Algorithm, phases: DriftingData,
+                     host: DriftingData, hp: ClientHParams, out: Path,
+                     ckpt: Checkpointer | None, resume: bool, run: _Run) -> tuple[Any, _Tally]:
+    """The placed state and counters to start from: the last checkpoint when resuming (restored
+    into init's structure without running init: no repeated discovery), else ``alg.init``."""
+    primary, wall0 = distributed.is_primary(), time.perf_counter()
+    # Same initial weights for every method: the model init key depends on the seed only.
+    init_key = jax.random.fold_in(jax.random.key(cfg.seed), 0)
     if resume and ckpt is not None and ckpt.latest() is not None:
-        # Restore into init's structure without running init (no repeated discovery);
-        # shapes come from the checkpoint.
+        # Shapes come from the checkpoint.
         state, meta = ckpt.restore(alg.init_template(init_key, phases.initial, hp))
         state = _place_state(state, alg)
-        start_round, elapsed = int(meta["round"]), float(meta["elapsed"])
-        cluster_time = float(meta.get("cluster_time", 0.0))
-        wall0 -= float(meta.get("wall_time", 0.0))
-        ledger_up, ledger_down = np.asarray(meta["bytes_up"]), np.asarray(meta["bytes_down"])
-        hook_pending = bool(meta.get("hook_pending", False))
-        history = outputs.read_history(out / "metrics.jsonl", upto=start_round)
+        start = int(meta["round"])
+        tally = _Tally.from_meta(meta, outputs.read_history(out / "metrics.jsonl", upto=start),
+                                 wall0)
         distributed.barrier(f"read:{tag}")  # read before process 0 rewrites it
-        run.at(tag, start_round)
-        run.checkpoint_round = start_round
+        run.at(tag, start)
+        run.checkpoint_round = start
         if primary:
-            loggers.log.info(f"[{tag}] resumed at round {start_round}")
+            loggers.log.info(f"[{tag}] resumed at round {start}")
     else:
+        tally = _Tally.fresh(phases.num_clients, wall0)
         if resume and primary:
             loggers.log.info(f"[{tag}] no checkpoint found; starting from round 0")
         # Clustering compute time: host-side work in init and host hooks (discovery, one-shot
         # clustering, splits), compilation included, waited on so it is not billed to round 1.
         t_init = time.perf_counter()
         state = jax.block_until_ready(alg.init(init_key, host.initial, hp))
-        cluster_time = time.perf_counter() - t_init
+        tally.cluster_time = time.perf_counter() - t_init
         # Blocks donate the state; copy so arrays shared with other methods (hp) survive.
         state = _place_state(jax.tree.map(jnp.array, state), alg)
     if primary:
-        outputs.rewrite_history(out / "metrics.jsonl", history)
+        outputs.rewrite_history(out / "metrics.jsonl", tally.history)
+    return state, tally
 
-    block = _block_fn(alg, jax.random.fold_in(key, 1))
-    # Data is an argument, not a closure: a closed-over array would be baked into the program.
-    evaluate_fn = jax.jit(lambda s, d: evaluate_clients(alg.engine.model.apply, *alg.models(s), d,
-                                                        alg.engine.mapper, cfg.eval_batch))
 
-    drifted = (np.unique(np.concatenate([e.clients for e in phases.events]))
-               if phases.events else None)
+class _MethodLoop:
+    """One method's host loop: blocks of rounds and, between them, evaluation, logging, the
+    divergence watch, the method's host hook, checkpoints and interrupts."""
 
-    def evaluate(s, d, h):
+    def __init__(self, cfg: Config, tag: str, alg: Algorithm, phases: DriftingData,
+                 host: DriftingData, out: Path, ckpt: Checkpointer | None,
+                 compile_clock: _CompileClock, run: _Run, tally: _Tally):
+        self.cfg, self.tag, self.alg, self.out, self.run = cfg, tag, alg, out, run
+        self.phases, self.host, self.ckpt, self.tally = phases, host, ckpt, tally
+        self.clock = compile_clock
+        self.primary = distributed.is_primary()
+        self.start_round = tally.round
+        self.block = _block_fn(alg, jax.random.fold_in(jax.random.key(cfg.seed), 1))
+        # Data is an argument, not a closure: a closed-over array would be baked into the program.
+        self.evaluate_fn = jax.jit(lambda s, d: evaluate_clients(
+            alg.engine.model.apply, *alg.models(s), d, alg.engine.mapper, cfg.eval_batch))
+        self.drifted = (np.unique(np.concatenate([e.clients for e in phases.events]))
+                        if phases.events else None)
+        self.logger = loggers.open_loggers(cfg, out, tag) if self.primary else _NoLogger()
+        self.per_client: dict[str, np.ndarray] = {}
+        self.final: dict[str, float] = {}
         # d: the placed data the program runs on; h: the same data on the host.
-        scores = {k: np.asarray(v) for k, v in to_host(evaluate_fn(s, d)).items()}
+        self.data, self.hdata = phases.at(tally.round), host.at(tally.round)
+        self.block_compile = 0.0  # compilation seconds within the blocks of rounds
+
+    def evaluate(self, state: Any) -> None:
+        """Per-client scores and their summary (clustering scores too) into ``per_client``,
+        ``final``, on the data of the rounds just run."""
+        h = self.hdata
+        scores = {k: np.asarray(v)
+                  for k, v in to_host(self.evaluate_fn(state, self.data)).items()}
         summary = summarize(scores, np.asarray(h.train_count), np.asarray(h.test_count),
                             np.asarray(h.group))
-        if drifted is not None:
+        if self.drifted is not None:
             # The clients that switch group in some drift, before and after it, against the rest.
             for k in ("test_acc", "test_loss"):
-                summary[f"{k}/drifted"] = float(np.mean(scores[k][drifted]))
-                summary[f"{k}/stayed"] = float(np.mean(np.delete(scores[k], drifted)))
-        _, assign = alg.models(s)
-        if alg.clusters_clients and assign is not None:
+                summary[f"{k}/drifted"] = float(np.mean(scores[k][self.drifted]))
+                summary[f"{k}/stayed"] = float(np.mean(np.delete(scores[k], self.drifted)))
+        _, assign = self.alg.models(state)
+        if self.alg.clusters_clients and assign is not None:
             # Against the groups in effect for the rounds just run (they move with drift).
             summary.update(outputs.clustering_scores(to_host(assign), np.asarray(h.group)))
-        return scores, summary
+        self.per_client, self.final = scores, summary
 
-    logger = loggers.open_loggers(cfg, out, tag) if primary else _NoLogger()
-    per_client: dict[str, np.ndarray] = {}
-    final: dict[str, float] = {}
-    r = start_round
-    data, hdata = phases.at(r), host.at(r)
-    if hook_pending and r < cfg.rounds:
-        # Extended past the round its run ended at: that round's hook has not run yet.
+    def host_hook(self, state: Any, r: int) -> Any:
+        """The method's host hook after round ``r``, timed as clustering compute."""
         t_hook = time.perf_counter()
         state = _place_state(jax.block_until_ready(
-            alg.host_hook(_host_state(state), hdata, r)), alg)
-        cluster_time += time.perf_counter() - t_hook
-    block_compile = 0.0
-    watch = _Divergence(cfg, tag, phases.num_classes, history, run)
-    with progress_mod.task(f"[{tag}] rounds", total=cfg.rounds, unit="round",
-                           initial=start_round) as bar, run.signals.deferring():
-        for stop in _boundaries(cfg, alg, phases.drift_rounds):
-            if stop <= r:
-                continue
-            if r == start_round:
-                progress_mod.note(f"[{tag}] compiling the round program (rounds {r + 1}-{stop}) ...")
-            t0, c0 = time.perf_counter(), compile_clock.seconds
-            state, m = block(state, data, jnp.arange(r, stop))
-            m = to_host(m)
-            elapsed += time.perf_counter() - t0
-            block_compile += compile_clock.seconds - c0
-            _check_finite(m, tag, stop)
-            for i, rr in enumerate(range(r, stop)):
-                row: dict[str, Any] = {"round": rr + 1}
-                up = down = 0.0
-                for k, v in m.items():
-                    v = np.asarray(v[i])
-                    if k.startswith("up/"):
-                        ledger_up += v
-                        up += float(v.sum())
-                        row[f"bytes_{k.replace('/', '_')}"] = float(v.sum())
-                    elif k.startswith("down/"):
-                        ledger_down += v
-                        down += float(v.sum())
-                        row[f"bytes_{k.replace('/', '_')}"] = float(v.sum())
-                    elif v.ndim == 0:
-                        row[k] = float(v)
-                row["bytes_up"], row["bytes_down"] = up, down
-                row["bytes_per_client"] = float((ledger_up + ledger_down).mean())
-                if i < stop - r - 1:
-                    history.append(row)
-                    logger.log(row)
-            r = stop
-            if r % cfg.eval_every == 0 or r == cfg.rounds:
-                per_client, final = evaluate(state, data, hdata)
-                row.update(final)
-            if phases.phase(r) != phases.phase(r - 1):
-                # Drift: the following rounds (and the host hook below) see the next phase.
-                data, hdata = phases.at(r), host.at(r)
-                row["drift_moved"] = float(len(phases.events[phases.phase(r) - 1].clients))
-            row["time"] = elapsed
-            history.append(row)
-            logger.log(row)
-            bar.update(stop - bar.n)
-            if final:
-                bar.set_postfix(acc=f"{final['test_acc/mean']:.3f}")
-            watch.check(row, r)  # before a host hook spends time on a diverged state
-            if alg.hook_every and r % alg.hook_every == 0 and r < cfg.rounds:
-                t_hook = time.perf_counter()
-                state = _place_state(jax.block_until_ready(
-                    alg.host_hook(_host_state(state), hdata, r)), alg)
-                cluster_time += time.perf_counter() - t_hook
-            run.at(tag, r)
+            self.alg.host_hook(_host_state(state), self.hdata, r)), self.alg)
+        self.tally.cluster_time += time.perf_counter() - t_hook
+        return state
 
-            # A Ctrl-C / SIGTERM during the block: checkpoint here (a block boundary) and stop.
-            stopping = run.signals.requested is not None and r < cfg.rounds
-            due = ckpt is not None and (r % cfg.checkpoint_every == 0 or r == cfg.rounds)
-            if ckpt is not None and (due or stopping):
-                ckpt.save(r, state, {
-                    "round": r, "elapsed": elapsed, "bytes_up": ledger_up.tolist(),
-                    "bytes_down": ledger_down.tolist(), "cluster_time": cluster_time,
-                    "wall_time": time.perf_counter() - wall0,
-                    "config_hash": rundir.config_hash(cfg.to_dict()),
-                    # The last round has no hook; a run extended past it must run this one.
-                    "hook_pending": bool(alg.hook_every and r % alg.hook_every == 0
-                                         and r >= cfg.rounds)})
-                run.checkpoint_round = r
-            if stopping:
-                logger.close()
-                if ckpt is not None:
-                    ckpt.close()
-                raise run.interrupted(checkpointed=ckpt is not None)
-    logger.close()
-    if ckpt is not None:
-        ckpt.close()
-    watch.final(final.get("test_acc/mean") if final else None)
-    if not per_client:  # resumed after the last round: evaluate once more
-        per_client, final = evaluate(state, data, hdata)
-    # Methods that group clients are scored against the true groups (ARI, NMI) in evaluate.
-    final = {**final, "bytes_per_client": float((ledger_up + ledger_down).mean()),
-             "time": elapsed, "round_time": elapsed - block_compile}
-    ft_per_client, ft_final = finetune_results(cfg, alg, state, data, hp)
-    per_client.update(ft_per_client)
-    if multiprocess():
-        # The result holds the state as host arrays: readable on every process.
-        state = to_host(state)
-    if primary:  # the driver writes what the report found; other processes skip it
-        final.update(outputs.write_report(out, alg.report(state, hdata), tag))
-    compile_time = compile_clock.seconds
-    final.update(ft_final, cluster_time=cluster_time, compile_time=compile_time,
-                 wall_time=time.perf_counter() - wall0)
-    if primary:
-        loggers.log.info(f"[{tag}] compilation {compile_time:.1f} s (rounds: "
-                         f"{block_compile:.1f} s of {elapsed:.1f} s)")
-    if primary:
-        outputs.write_csv(out / "metrics.csv", history)
-        outputs.savez(out / "per_client.npz", **per_client, bytes_up=ledger_up,
-                      bytes_down=ledger_down, group=np.asarray(hdata.group))
-        # Last: final.json exists only when the method finished and everything else is written.
-        outputs.write_json(out / "final.json", final)
-    return MethodResult(tag, history, final, per_client, ledger_up, ledger_down, state, elapsed,
-                        compile_time)
+    def pending_hook(self, state: Any) -> Any:
+        """A run extended past the round it ended at: that round's hook has not run yet."""
+        if self.tally.hook_pending and self.tally.round < self.cfg.rounds:
+            state = self.host_hook(state, self.tally.round)
+        return state
+
+    def run_block(self, state: Any, r: int, stop: int) -> tuple[Any, list[dict[str, Any]]]:
+        """Rounds ``r + 1 .. stop`` in one compiled block; their history rows."""
+        if r == self.start_round:
+            progress_mod.note(f"[{self.tag}] compiling the round program "
+                              f"(rounds {r + 1}-{stop}) ...")
+        t0, c0 = time.perf_counter(), self.clock.seconds
+        state, m = self.block(state, self.data, jnp.arange(r, stop))
+        m = to_host(m)
+        self.tally.elapsed += time.perf_counter() - t0
+        self.block_compile += self.clock.seconds - c0
+        _check_finite(m, self.tag, stop)
+        return state, self.tally.account(m, r, stop)
+
+    def rounds(self, state: Any) -> Any:
+        """Every block of rounds from the start round to ``cfg.rounds``, with what the host does
+        after each: the last round's row gets the evaluation, drift and time."""
+        cfg, tally, phases = self.cfg, self.tally, self.phases
+        watch = _Divergence(cfg, self.tag, phases.num_classes, tally.history, self.run)
+        with progress_mod.task(f"[{self.tag}] rounds", total=cfg.rounds, unit="round",
+                               initial=self.start_round) as bar, self.run.signals.deferring():
+            for stop in _boundaries(cfg, self.alg, phases.drift_rounds):
+                if stop <= tally.round:
+                    continue
+                state, rows = self.run_block(state, tally.round, stop)
+                *done, row = rows
+                for d in done:
+                    self.log(d)
+                r = tally.round = stop
+                if r % cfg.eval_every == 0 or r == cfg.rounds:
+                    self.evaluate(state)
+                    row.update(self.final)
+                if phases.phase(r) != phases.phase(r - 1):
+                    # Drift: the following rounds (and the host hook below) see the next phase.
+                    self.data, self.hdata = phases.at(r), self.host.at(r)
+                    row["drift_moved"] = float(len(phases.events[phases.phase(r) - 1].clients))
+                row["time"] = tally.elapsed
+                self.log(row)
+                bar.update(stop - bar.n)
+                if self.final:
+                    bar.set_postfix(acc=f"{self.final['test_acc/mean']:.3f}")
+                watch.check(row, r)  # before a host hook spends time on a diverged state
+                if self.alg.hook_every and r % self.alg.hook_every == 0 and r < cfg.rounds:
+                    state = self.host_hook(state, r)
+                self.run.at(self.tag, r)
+                self.checkpoint_or_stop(state, r)
+        self.close()
+        watch.final(self.final.get("test_acc/mean") if self.final else None)
+        return state
+
+    def log(self, row: dict[str, Any]) -> None:
+        self.tally.history.append(row)
+        self.logger.log(row)
+
+    def checkpoint_or_stop(self, state: Any, r: int) -> None:
+        """Checkpoint when due; after a Ctrl-C / SIGTERM during the block, checkpoint here (a
+        block boundary) and stop."""
+        stopping = self.run.signals.requested is not None and r < self.cfg.rounds
+        ckpt = self.ckpt
+        due = ckpt is not None and (r % self.cfg.checkpoint_every == 0 or r == self.cfg.rounds)
+        if ckpt is not None and (due or stopping):
+            ckpt.save(r, state, self.tally.meta(self.cfg, self.alg))
+            self.run.checkpoint_round = r
+        if stopping:
+            self.close()
+            raise self.run.interrupted(checkpointed=ckpt is not None)
+
+    def close(self) -> None:
+        self.logger.close()
+        if self.ckpt is not None:
+            self.ckpt.close()
+
+    def finish(self, state: Any, hp: ClientHParams) -> MethodResult:
+        """The method's final figures, fine-tuned evaluation and report, written out."""
+        cfg, tally, out = self.cfg, self.tally, self.out
+        if not self.per_client:  # resumed after the last round: evaluate once more
+            self.evaluate(state)
+        per_client, elapsed = self.per_client, tally.elapsed
+        # Methods that group clients are scored against the true groups (ARI, NMI) in evaluate.
+        final = {**self.final, "bytes_per_client": tally.bytes_per_client(),
+                 "time": elapsed, "round_time": elapsed - self.block_compile}
+        ft_per_client, ft_final = finetune_results(cfg, self.alg, state, self.data, hp)
+        per_client.update(ft_per_client)
+        if multiprocess():
+            # The result holds the state as host arrays: readable on every process.
+            state = to_host(state)
+        if self.primary:  # the driver writes what the report found; other processes skip it
+            final.update(outputs.write_report(out, self.alg.report(state, self.hdata), self.tag))
+        compile_time = self.clock.seconds
+        final.update(ft_final, cluster_time=tally.cluster_time, compile_time=compile_time,
+                     wall_time=time.perf_counter() - tally.wall0)
+        if self.primary:
+            loggers.log.info(f"[{self.tag}] compilation {compile_time:.1f} s (rounds: "
+                             f"{self.block_compile:.1f} s of {elapsed:.1f} s)")
+            outputs.write_csv(out / "metrics.csv", tally.history)
+            outputs.savez(out / "per_client.npz", **per_client, bytes_up=tally.bytes_up,
+                          bytes_down=tally.bytes_down, group=np.asarray(self.hdata.group))
+            # Last: final.json exists only when the method finished and all else is written.
+            outputs.write_json(out / "final.json", final)
+        return MethodResult(self.tag, tally.history, final, per_client, tally.bytes_up,
+                            tally.bytes_down, state, elapsed, compile_time)
 
 
 class _NoLogger:
@@ -629,24 +768,22 @@ class _CompileClock:
         jax.monitoring.unregister_event_duration_listener(self._listen)
 
 
-def _host_state(state: dict) -> dict:
+def _host_state(state: State) -> State:
     """The state for a host hook: as is with one process, else gathered to host arrays."""
     return to_host(state) if multiprocess() else state
 
 
-def _place_state(state: dict, alg: Algorithm) -> dict:
+def _place_state(state: State, alg: Algorithm) -> State:
+    """The per-client part split over the mesh, the rest replicated (:func:`split_state`)."""
     mapper = alg.engine.mapper
     if mapper.mesh is None:
         return state
-    rest = {k: v for k, v in state.items() if k != "clients"}
-    placed = mapper.replicate(rest)
-    if "clients" in state:
-        placed["clients"] = mapper.shard(state["clients"])
-    return placed
+    rest, clients = split_state(state)
+    return join_state(mapper.replicate(rest), None if clients is None else mapper.shard(clients))
 
 
 def _check_finite(metrics: dict, tag: str, round_: int) -> None:
-    loss = metrics.get("train_loss")
+    loss = metrics.get(TRAIN_LOSS)
     if loss is not None and not np.all(np.isfinite(np.asarray(loss))):
         raise rundir.Diverged(
             f"[{tag}] training diverged (non-finite loss) by round {round_}; lower local.lr "
@@ -670,7 +807,7 @@ class _Divergence:
         """After a block: the last round's mean training loss, and the evaluation if any."""
         if self.cfg.action == "off":
             return
-        loss, acc = row.get("train_loss"), row.get("test_acc/mean")
+        loss, acc = row.get(TRAIN_LOSS), row.get("test_acc/mean")
         margin = self.cfg.chance_margin
         if loss is not None and loss > self.loss_limit:
             self._act("loss", round_, f"the mean training loss {loss:.4g} is above "

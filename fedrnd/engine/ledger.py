@@ -16,6 +16,11 @@ import numpy as np
 
 PyTree = Any
 
+UP, DOWN = "up/", "down/"
+"""Prefixes of the ledger entries in a round's metrics: ``up/<kind>`` bytes each client sent,
+``down/<kind>`` bytes it received (``[C]`` each); the driver adds up every key that starts with
+one of them."""
+
 
 def tree_bytes(tree: PyTree) -> int:
     """Bytes of a pytree of arrays or ``ShapeDtypeStruct``s."""
@@ -35,5 +40,5 @@ def comm(**kinds: jax.Array) -> dict[str, jax.Array]:
         direction, _, kind = k.partition("_")
         if direction not in ("up", "down") or not kind:
             raise ValueError(f"ledger entry {k!r} must be named up_<kind> or down_<kind>")
-        out[f"{direction}/{kind}"] = v
+        out[(UP if direction == "up" else DOWN) + kind] = v
     return out

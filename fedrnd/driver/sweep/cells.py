@@ -3,7 +3,8 @@
 A record is written atomically and stamped with the hash of what produced it, so an
 interrupted sweep resumes where it stopped (finished cells are skipped) and a cell whose
 resolved config changed is re-run rather than reported stale. :class:`CellCache` is that
-store on its own, for scripts that cache their own kind of cell (``experiments/ntk/run.py``).
+store on its own, for scripts that cache their own kind of cell (``experiments/ntk/run.py``,
+``experiments/rnd/run.py``), with :func:`config_key` and :func:`method_defaults` for their keys.
 """
 
 from __future__ import annotations
@@ -84,8 +85,18 @@ class CellCache:
         The hash goes into ``record[hash_field]``, in place when the record already has that
         field (so records keep their field order), at the end otherwise.
         """
-        p = self.path(key, name)
         rec = {**record, self.hash_field: self.key_hash(key)}
+        return self._write(self.path(key, name), rec)
+
+    def rewrite(self, name: str | Path, record: dict[str, Any]) -> Path:
+        """Store ``record`` under ``name`` as it is (atomically), its hash field untouched.
+
+        For a record whose derived fields were recomputed without re-running it (the hash it
+        carries, or its lack of one, still says what produced it), and for side records outside
+        the hash scheme (a note that a cell was skipped)."""
+        return self._write(self.root / name, record)
+
+    def _write(self, p: Path, rec: dict[str, Any]) -> Path:
         # Serialise before touching the disk: a record that cannot be written changes nothing.
         text = json.dumps(rec, indent=self.indent, default=self.default) + "\n"
         p.parent.mkdir(parents=True, exist_ok=True)
@@ -125,17 +136,7 @@ class Cell:
         say where or how verbosely it runs, plus the method's defaults (a changed default
         makes the cached cell stale)."""
         assert self.config is not None
-        d = self.config.to_dict()
-        # Also the loggers and the divergence guard: neither changes a finished cell's result,
-        # and leaving them out keeps the hashes of cells cached before they existed.
-        for k in ("progress", "out_dir", "name", "tensorboard", "plugins", "loggers",
-                  "divergence"):
-            d.pop(k, None)
-        from fedrnd.algorithms import ALGORITHMS
-
-        d["defaults"] = {f.name: repr(_field_default(f)) for f in
-                         dataclasses.fields(ALGORITHMS[self.method.name]) if f.name != "engine"}
-        return d
+        return {**config_key(self.config), "defaults": method_defaults(self.method.name)}
 
     @property
     def config_hash(self) -> str:
@@ -148,6 +149,30 @@ class Cell:
 
     def path(self, cache: Path) -> Path:
         return cache / "cells" / self.name
+
+
+NOT_IN_KEY = ("progress", "out_dir", "name", "tensorboard", "plugins", "loggers", "divergence")
+"""Config fields that only say where or how verbosely a run goes: not part of a result's key.
+Also the loggers and the divergence guard: neither changes a finished run's result, and leaving
+them out keeps the hashes of cells cached before they existed."""
+
+
+def config_key(config: Config) -> dict[str, Any]:
+    """What a run's result depends on in its config: the resolved config as a dict, without
+    the fields of :data:`NOT_IN_KEY`. A cache key for a result computed from ``config``."""
+    d = config.to_dict()
+    for k in NOT_IN_KEY:
+        d.pop(k, None)
+    return d
+
+
+def method_defaults(name: str) -> dict[str, str]:
+    """The registered method ``name``'s option defaults (``repr`` of each): in a cell's key, a
+    changed default makes the cached cell stale."""
+    from fedrnd.algorithms import ALGORITHMS
+
+    return {f.name: repr(_field_default(f)) for f in dataclasses.fields(ALGORITHMS[name])
+            if f.name != "engine"}
 
 
 def _field_default(f: dataclasses.Field) -> Any:
