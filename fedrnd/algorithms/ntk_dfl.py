@@ -34,11 +34,15 @@ so the following is *our reconstruction* (each part can be switched off for an a
   ``dw_l = -(1/n) R_l P_l^T A``, unbiased for ``J^T A`` (``E[R R^T] = I``) but with noise of
   norm about ``sqrt(P_l / k_l)`` times the signal. Jacobian bytes are counted after projection.
 - ``soft_weight``: a stage-wise annealed soft-label regulariser. The evolution targets become
-  ``Y_s = (1 - beta_s) Y + beta_s softmax(f0 / soft_temperature)`` (hard labels mixed with the
-  neighbourhood's own soft predictions at the start point, which the neighbours already send
-  as outputs), with ``beta_s = soft_weight * soft_decay ** floor(k / stage_rounds)``: strong
-  early, when averaged models of heterogeneous neighbours disagree most, annealed stage by
-  stage towards the hard-label NTK-DFL update.
+  ``Y_s = (1 - beta_s) Y + beta_s softmax(f0 / soft_temperature)``: hard labels mixed with the
+  tempered predictions ``f0`` of client ``i``'s *own* start point (``w_bar_i``, or the
+  look-ahead point with momentum) on the pooled neighbourhood samples; the neighbours evaluate
+  ``f0`` on their rows at that point and already send it as outputs, but the soft labels are
+  client ``i``'s model's, not the neighbours' own models' predictions. ``beta_s = soft_weight
+  * soft_decay ** floor(k / stage_rounds)``: strongest in round 0, halved (``soft_decay``)
+  every stage, so the update decays towards the hard-label NTK-DFL update (pure NTK
+  evolution). This is the opposite direction of SPARK v1's wording ("from pure NTK evolution
+  to neighbour-regularised learning"; see ``docs/methods/spark.md``).
 - ``momentum``: Nesterov momentum across rounds on the NTK update. Client ``i`` keeps a
   velocity ``v_i``; the Jacobians are taken at the look-ahead point ``w_bar_i + mu v_i``, the
   NTK step ``u_i`` is computed there (horizon chosen by the loss at ``w_bar_i + mu v_i + u``),

@@ -35,11 +35,24 @@ Ablations of the clustering: ``num_clusters = K`` with ``clustering = "spectral"
 ``K`` clusters whatever the criterion says; ``clustering = "random"`` is the random-cluster
 baseline.
 
+Placement (``placement = "communities"``): the drawn graph's nodes are relabelled so that the
+data groups follow node order (:func:`fedrnd.graphs.place_groups`): on a ``planted_partition``
+graph with one community per group, group ``g`` fills community ``g``, so the heterogeneity
+follows the graph. The default ``"scattered"`` keeps the graph as drawn (the partitions shuffle
+clients, so groups land anywhere).
+
 State: per-device models, optimizer state and ``cluster_id [C]`` in ``state["clients"]``, the
-static graph in ``state["graph"]``. Metrics (besides the decentralized ones): ``inter`` (1 in an
-inter-cluster round), ``cluster_consensus_distance`` (mean over devices of the squared distance
-to their cluster's mean model). The ledger counts one model sent and one received per link used
-and gossip step.
+static graph in ``state["graph"]``, the set-up phase's bytes in ``state["setup"]``. Metrics
+(besides the decentralized ones): ``inter`` (1 in an inter-cluster round),
+``cluster_consensus_distance`` (mean over devices of the squared distance to their cluster's
+mean model). The ledger counts one model sent and one received per link used and gossip step
+(``up/model``, ``down/model``) and, in round 0, the set-up phase (``up/setup``,
+``down/setup``; :meth:`SSDFL.setup_bytes`): the spectral rule needs every device's descriptor
+and neighbour list in one place, so they are gathered at a coordinating device (device 0) up a
+breadth-first tree of the graph and the cluster ids sent back down it; every message crosses
+one D2D link and every relay is charged. The descriptors are computed on the host, but what the
+ledger counts is what that protocol would send. ``clustering = "none"``, ``"singletons"`` and
+``"random"`` with ``num_clusters`` given need no set-up messages.
 """
 
 from __future__ import annotations
@@ -58,14 +71,19 @@ from fedrnd.engine import (
     ClientHParams,
     broadcast,
     clustering_scores,
+    comm,
     segment_weighted_mean,
     tree_bytes,
 )
-from fedrnd.graphs import Graph, degrees, edge_chunk_for, gossip, mixing_edges
+from fedrnd.graphs import Graph, degrees, edge_chunk_for, gossip, mixing_edges, place_groups
+from fedrnd.graphs.collect import broadcast_bytes, gather_bytes
 from fedrnd.graphs.spectral import client_descriptors, random_clusters, spectral_clusters
 
 CLUSTERINGS = ("spectral", "random", "none", "singletons")
 INTER_LINKS = ("graph", "bridges")
+PLACEMENTS = ("scattered", "communities")
+SETUP_ROOT = 0  # the coordinating device of the set-up phase
+_WORD = 4  # bytes of one float32 descriptor entry, one int32 id
 _LINK_KEY = 0x11C5  # folded into the round key to draw the links that are up
 _CLUSTER_KEY = 0xC1A5
 
@@ -86,6 +104,8 @@ class SSDFL(Gossip):
       inter_steps: gossip steps in an inter-cluster round.
       inter_links: ``graph`` (all links) or ``bridges`` (links between clusters only).
       link_prob: each link is up in a round with this probability (random DFL; 1: always).
+      placement: ``scattered`` (the graph as drawn) or ``communities`` (data groups follow
+        node order: group ``g`` on community ``g`` of a ``planted_partition`` graph).
     """
 
     name: ClassVar[str] = "ssdfl"
@@ -103,6 +123,7 @@ class SSDFL(Gossip):
     inter_steps: int = 1
     inter_links: str = "graph"
     link_prob: float = 1.0
+    placement: str = "scattered"
 
     # -- configuration ------------------------------------------------------------------------
     def validate(self, data: FederatedData) -> None:
@@ -115,6 +136,9 @@ class SSDFL(Gossip):
         if self.clustering not in CLUSTERINGS:
             raise ValueError(f"{n}: clustering {self.clustering!r} is unknown; allowed: "
                              f"{list(CLUSTERINGS)}")
+        if self.placement not in PLACEMENTS:
+            raise ValueError(f"{n}: placement {self.placement!r} is unknown; allowed: "
+                             f"{list(PLACEMENTS)}")
         if self.inter_links not in INTER_LINKS:
             raise ValueError(f"{n}: inter_links {self.inter_links!r} is unknown; allowed: "
                              f"{list(INTER_LINKS)}")
@@ -179,16 +203,65 @@ class SSDFL(Gossip):
         seed = int(jax.random.randint(jax.random.fold_in(key, _CLUSTER_KEY), (), 0, 2 ** 31 - 1))
         return random_clusters(c, k, seed)
 
-    def init(self, key: jax.Array, data: FederatedData, hp: ClientHParams) -> State:
+    def runs_spectral(self) -> bool:
+        """Whether the set-up phase runs the spectral rule (and so gathers the descriptors)."""
+        return self.clustering == "spectral" or (self.clustering == "random"
+                                                 and self.num_clusters is None)
+
+    def descriptor_bytes(self, data: FederatedData) -> int:
+        """Bytes of one device's descriptor as sent: its label histogram and mean input in
+        float32 and its optimizer kind as one int32, each only if its weight is not 0."""
+        words = 0
+        if self.label_weight:
+            words += int(data.num_classes)
+        if self.input_weight:
+            words += int(np.prod(data.x.shape[1:]))
+        if self.optimizer_weight:
+            words += 1
+        return _WORD * words
+
+    def setup_bytes(self, graph: Graph, data: FederatedData) -> tuple[np.ndarray, np.ndarray]:
+        """``(up [C], down [C])`` bytes of the set-up phase (host, once).
+
+        Every device's record (its descriptor, :meth:`descriptor_bytes`, its id and its
+        neighbours' ids, one int32 each) goes up a breadth-first tree to device
+        ``SETUP_ROOT``, each device forwarding its subtree's records
+        (:func:`~fedrnd.graphs.collect.gather_bytes`); the cluster ids (``[C]`` int32) come
+        back down the tree (:func:`~fedrnd.graphs.collect.broadcast_bytes`). Zero when no
+        spectral rule runs.
+        """
+        c = data.num_clients
+        if not self.runs_spectral():
+            return np.zeros(c), np.zeros(c)
+        deg = np.asarray(degrees(graph), np.float64)
+        record = self.descriptor_bytes(data) + _WORD * (1 + deg)
+        up_g, down_g = gather_bytes(graph, record, SETUP_ROOT)
+        up_b, down_b = broadcast_bytes(graph, _WORD * c, SETUP_ROOT)
+        return up_g + up_b, down_g + down_b
+
+    def placed_graph(self, key: jax.Array, data: FederatedData) -> Graph:
+        """The static graph, with the data groups placed on it (``placement``)."""
         graph = self.static_graph(key, data.num_clients)
+        if self.placement == "communities":
+            graph = place_groups(graph, np.asarray(data.group))
+        return graph
+
+    def init(self, key: jax.Array, data: FederatedData, hp: ClientHParams) -> State:
+        graph = self.placed_graph(key, data)
         state = self._state(key, hp, data.num_clients, graph)
         cid = self.form_clusters(key, graph, data, hp)
         state["clients"]["cluster_id"] = jnp.asarray(cid, jnp.int32)
+        up, down = self.setup_bytes(graph, data)
+        state["setup"] = {"up": jnp.asarray(up, jnp.float32),
+                          "down": jnp.asarray(down, jnp.float32)}
         return state
 
     def init_template(self, key: jax.Array, data: FederatedData, hp: ClientHParams) -> State:
         state = super().init_template(key, data, hp)
-        state["clients"]["cluster_id"] = jax.ShapeDtypeStruct((data.num_clients,), jnp.int32)
+        c = data.num_clients
+        state["clients"]["cluster_id"] = jax.ShapeDtypeStruct((c,), jnp.int32)
+        state["setup"] = {"up": jax.ShapeDtypeStruct((c,), jnp.float32),
+                          "down": jax.ShapeDtypeStruct((c,), jnp.float32)}
         return state
 
     # -- one round ----------------------------------------------------------------------------
@@ -234,6 +307,9 @@ class SSDFL(Gossip):
             jnp.sum((a.astype(jnp.float32) - b.astype(jnp.float32)) ** 2) / c
             for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(own), strict=True))
         metrics["inter"] = is_inter.astype(jnp.float32)
+        first = (state["round"] == 0).astype(jnp.float32)
+        metrics.update(comm(up_setup=first * state["setup"]["up"],
+                            down_setup=first * state["setup"]["down"]))
         return self.next_state(state, new, opt), metrics
 
     def report(self, state: State, data: FederatedData) -> Report:
@@ -255,7 +331,10 @@ class SSDFL(Gossip):
             res = self.spectral(g, data, hp, self.num_clusters)
             rep.artifacts["clusters.json"] = Artifact(
                 "json", {"splits": res.splits, "rejected": res.rejected})
+        setup = state["setup"]
         rep.scalars.update(clustering_scores(cid, group),
+                           setup_bytes_per_device=float(np.mean(np.asarray(setup["up"])
+                                                                + np.asarray(setup["down"]))),
                            cluster_sizes_min=float(np.bincount(cid).min()),
                            cluster_sizes_max=float(np.bincount(cid).max()))
         return rep

@@ -6,6 +6,8 @@ fixed number of edge slots. Gossip runs on the engine's chunked
 :func:`~fedrnd.engine.edge_aggregate`.
 """
 
+# community registers planted_partition in TOPOLOGIES when imported.
+from fedrnd.graphs.community import community_of, community_sizes, place_groups
 from fedrnd.graphs.graph import (
     MIXINGS,
     Graph,
@@ -31,6 +33,8 @@ __all__ = [
     "Topology",
     "adjacency",
     "check_mixing",
+    "community_of",
+    "community_sizes",
     "components",
     "consensus_distance",
     "degrees",
@@ -41,5 +45,6 @@ __all__ = [
     "mixing_edges",
     "mixing_matrix",
     "num_edges",
+    "place_groups",
     "to_numpy_edges",
 ]

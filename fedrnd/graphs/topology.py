@@ -23,6 +23,10 @@ name                options                      graph
 ``small_world``     ``k``, ``beta``              Watts-Strogatz: ring lattice of ``k``
                                                  neighbours, each edge rewired w.p. ``beta``
 ``complete``        --                           all pairs
+``planted_partition`` ``communities``, ``p_in``, stochastic block model: ``communities``
+                    ``p_out``                    contiguous blocks, pairs linked w.p. ``p_in``
+                                                 inside a block, ``p_out`` across
+                                                 (:mod:`fedrnd.graphs.community`)
 =================== ============================ =============================================
 
 How the random ones are drawn in a static shape:

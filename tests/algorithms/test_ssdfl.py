@@ -275,3 +275,92 @@ def test_driver_run_resumes_to_the_same_models_and_reports_clusters(tmp_path):
     assert (tmp_path / "full" / "ssdfl" / "clusters.npz").exists()
     inter = [row.get("inter") for row in full.methods["ssdfl"].history]
     assert inter == [0.0, 0.0, 1.0, 0.0, 0.0, 1.0]
+
+
+# --- the set-up phase in the ledger, placement of groups on communities -----------------------
+
+def test_setup_phase_is_charged_in_round_zero_as_a_gather_and_broadcast_by_hand():
+    """Ring 0-1-2-3-4-5-0, coordinator 0. Breadth-first tree: 1 and 5 under 0, 2 under 1,
+    4 under 5, 3 under 2. A record is the descriptor (3 label + 4 input floats + 1 optimizer
+    id = 32 bytes) plus the device's id and its 2 neighbours' ids (12 bytes): R = 44. Gather:
+    each device sends its subtree's records up; broadcast: the 6 cluster ids (24 bytes) go
+    down, each device forwarding them to its children."""
+    n = 6
+    data = two_label_groups(n)
+    opt, hp = client_hparams(n, optimizer="sgd", lr=0.1)
+    alg = _alg("ssdfl", data, opt, topology="ring")
+    assert alg.descriptor_bytes(data) == 4 * (K + D + 1)
+    state = alg.init(jax.random.key(0), data, hp)
+    r, ids = 44.0, 24.0
+    subtree = np.array([0, 3, 2, 1, 1, 2])             # records each device sends up
+    received = np.array([5, 2, 1, 0, 0, 1])             # records each device receives
+    children = np.array([2, 1, 1, 0, 0, 1])
+    want_up = subtree * r + children * ids
+    want_down = received * r + (np.arange(n) != 0) * ids
+    step = jax.jit(alg.round)
+    state, m = step(state, data, jax.random.key(0))
+    np.testing.assert_allclose(np.asarray(m["up/setup"]), want_up)
+    np.testing.assert_allclose(np.asarray(m["down/setup"]), want_down)
+    state, m = step(state, data, jax.random.key(1))  # charged once
+    assert float(np.sum(m["up/setup"])) == 0.0 and float(np.sum(m["down/setup"])) == 0.0
+    rep = alg.report(state, data)
+    assert rep.scalars["setup_bytes_per_device"] == pytest.approx(
+        float(np.mean(want_up + want_down)))
+    # Dropping a descriptor block drops its bytes; the graph records stay.
+    small = _alg("ssdfl", data, opt, topology="ring", input_weight=0.0)
+    up, _ = small.setup_bytes(state["graph"], data)
+    np.testing.assert_allclose(up, subtree * (4 * (K + 1) + 12) + children * ids)
+
+
+@pytest.mark.parametrize("name,options", [("sync_dfl", {}), ("periodic_dfl", {}),
+                                          ("random_cluster_dfl", {"num_clusters": 2})])
+def test_methods_without_a_spectral_set_up_send_no_set_up_bytes(name, options):
+    n = 8
+    data = two_label_groups(n)
+    opt, hp = client_hparams(n, optimizer="sgd", lr=0.1)
+    alg = _alg(name, data, opt, topology="ring", **options)
+    state = alg.init(jax.random.key(0), data, hp)
+    _, m = jax.jit(alg.round)(state, data, jax.random.key(0))
+    assert float(np.sum(m["up/setup"])) == 0.0 and float(np.sum(m["down/setup"])) == 0.0
+
+
+def shuffled_two_groups(n, per=8, seed=0):
+    """Two label groups (classes 0/1 vs class 2) dealt to clients in random order."""
+    rng = np.random.default_rng(seed)
+    group = rng.permutation(np.arange(n) >= n // 2).astype(np.int32)
+    ys = [rng.integers(0, 2, per) if g == 0 else np.full(per, 2) for g in group]
+    y = np.concatenate(ys).astype(np.int32)
+    means = rng.normal(size=(K, D))
+    x = (means[y] + rng.normal(size=(len(y), D))).astype(np.float32)
+    ds = Dataset(x, y, x[:n * 2], y[:n * 2], K, "two_groups")
+    part = Partition(np.split(np.arange(n * per), n), np.split(np.arange(n * 2), n), group)
+    return build_federated(ds, part)
+
+
+def test_groups_placed_on_communities_are_the_clusters_ssdfl_finds():
+    n = 24
+    data = shuffled_two_groups(n)
+    group = np.asarray(data.group)
+    opt, hp = client_hparams(n, optimizer="sgd", lr=0.1)
+    graph = {"communities": 2, "p_in": 0.6, "p_out": 0.03}
+    alg = _alg("ssdfl", data, opt, topology="planted_partition", graph=graph,
+               placement="communities")
+    state = alg.init(jax.random.key(0), data, hp)
+    g = state["graph"]
+    e = np.stack([np.asarray(g.u), np.asarray(g.v)], 1)[np.asarray(g.valid)]
+    same = group[e[:, 0]] == group[e[:, 1]]
+    assert same.mean() > 0.8  # most links inside a group: the groups are the communities
+    rep = alg.report(state, data)
+    assert rep.scalars["clusters"] == 2 and rep.scalars["ari"] == 1.0
+    # As drawn (scattered), the same graph's communities are not the groups.
+    alg = _alg("ssdfl", data, opt, topology="planted_partition", graph=graph,
+               label_weight=0.0, input_weight=0.0, optimizer_weight=0.0)
+    rep = alg.report(alg.init(jax.random.key(0), data, hp), data)
+    assert rep.scalars["ari"] < 0.5
+
+
+def test_unknown_placement_is_refused():
+    data = two_label_groups(12)
+    opt, _ = client_hparams(12)
+    with pytest.raises(ValueError, match="placement"):
+        _alg("ssdfl", data, opt, topology="ring", placement="by_hand")

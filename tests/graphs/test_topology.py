@@ -290,4 +290,4 @@ def test_bad_topology_options_are_clear_errors(name, n, opts, match):
 
 def test_registry_lists_every_topology():
     assert set(TOPOLOGIES) == {"ring", "grid", "random_geometric", "erdos_renyi", "d_regular",
-                               "small_world", "complete"}
+                               "small_world", "complete", "planted_partition"}
