@@ -48,7 +48,8 @@ class Gossip(Algorithm):
 
     Options:
       topology: a name of :data:`fedrnd.graphs.TOPOLOGIES` (``ring``, ``grid``,
-        ``random_geometric``, ``erdos_renyi``, ``d_regular``, ``small_world``, ``complete``).
+        ``random_geometric``, ``erdos_renyi``, ``d_regular``, ``small_world``, ``complete``,
+        ``planted_partition``).
       graph: the topology's options, e.g. ``{radius = 0.2}``, ``{p = 0.1}``, ``{degree = 5}``.
       mixing: ``"metropolis"`` (doubly stochastic, default) or ``"uniform"``.
       redraw: draw a new graph every round inside the jitted round.
