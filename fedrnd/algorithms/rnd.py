@@ -34,14 +34,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedrnd.algorithms._clusters import fixed_cluster_round
+from fedrnd.algorithms._clusters import check_choice, fixed_cluster_round
 from fedrnd.algorithms.base import Algorithm, Artifact, Metrics, Report, State
 from fedrnd.data.federated import FederatedData
 from fedrnd.engine import (
     ClientHParams,
+    broadcast,
     comm,
     grow_slots,
+    keep_nonempty,
+    per_client,
+    tree_bytes,
 )
+from fedrnd.engine.robust import AGGREGATORS, POISONS, poison_updates, robust_aggregate
 from fedrnd.rnd.discovery import Discovery, RNDConfig, check_eps, discover, normalised_scores
 
 
@@ -78,6 +83,17 @@ class RNDClustered(Algorithm):
       keep_scores: keep the latest novelty matrix in the state, one row per client
         (``state["clients"]["novelty"]``, ``C x C`` floats) for :meth:`report`; ``None``: keep
         it up to 2048 clients.
+      aggregation: inside each federation, ``"mean"`` (default: FedAvg, sample-weighted),
+        ``"median"`` (coordinate-wise), ``"trimmed_mean"`` (drop the ``trim`` share at each
+        end per coordinate) or ``"clip"`` (updates clipped to the federation's median update
+        norm); see :mod:`fedrnd.engine.robust`. Anything but ``"mean"`` trains with one model
+        per cohort client (memory of ``M`` models, not ``K``).
+      trim: ``"trimmed_mean"``: the share dropped at each end, in ``[0, 0.5)`` (0.1).
+      poison, poison_fraction, poison_factor: the poisoning attacker of the threat model
+        (``docs/methods/threat-model.md``): ``round(poison_fraction * C)`` clients (drawn with
+        ``rnd_seed``, :meth:`poisoners`) send their honest update times ``poison_factor``
+        (``"scale"``) or times ``-poison_factor`` (``"sign_flip"``) to their federation;
+        ``None`` (default): no poisoner.
     """
 
     name: ClassVar[str] = "rnd"
@@ -105,6 +121,11 @@ class RNDClustered(Algorithm):
     rnd_seed: int = 0
     max_slots: int = 4096
     keep_scores: bool | None = None
+    aggregation: str = "mean"
+    trim: float = 0.1
+    poison: str | None = None
+    poison_fraction: float = 0.0
+    poison_factor: float = 10.0
 
     @property
     def hook_every(self) -> int | None:  # type: ignore[override]
@@ -131,6 +152,17 @@ class RNDClustered(Algorithm):
                              f"got {self.tau!r}")
         if self.max_slots < 1:
             raise ValueError(f"max_slots must be >= 1, got {self.max_slots}")
+        check_choice("rnd", "aggregation", self.aggregation, AGGREGATORS)
+        if not (isinstance(self.trim, int | float) and 0.0 <= self.trim < 0.5):
+            raise ValueError(f"rnd trim must be a number in [0, 0.5), got {self.trim!r}")
+        check_choice("rnd", "poison", self.poison, (None, *POISONS))
+        if not (isinstance(self.poison_fraction, int | float)
+                and 0.0 <= self.poison_fraction <= 1.0):
+            raise ValueError(f"rnd poison_fraction must be in [0, 1], got "
+                             f"{self.poison_fraction!r}")
+        if not (isinstance(self.poison_factor, int | float) and np.isfinite(self.poison_factor)):
+            raise ValueError(f"rnd poison_factor must be a finite number, got "
+                             f"{self.poison_factor!r}")
         self.rnd_config.pair(data.feature_shape)  # raises for a conv pair on vector data
 
     # ---------------------------------------------------------------------------------------
@@ -177,8 +209,20 @@ class RNDClustered(Algorithm):
     def _keeps_scores(self, num_clients: int) -> bool:
         return num_clients <= 2048 if self.keep_scores is None else bool(self.keep_scores)
 
+    def poisoners(self, num_clients: int) -> np.ndarray:
+        """``[C]`` bool: the clients that poison their federation (none without ``poison``)."""
+        out = np.zeros(num_clients, bool)
+        if self.poison is not None:
+            n = int(round(self.poison_fraction * num_clients))
+            rng = np.random.default_rng(self.rnd_seed + 17)
+            out[rng.choice(num_clients, n, replace=False)] = True
+        return out
+
     def round(self, state: State, data: FederatedData, key: jax.Array) -> tuple[State, Metrics]:
-        slots, metrics, _ = fixed_cluster_round(self, state, data, key)
+        if self.aggregation == "mean" and self.poison is None:
+            slots, metrics, _ = fixed_cluster_round(self, state, data, key)
+        else:
+            slots, metrics = self._robust_round(state, data, key)
         cl = state["clients"]
         zero = jnp.zeros_like(cl["pending_up"])
         metrics = {**metrics,
@@ -187,6 +231,31 @@ class RNDClustered(Algorithm):
         state = {**state, "round": state["round"] + 1, "slots": slots,
                  "clients": {**cl, "pending_up": zero, "pending_down": zero}}
         return state, metrics
+
+    def _robust_round(self, state: State, data: FederatedData, key: jax.Array):
+        """:func:`fixed_cluster_round` with one model per cohort client, so updates can be
+        poisoned and aggregated by :func:`~fedrnd.engine.robust.robust_aggregate`."""
+        k_cohort, k_train = jax.random.split(key)
+        ids, part = self.cohort(k_cohort, data.num_clients)
+        cl, slots = state["clients"], state["slots"]
+        cid = cl["cluster_id"] if ids is None else cl["cluster_id"][ids]
+        start = broadcast(slots, cid)
+        params, _, m = self.engine.train(None, data, cl["hp"], k_train, state["round"], ids=ids,
+                                         client_params=start)
+        updates = jax.tree.map(jnp.subtract, params, start)
+        if self.poison is not None:
+            bad = jnp.asarray(self.poisoners(data.num_clients))
+            updates = poison_updates(updates, bad if ids is None else bad[ids], self.poison,
+                                     self.poison_factor)
+        w = (data.train_count if ids is None else data.train_count[ids]).astype(jnp.float32)
+        k = jax.tree.leaves(slots)[0].shape[0]
+        agg, mass = robust_aggregate(self.aggregation, updates, w, cid, k, trim=self.trim)
+        new = keep_nonempty(jax.tree.map(jnp.add, slots, agg), slots, mass)
+        nbytes = tree_bytes(jax.tree.map(lambda x: x[0], slots))
+        metrics = {"train_loss": jnp.sum(w * m["loss"]) / jnp.sum(w),
+                   "local_steps": jnp.sum(m["steps"].astype(jnp.float32)),
+                   **comm(up_model=per_client(nbytes, part), down_model=per_client(nbytes, part))}
+        return new, metrics
 
     def models(self, state: State):
         return state["slots"], state["clients"]["cluster_id"]

@@ -31,7 +31,7 @@ from fedrnd.rnd.scoring import paired_matrix, self_errors
 from tests.rnd._data import grouped_gaussian, shuffled_groups
 from tests.rnd.test_statistical import canon, explicit_population
 
-NO_DEFENCES = Defences(validate=False)
+NO_DEFENCES = Defences(validate=False, robust="mean")
 
 
 def _synthetic(sizes, seed, between=0.5):
@@ -173,9 +173,9 @@ def test_one_forged_zero_row_merges_everything_unless_clipped(seed):
     groups, s, q, m = _synthetic([6, 5, 5], seed)
     att = np.array([int(np.flatnonzero(groups == 1)[0])])
     fs, fq = forge_rows(s, q, att, "zeros")
-    plain = federations_from_scores(fs, RNDConfig(), second=fq, count=m)
+    plain = federations_from_scores(fs, RNDConfig(), second=fq, count=m, defences=NO_DEFENCES)
     assert plain.num_federations == 1  # the attack works without the defence
-    for d in (Defences(robust="clip"), STRICT):
+    for d in (Defences(), Defences(robust="clip"), STRICT):
         fed = federations_from_scores(fs, RNDConfig(), second=fq, count=m, defences=d).federation
         res = outcome(fed, groups, att)
         assert res["honest_ari"] == 1.0 and not res["merged"], (d, fed)
@@ -208,6 +208,14 @@ def test_defences_change_no_federation_of_honest_synthetic_populations(sizes, se
     for d in (Defences(), Defences(robust="clip"), Defences(consent=0.5), STRICT):
         dec = federations_from_scores(s, RNDConfig(), second=q, count=m, defences=d)
         np.testing.assert_array_equal(dec.federation, base.federation)
+
+
+def test_the_default_defences_are_validation_and_the_clipped_statistic():
+    """Consent and replay detection change honest federations (SUITE_CHECK.md, the replay
+    victim): they stay opt-in; the clip changed one of 166 honest dense suite cells."""
+    d = Defences()
+    assert (d.validate, d.robust, d.consent, d.replay) == (True, "clip", None, None)
+    assert STRICT.consent == 0.5 and STRICT.replay is not None
 
 
 def test_consent_needs_dense_scores():
@@ -246,7 +254,7 @@ def test_two_colluders_with_a_useless_predictor_cannot_merge_two_groups(pop):
         assert outcome(decide(p, up, STRICT).federation, p.groups, up.attackers,
                        0)["admitted"] == []
     # Without defences the forged row does merge them: the test is not trivial.
-    assert outcome(decide(p, up).federation, p.groups, up.attackers)["merged"]
+    assert outcome(decide(p, up, NO_DEFENCES).federation, p.groups, up.attackers)["merged"]
 
 
 def test_replay_is_detected_and_the_replayer_not_admitted(pop):
@@ -260,7 +268,8 @@ def test_replay_is_detected_and_the_replayer_not_admitted(pop):
     np.testing.assert_array_equal(np.flatnonzero(flags), sorted([victim, *att]))
     # Undefended, the replayer joins the victim's federation; with replay detection it joins
     # nothing, and (the cost) neither does the victim; every other client is where it was.
-    assert outcome(decide(p, up).federation, p.groups, up.attackers, 0)["admitted"] == list(att)
+    assert outcome(decide(p, up, NO_DEFENCES).federation, p.groups, up.attackers,
+                   0)["admitted"] == list(att)
     fed = decide(p, up, Defences(replay=1e-3)).federation
     res = outcome(fed, p.groups, up.attackers, 0)
     assert res["admitted"] == [] and res["isolated"] == [victim]
@@ -281,7 +290,7 @@ def test_sybils_share_one_predictor_and_are_excluded(pop):
                                            target_group=(0, 1), sybil=3))
     leaves = [np.asarray(a)[list(att)] for a in jax.tree.leaves(up.preds)]
     assert all(np.array_equal(a[0], a[k]) for a in leaves for k in (1, 2))
-    assert outcome(decide(p, up).federation, p.groups, up.attackers)["merged"]
+    assert outcome(decide(p, up, NO_DEFENCES).federation, p.groups, up.attackers)["merged"]
     res = outcome(decide(p, up, STRICT).federation, p.groups, up.attackers, (0, 1))
     assert not res["merged"] and res["honest_ari"] == 1.0 and res["admitted"] == []
 
