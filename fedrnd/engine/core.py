@@ -18,6 +18,7 @@ general path.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -39,6 +40,10 @@ from fedrnd.engine.optim import ClientHParams, ClientOptimizer
 from fedrnd.models import Model
 
 PyTree = Any
+
+GATHER_ONCE_BYTES = 256 * 2**20
+"""Largest ``chunk x N x row`` bytes of client rows that :meth:`Engine.train` gathers once per
+round (:func:`~fedrnd.engine.local_train` ``gather_once``); beyond it, per step."""
 
 
 def client_keys(key: jax.Array, client_ids: jax.Array) -> jax.Array:
@@ -121,9 +126,14 @@ class Engine:
         if opt_state is None:
             opt_state = self.optimizer.init(params)
         mu = client["mu"] if prox_mu is None else prox_mu
+        n_max = client["idx"].shape[0]
+        # A chunk of clients holds its rows for the round when they fit in GATHER_ONCE_BYTES
+        # (always one client per map step); larger chunks gather each batch per step.
+        rows = self.mapper.chunk * n_max * math.prod(x.shape[1:]) * x.dtype.itemsize
         return local_train(self.train_loss, self.optimizer, self.local, params, opt_state, x, y,
                            client["idx"], client["count"], client["key"], client["kind"],
-                           client["lr"] * lr_scale, mu)
+                           client["lr"] * lr_scale, mu,
+                           gather_once=self.mapper.chunk == 1 or rows <= GATHER_ONCE_BYTES)
 
     def train(self, params: PyTree, data: FederatedData, hp: ClientHParams, key: jax.Array,
               round_idx: jax.Array, *, ids: jax.Array | None = None,
@@ -144,19 +154,33 @@ class Engine:
                                           for k in self.optimizer.kinds)):
             return self._lowrank("clients", jax.tree.map(lambda a: a[None], params), per, data,
                                  round_idx, prox_mu)
+        scale = self.lr_scale(round_idx)
         if client_params is not None:
-            per["params"] = client_params
+            # Each client's model (and optimizer state) is updated in its own slot, so a caller
+            # that donates them (a decentralized round) holds one copy, not two.
+            def update(client, carried, shared):
+                x, y = shared
+                p, s, m = self._one(client, carried["params"], carried.get("opt_state"), x, y,
+                                    scale, prox_mu)
+                if "opt_state" in carried:
+                    return {"params": p, "opt_state": s}, m
+                return {"params": p}, (s, m)
+
+            carried = {"params": client_params}
+            if opt_state is not None:
+                carried["opt_state"] = opt_state
+            new, out = self.mapper.map_update(update, per, carried, (data.x, data.y))
+            if opt_state is not None:
+                return new["params"], new["opt_state"], out
+            return new["params"], out[0], out[1]
         if opt_state is not None:
             per["opt_state"] = opt_state
-        scale = self.lr_scale(round_idx)
 
         def fn(client, shared):
             p0, x, y = shared
-            p = client.get("params", p0)
-            return self._one(client, p, client.get("opt_state"), x, y, scale, prox_mu)
+            return self._one(client, p0, client.get("opt_state"), x, y, scale, prox_mu)
 
-        shared = (None if client_params is not None else params, data.x, data.y)
-        return self.mapper.map(fn, per, shared)
+        return self.mapper.map(fn, per, (params, data.x, data.y))
 
     def train_sum(self, params: PyTree, data: FederatedData, hp: ClientHParams, key: jax.Array,
                   round_idx: jax.Array, *, ids: jax.Array | None = None,

@@ -1,12 +1,12 @@
-"""Local training of one client: a pure function, scanned over steps, masked for ragged data.
+"""Local training of one client: a pure function, looped over its real steps (ragged data).
 
 What an epoch means for ragged clients: client ``c`` with ``n_c`` examples runs
 ``ceil(n_c / B)`` real steps per epoch over a fresh random permutation of its own examples (the
 last batch may be partial; its loss is the mean over its real examples). Every client's program
-has the static length ``ceil(N_max / B)`` steps per epoch; steps past a client's own count are
-masked (parameters and optimizer state unchanged). With ``steps`` set instead of ``epochs``,
-every client runs exactly that many steps, each on ``B`` examples drawn without replacement
-from its own data (fewer when ``n_c < B``).
+has the static length ``ceil(N_max / B)`` steps per epoch; steps past a client's own count
+are not run (parameters and optimizer state unchanged). With ``steps`` set instead of
+``epochs``, every client runs exactly that many steps, each on ``B`` examples drawn without
+replacement from its own data (fewer when ``n_c < B``).
 
 Models with dropout or state (:class:`~fedrnd.models.Model` ``train_apply``) train through a
 :class:`TrainLoss`: step ``t`` of a client draws its dropout from ``fold_in(fold_in(key,
@@ -107,10 +107,6 @@ def model_loss(model: Any) -> LossFn | TrainLoss:
     return TrainLoss(fn, model.split, model.merge)
 
 
-def _tree_where(pred, a, b):
-    return jax.tree.map(lambda u, v: jnp.where(pred, u, v), a, b)
-
-
 def _sq_dist(a: PyTree, b: PyTree) -> jax.Array:
     return sum(jnp.sum((u - v) ** 2) for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b),
                                                       strict=True))
@@ -171,6 +167,8 @@ def local_train(
     lr: jax.Array,
     prox_mu: jax.Array | float = 0.0,
     anchor: PyTree | None = None,
+    *,
+    gather_once: bool = True,
 ) -> tuple[PyTree, PyTree, dict[str, jax.Array]]:
     """Train one client. Returns ``(params, opt_state, {"loss", "steps"})``.
 
@@ -183,6 +181,16 @@ def local_train(
       kind, lr: the client's optimizer kind index and learning rate (scalars).
       prox_mu, anchor: FedProx term ``(mu / 2) ||w - anchor||^2`` (anchor defaults to ``params``
         at the start of the round).
+      gather_once: gather the client's ``N`` rows from the pool once per round (``[N, ...]``
+        held for the round) instead of its ``b`` batch rows at every step; the same values
+        either way, so the same bits. Once is 1.3x fewer CPU seconds for a small MLP at one
+        client per map step (``benchmarks/RESULTS.md``); a vmapped chunk of clients with many
+        rows each may prefer the per-step gather's memory (:meth:`~fedrnd.engine.Engine.train`
+        decides).
+
+    Epochs mode runs only a client's real steps (a ``while`` loop of ``n_steps``, not a masked
+    scan of all ``T``), so the loop cannot be reverse-differentiated; nothing differentiates
+    through local training.
     """
     n_max = idx.shape[0]
     tl = loss_fn if isinstance(loss_fn, TrainLoss) else _plain(loss_fn)
@@ -209,26 +217,42 @@ def local_train(
 
     dropout_key = jax.random.fold_in(key, DROPOUT_STREAM)
 
-    def step(carry, plan):
-        positions, valid, active, t = plan
+    def step(carry, t):
         w, s = carry
         p, state = tl.split(w)
-        rows = idx[positions]
-        x, y = x_pool[rows], y_pool[rows]
-        loss, g, state2 = grad_fn(p, state, x, y, valid.astype(x.dtype),
+        rows = positions[t] if gather_once else idx[positions[t]]
+        x, y = x_client[rows], y_client[rows]
+        loss, g, state2 = grad_fn(p, state, x, y, valid[t].astype(x.dtype),
                                   jax.random.fold_in(dropout_key, t))
         # The optimizer sees the whole tree with zero gradients for the state; the state's
         # updates (weight decay, say) are dropped: it is only ever set by the forward pass.
         u, s2 = optimizer.update(tl.merge(g, jax.tree.map(jnp.zeros_like, state)), s, w, kind,
                                  lr)
-        w2 = tl.merge(optax.apply_updates(p, tl.split(u)[0]), state2)
-        if spec.steps is not None:  # every step is real; no select to fuse
-            return (w2, s2), loss
-        return (_tree_where(active, w2, w), _tree_where(active, s2, s)), jnp.where(active, loss, 0.0)
+        return (tl.merge(optax.apply_updates(p, tl.split(u)[0]), state2), s2), loss
 
-    positions, valid, active, n_steps = batch_schedule(spec, n_max, count, key)
-    steps = jnp.arange(positions.shape[0])
-    (params, opt_state), losses = jax.lax.scan(step, (params, opt_state),
-                                               (positions, valid, active, steps))
+    # Rows gathered once per round: a step then reads a small, cache-resident block instead
+    # of scattered rows of the whole pool.
+    x_client, y_client = (x_pool[idx], y_pool[idx]) if gather_once else (x_pool, y_pool)
+    positions, valid, _active, n_steps = batch_schedule(spec, n_max, count, key)
+    num_t = positions.shape[0]
+    if spec.steps is not None:  # every step is real
+        (params, opt_state), losses = jax.lax.scan(step, (params, opt_state), jnp.arange(num_t))
+    else:
+        # Only the real steps run: the first ``k`` of every epoch (a ragged client's padding
+        # steps come last in each epoch and would change nothing). With one client per map
+        # step the trip count is unbatched and padding costs nothing; under vmap the loop runs
+        # to the longest client with the others' updates selected away, as a masked scan would.
+        spe = spec.steps_per_epoch(n_max)
+        k = jnp.maximum(n_steps // spec.epochs, 1)
+
+        def body(i, c):
+            carry, losses = c
+            t = (i // k) * spe + i % k
+            carry, loss = step(carry, t)
+            return carry, losses.at[t].set(loss)
+
+        loss_dtype = jax.eval_shape(step, (params, opt_state), 0)[1].dtype
+        (params, opt_state), losses = jax.lax.fori_loop(
+            0, n_steps, body, ((params, opt_state), jnp.zeros((num_t,), loss_dtype)))
     mean_loss = jnp.sum(losses) / jnp.maximum(n_steps, 1)
     return params, opt_state, {"loss": mean_loss, "steps": n_steps}

@@ -120,3 +120,21 @@ def test_segment_sum_rejects_no_segments():
     per_client, shared = _inputs()
     with pytest.raises(ValueError, match="num_segments"):
         ClientMapper().segment_sum(lambda c, s: (0, c["a"]), per_client, shared, num_segments=0)
+
+
+def _update(client, carried, shared):
+    """A per-client step that rewrites the client's carried slot and reports a metric."""
+    h = jnp.tanh(carried["w"] @ shared["m"]) * client["b"]
+    return {"w": carried["w"] + h[:3] * shared["s"]}, {"h0": h[0], "n": client["n"]}
+
+
+@pytest.mark.parametrize("chunk", [1, 3, C])
+def test_map_update_equals_map_over_client_and_carried(chunk):
+    per_client, shared = _inputs()
+    carried = {"w": per_client.pop("a")}
+    mapper = ClientMapper(chunk_size=chunk)
+    got = jax.jit(lambda p, c, s: mapper.map_update(_update, p, c, s))(per_client, carried, shared)
+    want = jax.jit(lambda p, c, s: mapper.map(lambda xc, sh: _update(xc[0], xc[1], sh), (p, c),
+                                              s))(per_client, carried, shared)
+    jax.tree.map(np.testing.assert_array_equal, got, want)
+

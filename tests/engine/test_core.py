@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -42,3 +44,36 @@ def test_train_segment_sum_equals_train_then_per_slot_sums(chunk, cohort):
             want = np.tensordot(counts[sel], np.asarray(ref, np.float64)[sel], axes=1)
             np.testing.assert_allclose(np.asarray(leaf[slot]), want, rtol=1e-5, atol=1e-5)
     assert float(mass[2]) == 0.0
+
+
+def test_donated_client_models_are_held_twice_not_three_times_in_a_gossip_round():
+    # Local training writes each node's model over its own slot of the donated stack, so a
+    # decentralized round (train, then gossip into a new stack) holds two stacks, not three.
+    from fedrnd.graphs import gossip, make_topology, mixing_edges
+
+    n = 64
+    data = gaussian_federated([6] * n, dim=32, num_classes=4)
+    model = make_model("mlp", (32,), 4, hidden=[64])
+    opt, hp = client_hparams(n, optimizer="sgd", lr=0.1)
+    engine = Engine(model, LocalSpec(batch_size=3, steps=2), opt, ClientMapper(chunk_size=1))
+    one = model.init(jax.random.key(0))
+    stack = jax.tree.map(lambda a: jnp.broadcast_to(a, (n, *a.shape)) + 0, one)
+    stack_bytes = sum(a.nbytes for a in jax.tree.leaves(stack))
+    edges = mixing_edges(make_topology("ring", n).static(jax.random.key(1)), "metropolis")
+
+    def round_(models, key):
+        z, _, m = engine.train(None, data, hp, key, jnp.asarray(0), client_params=models)
+        return gossip(z, edges, n, 1, 8), m["loss"]
+
+    mem = jax.jit(round_, donate_argnums=0).lower(stack, jax.random.key(2)).compile() \
+        .memory_analysis()
+    if mem is None:
+        pytest.skip("backend without memory_analysis")
+    assert mem.alias_size_in_bytes >= stack_bytes
+    messages = 8 * stack_bytes / n  # one edge chunk of messages
+    assert mem.temp_size_in_bytes < 1.5 * stack_bytes + messages
+    # The same models as the copying map.
+    wide = engine.train(None, data, hp, jax.random.key(2), jnp.asarray(0), client_params=stack)
+    narrow = dataclasses.replace(engine, mapper=ClientMapper(chunk_size=4)).train(
+        None, data, hp, jax.random.key(2), jnp.asarray(0), client_params=stack)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), wide, narrow)

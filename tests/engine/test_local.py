@@ -268,3 +268,55 @@ def test_local_spec_step_counts():
     assert LocalSpec(batch_size=5, epochs=2).total_steps(10) == 4
     assert LocalSpec(batch_size=32, epochs=1).total_steps(10) == 1
     assert LocalSpec(batch_size=4, steps=7).total_steps(100) == 7
+
+
+# ---- the loop against the masked scan it replaced -------------------------------------------
+
+def _masked_scan(spec, opt, p, s, x_pool, y_pool, idx, count, key, lr):
+    """The former loop, kept as a reference: every step of ``T`` runs, gathers its batch from
+    the pool, and a select keeps the old parameters and state on padding steps."""
+    from fedrnd.engine.local import batch_schedule
+
+    positions, valid, active, n_steps = batch_schedule(spec, idx.shape[0], count, key)
+
+    def step(carry, plan):
+        pos, val, act = plan
+        w, st = carry
+        rows = idx[pos]
+        loss, g = jax.value_and_grad(LOSS)(w, x_pool[rows], y_pool[rows], val.astype(jnp.float32))
+        u, st2 = opt.update(g, st, w, jnp.asarray(0), lr)
+        w2 = optax.apply_updates(w, u)
+        keep = functools.partial(jax.tree.map, lambda a, b: jnp.where(act, a, b))
+        return (keep(w2, w), keep(st2, st)), jnp.where(act, loss, 0.0)
+
+    (p, s), losses = jax.lax.scan(step, (p, s), (positions, valid, active))
+    return p, s, {"loss": jnp.sum(losses) / jnp.maximum(n_steps, 1), "steps": n_steps}
+
+
+@pytest.mark.parametrize("spec", [LocalSpec(batch_size=4, epochs=3), LocalSpec(batch_size=5, steps=7)],
+                         ids=["epochs", "steps"])
+@pytest.mark.parametrize("gather_once", [True, False])
+def test_real_step_loop_equals_masked_scan_bit_for_bit(spec, gather_once):
+    # Ragged clients (0, 1, partial last batch, full) one at a time and vmapped over clients:
+    # running only the real steps on rows gathered once gives the former loop's bits.
+    n_max, counts = 12, [0, 1, 7, 12]
+    x, y = map(jnp.asarray, _pool())
+    opt = ClientOptimizer(("adam",))
+    p0 = jax.tree.map(jnp.asarray, _params())
+    idx = jnp.asarray(np.stack([_idx(c, n_max, seed=c) for c in counts]))
+    count = jnp.asarray(counts, jnp.int32)
+    keys = jax.random.split(jax.random.key(3), len(counts))
+    lr = jnp.asarray(0.1, jnp.float32)
+
+    def new(i, c, k):
+        return local_train(LOSS, opt, spec, p0, opt.init(p0), x, y, i, c, k, jnp.asarray(0), lr,
+                           gather_once=gather_once)
+
+    def old(i, c, k):
+        return _masked_scan(spec, opt, p0, opt.init(p0), x, y, i, c, k, lr)
+
+    for i, c, k in zip(idx, count, keys, strict=True):
+        got, want = jax.jit(new)(i, c, k), jax.jit(old)(i, c, k)
+        jax.tree.map(np.testing.assert_array_equal, got, want)
+    got, want = jax.jit(jax.vmap(new))(idx, count, keys), jax.jit(jax.vmap(old))(idx, count, keys)
+    jax.tree.map(np.testing.assert_array_equal, got, want)
