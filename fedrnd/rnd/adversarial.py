@@ -47,7 +47,8 @@ from fedrnd.rnd.scoring import paired_matrix, self_errors
 PyTree = Any
 
 __all__ = ["PREDICTOR_ATTACKS", "ROW_ATTACKS", "AttackConfig", "Population", "Uploads",
-           "attack_population", "attack_uploads", "decide", "forge_rows", "outcome", "prepare"]
+           "attack_inputs", "attack_population", "attack_uploads", "decide", "forge_edges",
+           "forge_rows", "outcome", "prepare"]
 
 PREDICTOR_ATTACKS = ("replay", "junk", "other_group")
 ROW_ATTACKS = ("zeros", "constant", "reversed", "nan", "inf")
@@ -260,6 +261,69 @@ def attack_uploads(attack: AttackConfig, data: FederatedData, cfg: RNDConfig, pa
     if attack.row is not None:
         s, q = forge_rows(s, q, att, attack.row)
     return preds, s, q, std
+
+
+def attack_inputs(attack: AttackConfig, data: FederatedData, cfg: RNDConfig, pair: RNDPair,
+                  key: jax.Array, mapper: ClientMapper | None, preds: PyTree,
+                  t_pool: jax.Array, tr_idx, tr_cnt, pr_idx, pr_cnt, e_self, s_self, self_std):
+    """The attackers' uploads in place *before* scoring, for sparse (edge) discovery.
+
+    Sparse discovery scores each edge once, so rather than patching finished scores (as
+    :func:`attack_uploads` does for a dense matrix) the attackers' inputs to scoring are
+    replaced: their predictors, and for ``"other_group"`` the probe rows they score on and the
+    rows their fingerprint summarises (drawn from the target group: as far as any upload
+    shows, the attacker is one of its members), with their self-errors recomputed. A
+    ``"replay"`` attacker keeps the fingerprint of its own data (it sees the victim's
+    predictor, not the victim's fingerprint). Forged rows are applied to the scored edges
+    afterwards (:func:`forge_edges`).
+
+    Returns ``(preds, probe_idx, self_err, s_self, self_std, fingerprint_idx, attackers)``.
+    """
+    groups = np.asarray(data.group)
+    att = attack.attackers(groups)
+    s_self = np.array(s_self, np.float64, copy=True)
+    std = np.array(self_std, np.float64, copy=True)
+    fp_idx = tr_idx
+    if att.size == 0 or (attack.predictor is None and attack.sybil == 1):
+        return preds, pr_idx, e_self, s_self, std, fp_idx, att
+    mapper = mapper or ClientMapper()
+    new = _attack_predictors(attack, att, groups, preds, pair, cfg, data.x, t_pool, tr_idx,
+                             tr_cnt, key, mapper)
+    preds = jax.tree.map(lambda a, b: a.at[att].set(b), preds, new)
+    pr_idx = jnp.asarray(pr_idx)
+    if attack.predictor == "other_group":
+        pr_idx = pr_idx.at[att].set(jnp.asarray(
+            _group_rows(attack, att, groups, pr_idx, pr_cnt, salt=3)))
+        fp_idx = jnp.asarray(tr_idx).at[att].set(jnp.asarray(
+            _group_rows(attack, att, groups, tr_idx, tr_cnt)))
+    mean_a, std_a, e_a = self_errors(pair.predictor.apply, new, data.x, t_pool, pr_idx[att],
+                                     jnp.asarray(pr_cnt)[att], mapper)
+    e_self = jnp.asarray(e_self).at[att].set(e_a)
+    s_self[att] = to_host(mean_a, np.float64)
+    std[att] = to_host(std_a, np.float64)
+    return preds, pr_idx, e_self, s_self, std, fp_idx, att
+
+
+def forge_edges(scores: np.ndarray, second: np.ndarray, src: np.ndarray, dst: np.ndarray,
+                s_self: np.ndarray, attackers: np.ndarray, how: str
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`forge_rows` for edge scores ``[E]`` (edge ``e``: client ``dst[e]`` scored
+    ``src[e]``'s predictor): the attackers' rows are their in-edges, forged the same way
+    (``s_self [C]`` stands for the diagonal)."""
+    if how not in ROW_ATTACKS:
+        raise ValueError(f"row attack must be one of {list(ROW_ATTACKS)}, got {how!r}")
+    s, q = np.array(scores, copy=True), np.array(second, copy=True)
+    for a in np.asarray(attackers, np.int64):
+        e = np.flatnonzero(dst == a)
+        own = s_self[a]
+        if how == "reversed":
+            order = e[np.argsort(s[e], kind="stable")]
+            s[order], q[order] = s[order[::-1]], q[order[::-1]]
+            continue
+        s[e] = {"zeros": 0.0, "constant": own, "nan": np.nan, "inf": np.inf}[how]
+        with np.errstate(invalid="ignore"):
+            q[e] = (s[e] - own) ** 2
+    return s, q
 
 
 # --------------------------------------------------------------------------------------------

@@ -383,7 +383,10 @@ def discover(data: FederatedData, config: RNDConfig = RNDConfig(), *,
         in-neighbours ``src`` (self-loops and zero-weight padding edges are ignored). ``None``:
         every pair, or with ``config.candidates`` the fingerprint candidates.
       attack: an :class:`~fedrnd.rnd.adversarial.AttackConfig`: the clients it names upload
-        what its strategy says instead of their honest predictor and scores (dense mode).
+        what its strategy says instead of their honest predictor and scores (dense: their rows
+        and columns re-scored, :func:`~fedrnd.rnd.adversarial.attack_uploads`; sparse: their
+        inputs replaced before the edges are scored,
+        :func:`~fedrnd.rnd.adversarial.attack_inputs`).
       defences: :class:`~fedrnd.rnd.defences.Defences` of the decision (default: uploads are
         validated and the pair statistic clipped; :data:`~fedrnd.rnd.defences.STRICT`: every
         defence).
@@ -449,27 +452,38 @@ def discover(data: FederatedData, config: RNDConfig = RNDConfig(), *,
                          clock.cpu)
     extra_up = np.zeros(c)
     extra_down = np.zeros(c)
+    fp_idx, att = tr_idx, np.zeros(0, np.int64)
+    if attack is not None:  # the attackers' inputs to scoring replaced before it
+        from fedrnd.rnd.adversarial import attack_inputs, forge_edges
+
+        preds, pr_idx, e_self, s_self, s_std, fp_idx, att = attack_inputs(
+            attack, data, cfg, pair, key, mapper, preds, t_pool, tr_idx, tr_cnt, pr_idx,
+            pr_cnt, e_self, s_self, s_std)
+        clock("attack")
     if edges is None:
-        fp = fingerprints(t_pool, tr_idx, tr_cnt)
+        fp = fingerprints(t_pool, fp_idx, tr_cnt)
         edges = candidate_edges(fp, int(cfg.candidates), cfg.random_peers,
                                 seed=int(cfg.seed) + 1)
         clock("candidates")
         # Each client sends its fingerprint; the coordinator returns its candidate list.
         extra_up += fingerprint_bytes(pair.out_dim)
         extra_down += np.bincount(np.asarray(edges.dst), minlength=c) * 4.0
-    if attack is not None:
-        raise ValueError("attack: the harness runs on dense discovery only (candidates=None, "
-                         "edges=None)")
     src, dst = _drop_self_edges(edges)
     e_scores, e_q2 = (to_host(v, np.float64) for v in clock("scores", paired_edges(
         scorer, preds, data.x, t_pool, pr_idx, pr_cnt, e_self,
         EdgeList(jnp.asarray(src), jnp.asarray(dst), jnp.ones(len(src))), cfg.edge_chunk,
         mapper)))
+    if attack is not None and attack.row is not None:
+        e_scores, e_q2 = forge_edges(e_scores, e_q2, src, dst, s_self, att, attack.row)
     _check_scores(cfg, e_scores, e_q2, (src, dst))
+    # Replayed predictors (when that defence is on) leave the decision: their edges dropped,
+    # each flagged client alone.
+    out = replay_flags(apply, preds, pair.feature_shape, dfn, cfg.seed)
+    kept = ~(out[src] | out[dst])
     _deciding(cfg, c, len(src))
-    dec = federations_from_scores(e_scores, cfg, second=e_q2, count=count, s_self=s_self,
-                                  self_std=s_std, edges=(src, dst), num_clients=c,
-                                  defences=dataclasses.replace(dfn, validate=False))
+    dec = federations_from_scores(e_scores[kept], cfg, second=e_q2[kept], count=count,
+                                  s_self=s_self, self_std=s_std, edges=(src[kept], dst[kept]),
+                                  num_clients=c, defences=dataclasses.replace(dfn, validate=False))
     in_deg = np.bincount(dst, minlength=c)
     out_deg = np.bincount(src, minlength=c)
     # Peer to peer: a predictor to each out-neighbour and, back to it, the score it gave

@@ -7,10 +7,12 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from sklearn.metrics import adjusted_rand_score
 
+from fedrnd.engine import EdgeList
 from fedrnd.rnd import STRICT, AttackConfig, Defences, RNDConfig, discover, federations_from_scores
 from fedrnd.rnd.adversarial import (
     attack_population,
@@ -315,8 +317,68 @@ def test_one_forged_row_moves_no_honest_client_with_strict_defences(pop, row):
     assert res["honest_ari"] == 1.0 and not res["merged"]
 
 
-def test_attacks_run_on_dense_discovery_only(pop):
+def _complete(c):
+    src, dst = np.meshgrid(np.arange(c), np.arange(c))
+    return EdgeList(jnp.asarray(src.ravel()), jnp.asarray(dst.ravel()), jnp.ones(c * c))
+
+
+@pytest.mark.parametrize("attack", [
+    AttackConfig(predictor="other_group", row="zeros", clients=(7, 9), target_group=0),
+    AttackConfig(predictor="replay", clients=(6, 8, 10, 11), target_group=0, sybil=2),
+    AttackConfig(predictor="junk", row="reversed", clients=(1,)),
+    AttackConfig(row="constant", clients=(2, 3)),
+], ids=lambda a: a.name)
+def test_sparse_attack_on_complete_graph_equals_dense(pop, attack):
+    # Sparse discovery replaces the attackers' inputs before scoring (attack_inputs), dense
+    # discovery patches finished scores (attack_uploads): on a complete graph every uploaded
+    # value must be the same.
     data, cfg, _, _ = pop
-    with pytest.raises(ValueError, match="dense"):
+    dense = discover(data, cfg, attack=attack, defences=NO_DEFENCES)
+    sparse = discover(data, cfg, attack=attack, defences=NO_DEFENCES,
+                      edges=_complete(data.num_clients))
+    src, dst = np.asarray(sparse.edges.src), np.asarray(sparse.edges.dst)
+    np.testing.assert_allclose(sparse.edge_scores, dense.scores[dst, src], rtol=2e-5,
+                               atol=1e-7)
+    np.testing.assert_allclose(sparse.second, dense.second[dst, src], rtol=2e-5, atol=1e-6)
+    np.testing.assert_allclose(sparse.self_novelty, np.diag(dense.scores), rtol=2e-5)
+    np.testing.assert_allclose(sparse.self_std, dense.self_std, rtol=2e-5)
+    assert adjusted_rand_score(dense.federation, sparse.federation) == 1.0
+
+
+@pytest.mark.parametrize("row", ["nan", "inf"])
+def test_sparse_non_finite_rows_rejected_naming_the_client(pop, row):
+    data, cfg, _, _ = pop
+    with pytest.raises(ValueError, match=r"uploaded by client\(s\) \[5\]"):
         discover(data, dataclasses.replace(cfg, candidates=3),
-                 attack=AttackConfig(row="zeros", clients=(0,)))
+                 attack=AttackConfig(row=row, clients=(5,)))
+
+
+def test_sparse_other_group_attacker_is_a_candidate_of_its_target(pop):
+    # Its fingerprint summarises the target group's rows, so the fingerprint stage proposes
+    # the target group as its peers: the two-stage path gives the attacker no extra obstacle.
+    data, cfg, _, _ = pop
+    g = np.asarray(data.group)
+    att = tuple(int(i) for i in np.flatnonzero(g == 1)[:2])
+    attack = AttackConfig(predictor="other_group", clients=att, target_group=0)
+    res = discover(data, dataclasses.replace(cfg, candidates=3, random_peers=0), attack=attack)
+    src, dst = np.asarray(res.edges.src), np.asarray(res.edges.dst)
+    for a in att:
+        peers = src[(dst == a) & ~np.isin(src, att)]
+        assert peers.size and np.all(g[peers] == 0)
+    assert outcome(res.federation, g, np.asarray(att), 0)["admitted"] == list(att)
+
+
+def test_sparse_replay_defence_leaves_copies_alone(pop):
+    # As in dense discovery, every member of a duplicate set (copy and victim) is flagged and
+    # left alone; the sparse decision drops their edges and equals the dense one.
+    data, cfg, _, _ = pop
+    g = np.asarray(data.group)
+    att = tuple(int(i) for i in np.flatnonzero(g == 1)[:2])
+    attack = AttackConfig(predictor="replay", clients=att, target_group=0)
+    d = dataclasses.replace(Defences(), replay=STRICT.replay)
+    sparse = discover(data, cfg, attack=attack, edges=_complete(data.num_clients), defences=d)
+    dense = discover(data, cfg, attack=attack, defences=d)
+    fed = sparse.federation
+    alone = {i for i in range(len(g)) if np.sum(fed == fed[i]) == 1}
+    assert set(att) <= alone and len(alone) == 4  # two copies, two victims
+    assert adjusted_rand_score(dense.federation, fed) == 1.0
