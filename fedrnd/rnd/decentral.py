@@ -405,14 +405,20 @@ def regions_from_scores(u, v, score_uv, score_vu, s_self, *, band: float = 0.3,
 def discover_regions(data: FederatedData, u, v, config: RNDConfig = RNDConfig(), *,
                      band: float = 0.3, criterion: str = "band", symmetry: str = "mutual",
                      max_hops: int | None = None, priority: Any = "self_novelty",
-                     key: jax.Array | None = None, mapper: ClientMapper | None = None
-                     ) -> Regions:
+                     key: jax.Array | None = None, mapper: ClientMapper | None = None,
+                     attack: Any = None) -> Regions:
     """Decentralized RND discovery on the graph with links ``(u, v)`` (labels unused).
 
     Every client trains its predictor and scores its neighbours' (sparse
     :func:`~fedrnd.rnd.discover`, ``config``'s network, schedule and probes); then
     :func:`regions_from_scores`. ``criterion = "eps"`` replaces the band rule by the
     centralized ``z <= eps`` on each client's observed row (``config.eps``, ``config.sigma``).
+
+    ``attack``: an :class:`~fedrnd.rnd.adversarial.AttackConfig`; its clients send their
+    neighbours the predictor its strategy says and forge the scores they give (their verdicts
+    follow from those scores by the band rule). Non-finite scores are rejected with the
+    sender's id, as in :func:`~fedrnd.rnd.discover`. Not attacked: the election messages (a
+    node's claimed rank and leader are trusted; see ``docs/methods/threat-model.md``).
     """
     _check_choice("criterion", criterion, CRITERIA)
     check_band(band)
@@ -431,7 +437,7 @@ def discover_regions(data: FederatedData, u, v, config: RNDConfig = RNDConfig(),
     src = np.concatenate([v, u])  # u scores v's predictor, v scores u's
     dst = np.concatenate([u, v])
     edges = EdgeList(jnp.asarray(src), jnp.asarray(dst), jnp.ones(len(src), jnp.float32))
-    disc = discover(data, cfg, key=k_disc, mapper=mapper, edges=edges)
+    disc = discover(data, cfg, key=k_disc, mapper=mapper, edges=edges, attack=attack)
     # discover sorts the directed pairs; look each link's two scores up by (dst, src).
     d_src, d_dst = np.asarray(disc.edges.src), np.asarray(disc.edges.dst)
     keys = d_dst.astype(np.int64) * n + d_src
