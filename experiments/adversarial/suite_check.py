@@ -2,8 +2,9 @@
 
 Re-decides every stored cell of the discovery suite (``experiments/discovery/cells``, written
 by ``python experiments/discovery/suite.py run``) with the plain decision (validation only,
-the default before this check) and with the defences that need only the uploaded scores: the
-clipped statistic (``robust="clip"``), majority consent (``consent=0.5``) and both.
+the default before the defences) and with the defences that need only the uploaded scores:
+the per-direction clip (``robust="direction"``, the default), the previous averaged clip
+(``robust="clip"`` at 3), majority consent (``consent=0.5``) and the default with consent.
 Replay detection needs the predictors, which the cells do not store; it is checked on freshly
 trained populations by the tests (``tests/rnd/test_adversarial.py``).
 
@@ -37,9 +38,11 @@ CACHE = HERE / "suite_check.json"
 OUT = HERE / "SUITE_CHECK.md"
 COMMAND = "python experiments/adversarial/suite_check.py"
 PLAIN = Defences(validate=True, robust="mean", consent=None, replay=None)
-VARIANTS = {"clip+consent": Defences(robust="clip", consent=0.5, replay=None),
-            "clip": Defences(robust="clip", consent=None, replay=None),
-            "consent": Defences(robust="mean", consent=0.5, replay=None)}
+VARIANTS = {"default": Defences(),
+            "pair clip": Defences(robust="clip", clip=3.0, consent=None, replay=None),
+            "consent": Defences(robust="mean", consent=0.5, replay=None),
+            "default+consent": Defences(consent=0.5)}
+VERSION = 2  # cache rows of older variants (version 1: the averaged clip as default) are redone
 
 
 def _decide(arr: dict, dfn: Defences) -> np.ndarray:
@@ -80,6 +83,7 @@ def check_cell(path: Path) -> dict:
                          ari_vs_plain=float(adjusted_rand_score(plain, fed)),
                          moved=int(len(plain) - _overlap(plain, fed)))
     row["cpu_s"] = round(time.process_time() - t0, 2)
+    row["version"] = VERSION
     return row
 
 
@@ -128,8 +132,10 @@ def report(rows: list[dict]) -> str:
         "",
         "Every cell is decided again from its stored scores with the plain decision "
         "(validation only) and with the defences that need only the uploaded scores: the "
-        "clipped statistic (`robust=\"clip\"`), majority consent (`consent=0.5`, dense only) "
-        "and both; a cell *changed* when the partitions differ. Replay detection needs the "
+        "default `Defences()` (the per-direction clip at 6 median standard errors), the "
+        "previous default `robust=\"clip\"` at 3 (the averaged statistic floored), "
+        "majority consent (`consent=0.5`, dense only) and the default with consent; a cell "
+        "*changed* when the partitions differ. Replay detection needs the "
         "predictors, which cells do not store (see the threat model page for why it stays off "
         "by default).",
         "",
@@ -141,18 +147,19 @@ def report(rows: list[dict]) -> str:
         f"* plain decision equal to the stored one: {sum(r['stored_equal'] for r in rows)} "
         f"of {len(rows)} (the rest were stored by an older decision rule)",
         "",
-        "| cell | plain federations | clip | consent | clip+consent |",
-        "|---|---|---|---|---|",
+        "| cell | plain federations | " + " | ".join(VARIANTS) + " |",
+        "|---|---|" + "---|" * len(VARIANTS),
     ]
     for r in changed:
-        lines.append(f"| {r['cell']} | {r['federations']} | {_tag(r, 'clip')} | "
-                     f"{_tag(r, 'consent')} | {_tag(r, 'clip+consent')} |")
-    clip = [r for r in rows if not r["clip"]["same"]]
-    if clip:
-        lines += ["", "Cells the clip changes, ARI against the true groups:", ""]
-        for r in clip:
-            lines.append(f"* {r['cell']}: plain {_truth_ari(r['cell'], PLAIN):.3f}, clip "
-                         f"{_truth_ari(r['cell'], VARIANTS['clip']):.3f}")
+        lines.append(f"| {r['cell']} | {r['federations']} | "
+                     + " | ".join(_tag(r, v) for v in VARIANTS) + " |")
+    for v in ("default", "pair clip"):
+        moved = [r for r in rows if not r[v]["same"]]
+        if moved:
+            lines += ["", f"Cells `{v}` changes, ARI against the true groups:", ""]
+            for r in moved:
+                lines.append(f"* {r['cell']}: plain {_truth_ari(r['cell'], PLAIN):.3f}, {v} "
+                             f"{_truth_ari(r['cell'], VARIANTS[v]):.3f}")
     lines += ["", "Cells unchanged by every variant: " + ", ".join(
         r["cell"] for r in rows if r not in changed) + ".", ""]
     return "\n".join(lines)
@@ -170,7 +177,7 @@ def main(argv=None) -> None:
     if not args.all_sparse:
         paths = [p for p in paths if p.stem.endswith("_s0") or "_10000_" not in p.stem]
     for p in paths:
-        if p.stem in cache and "clip" in cache[p.stem]:
+        if p.stem in cache and cache[p.stem].get("version") == VERSION:
             continue
         row = check_cell(p)
         cache[p.stem] = row

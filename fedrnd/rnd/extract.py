@@ -358,6 +358,11 @@ WITHIN_RATIO = 0.3
 
 _Z95 = 1.6448536269514722  # one-sided 95% normal quantile
 
+PEEL = 0.1
+""":func:`_split_tree`: a split the test does not accept, whose smaller side holds at most this
+share of the members, is peeled: the larger side is tested on (an outlier, or a forged
+client, at the top of a subtree must not hide the structure below it)."""
+
 
 def _homogeneous(members, lab, pa, pb, stat, se2, within_ratio, inside) -> bool:
     """Does the partition ``lab`` of ``members`` consist of homogeneous federations?
@@ -400,10 +405,12 @@ def _split_tree(c, merges, pa, pb, stat, se2, dfp, alpha, min_effect, refine=Tru
     side = np.full(c, -1, np.int64)
     # Work items: (tree node, members). The tree proposes a split of the members: the first
     # node below whose two children both hold members (the tree restricted to the members).
-    stack = [(r, order[start[r]:start[r] + size[r]]) for r in roots]
+    # The third field counts the peels above an item: its test runs at alpha / 4^peels, so a
+    # chain of peeled tests spends at most 4/3 of alpha (the root test alone keeps alpha).
+    stack = [(r, order[start[r]:start[r] + size[r]], 0) for r in roots]
     split_nodes: list[np.ndarray] = []  # members of every accepted split, parents first
     while stack:
-        n, members = stack.pop()
+        n, members, peels = stack.pop()
         split = None
         while n >= c and members.size > 1:
             a, b = merges[n - c]
@@ -423,10 +430,21 @@ def _split_tree(c, merges, pa, pb, stat, se2, dfp, alpha, min_effect, refine=Tru
             p = _group_pvalue(side, pa, pb, stat, se2, dfp, min_effect)
             sides = side[members]
             side[members] = -1
-            if p <= alpha:
+            if p <= alpha / 4.0 ** peels:
                 split_nodes.append(members)
-                stack.append((n, members[sides == 0]))
-                stack.append((n, members[sides == 1]))
+                stack.append((n, members[sides == 0], 0))
+                stack.append((n, members[sides == 1], 0))
+                continue
+            small = int(min(np.sum(sides == 0), np.sum(sides == 1)))
+            if small <= PEEL * members.size:
+                # A few clients split off the rest and the test cannot place them apart (too
+                # few pairs to reject): that says nothing about the structure of the rest,
+                # which is tested on. The few stay a federation of their own here;
+                # _merge_back re-joins them wherever the test cannot tell them apart.
+                big = 0 if np.sum(sides == 0) >= np.sum(sides == 1) else 1
+                few = members[sides != big]
+                lab[few] = few.min()
+                stack.append((n, members[sides == big], peels + 1))
                 continue
         lab[members] = members.min()
     if np.isfinite(within_ratio):

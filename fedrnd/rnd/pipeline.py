@@ -33,6 +33,7 @@ from fedrnd.rnd.defences import (
     check_uploads,
     consent_filter,
     replay_flags,
+    robust_directions,
     robust_statistic,
 )
 from fedrnd.rnd.extract import _relabel, federations, linkage_test_federations
@@ -165,7 +166,9 @@ def federations_from_scores(scores: np.ndarray, config: RNDConfig = RNDConfig(),
         np.fill_diagonal(v, 0.0)
         comp = qs > cfg.alpha
         np.fill_diagonal(comp, True)
-        pi, pj, stat, err, df = pair_statistic(diff, se, s_self, count)
+        pi, pj, stat, err, df = pair_statistic(
+            diff, se, s_self, count,
+            directional=lambda r, sr, dense: robust_directions(r, sr, dfn, dense))
         stat, err = robust_statistic(stat, err, dfn)
         fed = linkage_test_federations(c, pi, pj, stat, err, df, alpha=cfg.alpha,
                                          min_effect=cfg.min_effect, dense=True,
@@ -208,8 +211,9 @@ def federations_from_scores(scores: np.ndarray, config: RNDConfig = RNDConfig(),
     np.minimum.at(qmin, inv, q)
     v = evidence(qmin, cfg.alpha)
     pairs = np.stack([uniq // c, uniq % c], 1)
-    pi, pj, stat, err, df = pair_statistic(diff, se, s_self, count, edges=(src, dst),
-                                           num_clients=c)
+    pi, pj, stat, err, df = pair_statistic(
+        diff, se, s_self, count, edges=(src, dst), num_clients=c,
+        directional=lambda r, sr, dense: robust_directions(r, sr, dfn, dense))
     stat, err = robust_statistic(stat, err, dfn)
     if dfn.consent is not None:
         raise ValueError("Defences.consent needs dense scores (sparse consent is not built)")

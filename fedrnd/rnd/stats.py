@@ -228,7 +228,8 @@ def symmetric_pvalues(diff, se, s_self, count, min_effect: float, *, edges=None,
     return np.where(np.isnan(excess), 0.0, p)
 
 
-def pair_statistic(diff, se, s_self, count, *, edges=None, num_clients: int | None = None):
+def pair_statistic(diff, se, s_self, count, *, edges=None, num_clients: int | None = None,
+                   directional=None):
     """The symmetrised log novelty ratio of every observed unordered pair.
 
     Returns ``(i, j, R, se_R, df)``, one entry per pair ``i < j``: ``R_ij = (r_ij + r_ji) / 2``
@@ -236,10 +237,14 @@ def pair_statistic(diff, se, s_self, count, *, edges=None, num_clients: int | No
     its standard error and ``min(m_i, m_j) - 1`` degrees of freedom. Dense ``[C, C]`` input
     gives all ``C (C - 1) / 2`` pairs; edge input (``edges = (src, dst)``) the pairs scored
     in at least one direction (one direction alone where the reverse is missing).
+    ``directional(r, sr, dense) -> (r, sr)``: applied to the per-direction ratios and errors
+    before they are averaged (a defence, :func:`fedrnd.rnd.defences.robust_directions`).
     """
     m = np.asarray(count, np.float64)
     if edges is None:
         r, sr = _relative(diff, se, s_self)
+        if directional is not None:
+            r, sr = directional(r, sr, True)
         c = r.shape[0]
         i, j = np.triu_indices(c, 1)
         stat = 0.5 * (r[i, j] + r[j, i])
@@ -248,6 +253,8 @@ def pair_statistic(diff, se, s_self, count, *, edges=None, num_clients: int | No
     src, dst = (np.asarray(a, np.int64) for a in edges)
     c = int(num_clients)
     r, sr = _relative(diff, se, s_self, rows=dst)
+    if directional is not None:
+        r, sr = directional(r, sr, False)
     lo, hi = np.minimum(src, dst), np.maximum(src, dst)
     uniq, inv = np.unique(lo * c + hi, return_inverse=True)
     n = np.bincount(inv, minlength=len(uniq)).astype(np.float64)

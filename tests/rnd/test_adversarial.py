@@ -178,7 +178,8 @@ def test_one_forged_zero_row_merges_everything_unless_clipped(seed):
     fs, fq = forge_rows(s, q, att, "zeros")
     plain = federations_from_scores(fs, RNDConfig(), second=fq, count=m, defences=NO_DEFENCES)
     assert plain.num_federations == 1  # the attack works without the defence
-    for d in (Defences(), Defences(robust="clip"), STRICT):
+    for d in (Defences(), Defences(robust="clip"), Defences(robust="direction", clip=3.0),
+              STRICT):
         fed = federations_from_scores(fs, RNDConfig(), second=fq, count=m, defences=d).federation
         res = outcome(fed, groups, att)
         assert res["honest_ari"] == 1.0 and not res["merged"], (d, fed)
@@ -208,16 +209,18 @@ def test_consent_removes_a_client_accepted_by_one_member_and_regroups_the_remove
 def test_defences_change_no_federation_of_honest_synthetic_populations(sizes, seed):
     groups, s, q, m = _synthetic(sizes, seed, between=0.3)
     base = federations_from_scores(s, RNDConfig(), second=q, count=m, defences=NO_DEFENCES)
-    for d in (Defences(), Defences(robust="clip"), Defences(consent=0.5), STRICT):
+    for d in (Defences(), Defences(robust="clip"), Defences(robust="direction", clip=3.0),
+              Defences(consent=0.5), STRICT):
         dec = federations_from_scores(s, RNDConfig(), second=q, count=m, defences=d)
         np.testing.assert_array_equal(dec.federation, base.federation)
 
 
-def test_the_default_defences_are_validation_and_the_clipped_statistic():
+def test_the_default_defences_are_validation_and_the_per_direction_clip():
     """Consent and replay detection change honest federations (SUITE_CHECK.md, the replay
-    victim): they stay opt-in; the clip changed one of 166 honest dense suite cells."""
+    victim): they stay opt-in; the per-direction clip changed no honest suite cell."""
     d = Defences()
-    assert (d.validate, d.robust, d.consent, d.replay) == (True, "clip", None, None)
+    assert (d.validate, d.robust, d.clip, d.consent, d.replay) == (True, "direction", 6.0,
+                                                                    None, None)
     assert STRICT.consent == 0.5 and STRICT.replay is not None
 
 
@@ -238,7 +241,8 @@ def test_consent_needs_dense_scores():
 def test_defences_change_no_federation_of_the_honest_trained_population(pop):
     data, cfg, base, p = pop
     up = attack_population(p, None)
-    for d in (Defences(replay=1e-3), Defences(robust="clip"), Defences(consent=0.5), STRICT):
+    for d in (Defences(replay=1e-3), Defences(robust="clip"), Defences(), Defences(consent=0.5),
+              STRICT):
         np.testing.assert_array_equal(decide(p, up, d).federation, base.federation)
     np.testing.assert_array_equal(discover(data, cfg, defences=STRICT).federation,
                                   base.federation)
@@ -249,7 +253,7 @@ def test_two_colluders_with_a_useless_predictor_cannot_merge_two_groups(pop):
     att = _colluders(p.groups)
     for row in (None, "zeros"):
         up = attack_population(p, AttackConfig(predictor="junk", row=row, clients=att))
-        for d in (Defences(robust="clip"), STRICT):
+        for d in (Defences(), Defences(robust="clip"), STRICT):
             res = outcome(decide(p, up, d).federation, p.groups, up.attackers, 0)
             assert not res["merged"] and res["honest_ari"] == 1.0
         # Where the clipped statistic places a junk predictor is arbitrary; replay detection
@@ -438,3 +442,35 @@ def test_decentralized_nan_scores_are_rejected_naming_the_sender(pop):
     u, v = _links(data.num_clients)
     with pytest.raises(ValueError, match=r"uploaded by client\(s\) \[3\]"):
         discover_regions(data, u, v, cfg, attack=AttackConfig(row="nan", clients=(3,)))
+
+
+def test_per_direction_clip_keeps_the_honest_half_of_a_forged_pair():
+    # r [C, C]: directions; client 0 forged its row to "everyone perfect" (log ratio -27.6,
+    # error 0). The floor applies per direction, so pair (0, j)'s average keeps j's honest
+    # direction (+2: 0's predictor is poor on j's probes) and stays clearly positive, where
+    # flooring the average (robust="clip") would leave it at -clip * e.
+    from fedrnd.rnd.defences import robust_directions, robust_statistic
+
+    c = 5
+    rng = np.random.default_rng(0)
+    r = rng.normal(0.0, 0.05, (c, c))
+    sr = np.full((c, c), 0.05)
+    np.fill_diagonal(r, 0.0)
+    np.fill_diagonal(sr, 0.0)
+    r[1:, 0] = 2.0
+    r[0, 1:] = np.log(1e-12)
+    sr[0, 1:] = 0.0
+    d = Defences()  # direction, clip 6
+    rr, ss = robust_directions(r, sr, d, True)
+    np.testing.assert_allclose(rr[0, 1:], -6 * 0.05)
+    np.testing.assert_array_equal(rr[1:, 1:], r[1:, 1:])  # honest directions untouched
+    pair = 0.5 * (rr[0, 1:] + rr[1:, 0])
+    assert np.all(pair > 0.8)
+    # Flooring the average instead erases the honest half.
+    avg = 0.5 * (r[0, 1:] + r[1:, 0])
+    floored, _ = robust_statistic(avg, np.full(c - 1, 0.05), Defences(robust="clip", clip=6.0))
+    assert np.all(floored < 0)
+    # Other modes leave the directions alone.
+    for mode in ("mean", "clip"):
+        same, _ = robust_directions(r, sr, Defences(robust=mode), True)
+        np.testing.assert_array_equal(same, r)

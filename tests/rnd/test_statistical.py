@@ -867,3 +867,30 @@ def test_federations_from_scores_test_criterion_needs_second_moments_and_counts(
                                 edges=(src, dst), num_clients=5)
     # The paper's criterion needs neither.
     assert federations_from_scores(s, RNDConfig(criterion="eps")).criterion == "eps"
+
+
+def test_an_unplaceable_client_at_the_top_of_the_tree_hides_no_structure(monkeypatch):
+    # Client x fits nowhere (high R with everyone, so it joins the tree last: the root split is
+    # {x} against the rest) and is measured so noisily that its own test cannot place it
+    # apart. The structure below must still be tested: the two groups are found, and x is
+    # left alone or joined to one of them, never merging them. Without peeling, the root's
+    # non-rejection kept everything as one federation.
+    import fedrnd.rnd.extract as extract
+
+    rng = np.random.default_rng(0)
+    g = np.concatenate([shuffled_groups([20, 20], seed=1), [2]])
+    c = len(g)
+    x = c - 1
+    r = planted_statistic(g, rng)
+    r[x, :x] = r[:x, x] = 0.8
+    iu, ju = np.triu_indices(c, 1)
+    se = np.where((iu == x) | (ju == x), 20.0, 0.03)
+
+    def tree():
+        return linkage_test_federations(c, iu, ju, r[iu, ju], se, np.full(len(iu), 30.0),
+                                        alpha=0.01, min_effect=0.05)
+
+    fed = tree()
+    np.testing.assert_array_equal(canon(fed[:x]), canon(g[:x]))
+    monkeypatch.setattr(extract, "PEEL", 0.0)
+    assert tree().max() == 0  # the failure peeling removes
