@@ -77,3 +77,34 @@ def test_readme_main_job_figures_match_their_results_file():
     assert shown, "the README's main-job table was not found"
     for seed, figures in shown.items():
         assert recorded.get(seed) == figures, (seed, figures, recorded.get(seed))
+
+
+def test_readme_python_block_runs_and_logs_to_tensorboard_wandb_and_pandas(tmp_path,
+                                                                           monkeypatch):
+    """The README's Python block, executed as written at a small size (2 rounds, 6 clients,
+    FedAvg, outputs in a temporary directory): TensorBoard event files, an offline wandb run
+    and both pandas tables come out."""
+    for module in ("tensorboardX", "wandb", "pandas"):
+        pytest.importorskip(module)
+    import fedrnd.driver
+
+    block = re.search(r"^## Python\n.*?```python\n(.*?)```", (ROOT / "README.md").read_text(),
+                      re.S | re.M).group(1)
+    real = fedrnd.driver.load_config
+    small = ["rounds=2", "eval_every=2", "checkpoint_every=0", "progress=false",
+             "data.num_clients=6", 'algorithms=["fedavg"]', f'out_dir="{tmp_path}"']
+    monkeypatch.setattr(fedrnd.driver, "load_config",
+                        lambda path, overrides=(): real(path, [*overrides, *small]))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.chdir(ROOT)
+    scope: dict = {}
+    exec(compile(block, "README.md", "exec"), scope)  # noqa: S102 - the README's own code
+    run = scope["res"].run_dir
+    assert list((run / "fedavg" / "tensorboard").glob("events.out.tfevents.*"))
+    assert list((run / "fedavg" / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert list(scope["per_round"]["round"].unique()) == [1, 2]
+    assert set(scope["per_round"]["method"]) == {"fedavg"}
+    assert list(scope["final"]["method"]) == ["fedavg"]
+    assert 0 <= float(scope["final"]["test_acc/mean"].iloc[0]) <= 1

@@ -3,6 +3,7 @@
 Each round a cohort trains from the global model ``w``; the server forms the pseudo-gradient
 ``d = w - mean_c(w_c)`` (sample-weighted), accumulates it in a velocity ``v <- beta v + d`` and
 steps ``w <- w - server_lr v``. With ``momentum = 0`` and ``server_lr = 1`` this is FedAvg.
+Model state that is no weight (BatchNorm statistics) takes no momentum step: it is averaged.
 
 Nothing in fedrnd is edited: ``examples/plugins/config.toml`` lists this file under
 ``plugins``, and ``fedrnd run examples/plugins/config.toml`` loads it before checking the
@@ -41,20 +42,22 @@ class FedAvgMomentum(Algorithm):
 
     def init(self, key, data, hp):
         params = self.engine.model.init(key)  # the initial model every method starts from
+        weights, _ = self.engine.model.split(params)  # less any BatchNorm statistics
         return {"round": jnp.zeros((), jnp.int32), "params": params,
-                "velocity": jax.tree.map(jnp.zeros_like, params), "clients": {"hp": hp}}
+                "velocity": jax.tree.map(jnp.zeros_like, weights), "clients": {"hp": hp}}
 
     def round(self, state, data, key):
         k_cohort, k_train = jax.random.split(key)
         ids, part = self.cohort(k_cohort, data.num_clients)
-        w = state["params"]
+        model = self.engine.model
         # sum_c n_c w_c and sum_c n_c straight out of the client map: one model in memory.
-        wsum, n, m = self.engine.train_sum(w, data, state["clients"]["hp"], k_train,
-                                           state["round"], ids=ids)
-        v = jax.tree.map(lambda v, w, s: self.momentum * v + (w - s / n),
-                         state["velocity"], w, wsum)
-        new = jax.tree.map(lambda w, v: w - self.server_lr * v, w, v)
-        nbytes = tree_bytes(w)  # every participant downloads and uploads one model
+        wsum, n, m = self.engine.train_sum(state["params"], data, state["clients"]["hp"],
+                                           k_train, state["round"], ids=ids)
+        w, _ = model.split(state["params"])
+        mean, mean_stats = model.split(jax.tree.map(lambda s: s / n, wsum))
+        v = jax.tree.map(lambda v, w, m: self.momentum * v + (w - m), state["velocity"], w, mean)
+        new = model.merge(jax.tree.map(lambda w, v: w - self.server_lr * v, w, v), mean_stats)
+        nbytes = tree_bytes(state["params"])  # every participant downloads and uploads one model
         metrics = {"train_loss": m["loss"] / n, "local_steps": m["steps"],
                    **comm(up_model=per_client(nbytes, part), down_model=per_client(nbytes, part))}
         return {**state, "round": state["round"] + 1, "params": new, "velocity": v}, metrics

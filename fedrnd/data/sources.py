@@ -6,7 +6,8 @@ them over clients. Images are ``[n, H, W, C]`` float32 in ``[0, 1]``; vector dat
 
 ``digits`` (scikit-learn's bundled 8x8 digits) is the default everywhere because it needs no
 download. ``fashion_mnist`` reads the IDX files of the Debian package ``dataset-fashion-mnist``;
-``tfds:<name>`` reads an already prepared TensorFlow Datasets directory and never downloads.
+``tfds:<name>`` reads a prepared TensorFlow Datasets directory; it downloads and prepares one
+only when told (``download = true``).
 LEAF's naturally federated ``femnist`` and ``shakespeare`` live in :mod:`fedrnd.data.leaf`.
 """
 
@@ -463,7 +464,7 @@ def _tfds_to_dataset(builder, name: str, splits: Sequence[str], label_key: str) 
 
 def _check_tfds_source(name: str, data_dir: str | os.PathLike | None = None,
                        split: tuple[str, str] = ("train", "test"),
-                       label_key: str = "label") -> None:
+                       label_key: str = "label", download: bool = False) -> None:
     base = name.partition("/")[0]
     if _TFDS_ALIASES.get(base, base) not in TFDS_NAMES:
         allowed = TFDS_NAMES + tuple(_TFDS_ALIASES)
@@ -477,18 +478,25 @@ def _check_tfds_source(name: str, data_dir: str | os.PathLike | None = None,
         raise ValueError(f"data_dir must be a directory path, got {data_dir!r}")
     if not isinstance(label_key, str):
         raise ValueError(f"label_key must be a feature name, got {label_key!r}")
+    if not isinstance(download, bool):
+        raise ValueError(f"download must be true or false, got {download!r}")
 
 
 def tfds_source(name: str, data_dir: str | os.PathLike | None = None,
-                split: tuple[str, str] = ("train", "test"), label_key: str = "label") -> Dataset:
-    """A prepared TensorFlow Datasets image set as a :class:`Dataset` (images NHWC in [0, 1]).
+                split: tuple[str, str] = ("train", "test"), label_key: str = "label",
+                download: bool = False) -> Dataset:
+    """A TensorFlow Datasets image set as a :class:`Dataset` (images NHWC in [0, 1]).
 
     ``name`` is one of :data:`TFDS_NAMES` (``svhn`` is an alias of ``svhn_cropped``), optionally
     with a config, e.g. ``emnist/balanced``. ``split`` gives the (train, test) split names.
-    Never downloads: raises ``FileNotFoundError`` naming the data set and ``data_dir`` when the
-    data is not prepared there. Source: TensorFlow Datasets, https://www.tensorflow.org/datasets.
+    Any prepared format tfds reads without TensorFlow (array_record, parquet) is read; TFRecord
+    needs TensorFlow. With ``download=False`` (the default) nothing is fetched: a set not
+    prepared in ``data_dir`` raises ``FileNotFoundError`` naming the data set and the directory.
+    ``download=True`` lets tfds fetch and prepare it there (as array_record) first, which needs
+    a machine that reaches the data's source. Source: TensorFlow Datasets,
+    https://www.tensorflow.org/datasets.
     """
-    _check_tfds_source(name, data_dir, split, label_key)
+    _check_tfds_source(name, data_dir, split, label_key, download)
     base, _, config = name.partition("/")
     base = _TFDS_ALIASES.get(base, base)
     full = f"{base}/{config}" if config else base
@@ -498,14 +506,17 @@ def tfds_source(name: str, data_dir: str | os.PathLike | None = None,
         builder = tfds.builder(full, **kwargs)
     except (ValueError, KeyError, TypeError) as e:  # e.g. an unknown config name after the /
         raise ValueError(f"tfds cannot open {full!r}: {' '.join(str(e).split())}") from None
+    if not builder.is_prepared() and download:
+        # array_record, so the prepared set reads back without TensorFlow.
+        builder.download_and_prepare(file_format="array_record")
     if not builder.is_prepared():
         raise FileNotFoundError(
             f"tfds data set {full!r} is not prepared in {builder.data_dir} "
-            f"(data_dir={data_dir if data_dir is not None else 'tfds default'}). fedrnd never "
-            f"downloads: on a machine with internet run `tfds build {full} "
-            f"--file_format=array_record --data_dir=DIR` (or "
-            f"tfds.builder({full!r}, data_dir=DIR, file_format='array_record')"
-            ".download_and_prepare()), then copy DIR here and pass data_dir=DIR.")
+            f"(data_dir={data_dir if data_dir is not None else 'tfds default'}). fedrnd does "
+            f"not download unless told: set data.source_options.download = true (or "
+            f"tfds_source(..., download=True)) on a machine with internet, or there run `tfds "
+            f"build {full} --file_format=array_record --data_dir=DIR`, then copy DIR here and "
+            f"pass data_dir=DIR.")
     return _tfds_to_dataset(builder, full, split, label_key)
 
 

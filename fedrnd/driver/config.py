@@ -95,13 +95,17 @@ class LocalConfig:
     alias (``"optax:adamw"``, ``"optax:lion"``) run with the client's lr.
     ``optimizer_options``: settings of the built-in kinds (also passed to registered ones);
     ``clip_norm > 0`` clips every client's gradient to that global norm before any kind's
-    update. ``optax_options``: keywords of the ``optax:<name>`` kinds (``weight_decay = 1e-4``),
+    update. A table under a kind's name holds settings for that kind alone
+    (``"optax:adamw" = { clip_norm = 1.0 }`` clips only the AdamW clients). ``optax_options``: keywords of the ``optax:<name>`` kinds (``weight_decay = 1e-4``),
     checked against the optax function's signature; a plain key goes to every optax kind of
     a mix, a table under a kind's name (``"optax:lion" = { b1 = 0.95 }``) to that kind alone.
     ``steps`` (if set) replaces ``epochs``. ``schedule``: lr multiplier over rounds, evaluated
     at the round index: a built-in one or ``"optax:<schedule>"``, any optax schedule
     (``"optax:warmup_cosine_decay_schedule"``) with ``schedule_options`` as its keywords; its
-    values multiply each client's lr (give ``init_value = 1.0`` and the like).
+    values multiply each client's lr (give ``init_value = 1.0`` and the like). ``schedule`` may
+    also be a table, one schedule per kind (``{ "optax:adamw" = "optax:cosine_decay_schedule" }``;
+    kinds not named keep a constant lr), and ``schedule_options`` then holds a table of options
+    under each kind's name.
     ``path``: ``auto`` (the exact low-rank fast path where it applies and pays), ``general`` or
     ``lowrank`` (forced; see :mod:`fedrnd.engine.lowrank`).
     """
@@ -112,10 +116,12 @@ class LocalConfig:
     optimizer: str | dict[str, float] | list[str] = "sgd"
     lr: float | dict[str, float] = 0.1
     prox_mu: float = 0.0
-    optimizer_options: dict[str, float] = dataclasses.field(default_factory=dict)
+    optimizer_options: dict[str, float | dict[str, float]] = dataclasses.field(
+        default_factory=dict)
     optax_options: dict[str, Any] = dataclasses.field(default_factory=dict)
-    schedule: str = "constant"
-    schedule_options: dict[str, float] = dataclasses.field(default_factory=dict)
+    schedule: str | dict[str, str] = "constant"
+    schedule_options: dict[str, float | dict[str, float]] = dataclasses.field(
+        default_factory=dict)
     path: str = "auto"
 
 
@@ -969,38 +975,71 @@ def _validate_local(cfg: Config, need: Callable[[bool, str], None]) -> None:
          f"local.lr must be > 0, got {_show(loc.lr)}")
     need(math.isfinite(loc.prox_mu) and loc.prox_mu >= 0,
          f"local.prox_mu must be >= 0, got {loc.prox_mu}")
-    settings = OPTIMIZER_OPTIONS + extra_optimizer_options(kinds)
-    for k, v in loc.optimizer_options.items():
-        need(k in settings, f"local.optimizer_options.{k} is not an optimizer "
+    uniq = list(dict.fromkeys(kinds))
+
+    def setting(path: str, k: str, v: Any, settings: Sequence[str]) -> None:
+        need(k in settings, f"local.optimizer_options.{path} is not an optimizer "
                             f"setting{did_you_mean(k, settings)}; allowed: "
                             f"{', '.join(settings)}")
         need(math.isfinite(v) and v >= 0,
-             f"local.optimizer_options.{k} must be a finite number >= 0, got {v}")
+             f"local.optimizer_options.{path} must be a finite number >= 0, got {v}")
+
+    for k, v in loc.optimizer_options.items():
+        if isinstance(v, dict):  # settings of one kind alone
+            need(k in uniq, f"local.optimizer_options.\"{k}\" holds settings of {k!r}, which "
+                            f"local.optimizer does not use; its kinds: {', '.join(uniq)}")
+            for kk, vv in v.items():
+                setting(f'"{k}".{kk}', kk, vv, OPTIMIZER_OPTIONS + extra_optimizer_options([k]))
+        else:
+            setting(k, k, v, OPTIMIZER_OPTIONS + extra_optimizer_options(kinds))
     _validate_optax_options(loc, [k for k in dict.fromkeys(kinds)
                                   if k.startswith(OPTAX_PREFIX)], need)
     paths = ("auto", "general", "lowrank")
     need(loc.path in paths, f"local.path={loc.path!r} is unknown"
                             f"{did_you_mean(loc.path, paths)}; allowed: {', '.join(paths)}")
-    if loc.schedule.startswith(OPTAX_PREFIX):
-        _validate_optax_schedule(loc, need)
-        return
-    need(loc.schedule in SCHEDULE_OPTIONS,
-         f"local.schedule={loc.schedule!r} is unknown"
-         f"{did_you_mean(loc.schedule, list(SCHEDULE_OPTIONS))}; allowed: "
-         f"{', '.join(SCHEDULE_OPTIONS)}, or optax:<name> for any optax schedule")
-    allowed = SCHEDULE_OPTIONS[loc.schedule]
-    for k, v in loc.schedule_options.items():
-        need(k in allowed, f"local.schedule_options.{k} is not an option of local.schedule = "
-                           f"{loc.schedule!r}{did_you_mean(k, allowed)}; allowed: "
-                           f"{', '.join(allowed) or 'none'}")
-        need(math.isfinite(v), f"local.schedule_options.{k} must be a finite number, got {v}")
     opts = loc.schedule_options
+    tables = [k for k, v in opts.items() if isinstance(v, dict)]
+    if isinstance(loc.schedule, dict):  # one schedule per kind
+        for kind in loc.schedule:
+            need(kind in uniq, f"local.schedule.\"{kind}\" names an optimizer kind that "
+                               f"local.optimizer does not use; its kinds: {', '.join(uniq)}")
+        plain = [k for k in opts if k not in tables]
+        need(not plain, f"local.schedule is a table per kind, so local.schedule_options holds a "
+                        f"table of options per kind (\"<kind>\" = {{ ... }}), got {plain}")
+        stray = [k for k in tables if k not in loc.schedule]
+        need(not stray, f"local.schedule_options has tables for {stray}, which local.schedule "
+                        f"gives no schedule; it names {', '.join(loc.schedule)}")
+        for kind, name in loc.schedule.items():
+            _validate_schedule(name, opts.get(kind, {}), f'local.schedule."{kind}"',
+                               f'local.schedule_options."{kind}"', need)
+        return
+    need(not tables, f"local.schedule_options has tables {tables}, which are for a schedule "
+                     f"per kind: write local.schedule = {{ \"<kind>\" = \"<schedule>\" }} too")
+    _validate_schedule(loc.schedule, opts, "local.schedule", "local.schedule_options", need)
+
+
+def _validate_schedule(name: str, opts: dict[str, Any], where: str, where_opts: str,
+                       need: Callable[[bool, str], None]) -> None:
+    """One lr schedule (``where``) and its options (``where_opts``)."""
+    from fedrnd.engine.optim import OPTAX_PREFIX
+
+    if name.startswith(OPTAX_PREFIX):
+        _validate_optax_schedule(name, opts, where, where_opts, need)
+        return
+    need(name in SCHEDULE_OPTIONS,
+         f"{where}={name!r} is unknown"
+         f"{did_you_mean(name, list(SCHEDULE_OPTIONS))}; allowed: "
+         f"{', '.join(SCHEDULE_OPTIONS)}, or optax:<name> for any optax schedule")
+    allowed = SCHEDULE_OPTIONS[name]
+    for k, v in opts.items():
+        need(k in allowed, f"{where_opts}.{k} is not an option of {where} = "
+                           f"{name!r}{did_you_mean(k, allowed)}; allowed: "
+                           f"{', '.join(allowed) or 'none'}")
+        need(math.isfinite(v), f"{where_opts}.{k} must be a finite number, got {v}")
     if "rounds" in opts:
-        need(opts["rounds"] >= 1, f"local.schedule_options.rounds must be >= 1, got "
-                                  f"{opts['rounds']}")
+        need(opts["rounds"] >= 1, f"{where_opts}.rounds must be >= 1, got {opts['rounds']}")
     if "every" in opts:
-        need(opts["every"] >= 1, f"local.schedule_options.every must be >= 1, got "
-                                 f"{opts['every']}")
+        need(opts["every"] >= 1, f"{where_opts}.every must be >= 1, got {opts['every']}")
 
 
 def _validate_optax_options(loc: LocalConfig, optax_kinds: list[str],
@@ -1043,7 +1082,8 @@ def _validate_optax_options(loc: LocalConfig, optax_kinds: list[str],
                              f"{' '.join(str(e).split())}") from None
 
 
-def _validate_optax_schedule(loc: LocalConfig, need: Callable[[bool, str], None]) -> None:
+def _validate_optax_schedule(schedule: str, options: dict[str, Any], where: str,
+                             where_opts: str, need: Callable[[bool, str], None]) -> None:
     """``local.schedule = "optax:<name>"``: a schedule of optax, its keywords, and buildable."""
     from fedrnd.engine.optim import (
         OPTAX_PREFIX,
@@ -1052,20 +1092,20 @@ def _validate_optax_schedule(loc: LocalConfig, need: Callable[[bool, str], None]
         optax_schedules,
     )
 
-    name = loc.schedule[len(OPTAX_PREFIX):]
+    name = schedule[len(OPTAX_PREFIX):]
     names = optax_schedules()
     close = difflib.get_close_matches(name, names, n=2, cutoff=0.6)
     hint = (f" (did you mean {' or '.join(repr(OPTAX_PREFIX + c) for c in close)}?)"
             if close else "")
-    need(name in names, f"local.schedule={loc.schedule!r} is not an optax schedule{hint}; "
+    need(name in names, f"{where}={schedule!r} is not an optax schedule{hint}; "
                         f"optax:<name> takes one of {', '.join(names)}")
     params = optax_schedule_parameters(name)
-    what = f"local.schedule = {loc.schedule!r}"
-    _check_options("local.schedule_options", loc.schedule_options, params, what)
+    what = f"{where} = {schedule!r}"
+    _check_options(where_opts, options, params, what)
     try:
-        lr_schedule(loc.schedule, **loc.schedule_options)(0)
+        lr_schedule(schedule, **options)(0)
     except (TypeError, ValueError) as e:
-        raise option_error("local.schedule_options", what, e, list(params)) from None
+        raise option_error(where_opts, what, e, list(params)) from None
 
 
 class _NeedsData(Exception):

@@ -200,7 +200,10 @@ def check_resume(stored: dict[str, Any], new: dict[str, Any], allow: list[str] |
     refused = [d for d in diff if not _allowed(d[0], set(allow))]
     if "rounds" in allow and any(d[0] == "rounds" for d in diff):
         sched = new.get("local", {})
-        if sched.get("schedule") == "cosine" and "rounds" not in sched.get("schedule_options", {}):
+        name, opts = sched.get("schedule"), sched.get("schedule_options", {})
+        follows = (name == "cosine" and "rounds" not in opts) or (isinstance(name, dict) and any(
+            v == "cosine" and "rounds" not in opts.get(k, {}) for k, v in name.items()))
+        if follows:
             refused.append(("rounds (the cosine schedule's length follows rounds)",
                             stored.get("rounds"), new.get("rounds")))
     if refused:

@@ -138,15 +138,22 @@ def build_engine(cfg: Config, data: FederatedData) -> tuple[Engine, ClientHParam
                              prox_mu=loc.prox_mu, seed=cfg.seed,
                              group=np.asarray(data.group) if per_group else None,
                              per_group=per_group)
+    def with_rounds(name: str, opts: dict) -> dict:
+        # The built-in cosine runs over the whole run unless told otherwise.
+        return {"rounds": cfg.rounds, **opts} if name == "cosine" else dict(opts)
+
+    own = loc.schedule if isinstance(loc.schedule, dict) else {}
+    # Validation has checked every schedule (a per-kind one too) against its options.
     opt = ClientOptimizer(opt.kinds, tuple(sorted(loc.optimizer_options.items())),
-                          tuple(sorted(loc.optax_options.items())))
+                          tuple(sorted(loc.optax_options.items())),
+                          tuple((k, n, tuple(sorted(with_rounds(
+                              n, loc.schedule_options.get(k, {})).items())))
+                                for k, n in own.items() if n != "constant"))
     schedule = None
-    if loc.schedule != "constant":
-        opts = dict(loc.schedule_options)
-        if loc.schedule == "cosine":
-            opts.setdefault("rounds", cfg.rounds)
+    if not own and loc.schedule != "constant":
         try:
-            schedule = lr_schedule(loc.schedule, **opts)
+            schedule = lr_schedule(loc.schedule, **with_rounds(loc.schedule,
+                                                               loc.schedule_options))
         except (TypeError, ValueError, KeyError) as e:
             raise ValueError(f"config: local.schedule_options (local.schedule = "
                              f"{loc.schedule!r}): {e}") from None

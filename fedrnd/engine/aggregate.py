@@ -29,6 +29,15 @@ def weighted_mean(tree: PyTree, weights: jax.Array) -> PyTree:
         lambda x: jnp.tensordot(weights.astype(x.dtype), x, axes=1) / total.astype(x.dtype), tree)
 
 
+def keep_local(shared: PyTree, local: PyTree, local_mask: PyTree) -> PyTree:
+    """Each client's model: the leaves of ``local`` (``[C, ...]``) where ``local_mask`` (a tree
+    of Python bools, e.g. :meth:`fedrnd.models.Model.local_layers`) is True, ``shared``
+    (one model, broadcast over the clients) elsewhere. FedBN's start models and evaluation."""
+    return jax.tree.map(
+        lambda keep, s, c: c if keep else jnp.broadcast_to(s, c.shape).astype(c.dtype),
+        local_mask, shared, local)
+
+
 def segment_weighted_mean(tree: PyTree, weights: jax.Array, cluster_id: jax.Array,
                           num_slots: int) -> tuple[PyTree, jax.Array]:
     """Per-cluster weighted mean into ``num_slots`` slots.

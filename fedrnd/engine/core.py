@@ -96,6 +96,8 @@ class Engine:
     def _lowrank(self, mode, slots, per, data, round_idx, prox_mu, num_slots=1):
         if prox_mu is not None:
             per = {**per, "mu": jnp.full_like(per["lr"], prox_mu)}
+        if self.optimizer.schedules:  # a kind's own schedule is a factor of its clients' lr
+            per = {**per, "lr": per["lr"] * self.optimizer.kind_lr_scale(round_idx)[per["kind"]]}
         return lowrank.run(self.model, self.local, self.optimizer, self.mapper, mode, slots, per,
                            data.x, data.y, self.lr_scale(round_idx), num_slots=num_slots)
 
@@ -111,7 +113,13 @@ class Engine:
         return self.loss or model_loss(self.model)
 
     def lr_scale(self, round_idx: jax.Array) -> jax.Array:
+        """The lr multiplier of every client at ``round_idx`` (the engine's ``schedule``)."""
         return jnp.ones(()) if self.schedule is None else self.schedule(round_idx)
+
+    def kind_lr_scales(self, round_idx: jax.Array) -> jax.Array:
+        """``[K]``: the lr multiplier of each optimizer kind's clients at ``round_idx``: the
+        engine's schedule times the kind's own (``ClientOptimizer.schedules``)."""
+        return self.lr_scale(round_idx) * self.optimizer.kind_lr_scale(round_idx)
 
     def _per_client(self, data: FederatedData, hp: ClientHParams, ids: jax.Array | None,
                     key: jax.Array) -> dict[str, jax.Array]:
@@ -132,7 +140,8 @@ class Engine:
         rows = self.mapper.chunk * n_max * math.prod(x.shape[1:]) * x.dtype.itemsize
         return local_train(self.train_loss, self.optimizer, self.local, params, opt_state, x, y,
                            client["idx"], client["count"], client["key"], client["kind"],
-                           client["lr"] * lr_scale, mu,
+                           client["lr"] * (lr_scale[client["kind"]] if lr_scale.shape[0] > 1
+                                           else lr_scale[0]), mu,
                            gather_once=self.mapper.chunk == 1 or rows <= GATHER_ONCE_BYTES)
 
     def train(self, params: PyTree, data: FederatedData, hp: ClientHParams, key: jax.Array,
@@ -154,7 +163,7 @@ class Engine:
                                           for k in self.optimizer.kinds)):
             return self._lowrank("clients", jax.tree.map(lambda a: a[None], params), per, data,
                                  round_idx, prox_mu)
-        scale = self.lr_scale(round_idx)
+        scale = self.kind_lr_scales(round_idx)
         if client_params is not None:
             # Each client's model (and optimizer state) is updated in its own slot, so a caller
             # that donates them (a decentralized round) holds one copy, not two.
@@ -195,7 +204,7 @@ class Engine:
             per["w"] = per["count"].astype(jnp.float32)
             return self._lowrank("sum", jax.tree.map(lambda a: a[None], params), per, data,
                                  round_idx, prox_mu)
-        scale = self.lr_scale(round_idx)
+        scale = self.kind_lr_scales(round_idx)
 
         def fn(client, shared):
             p0, x, y = shared
@@ -229,7 +238,7 @@ class Engine:
         per["cid"] = cluster_id
         if weights is not None:
             per["w"] = weights
-        scale = self.lr_scale(round_idx)
+        scale = self.kind_lr_scales(round_idx)
         num_slots = jax.tree.leaves(slots)[0].shape[0]
         if self.use_lowrank(data, slots=num_slots):
             per["w"] = per.get("w", per["count"].astype(jnp.float32)).astype(jnp.float32)

@@ -8,7 +8,10 @@ one program. With one kind there is no selection and no extra state.
 
 Besides the built-in kinds (:data:`OPTIMIZERS`), a kind may be any optax optimizer alias,
 ``"optax:<name>"`` (for instance ``"optax:adamw"``), or a name added with
-:func:`register_optimizer`. Gradient clipping (setting ``clip_norm``) applies to every kind.
+:func:`register_optimizer`. Gradient clipping (setting ``clip_norm``) applies to every kind, or
+to one kind alone from a table of settings under that kind's name; likewise a kind may carry
+its own lr schedule over rounds (``schedules``), so AdamW with a cosine schedule and clipping on
+some clients and plain SGD on the others is still one jitted round.
 """
 
 from __future__ import annotations
@@ -221,14 +224,20 @@ class ClientOptimizer:
     ``init(params) -> state`` and ``update(grads, state, params, kind, lr) -> (updates, state)``
     act on one client; ``kind`` and ``lr`` are that client's scalars. ``settings``: the
     built-in kinds' options (``local.optimizer_options``), which registered kinds receive too;
-    ``clip_norm > 0`` in them clips each gradient to that global norm before any kind's
-    direction. ``optax_options``: the keywords of the ``optax:<name>`` kinds, shared or per
-    kind (:func:`optax_keywords`).
+    ``clip_norm > 0`` in them clips each gradient to that global norm before the kind's
+    direction. A plain key applies to every kind; a key that names a kind holds a table of
+    settings for that kind alone, which wins over the plain keys
+    (``(("clip_norm", 1.0), ("optax:adamw", (("clip_norm", 0.5),)))``).
+    ``optax_options``: the keywords of the ``optax:<name>`` kinds, shared or per kind
+    (:func:`optax_keywords`). ``schedules``: ``(kind, schedule, options)`` triples, an lr
+    multiplier over rounds (:func:`lr_schedule`) for that kind alone, on top of the engine's
+    schedule for everyone (:meth:`kind_lr_scale`).
     """
 
     kinds: tuple[str, ...] = ("sgd",)
-    settings: tuple[tuple[str, float], ...] = ()
+    settings: tuple[tuple[str, Any], ...] = ()
     optax_options: tuple[tuple[str, Any], ...] = ()
+    schedules: tuple[tuple[str, str, tuple[tuple[str, Any], ...]], ...] = ()
 
     def __post_init__(self):
         if not self.kinds:
@@ -239,6 +248,17 @@ class ClientOptimizer:
                 raise ValueError(f"optimizer {k!r} {why}")
         object.__setattr__(self, "optax_options", tuple(
             (k, _frozen(v)) for k, v in self.optax_options))
+        # A table for a kind that is not here is ignored, not refused: a method that swaps the
+        # kinds for its own (DFedAvgM's momentum) passes the run's settings on.
+        object.__setattr__(self, "settings", tuple((k, _frozen(v)) for k, v in self.settings))
+        object.__setattr__(self, "schedules", tuple(
+            (k, name, _frozen(dict(kw))) for k, name, kw in self.schedules))
+        stray = [k for k, _, _ in self.schedules if k not in self.kinds]
+        if stray or len({k for k, _, _ in self.schedules}) < len(self.schedules):
+            raise ValueError(f"schedules must name each of the kinds {list(self.kinds)} at most "
+                             f"once, got {[k for k, _, _ in self.schedules]}")
+        for _, name, kw in self.schedules:
+            lr_schedule(name, **dict(kw))  # fails here, not inside a trace
         opts = dict(self.optax_options)
         stray = [k for k in opts if k.startswith(OPTAX_PREFIX) and k not in self.kinds]
         if stray:
@@ -253,15 +273,33 @@ class ClientOptimizer:
                                      f"optax.{k[len(OPTAX_PREFIX):]}; allowed: "
                                      f"{', '.join(params)}")
 
+    def kind_settings(self, kind: str) -> dict[str, float]:
+        """The settings ``kind`` runs with: the plain ones, then its own table over them."""
+        own = dict(self.settings).get(kind, ())
+        shared = {k: v for k, v in self.settings if not isinstance(v, tuple)}
+        return {**shared, **dict(own if isinstance(own, tuple) else ())}
+
+    @property
+    def clip_norms(self) -> tuple[float, ...]:
+        """Each kind's ``clip_norm`` (0: that kind's gradients are not clipped)."""
+        return tuple(float(self.kind_settings(k).get("clip_norm", 0.0)) for k in self.kinds)
+
     @property
     def clip_norm(self) -> float:
-        return float(dict(self.settings).get("clip_norm", 0.0))
+        """The largest ``clip_norm`` of any kind (0: nobody's gradient is clipped)."""
+        return max(self.clip_norms)
+
+    def kind_lr_scale(self, round_idx: jax.Array) -> jax.Array:
+        """``[K]``: each kind's own lr multiplier at ``round_idx`` (1 without a schedule)."""
+        own = {k: lr_schedule(name, **dict(kw)) for k, name, kw in self.schedules}
+        one = jnp.ones((), jnp.float32)
+        return jnp.stack([jnp.asarray(own[k](round_idx), jnp.float32) if k in own else one
+                          for k in self.kinds])
 
     @property
     def _dirs(self) -> list[optax.GradientTransformation]:
-        hp = dict(self.settings)
         opts = dict(self.optax_options)
-        return [_direction(k, hp, opts) for k in self.kinds]
+        return [_direction(k, self.kind_settings(k), opts) for k in self.kinds]
 
     def init(self, params: PyTree) -> PyTree:
         return tuple(d.init(params) for d in self._dirs)
@@ -269,14 +307,17 @@ class ClientOptimizer:
     def update(self, grads: PyTree, state: PyTree, params: PyTree, kind: jax.Array,
                lr: jax.Array) -> tuple[PyTree, PyTree]:
         dirs = self._dirs
-        if self.clip_norm > 0:
-            # Stateless, so clipping once here keeps the state of every kind as it was.
-            clip = optax.clip_by_global_norm(self.clip_norm)
-            grads, _ = clip.update(grads, clip.init(grads))
+        # Clipping is stateless: clipping before each direction keeps every kind's state as it
+        # was, and kinds that share a clip_norm share the clipped gradient.
+        clipped = {}
+        for c in dict.fromkeys(self.clip_norms):
+            clip = optax.clip_by_global_norm(c)
+            clipped[c] = clip.update(grads, clip.init(grads))[0] if c > 0 else grads
+        kind_grads = [clipped[c] for c in self.clip_norms]
         if len(dirs) == 1:
-            u, s = dirs[0].update(grads, state[0], params)
+            u, s = dirs[0].update(kind_grads[0], state[0], params)
             return jax.tree.map(lambda v: -lr * v, u), (s,)
-        outs = [d.update(grads, s, params) for d, s in zip(dirs, state, strict=True)]
+        outs = [d.update(g, s, params) for d, g, s in zip(dirs, kind_grads, state, strict=True)]
         pick = [kind == i for i in range(len(dirs))]
         u = jax.tree.map(lambda *vs: sum(jnp.where(p, v, 0.0) for p, v in zip(pick, vs, strict=True)),
                          *[o[0] for o in outs])

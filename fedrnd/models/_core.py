@@ -73,6 +73,26 @@ class Model:
         """The inverse of :meth:`split`."""
         return {"params": trainable, **state} if self.stateful else trainable
 
+    def local_layers(self, params: Params) -> Params:
+        """FedBN's client-local part of a model tree (Li et al., 2021): a tree of bools shaped
+        like ``params``, True for the state (BatchNorm statistics) and for the weights of the
+        layers that hold state (BatchNorm's scale and bias), False for every other weight. All
+        False for a model without state. A layer is matched by its path: the weights under
+        ``params/<path>/...`` belong to it when ``<collection>/<path>/...`` holds its state.
+        """
+        if not self.stateful:
+            return jax.tree.map(lambda _: False, params)
+        weights, state = self.split(params)
+
+        def keys(path):
+            return tuple(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))
+                         for k in path)
+
+        # Paths inside each collection, less the collection's name and the leaf's own name.
+        owners = {keys(p)[1:-1] for p, _ in jax.tree_util.tree_leaves_with_path(state)}
+        mask = jax.tree_util.tree_map_with_path(lambda p, _: keys(p)[:-1] in owners, weights)
+        return self.merge(mask, jax.tree.map(lambda _: True, state))
+
     def num_params(self) -> int:
         """Trainable parameters (state such as BatchNorm statistics not counted)."""
         shapes = self.split(jax.eval_shape(self.init, jax.random.key(0)))[0]

@@ -289,3 +289,40 @@ def test_tfds_reads_a_real_array_record_directory(tmp_path):
     np.testing.assert_array_equal(d.y_train, idx % 3)
     np.testing.assert_allclose(d.x_train[:, :, :, 0], np.broadcast_to(
         (idx * 20 / 255.0)[:, None, None], (9, 4, 4)), rtol=1e-6)
+
+
+def test_tfds_download_true_prepares_then_reads_and_false_never_downloads(tmp_path):
+    """``download=True`` (API and config) calls tfds's download_and_prepare for a set that is
+    not prepared, as array_record, then reads it; the default never calls it. Offline: tfds's
+    mock_data fakes the records and the download is a recorded mock."""
+    t = _tfds()
+    prepared = {"done": False}
+
+    def fake_download(self, **kw):
+        calls.append(kw)
+        prepared["done"] = True
+
+    calls: list[dict] = []
+    with t.testing.mock_data(num_examples=5), \
+            mock.patch.object(t.core.DatasetBuilder, "is_prepared",
+                              lambda self: prepared["done"]), \
+            mock.patch.object(t.core.DatasetBuilder, "download_and_prepare", fake_download):
+        with pytest.raises(FileNotFoundError, match="download = true"):
+            tfds_source("mnist", data_dir=tmp_path)
+        assert calls == []
+        d = load_source("tfds:mnist", data_dir=str(tmp_path), download=True)
+        assert calls == [{"file_format": "array_record"}]
+        assert d.x_train.shape == (5, 28, 28, 1) and d.num_classes == 10
+        # Prepared now: a second load reads it and downloads nothing more.
+        load_source("tfds:mnist", data_dir=str(tmp_path), download=True)
+        assert len(calls) == 1
+    # The config form is checked like any source option.
+    from fedrnd.driver.config import from_dict, validate
+
+    cfg = validate(from_dict({"data": {"source": "tfds:mnist", "partition": "iid",
+                                       "source_options": {"download": True}}}))
+    assert cfg.data.source_options == {"download": True}
+    with pytest.raises(ValueError, match=r"data\.source_options\.download = \"yes\" must be "
+                                         r"true or false"):
+        validate(from_dict({"data": {"source": "tfds:mnist", "partition": "iid",
+                                     "source_options": {"download": "yes"}}}))

@@ -96,6 +96,86 @@ def test_tensorboard_logger_writes_event_files(tmp_path):
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
 
 
+def _tensorboard_scalars(directory) -> list[tuple[int, str, float]]:
+    """``(step, tag, value)`` of every scalar in the event files under ``directory``: the
+    TFRecord framing (length, crc, data, crc) read by hand, the records by tensorboardX's
+    own protos, so no TensorBoard install is needed to check what it would show."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    out = []
+    for f in sorted(directory.glob("events.out.tfevents.*")):
+        b, i = f.read_bytes(), 0
+        while i < len(b):
+            (n,) = struct.unpack("<Q", b[i:i + 8])
+            event = event_pb2.Event.FromString(b[i + 12:i + 12 + n])
+            out += [(event.step, v.tag, v.simple_value) for v in event.summary.value]
+            i += 12 + n + 4
+    return out
+
+
+def _logged_run(tmp_path, monkeypatch, loggers):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    simulate(_cfg(name="logged", loggers=loggers), run_dir=tmp_path / "logged", verbose=False)
+    out = tmp_path / "logged" / "fedavg"
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").open()]
+    return out, rows
+
+
+def test_tensorboard_holds_every_number_of_metrics_jsonl_at_its_round(tmp_path, monkeypatch):
+    pytest.importorskip("tensorboardX")
+    out, rows = _logged_run(tmp_path, monkeypatch, ["tensorboard"])
+    got = {(step, tag): v for step, tag, v in _tensorboard_scalars(out / "tensorboard")}
+    want = {(r["round"], k): v for r in rows for k, v in loggers_mod._scalars(r).items()}
+    assert set(got) == set(want) and len(rows) == 3
+    for k, v in want.items():
+        assert got[k] == pytest.approx(v, rel=1e-6)
+
+
+def test_wandb_logger_calls_wandb_as_documented(tmp_path, monkeypatch):
+    """With a stand-in ``wandb`` module: project, run name, group, config, offline mode and
+    one ``log`` per round at step = round, numbers only; ``finish`` on close."""
+    import types
+
+    calls = []
+
+    class Run:
+        def log(self, row, step):
+            calls.append(("log", row, step))
+
+        def finish(self):
+            calls.append(("finish",))
+
+    fake = types.ModuleType("wandb")
+    fake.init = lambda **kw: calls.append(("init", kw)) or Run()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_PROJECT", "proj")
+    lg = loggers_mod.WandbLogger(tmp_path, name="exp", method="fedavg", config={"rounds": 3})
+    lg.log({"round": 2, "test_acc/mean": 0.5, "note": "x", "flag": True})
+    lg.close()
+    assert calls == [
+        ("init", {"project": "proj", "name": "exp/fedavg", "group": "exp",
+                  "config": {"rounds": 3}, "dir": str(tmp_path), "reinit": True,
+                  "mode": "offline"}),
+        ("log", {"test_acc/mean": 0.5}, 2), ("finish",)]
+
+
+def test_wandb_offline_run_is_written_beside_the_metrics(tmp_path, monkeypatch):
+    """The real wandb in offline mode (no network, no account): one offline run per method
+    in the method's directory, holding the run's name and its metric keys."""
+    pytest.importorskip("wandb")
+    out, rows = _logged_run(tmp_path, monkeypatch, ["wandb"])
+    runs = list((out / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1
+    blob = runs[0].read_bytes()
+    assert b"logged/fedavg" in blob
+    assert all(k.encode() in blob for k in loggers_mod._scalars(rows[-1]))
+
+
 def test_open_loggers_fans_out_and_closes_all(tmp_path):
     seen = []
 
@@ -162,7 +242,7 @@ def test_to_pandas_without_pandas_says_how_to_install(run, monkeypatch):
         load_run(run.run_dir).to_pandas()
 
 
-def test_accuracy_plot_has_integer_round_ticks_and_distinct_styles(run):
+def test_accuracy_plot_has_integer_round_ticks_distinct_styles_and_worst10_bands(run):
     two = {"a": run.methods["fedavg"], "b": run.methods["fedavg"]}
     fig = outputs.accuracy_figure(two, title="t")
     ax = fig.axes[0]
@@ -172,6 +252,13 @@ def test_accuracy_plot_has_integer_round_ticks_and_distinct_styles(run):
     lines = ax.get_lines()
     assert len({(ln.get_linestyle(), ln.get_marker()) for ln in lines}) == 2
     assert ax.get_legend() is not None
+    # A band per method from the worst 10% of clients up to the mean, in the line's colour.
+    bands = ax.collections
+    assert len(bands) == 2
+    rows = [r for r in run.methods["fedavg"].history if "test_acc/worst10" in r]
+    ys = bands[0].get_paths()[0].vertices[:, 1]
+    assert min(ys) == pytest.approx(min(r["test_acc/worst10"] for r in rows))
+    assert max(ys) == pytest.approx(max(r["test_acc/mean"] for r in rows))
     assert (run.run_dir / "accuracy.png").is_file()
 
 

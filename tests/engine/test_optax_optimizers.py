@@ -318,3 +318,105 @@ def test_bad_optax_name_exits_2_on_the_command_line(tmp_path, capsys):
     assert rc == 2
     assert "local.optax_options.wd is not a keyword of optax.adamw" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+# ---- one kind's own clipping and schedule, next to plain SGD --------------------------------
+
+ADAMW = {"optimizer_options": {"optax:adamw": {"clip_norm": 0.5}},
+         "optax_options": {"weight_decay": 0.05},
+         "schedule": {"optax:adamw": "optax:cosine_decay_schedule"},
+         "schedule_options": {"optax:adamw": {"init_value": 1.0, "decay_steps": 6,
+                                              "alpha": 0.1}}}
+"""AdamW with gradient clipping and a cosine schedule for its clients alone."""
+
+
+def test_adamw_cosine_clipped_groups_and_sgd_groups_in_one_round_equal_each_group_alone(data):
+    """A config gives even groups AdamW + cosine schedule + clipping and odd groups SGD; one
+    jitted round of the mixed population gives every client the model that a run of its
+    group's optimizer alone gives it, at every round index of the schedule."""
+    mixed, hp, _ = build_engine(_cfg(optimizer=["optax:adamw", "sgd"],
+                                     lr={"optax:adamw": 0.02, "sgd": 0.2}, **ADAMW), data)
+    assert mixed.optimizer.clip_norms == (0.5, 0.0)
+    adamw_alone, hp_a, _ = build_engine(_cfg(
+        optimizer="optax:adamw", lr=0.02, optimizer_options={"clip_norm": 0.5},
+        optax_options={"weight_decay": 0.05}, schedule="optax:cosine_decay_schedule",
+        schedule_options=ADAMW["schedule_options"]["optax:adamw"]), data)
+    sgd_alone, hp_s, _ = build_engine(_cfg(optimizer="sgd", lr=0.2), data)
+    groups = np.asarray(data.group)
+    assert set(groups) == {0, 1}
+    np.testing.assert_array_equal(np.asarray(hp.kind), groups)  # group g runs entry g
+    params = mixed.model.init(jax.random.key(0))
+    key = jax.random.key(5)
+    for r in (0, 4):
+        got, _, _ = jax.jit(mixed.train)(params, data, hp, key, jnp.asarray(r))
+        for engine, hp_alone, g in ((adamw_alone, hp_a, 0), (sgd_alone, hp_s, 1)):
+            ids = jnp.asarray(np.flatnonzero(groups == g))
+            want, _, _ = jax.jit(engine.train)(params, data, hp_alone, key, jnp.asarray(r),
+                                               ids=ids)
+            _assert_trees(jax.tree.map(lambda a, ids=ids: a[ids], got), want, tol=1e-5)
+    # Each piece acts, on its group only: the schedule, the clipping, the kind itself.
+    def start(engine, hp_, r, ids):
+        out, _, _ = jax.jit(engine.train)(params, data, hp_, key, jnp.asarray(r), ids=ids)
+        return out
+
+    even, odd = (jnp.asarray(np.flatnonzero(groups == g)) for g in (0, 1))
+    assert _moved(start(mixed, hp, 0, even), start(mixed, hp, 4, even)) > 1e-4
+    _assert_trees(start(mixed, hp, 0, odd), start(mixed, hp, 4, odd))
+    unclipped, hp_u, _ = build_engine(_cfg(optimizer=["optax:adamw", "sgd"],
+                                           lr={"optax:adamw": 0.02, "sgd": 0.2},
+                                           **{**ADAMW, "optimizer_options": {}}), data)
+    assert _moved(start(mixed, hp, 0, even), start(unclipped, hp_u, 0, even)) > 1e-5
+    _assert_trees(start(mixed, hp, 0, odd), start(unclipped, hp_u, 0, odd))
+    sgd_too, _, _ = build_engine(_cfg(optimizer="sgd", lr=0.02), data)
+    assert _moved(start(mixed, hp, 0, even), start(sgd_too, hp_u, 0, even)) > 1e-4
+
+
+def test_fedavg_runs_the_mixed_config_end_to_end(tmp_path):
+    """The same mix through ``simulate``: FedAvg trains and the per-kind tables round-trip
+    through the config file the run writes."""
+    from fedrnd.driver import simulate
+    from fedrnd.driver.config import load_config, to_toml
+
+    raw = {"name": "mix", "rounds": 3, "eval_every": 3, "checkpoint_every": 0,
+           "progress": False,
+           "data": {"source": "digits", "partition": "rotation", "num_clients": 6,
+                    "partition_options": {"num_groups": 2}},
+           "model": {"name": "mlp", "options": {"hidden": [8]}},
+           "local": {"batch_size": 8, "epochs": 1, "optimizer": ["optax:adamw", "sgd"],
+                     "lr": {"optax:adamw": 0.01, "sgd": 0.1}, **ADAMW},
+           "algorithms": [{"name": "fedavg"}]}
+    cfg = validate(from_dict(raw))
+    path = tmp_path / "mix.toml"
+    path.write_text(to_toml(cfg))
+    again = load_config(path)
+    assert again.local.schedule == ADAMW["schedule"]
+    assert again.local.optimizer_options == ADAMW["optimizer_options"]
+    res = simulate(again, run_dir=tmp_path / "run", verbose=False)
+    final = res.methods["fedavg"].final
+    # 3 rounds at small learning rates: well above chance (0.1), not yet converged.
+    assert np.isfinite(final["train_loss/mean"]) and final["test_acc/mean"] > 0.2
+
+
+@pytest.mark.parametrize("local,match", [
+    ({"optimizer": "sgd", "optimizer_options": {"optax:adamw": {"clip_norm": 1.0}}},
+     r"local\.optimizer_options\.\"optax:adamw\" holds settings of 'optax:adamw', which "
+     r"local\.optimizer does not use"),
+    ({"optimizer": "sgd", "optimizer_options": {"sgd": {"clip_nrom": 1.0}}},
+     r"local\.optimizer_options\.\"sgd\"\.clip_nrom is not an optimizer setting \(did you "
+     r"mean 'clip_norm'"),
+    ({"optimizer": "sgd", "schedule": {"adam": "cosine"}},
+     r"local\.schedule\.\"adam\" names an optimizer kind that local\.optimizer does not use"),
+    ({"optimizer": "sgd", "schedule": {"sgd": "optax:cosine_decay_schedule"},
+      "schedule_options": {"init_value": 1.0}},
+     r"local\.schedule is a table per kind, so local\.schedule_options holds a table"),
+    ({"optimizer": "sgd", "schedule": {"sgd": "optax:cosine_decay_schedul"}},
+     r"local\.schedule\.\"sgd\"='optax:cosine_decay_schedul' is not an optax schedule"),
+    ({"optimizer": "sgd", "schedule": {"sgd": "optax:cosine_decay_schedule"},
+      "schedule_options": {"sgd": {"init_value": 1.0, "decay_step": 3}}},
+     r"local\.schedule_options\.\"sgd\"\.decay_step"),
+    ({"optimizer": "sgd", "schedule_options": {"sgd": {"rounds": 3}}},
+     r"local\.schedule_options has tables \['sgd'\], which are for a schedule per kind"),
+])
+def test_bad_per_kind_tables_name_the_config_path(local, match):
+    with pytest.raises(ValueError, match=match):
+        _cfg(**local)

@@ -367,3 +367,113 @@ name = "fedavg"
     with pytest.raises(ValueError, match="not an option"):
         simulate(load_config(tmp_path / "c.toml", ["model.options.width=3"]),
                  run_dir=tmp_path / "bad", verbose=False)
+
+
+# ------------------------------------------------------------------------------------------
+# BatchNorm kept local (FedBN), and an NNX model under FedAvg, FedBN and RND
+# ------------------------------------------------------------------------------------------
+EXAMPLES = __import__("pathlib").Path(__file__).resolve().parents[2] / "examples" / "plugins"
+
+
+@pytest.fixture
+def fedbn():
+    """The example plug-ins (FedBN, the NNX MLP with BatchNorm and dropout), registered for
+    one test and removed after it."""
+    import sys
+
+    from fedrnd.algorithms import ALGORITHMS
+    from fedrnd.driver import plugins
+
+    files = [str(EXAMPLES / "my_fedbn.py"), str(EXAMPLES / "my_nnx_mlp.py")]
+    modules = [plugins.load_plugin(f) for f in files]
+    yield modules[0].FedBN
+    ALGORITHMS.pop("fedbn", None)
+    MODELS.pop("nnx_bn_mlp", None)
+    for f, module in zip(files, modules, strict=True):
+        plugins._LOADED.pop(plugins.resolve(f), None)
+        plugins._ORIGIN.pop(module.__name__, None)
+        sys.modules.pop(module.__name__, None)
+
+
+def test_local_layers_are_the_batchnorm_state_scale_and_bias():
+    lin = from_flax(BNNet(K), (4,), K)
+    mask = lin.local_layers(lin.init(jax.random.key(0)))
+    assert mask["batch_stats"] == {"BatchNorm_0": {"mean": True, "var": True}}
+    assert mask["params"]["BatchNorm_0"] == {"bias": True, "scale": True}
+    assert not any(jax.tree.leaves({k: v for k, v in mask["params"].items()
+                                    if k != "BatchNorm_0"}))
+    nx = from_nnx(lambda rngs: NNXMLP(4, 6, K, rngs=rngs, dropout=0.5, batchnorm=True), (4,), K)
+    mask = nx.local_layers(nx.init(jax.random.key(0)))
+    assert mask["state"] == {"bn": {"mean": True, "var": True}}
+    assert mask["params"]["bn"] == {"bias": True, "scale": True}
+    assert not any(jax.tree.leaves([mask["params"]["l0"], mask["params"]["l1"]]))
+    plain = make_model("mlp", (4,), K, hidden=[6])
+    assert not any(jax.tree.leaves(plain.local_layers(plain.init(jax.random.key(0)))))
+
+
+def test_fedbn_averages_the_shared_weights_and_keeps_each_clients_batchnorm(fedbn):
+    """Two FedBN rounds against a per-client reference: each client starts from the shared
+    weights and its own BatchNorm layers of the round before; the server's shared weights are
+    the sample-weighted mean; a client's BatchNorm layers are those it trained."""
+    data = gaussian_federated([5, 9, 3, 7], dim=4, num_classes=K, sep=2.0)
+    model = from_nnx(lambda rngs: NNXMLP(4, 6, K, rngs=rngs, dropout=0.3, batchnorm=True),
+                     (4,), K)
+    opt, hp = sgd(data.num_clients)
+    engine = Engine(model, LocalSpec(batch_size=4, epochs=1), opt, ClientMapper(chunk_size=3))
+    alg = fedbn(engine)
+    state = alg.init(jax.random.key(0), data, hp)
+    local = model.local_layers(state["params"])
+    w = np.asarray(data.train_count, np.float64)
+    mine = jax.tree.map(lambda p: jnp.broadcast_to(p, (4, *p.shape)), state["params"])
+    shared = state["params"]
+    for r in range(2):
+        key = jax.random.key(10 + r)
+        state, m = jax.jit(alg.round)(state, data, key)
+        start = jax.tree.map(lambda keep, s, c: c if keep else jnp.broadcast_to(s, c.shape),
+                             local, shared, mine)
+        want, _, _ = engine.train(shared, data, hp, jax.random.split(key)[1], jnp.int32(r),
+                                  client_params=start)
+        mine, shared = want, jax.tree.map(
+            lambda a: np.tensordot(w, np.asarray(a, np.float64), 1) / w.sum(), want)
+        for a, b in zip(jax.tree.leaves(state["clients"]["model"]), jax.tree.leaves(mine),
+                        strict=True):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+        for a, b in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(shared), strict=True):
+            np.testing.assert_allclose(np.asarray(a), b, rtol=1e-5, atol=1e-6)
+    # Evaluated per client: shared weights equal across clients, statistics their own.
+    per, assign = alg.models(state)
+    assert assign is None
+    l0 = np.asarray(per["params"]["l0"]["kernel"])
+    np.testing.assert_allclose(l0, np.broadcast_to(l0[0], l0.shape))
+    stats = np.asarray(per["state"]["bn"]["mean"])
+    assert min(np.abs(stats[i] - stats[j]).max() for i in range(4) for j in range(i)) > 1e-4
+    assert float(m["up/model"][0]) < float(jax.tree.reduce(
+        lambda a, b: a + b, jax.tree.map(lambda x: x.nbytes, state["params"])))
+
+
+def test_nnx_batchnorm_dropout_model_trains_under_fedavg_fedbn_and_rnd(tmp_path, fedbn):
+    """An NNX model with BatchNorm and dropout on two hidden groups (one rotated): FedAvg
+    (statistics averaged), FedBN (kept local) and RND-clustered FedAvg (averaged within each
+    federation found) all learn; RND finds the two groups and keeps statistics per federation."""
+    from fedrnd.driver import simulate
+    from fedrnd.driver.config import from_dict, validate
+
+    raw = {"name": "nnx_bn", "rounds": 6, "eval_every": 3, "checkpoint_every": 0,
+           "progress": False,
+           "data": {"source": "digits", "partition": "rotation", "num_clients": 8,
+                    "partition_options": {"num_groups": 2}},
+           "model": {"name": "nnx_bn_mlp", "options": {"hidden": 16, "dropout": 0.1}},
+           "local": {"batch_size": 16, "epochs": 1, "lr": 0.1},
+           "algorithms": [{"name": "fedavg"}, {"name": "fedbn"},
+                          {"name": "rnd", "options": {"predictor_steps": 100,
+                                                      "predictor_batch": 32}}]}
+    res = simulate(validate(from_dict(raw)), run_dir=tmp_path / "run", verbose=False)
+    acc = {k: float(m.final["test_acc/mean"]) for k, m in res.methods.items()}
+    assert min(acc.values()) > 0.5, acc  # 10 classes: chance is 0.1
+    rnd = res.methods["rnd"]
+    assert rnd.final["clusters"] == 2 and rnd.final["ari"] == 1.0
+    slots = rnd.state["slots"]["state"]["bn"]["mean"]
+    assert slots.shape[0] == 2 and np.abs(np.asarray(slots[0] - slots[1])).max() > 1e-3
+    fedavg_stats = res.methods["fedavg"].state["params"]["state"]["bn"]["mean"]
+    assert fedavg_stats.ndim == 1 and not np.allclose(np.asarray(fedavg_stats), 0.0)
+    assert res.methods["fedbn"].state["clients"]["model"]["state"]["bn"]["mean"].shape[0] == 8
