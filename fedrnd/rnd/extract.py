@@ -363,6 +363,10 @@ PEEL = 0.1
 share of the members, is peeled: the larger side is tested on (an outlier, or a forged
 client, at the top of a subtree must not hide the structure below it)."""
 
+MAX_PEELS = 32
+"""Longest chain of peels :func:`_split_tree` follows (each costs one test over the remaining
+members' pairs); past it the descent ends as without peeling."""
+
 
 def _homogeneous(members, lab, pa, pb, stat, se2, within_ratio, inside) -> bool:
     """Does the partition ``lab`` of ``members`` consist of homogeneous federations?
@@ -430,13 +434,13 @@ def _split_tree(c, merges, pa, pb, stat, se2, dfp, alpha, min_effect, refine=Tru
             p = _group_pvalue(side, pa, pb, stat, se2, dfp, min_effect)
             sides = side[members]
             side[members] = -1
-            if p <= alpha / 4.0 ** peels:
+            if p <= alpha * 0.25 ** peels:
                 split_nodes.append(members)
                 stack.append((n, members[sides == 0], 0))
                 stack.append((n, members[sides == 1], 0))
                 continue
             small = int(min(np.sum(sides == 0), np.sum(sides == 1)))
-            if small <= PEEL * members.size:
+            if small <= PEEL * members.size and peels < MAX_PEELS:
                 # A few clients split off the rest and the test cannot place them apart (too
                 # few pairs to reject): that says nothing about the structure of the rest,
                 # which is tested on. The few stay a federation of their own here;
