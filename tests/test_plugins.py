@@ -4,7 +4,8 @@ Properties: a name cannot be registered twice by accident; entries registered fr
 fedrnd are validated, listed and run exactly like the built-ins (errors name the config path);
 plug-ins load from a config (relative to its file), from ``--plugin`` and from entry points,
 once each; a broken plug-in is one paragraph of error and exit code 2, and leaves the tables
-as they were; ``examples/plugins`` runs from the command line and its method learns.
+as they were; ``examples/plugins`` runs from the command line (its config naming the plug-in,
+or ``--import`` naming a model and a method) and what it adds learns.
 """
 
 from __future__ import annotations
@@ -392,6 +393,32 @@ def test_example_plugin_runs_from_the_command_line(tmp_path):
     # The same update as the built-in server optimizer, written from engine primitives.
     assert abs(mine["test_acc/mean"] - ref["test_acc/mean"]) <= 0.02
     assert mine["velocity_norm"] > 0
+
+
+def test_example_model_and_method_run_from_the_command_line_with_import(tmp_path):
+    """``fedrnd run examples/plugins/nnx_momentum.toml --import ... --import ...``: a config
+    that names no plug-in runs an NNX model (BatchNorm and dropout) and a method both defined
+    outside fedrnd, loaded by ``--import`` (the alias of ``--plugin``); both learn, and the
+    run's config records the plug-ins so ``--resume`` finds them again."""
+    model, method = EXAMPLE / "my_nnx_mlp.py", EXAMPLE / "my_fedavg_momentum.py"
+    out = subprocess.run([sys.executable, "-m", "fedrnd", "run",
+                          str(EXAMPLE / "nnx_momentum.toml"), "--out", str(tmp_path),
+                          "--no-progress", "--import", str(model), "--import", str(method)],
+                         capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    run = next(p for p in tmp_path.iterdir() if p.is_dir())
+    final = {d.name: json.loads((d / "final.json").read_text())
+             for d in run.iterdir() if (d / "final.json").is_file()}
+    assert set(final) == {"fedavg", "fedavg_momentum"}
+    for name, f in final.items():
+        assert f["test_acc/mean"] > 0.6, (name, f["test_acc/mean"])  # chance is 0.1
+    assert json.loads((run / "config.json").read_text())["plugins"] == [str(model), str(method)]
+    # Without the flags the config's model is unknown: the plug-ins came from --import.
+    bare = subprocess.run([sys.executable, "-m", "fedrnd", "run",
+                           str(EXAMPLE / "nnx_momentum.toml"), "--out", str(tmp_path / "bare"),
+                           "--no-progress"], capture_output=True, text=True, timeout=900,
+                          cwd=tmp_path)
+    assert bare.returncode == 2 and "nnx_bn_mlp" in bare.stderr
 
 
 def test_extending_page_snippets_register_working_pieces(tmp_path):

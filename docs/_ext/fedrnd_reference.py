@@ -15,8 +15,10 @@ or ``algorithms``
     Every registered name with the first line of its docstring and its options with their
     defaults (:func:`fedrnd.driver.config.source_parameters` and friends, the same functions
     that validate a config). For algorithms the options come from
-    :func:`fedrnd.driver.config.algorithm_parameters` and each option's meaning from the
-    ``Options:`` block of the class docstrings along the method's base classes.
+    :func:`fedrnd.driver.config.algorithm_parameters` and each option's meaning from its
+    declaration (``fedrnd.algorithms.option(..., doc=...)``,
+    :func:`fedrnd.algorithms.option_doc`); a plug-in's method without declarations falls back to an ``Options:`` block of its class
+    docstrings. The build fails when an option has neither.
 
 Links from a page to a repository file outside ``docs/`` (``[RESULTS](../experiments/...)``)
 are kept as they are written, so they also work when the Markdown is read on a code host;
@@ -174,7 +176,8 @@ def _first_line(obj: Any) -> str:
 
 
 def _option_docs(cls: type) -> dict[str, str]:
-    """Option name -> meaning, from ``Options`` blocks of the docstrings along the MRO."""
+    """Option name -> meaning, from ``Options`` blocks of the docstrings along the MRO (for
+    methods that do not declare their options with ``fedrnd.algorithms.option``)."""
     out: dict[str, str] = {}
     for klass in cls.__mro__:
         lines = inspect.cleandoc(klass.__dict__.get("__doc__") or "").splitlines()
@@ -315,7 +318,7 @@ class Registry(_RstDirective):
                 f"* FedAvg's ``server_opt``: {names(SERVER_OPTIMIZERS)}.", ""]
 
     def _algorithms(self) -> list[str]:
-        from fedrnd.algorithms import ALGORITHMS
+        from fedrnd.algorithms import ALGORITHMS, option_doc
         from fedrnd.driver.config import algorithm_parameters, toml_value
 
         lines: list[str] = []
@@ -334,9 +337,12 @@ class Registry(_RstDirective):
                         default = toml_value(p.default)
                     except ValueError:
                         default = repr(p.default)
-                meaning = docs.get(opt, "") or _mentioned(opt, docs)
-                if opt == "cohort_size" and not meaning:
-                    meaning = "Clients sampled per round (unset: the run's ``cohort_size``)."
+                meaning = option_doc(cls, opt) or docs.get(opt, "") or _mentioned(opt, docs)
+                if not meaning:
+                    logger.warning(f"fedrnd config reference: option {opt!r} of algorithm "
+                                   f"{name!r} has no meaning: declare it with "
+                                   f"fedrnd.algorithms.option(..., doc=...)",
+                                   location=self.get_location())
                 rows.append([_literal(opt), _literal(_type_text(p.annotation)),
                              _literal(default), meaning])
             if rows:
@@ -510,11 +516,28 @@ def _escape_literal_suffix(line: str) -> str:
     return "".join(out) + line[pos:]
 
 
+def _append_declared_options(what: str, obj: Any, lines: list[str]) -> None:
+    """A method class's own declared options (``fedrnd.algorithms.option``) as a list at the
+    end of its API entry, so the options' meanings live in one place, the declarations."""
+    from fedrnd.algorithms import Algorithm, declared_options
+
+    if what != "class" or not (isinstance(obj, type) and issubclass(obj, Algorithm)):
+        return
+    own = vars(obj).get("__annotations__", {})
+    items = [f"* ``{n}``: {_escape_literal_suffix(spec.doc)}"
+             for n, (spec, _) in declared_options(obj).items()
+             if spec is not None and spec.doc and n in own]
+    if items:
+        lines += ["", "The options this class declares (all of them: the config reference):",
+                  "", *items, ""]
+
+
 def _rewrite_options(app, what, name, obj, options, lines: list[str]) -> None:
     """Turn an ``Options:`` block (``name: text`` items with deeper-indented continuation
     lines, plain text in the code) into a bullet list, so reST does not read the
     continuation lines as unexpected indentation."""
     lines[:] = [_escape_literal_suffix(line) for line in lines]
+    _append_declared_options(what, obj, lines)
     block = _options_block(lines)
     if block is None:
         return

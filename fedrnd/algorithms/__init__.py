@@ -3,7 +3,9 @@
 ``ALGORITHMS`` maps a name to its class; :func:`make_algorithm` builds one from a config.
 Every method, built-in or not, enters the table through :func:`register_algorithm`, so a
 method written outside fedrnd (a plug-in, see ``docs/extending.md``) is validated, listed and
-run exactly like the built-ins.
+run exactly like the built-ins. A method declares each option once with :func:`option`
+(default, allowed values, meaning): :meth:`Algorithm.validate` checks them all, and ``fedrnd
+list`` and the config reference show them (:func:`declared_options`, :func:`option_doc`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from fedrnd.algorithms._gossip import Gossip
+from fedrnd.algorithms._options import OptionSpec, declared_options, option, option_doc
 from fedrnd.algorithms.base import (
     ARTIFACT_KINDS,
     Algorithm,
@@ -113,7 +116,7 @@ def make_algorithm(name: str, engine: Engine, **options: Any) -> Algorithm:
 
 __all__ = ["ALGORITHMS", "ARTIFACT_KINDS", "Algorithm", "Artifact", "CFL", "ClientState",
            "DFedAvg", "DFedAvgM", "DPSGD", "DisUE", "FeSEM", "FedAvg", "FedProx", "Gossip", "IFCA",
-           "Local", "MethodState", "Metrics", "NTKDFL", "PACFL", "RNDDFL", "Report", "SPARK",
-           "SSDFL", "State", "SyncDFL", "PeriodicDFL", "RandomDFL", "RandomClusterDFL",
-           "algorithm_options", "cluster_assignment", "join_state", "make_algorithm",
-           "register_algorithm", "split_state"]
+           "Local", "MethodState", "Metrics", "NTKDFL", "OptionSpec", "PACFL", "RNDDFL", "Report",
+           "SPARK", "SSDFL", "State", "SyncDFL", "PeriodicDFL", "RandomDFL", "RandomClusterDFL",
+           "algorithm_options", "cluster_assignment", "declared_options", "join_state",
+           "make_algorithm", "option", "option_doc", "register_algorithm", "split_state"]

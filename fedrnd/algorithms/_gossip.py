@@ -16,13 +16,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedrnd.algorithms.base import Algorithm, Artifact, Metrics, Report, State
+from fedrnd.algorithms.base import Algorithm, Artifact, Metrics, Report, State, option
 from fedrnd.data.federated import FederatedData
 from fedrnd.engine import ClientHParams, Engine, comm, tree_bytes
 from fedrnd.graphs import (
+    MIXINGS,
     Graph,
     Topology,
-    check_mixing,
     consensus_distance,
     degrees,
     edge_chunk_for,
@@ -44,30 +44,27 @@ class _Options(dict):
 
 @dataclasses.dataclass(frozen=True)
 class Gossip(Algorithm):
-    """Shared machinery: per-node models and optimizer state, a graph, local work, gossip.
-
-    Options:
-      topology: a name of :data:`fedrnd.graphs.TOPOLOGIES` (``ring``, ``grid``,
-        ``random_geometric``, ``erdos_renyi``, ``d_regular``, ``small_world``, ``complete``,
-        ``planted_partition``).
-      graph: the topology's options, e.g. ``{radius = 0.2}``, ``{p = 0.1}``, ``{degree = 5}``.
-      mixing: ``"metropolis"`` (doubly stochastic, default) or ``"uniform"``.
-      redraw: draw a new graph every round inside the jitted round.
-      connected: a static graph must be connected (``ValueError`` otherwise).
-      gossip_steps: gossip iterations per round.
-      edge_chunk: edges per gossip chunk (``None``: as many as fit 64 MiB of messages).
-      reset_opt: fresh optimizer state every round instead of a persistent one.
-    """
+    """Shared machinery: per-node models and optimizer state, a graph, local work, gossip."""
 
     name: ClassVar[str] = "gossip"
-    topology: str = "ring"
-    graph: dict[str, Any] = dataclasses.field(default_factory=dict)
-    mixing: str = "metropolis"
-    redraw: bool = False
-    connected: bool = True
-    gossip_steps: int = 1
-    edge_chunk: int | None = None
-    reset_opt: bool = False
+    topology: str = option("ring", doc="A topology of :data:`fedrnd.graphs.TOPOLOGIES` "
+                                       "(``ring``, ``grid``, ``random_geometric``, "
+                                       "``erdos_renyi``, ``d_regular``, ``small_world``, "
+                                       "``complete``, ``planted_partition``).")
+    graph: dict[str, Any] = option(default_factory=dict,
+                                   doc="The topology's options, e.g. ``{radius = 0.2}``, "
+                                       "``{p = 0.1}``, ``{degree = 5}``.")
+    mixing: str = option("metropolis", choices=MIXINGS,
+                         doc="Gossip weights: ``metropolis`` (doubly stochastic) or "
+                             "``uniform``.")
+    redraw: bool = option(False, doc="Draw a new graph every round inside the jitted round.")
+    connected: bool = option(True, doc="A static graph must be connected (``ValueError`` "
+                                       "otherwise).")
+    gossip_steps: int = option(1, low=1, doc="Gossip iterations per round.")
+    edge_chunk: int | None = option(None, low=1, doc="Edges per gossip chunk (unset: as many "
+                                                     "as fit 64 MiB of messages).")
+    reset_opt: bool = option(False, doc="Fresh optimizer state every round instead of a "
+                                        "persistent one.")
 
     def __post_init__(self):
         if isinstance(self.graph, dict) and not isinstance(self.graph, _Options):
@@ -104,14 +101,6 @@ class Gossip(Algorithm):
         if self.cohort_size is not None and self.cohort_size < c:
             raise ValueError(f"{self.name}: every node trains and gossips every round; "
                              f"cohort_size={self.cohort_size} < {c} nodes is not supported")
-        check_mixing(self.mixing)
-        if not (isinstance(self.gossip_steps, int) and self.gossip_steps >= 1):
-            raise ValueError(f"{self.name}: gossip_steps must be an integer >= 1, got "
-                             f"{self.gossip_steps!r}")
-        if self.edge_chunk is not None and not (isinstance(self.edge_chunk, int)
-                                                and self.edge_chunk >= 1):
-            raise ValueError(f"{self.name}: edge_chunk must be an integer >= 1, got "
-                             f"{self.edge_chunk!r}")
         topo = self.make_topology(c)
         if self.redraw and not topo.random:
             raise ValueError(f"{self.name}: redraw = true, but {topo.describe()} is the same "

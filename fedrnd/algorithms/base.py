@@ -24,6 +24,11 @@ An algorithm is a frozen dataclass (static configuration, hashable so it can be 
   decides how to write and plot them, so a method never touches files or plotting libraries
   (and never imports the driver). The default reports nothing.
 
+Options: the dataclass fields after ``engine``, each declared once with :func:`option`
+(type from the annotation, default, allowed values, meaning); :meth:`Algorithm.validate` checks
+them all generically, and ``fedrnd list`` and the config reference show them from the same
+declaration. A method's own ``validate`` adds only checks across options or against the data.
+
 Class attributes (metadata the driver reads, so that it holds no method names):
 ``clusters_clients``, ``input_only``, ``clusters_in_round``, ``finetune_baseline``.
 
@@ -43,6 +48,7 @@ from typing import Any, ClassVar, TypedDict
 import jax
 import jax.numpy as jnp
 
+from fedrnd.algorithms._options import check_options, option
 from fedrnd.data.federated import FederatedData
 from fedrnd.engine import ClientHParams, Engine, sample_cohort
 
@@ -191,11 +197,12 @@ class Report:
 
 @dataclasses.dataclass(frozen=True)
 class Algorithm:
-    """Base class: holds the engine and the cohort size; subclasses add their hyperparameters."""
+    """Base class: holds the engine and the cohort size; subclasses add their options."""
 
     name: ClassVar[str] = "algorithm"
     engine: Engine
-    cohort_size: int | None = None
+    cohort_size: int | None = option(
+        None, low=1, doc="Clients sampled per round (unset: the run's ``cohort_size``).")
     hook_every: ClassVar[int | None] = None
     clusters_clients: ClassVar[bool] = False
     """True for methods whose ``models`` assignment is a clustering (scored by ARI/NMI)."""
@@ -251,6 +258,7 @@ class Algorithm:
         return ids, jnp.zeros((num_clients,), jnp.float32).at[ids].set(1.0)
 
     def validate(self, data: FederatedData) -> None:
-        """Raise ``ValueError`` for settings that cannot work on ``data`` (before compiling)."""
-        if self.cohort_size is not None and not 1 <= self.cohort_size:
-            raise ValueError(f"cohort_size must be >= 1, got {self.cohort_size}")
+        """Raise ``ValueError`` for settings that cannot work on ``data`` (before compiling):
+        here every declared option against its declaration (:func:`option`); a method extends
+        this with checks across options or against the data."""
+        check_options(self)

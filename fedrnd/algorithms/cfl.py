@@ -55,7 +55,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedrnd.algorithms.base import Algorithm, Metrics, Report, State
+from fedrnd.algorithms.base import Algorithm, Metrics, Report, State, option
 from fedrnd.data.federated import FederatedData
 from fedrnd.engine import (
     ClientHParams,
@@ -119,35 +119,36 @@ def bipartition(similarity: np.ndarray) -> np.ndarray:
 
 @dataclasses.dataclass(frozen=True)
 class CFL(Algorithm):
-    """Clustered FL (Sattler et al. 2020): FedAvg per cluster, recursive bipartitions.
-
-    Options (besides the engine and ``cohort_size``):
-      thresholds: ``"relative"`` (default; norms in units of the first round's mean client
-        update norm) or ``"absolute"`` (raw parameter-space norms, as published).
-      eps1: split only when the norm of the cluster's mean update is below ``eps1`` (default
-        0.35 relative, 0.4 absolute).
-      eps2: ... and the largest client update norm is above ``eps2`` (default 0.75 relative,
-        1.6 absolute).
-      min_round: no split before this many rounds have completed (the paper's 20).
-      check_every: test the criterion every this many rounds (host hook period; default 1).
-      gamma_max: the paper's check: split only when ``gamma_max < sqrt((1 - alpha_cross) / 2)``,
-        ``alpha_cross`` the largest cosine similarity across the two sides (default 0.6, i.e.
-        ``alpha_cross < 0.28``); ``None`` or 0: no check (the authors' code).
-      smoothing: average each client's updates over rounds with this factor for the split
-        statistics (default 0.9; 0: the latest update only, as published).
-      max_slots: hard cap on cluster slots.
-    """
+    """Clustered FL (Sattler et al. 2020): FedAvg per cluster, recursive bipartitions."""
 
     name: ClassVar[str] = "cfl"
     clusters_clients: ClassVar[bool] = True
-    thresholds: str = "relative"
-    eps1: float | None = None
-    eps2: float | None = None
-    min_round: int = 20
-    check_every: int = 1
-    gamma_max: float | None = 0.6
-    smoothing: float = 0.9
-    max_slots: int = 4096
+    thresholds: str = option(
+        "relative", choices=THRESHOLD_MODES,
+        doc="``relative`` (norms in units of the first round's mean client update norm) or "
+            "``absolute`` (raw parameter-space norms, as published).")
+    eps1: float | None = option(
+        None, low=0, low_open=True, finite=True,
+        doc="Split only when the norm of the cluster's mean update is below ``eps1`` (unset: "
+            "0.35 relative, 0.4 absolute).")
+    eps2: float | None = option(
+        None, low=0, finite=True,
+        doc="... and the largest client update norm is above ``eps2`` (unset: 0.75 relative, "
+            "1.6 absolute).")
+    min_round: int = option(20, low=0, doc="No split before this many rounds have completed "
+                                           "(the paper's 20).")
+    check_every: int = option(1, low=1, doc="Test the criterion every this many rounds (host "
+                                            "hook period).")
+    gamma_max: float | None = option(
+        0.6, low=0, high=1,
+        doc="The paper's check: split only when ``gamma_max < sqrt((1 - alpha_cross) / 2)``, "
+            "``alpha_cross`` the largest cosine similarity across the two sides (0.6: "
+            "``alpha_cross < 0.28``); unset or 0: no check (the authors' code).")
+    smoothing: float = option(0.9, low=0, high=1, high_open=True,
+                              doc="Average each client's updates over rounds with this factor "
+                                  "for the split statistics (0: the latest update only, as "
+                                  "published).")
+    max_slots: int = option(4096, low=1, doc="Hard cap on cluster slots.")
 
     @property
     def hook_every(self) -> int | None:  # type: ignore[override]
@@ -156,32 +157,9 @@ class CFL(Algorithm):
     @property
     def eps(self) -> tuple[float, float]:
         """``(eps1, eps2)`` with the mode's defaults filled in."""
-        if self.thresholds not in THRESHOLD_MODES:
-            raise ValueError(f"cfl thresholds must be one of {THRESHOLD_MODES}, "
-                             f"got {self.thresholds!r}")
         d1, d2 = DEFAULT_EPS[self.thresholds]
         return (d1 if self.eps1 is None else float(self.eps1),
                 d2 if self.eps2 is None else float(self.eps2))
-
-    def validate(self, data: FederatedData) -> None:
-        super().validate(data)
-        eps1, eps2 = self.eps
-        if not (np.isfinite(eps1) and eps1 > 0):
-            raise ValueError(f"cfl eps1 (mean-update norm threshold) must be > 0, got {eps1}")
-        if not (np.isfinite(eps2) and eps2 >= 0):
-            raise ValueError(f"cfl eps2 (max client-update norm threshold) must be >= 0, "
-                             f"got {eps2}")
-        if not isinstance(self.min_round, int | np.integer) or self.min_round < 0:
-            raise ValueError(f"cfl min_round must be an integer >= 0, got {self.min_round!r}")
-        if not isinstance(self.check_every, int | np.integer) or self.check_every < 1:
-            raise ValueError(f"cfl check_every must be an integer >= 1, got {self.check_every!r}")
-        if self.gamma_max is not None and not 0.0 <= self.gamma_max <= 1.0:
-            raise ValueError(f"cfl gamma_max must be in [0, 1] or None, got {self.gamma_max}")
-        if not 0.0 <= self.smoothing < 1.0:
-            raise ValueError(f"cfl smoothing (update averaging over rounds) must be in [0, 1), "
-                             f"got {self.smoothing}")
-        if self.max_slots < 1:
-            raise ValueError(f"max_slots must be >= 1, got {self.max_slots}")
 
     # ---------------------------------------------------------------------------------------
     def init(self, key: jax.Array, data: FederatedData, hp: ClientHParams) -> State:

@@ -37,19 +37,17 @@ from typing import ClassVar
 import jax
 
 from fedrnd.algorithms._gossip import Gossip
-from fedrnd.data.federated import FederatedData
+from fedrnd.algorithms.base import option
 from fedrnd.engine import ClientOptimizer, Engine, LocalSpec
 
 
 @dataclasses.dataclass(frozen=True)
 class DPSGD(Gossip):
-    """D-PSGD (Lian et al. 2017): one local SGD step (each node's own optimizer), gossip.
-
-    ``step_then_gossip``: ``x <- W (x - lr g)`` instead of the paper's ``W x - lr g``.
-    """
+    """D-PSGD (Lian et al. 2017): one local SGD step (each node's own optimizer), gossip."""
 
     name: ClassVar[str] = "dpsgd"
-    step_then_gossip: bool = False
+    step_then_gossip: bool = option(False, doc="``x <- W (x - lr g)`` instead of the paper's "
+                                               "``W x - lr g``.")
 
     @property
     def local_engine(self) -> Engine:
@@ -80,7 +78,8 @@ class DFedAvgM(Gossip):
     """
 
     name: ClassVar[str] = "dfedavgm"
-    momentum: float = 0.9
+    momentum: float = option(0.9, low=0, high=1, high_open=True,
+                             doc="Heavy-ball momentum ``theta`` of every node.")
     reset_opt: bool = True
 
     @property
@@ -93,8 +92,3 @@ class DFedAvgM(Gossip):
     def local_prox_mu(self) -> float:
         # Every node runs momentum SGD: a prox_sgd node's proximal term goes with its optimizer.
         return 0.0
-
-    def validate(self, data: FederatedData) -> None:
-        super().validate(data)
-        if not 0 <= self.momentum < 1:
-            raise ValueError(f"dfedavgm: momentum must be in [0, 1), got {self.momentum}")

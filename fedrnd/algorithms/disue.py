@@ -112,8 +112,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fedrnd.algorithms._clusters import check_choice, check_int, check_num_clusters
-from fedrnd.algorithms.base import Algorithm, Metrics, Report, State
+from fedrnd.algorithms._clusters import check_num_clusters
+from fedrnd.algorithms._discovery import FederationOptions, rnd_config
+from fedrnd.algorithms._options import same_option
+from fedrnd.algorithms.base import Algorithm, Metrics, Report, State, option
 from fedrnd.data.federated import FederatedData
 from fedrnd.engine import (
     ClientHParams,
@@ -127,8 +129,8 @@ from fedrnd.engine import (
     tree_bytes,
     weighted_mean,
 )
-from fedrnd.models.generator import OUTPUTS, make_generator
-from fedrnd.rnd.discovery import RNDConfig, check_eps, discover
+from fedrnd.models.generator import HEADS, OUTPUTS, make_generator
+from fedrnd.rnd.discovery import RNDConfig, discover
 
 GROUPINGS = ("ifca", "rnd", "similarity")
 DISTILLS = ("generator", "proxy", "average", "none")
@@ -269,57 +271,51 @@ class DisUE(Algorithm):
     """DisUE (Leng et al. 2025): cluster experts per round, a universal expert distilled from
     them data-free, broadcast as the next initialisation (see the module docstring).
 
-    Options (besides the engine and ``cohort_size``):
-      grouping: ``"ifca"`` (default), ``"rnd"`` or ``"similarity"``.
-      num_clusters: ``K`` for ``ifca`` and ``similarity`` (required there; not for ``rnd``).
-      distill: ``"generator"`` (default), ``"proxy"``, ``"average"`` or ``"none"``.
-      distill_steps: scan iterations per round (each: one generator step and
-        ``student_steps`` student steps); the distillation budget is
-        ``distill_steps * student_steps`` student steps per round.
-      distill_batch: synthetic (or proxy) inputs per step.
-      temperature: softening temperature ``tau`` of the student's KL.
-      student_lr, generator_lr: Adam learning rates.
-      adv_weight, div_weight: weights of the adversarial and diversity generator terms.
-      student_init: ``"previous"`` (the previous universal expert, default) or ``"average"``.
-      teacher_weights: ``"class_mass"`` (default) or ``"uniform"``.
-      histogram_dp_eps: epsilon of local DP on the label histograms (``None``: exact counts).
-      noise_dim, generator_hidden, generator_output (``"sigmoid"`` for data in [0, 1],
-        ``"tanh"``, ``"linear"``), generator_head (``"auto"``, ``"dense"``, ``"conv"``).
-      proxy_size: proxy rows for ``distill="proxy"``.
-      similarity_iters: Lloyd iterations of the update-similarity k-means.
-      rnd_eps, rnd_rule, rnd_seed, rnd_predictor_steps, rnd_network: RND discovery options
-        (:class:`fedrnd.rnd.RNDConfig`'s ``eps``, ``rule``, ``seed``, ``steps``, ``network``).
-      max_slots: hard cap on cluster slots (``rnd``).
-    """
+    The ``rnd_*`` options are RND's (:class:`~fedrnd.algorithms._discovery.FederationOptions`)
+    under names of their own; discovery uses the ``eps`` criterion."""
 
     name: ClassVar[str] = "disue"
     clusters_clients: ClassVar[bool] = True
-    grouping: str = "ifca"
-    num_clusters: int | None = None
-    distill: str = "generator"
-    distill_steps: int = 100
-    student_steps: int = 2
-    distill_batch: int = 64
-    temperature: float = 3.0
-    student_lr: float = 1e-3
-    generator_lr: float = 1e-3
-    adv_weight: float = 1.0
-    div_weight: float = 1.0
-    student_init: str = "previous"
-    teacher_weights: str = "class_mass"
-    histogram_dp_eps: float | None = None
-    noise_dim: int = 64
-    generator_hidden: tuple[int, ...] = (256,)
-    generator_output: str = "sigmoid"
-    generator_head: str = "auto"
-    proxy_size: int = 512
-    similarity_iters: int = 10
-    rnd_eps: float | str = "auto"
-    rnd_rule: str = "mutual"
-    rnd_seed: int = 0
-    rnd_predictor_steps: int | None = None
-    rnd_network: str = "auto"
-    max_slots: int = 4096
+    grouping: str = option("ifca", choices=GROUPINGS, doc="``ifca``, ``rnd`` or ``similarity``.")
+    num_clusters: int | None = option(None, low=1, doc="``K`` for ``ifca`` and ``similarity`` "
+                                                       "(required there; not for ``rnd``).")
+    distill: str = option("generator", choices=DISTILLS,
+                          doc="``generator``, ``proxy``, ``average`` or ``none``.")
+    distill_steps: int = option(100, low=1, doc="Scan iterations per round (each: one "
+                                                "generator step and ``student_steps`` student "
+                                                "steps).")
+    student_steps: int = option(2, low=1, doc="Student steps per distillation iteration.")
+    distill_batch: int = option(64, low=1, doc="Synthetic (or proxy) inputs per step.")
+    temperature: float = option(3.0, low=0, low_open=True,
+                                doc="Softening temperature ``tau`` of the student's KL.")
+    student_lr: float = option(1e-3, low=0, low_open=True, doc="Student Adam learning rate.")
+    generator_lr: float = option(1e-3, low=0, low_open=True,
+                                 doc="Generator Adam learning rate.")
+    adv_weight: float = option(1.0, low=0, doc="Weight of the adversarial generator term.")
+    div_weight: float = option(1.0, low=0, doc="Weight of the diversity generator term.")
+    student_init: str = option("previous", choices=STUDENT_INITS,
+                               doc="``previous`` (the previous universal expert) or "
+                                   "``average`` (of the cluster experts).")
+    teacher_weights: str = option("class_mass", choices=TEACHER_WEIGHTS,
+                                  doc="Per-class teacher weights: ``class_mass`` or "
+                                      "``uniform``.")
+    histogram_dp_eps: float | None = option(
+        None, low=0, low_open=True,
+        doc="Epsilon of local DP on the label histograms (unset: exact counts).")
+    noise_dim: int = option(64, low=1, doc="Generator noise dimension.")
+    generator_hidden: tuple[int, ...] = option((256,), doc="Generator hidden widths.")
+    generator_output: str = option("sigmoid", choices=OUTPUTS,
+                                   doc="``sigmoid`` (data in [0, 1]), ``tanh`` or ``linear``.")
+    generator_head: str = option("auto", choices=HEADS, doc="``auto``, ``dense`` or ``conv``.")
+    proxy_size: int = option(512, low=1, doc="Proxy rows for ``distill = proxy``.")
+    similarity_iters: int = option(10, low=1, doc="Lloyd iterations of the update-similarity "
+                                                  "k-means.")
+    rnd_eps: float | str = same_option(FederationOptions, "eps")
+    rnd_rule: str = same_option(FederationOptions, "rule")
+    rnd_seed: int = same_option(FederationOptions, "rnd_seed")
+    rnd_predictor_steps: int | None = same_option(FederationOptions, "predictor_steps")
+    rnd_network: str = same_option(FederationOptions, "network")
+    max_slots: int = option(4096, low=1, doc="Hard cap on cluster slots (``rnd``).")
 
     def __post_init__(self):
         # TOML gives lists; a tuple keeps the dataclass hashable (jit closes over it).
@@ -334,40 +330,17 @@ class DisUE(Algorithm):
                              f"state (BatchNorm); its distillation trains the student through "
                              f"Model.apply, "
                              f"so it needs a stateless deterministic model")
-        check_choice(n, "grouping", self.grouping, GROUPINGS)
-        check_choice(n, "distill", self.distill, DISTILLS)
-        check_choice(n, "student_init", self.student_init, STUDENT_INITS)
-        check_choice(n, "teacher_weights", self.teacher_weights, TEACHER_WEIGHTS)
-        check_choice(n, "generator_output", self.generator_output, OUTPUTS)
         if self.grouping == "rnd":
             if self.num_clusters is not None:
                 raise ValueError("disue grouping='rnd' finds the number of clusters itself; "
                                  f"do not set num_clusters (got {self.num_clusters!r})")
-            check_eps(self.rnd_eps)
             self.rnd_config.pair(data.feature_shape)  # raises for a conv pair on vector data
-            if self.rnd_predictor_steps is not None:
-                check_int(n, "rnd_predictor_steps", self.rnd_predictor_steps, 1)
         else:
             check_num_clusters(f"{n} (grouping={self.grouping!r})", self.num_clusters,
                                data.num_clients)
         if self.distill == "none" and self.grouping == "similarity":
             raise ValueError("disue distill='none' (per-cluster FedAvg) needs clusters that keep "
                              "their identity across rounds: use grouping 'ifca' or 'rnd'")
-        for field in ("distill_steps", "student_steps", "distill_batch", "similarity_iters",
-                      "proxy_size", "noise_dim", "max_slots"):
-            check_int(n, field, getattr(self, field), 1)
-        for field in ("temperature", "student_lr", "generator_lr"):
-            v = getattr(self, field)
-            if not isinstance(v, int | float) or isinstance(v, bool) or not v > 0:
-                raise ValueError(f"{n} {field} must be a number > 0, got {v!r}")
-        for field in ("adv_weight", "div_weight"):
-            v = getattr(self, field)
-            if not isinstance(v, int | float) or isinstance(v, bool) or not v >= 0:
-                raise ValueError(f"{n} {field} must be a number >= 0, got {v!r}")
-        eps = self.histogram_dp_eps
-        if eps is not None and (not isinstance(eps, int | float) or isinstance(eps, bool)
-                                or not eps > 0):
-            raise ValueError(f"{n} histogram_dp_eps must be a number > 0 or None, got {eps!r}")
         if self.distill == "proxy":
             total = int(np.sum(np.asarray(data.train_count)))
             if self.proxy_size > total:
@@ -386,9 +359,9 @@ class DisUE(Algorithm):
 
     @property
     def rnd_config(self) -> RNDConfig:
-        return RNDConfig(network=self.rnd_network, eps=self.rnd_eps, rule=self.rnd_rule,
-                         criterion="eps",
-                         seed=self.rnd_seed, steps=self.rnd_predictor_steps)
+        return rnd_config({"network": self.rnd_network, "eps": self.rnd_eps,
+                           "rule": self.rnd_rule, "rnd_seed": self.rnd_seed,
+                           "predictor_steps": self.rnd_predictor_steps}, criterion="eps")
 
     # ---------------------------------------------------------------------------------------
     def init(self, key: jax.Array, data: FederatedData, hp: ClientHParams) -> State:

@@ -14,9 +14,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedrnd.algorithms.base import Algorithm, Metrics, State
+from fedrnd.algorithms.base import Algorithm, Metrics, State, option
 from fedrnd.data.federated import FederatedData
 from fedrnd.engine import ClientHParams, comm, per_client, server_optimizer, tree_bytes
+from fedrnd.engine.optim import SERVER_OPTIMIZERS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,9 +26,10 @@ class FedAvg(Algorithm):
 
     name: ClassVar[str] = "fedavg"
     finetune_baseline: ClassVar[bool] = True
-    server_opt: str = "sgd"
-    server_lr: float = 1.0
-    prox_mu: float = 0.0
+    server_opt: str = option("sgd", choices=SERVER_OPTIMIZERS, doc="Server optimizer of the "
+                             "pseudo-gradient (FedOpt: ``adam`` is FedAdam, ``yogi`` FedYogi).")
+    server_lr: float = option(1.0, finite=True, doc="Server learning rate.")
+    prox_mu: float = option(0.0, low=0, doc="Proximal weight ``mu`` of the local loss.")
 
     @property
     def _server(self) -> optax.GradientTransformation:
@@ -45,8 +47,7 @@ class FedAvg(Algorithm):
         wsum, n, m = self.engine.train_sum(params, data, state["clients"]["hp"], k_train,
                                            state["round"], ids=ids,
                                            prox_mu=self.prox_mu if self.prox_mu else None)
-        mean = jax.tree.map(lambda s: s / n, wsum)
-        pseudo_grad = jax.tree.map(jnp.subtract, params, mean)
+        pseudo_grad = jax.tree.map(lambda p, s: p - s / n, params, wsum)  # w - mean(w_c)
         updates, opt = self._server.update(pseudo_grad, state["server_opt"], params)
         new_params = optax.apply_updates(params, updates)
         nbytes = tree_bytes(params)
@@ -67,8 +68,3 @@ class FedProx(FedAvg):
     name: ClassVar[str] = "fedprox"
     finetune_baseline: ClassVar[bool] = False
     prox_mu: float = 0.01
-
-    def validate(self, data: FederatedData) -> None:
-        super().validate(data)
-        if self.prox_mu < 0:
-            raise ValueError(f"fedprox mu must be >= 0, got {self.prox_mu}")

@@ -37,12 +37,11 @@ import jax.numpy as jnp
 
 from fedrnd.algorithms._clusters import (
     WEIGHTING,
+    WEIGHTING_DOC,
     aggregation_weights,
-    check_choice,
-    check_int,
     check_num_clusters,
 )
-from fedrnd.algorithms.base import Algorithm, Metrics, State
+from fedrnd.algorithms.base import Algorithm, Metrics, State, option
 from fedrnd.data.federated import FederatedData
 from fedrnd.engine import (
     ClientHParams,
@@ -133,34 +132,25 @@ def seed_centres(mapper: ClientMapper, models, weights: jax.Array, num_clusters:
 
 @dataclasses.dataclass(frozen=True)
 class FeSEM(Algorithm):
-    """FeSEM (Xie et al. 2020): k-means of client weights (L2) around ``K`` centres.
-
-    Options (besides the engine and ``cohort_size``):
-      num_clusters: ``K`` (required), an integer in ``[1, num_clients]``; the cohort must hold
-        at least ``K`` clients (centres are seeded from round 0's cohort).
-      kmeans_iters: Lloyd iterations per round on the round's local models (>= 1).
-      seeding: ``"kmeans++"`` (default) or ``"random"``, how round 0 picks the centres.
-      seed_trials: independent seedings at round 0, the lowest k-means inertia kept (the
-        usual k-means restarts, e.g. scikit-learn's ``n_init``).
-      weighting: ``"samples"`` (default) or ``"uniform"`` centre means.
-    """
+    """FeSEM (Xie et al. 2020): k-means of client weights (L2) around ``K`` centres."""
 
     name: ClassVar[str] = "fesem"
     clusters_clients: ClassVar[bool] = True
     clusters_in_round: ClassVar[bool] = True  # every round reassigns by model distance
-    num_clusters: int | None = None
-    kmeans_iters: int = 5
-    seeding: str = "kmeans++"
-    seed_trials: int = 5
-    weighting: str = "samples"
+    num_clusters: int | None = option(
+        None, low=1, doc="``K`` (required), an integer in ``[1, num_clients]``; the cohort must "
+                         "hold at least ``K`` clients (centres are seeded from round 0's cohort).")
+    kmeans_iters: int = option(5, low=1, doc="Lloyd iterations per round on the round's local "
+                                             "models.")
+    seeding: str = option("kmeans++", choices=SEEDING,
+                          doc="How round 0 picks the centres: ``kmeans++`` or ``random``.")
+    seed_trials: int = option(5, low=1, doc="Independent seedings at round 0, the lowest "
+                                            "k-means inertia kept (scikit-learn's ``n_init``).")
+    weighting: str = option("samples", choices=WEIGHTING, doc=WEIGHTING_DOC)
 
     def validate(self, data: FederatedData) -> None:
         super().validate(data)
         check_num_clusters(self.name, self.num_clusters, data.num_clients)
-        check_int(self.name, "kmeans_iters", self.kmeans_iters, 1)
-        check_int(self.name, "seed_trials", self.seed_trials, 1)
-        check_choice(self.name, "seeding", self.seeding, SEEDING)
-        check_choice(self.name, "weighting", self.weighting, WEIGHTING)
         if self.cohort_size is not None and self.cohort_size < self.num_clusters:
             raise ValueError(f"fesem seeds its {self.num_clusters} centres from the first "
                              f"round's clients; cohort_size={self.cohort_size} must be >= "

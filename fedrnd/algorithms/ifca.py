@@ -49,12 +49,11 @@ import jax.numpy as jnp
 
 from fedrnd.algorithms._clusters import (
     WEIGHTING,
+    WEIGHTING_DOC,
     aggregation_weights,
-    check_choice,
-    check_int,
     check_num_clusters,
 )
-from fedrnd.algorithms.base import Algorithm, Metrics, State
+from fedrnd.algorithms.base import Algorithm, Metrics, State, option
 from fedrnd.data.federated import FederatedData
 from fedrnd.engine import (
     ClientHParams,
@@ -73,36 +72,27 @@ LOSS_BYTES = 4
 
 @dataclasses.dataclass(frozen=True)
 class IFCA(Algorithm):
-    """IFCA (Ghosh et al. 2020): each client trains the cluster model with its lowest loss.
-
-    Options (besides the engine and ``cohort_size``):
-      num_clusters: ``K`` (required), an integer in ``[1, num_clients]``.
-      averaging: ``"model"`` (default) or ``"gradient"`` (see the module docstring).
-      weighting: ``"samples"`` (default) or ``"uniform"`` per-cluster averaging weights.
-      restarts: random initialisations tried (``1``: no restarts).
-      restart_rounds: IFCA rounds run from each initialisation before choosing one.
-    """
+    """IFCA (Ghosh et al. 2020): each client trains the cluster model with its lowest loss."""
 
     name: ClassVar[str] = "ifca"
     clusters_clients: ClassVar[bool] = True
     clusters_in_round: ClassVar[bool] = True  # every round re-estimates the identities
-    num_clusters: int | None = None
-    averaging: str = "model"
-    weighting: str = "samples"
-    restarts: int = 1
-    restart_rounds: int = 10
+    num_clusters: int | None = option(None, low=1, doc="``K`` (required), an integer in "
+                                                       "``[1, num_clients]``.")
+    averaging: str = option("model", choices=AVERAGING, doc="``model`` or ``gradient`` (see "
+                                                            "the module docstring).")
+    weighting: str = option("samples", choices=WEIGHTING, doc=WEIGHTING_DOC)
+    restarts: int = option(1, low=1, doc="Random initialisations tried (1: no restarts).")
+    restart_rounds: int = option(10, low=0, doc="IFCA rounds run from each initialisation "
+                                                "before choosing one.")
 
     def validate(self, data: FederatedData) -> None:
         super().validate(data)
         check_num_clusters(self.name, self.num_clusters, data.num_clients)
-        check_choice(self.name, "averaging", self.averaging, AVERAGING)
         if self.averaging == "gradient" and not self.engine.model.plain:
             raise ValueError(f"{self.name}: averaging = 'gradient' differentiates Model.apply in "
                              f"every leaf; model {self.engine.model.name!r} has dropout or state "
                              f"(BatchNorm), so use averaging = 'model'")
-        check_choice(self.name, "weighting", self.weighting, WEIGHTING)
-        check_int(self.name, "restarts", self.restarts, 1)
-        check_int(self.name, "restart_rounds", self.restart_rounds, 0)
 
     # ---------------------------------------------------------------------------------------
     def _random_slots(self, key: jax.Array, restart: int):

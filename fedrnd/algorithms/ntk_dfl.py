@@ -66,7 +66,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedrnd.algorithms.base import Algorithm, Metrics, State
+from fedrnd.algorithms.base import Algorithm, Metrics, State, option
 from fedrnd.data.federated import FederatedData
 from fedrnd.engine import ClientHParams, comm, tree_bytes
 from fedrnd.graphs import Graph, Topology, edge_chunk_for, gossip, make_topology, mixing_edges
@@ -87,6 +87,7 @@ from fedrnd.ntk import (
 _GRAPH_KEY = 0x6EA7  # as the gossip methods: the same round key draws the same graph
 _PROJ_KEY = 0x5BA7
 UPDATES = ("exact", "sketch")
+_SPARK = "SPARK's part (:class:`SPARK`)"
 
 
 class _Options(dict):
@@ -126,38 +127,38 @@ def _masked_ce(logits: jax.Array, y: jax.Array, mask: jax.Array) -> jax.Array:
 
 @dataclasses.dataclass(frozen=True)
 class NTKDFL(Algorithm):
-    """NTK-DFL (see the module docstring); SPARK's parts are options, off here.
-
-    Options:
-      topology, graph: a random topology of :mod:`fedrnd.graphs` and its options, redrawn
-        every round (default ``d_regular`` with ``degree = 5``).
-      max_degree: neighbour slots per node (default: the d-regular degree, 2 for a ring).
-      lr, lr_decay: horizons ``lr exp(-lr_decay k) tau`` in round ``k``.
-      taus: candidate horizons in steps of ``lr`` (the paper's 100 ... 800).
-      ode_steps: RK4 steps up to the longest horizon (every tau must fall on the grid).
-      loss: ``"ce"`` (the paper) or ``"mse"`` (squared error, ``df/dt = -(1/n) H (f - Y)``).
-      momentum, soft_weight, soft_decay, stage_rounds, soft_temperature, project, proj_dim,
-        projected_update: SPARK's parts (:class:`SPARK`; ``projected_update`` is ``"exact"``
-        or ``"sketch"``, see the module docstring).
-    """
+    """NTK-DFL (see the module docstring); SPARK's parts are options, off here."""
 
     name: ClassVar[str] = "ntk_dfl"
-    topology: str = "d_regular"
-    graph: dict[str, Any] = dataclasses.field(default_factory=lambda: {"degree": 5})
-    max_degree: int | None = None
-    lr: float = 0.01
-    lr_decay: float = 0.07
-    taus: tuple[int, ...] = (100, 200, 300, 400, 500, 600, 800)
-    ode_steps: int = 64
-    loss: str = "ce"
-    momentum: float = 0.0
-    soft_weight: float = 0.0
-    soft_decay: float = 0.5
-    stage_rounds: int = 5
-    soft_temperature: float = 2.0
-    project: bool = False
-    proj_dim: int = 256
-    projected_update: str = "exact"
+    topology: str = option("d_regular", doc="A random topology of :mod:`fedrnd.graphs`, "
+                                            "redrawn every round.")
+    graph: dict[str, Any] = option(default_factory=lambda: {"degree": 5},
+                                   doc="The topology's options.")
+    max_degree: int | None = option(None, low=1, doc="Neighbour slots per node (unset: the "
+                                                     "d-regular degree, 2 for a ring).")
+    lr: float = option(0.01, low=0, low_open=True,
+                       doc="Horizons are ``lr exp(-lr_decay k) tau`` in round ``k``.")
+    lr_decay: float = option(0.07, low=0, doc="See ``lr``.")
+    taus: tuple[int, ...] = option((100, 200, 300, 400, 500, 600, 800),
+                                   doc="Candidate horizons in steps of ``lr`` (the paper's).")
+    ode_steps: int = option(64, low=1, doc="RK4 steps up to the longest horizon (every tau "
+                                           "must fall on the grid).")
+    loss: str = option("ce", choices=LOSSES, doc="``ce`` (the paper) or ``mse`` (squared "
+                                                 "error, ``df/dt = -(1/n) H (f - Y)``).")
+    momentum: float = option(0.0, low=0, high=1, high_open=True, doc=f"{_SPARK}: Nesterov momentum ``mu`` across rounds "
+                                                                   "(0: off).")
+    soft_weight: float = option(0.0, low=0, high=1, doc=f"{_SPARK}: initial weight ``beta`` of the "
+                                                       "soft labels (0: off).")
+    soft_decay: float = option(0.5, low=0, high=1, doc=f"{_SPARK}: factor on ``beta`` every stage.")
+    stage_rounds: int = option(5, low=1, doc=f"{_SPARK}: rounds per stage.")
+    soft_temperature: float = option(2.0, low=0, low_open=True,
+                                     doc=f"{_SPARK}: temperature of the soft labels.")
+    project: bool = option(False, doc=f"{_SPARK}: compress each layer's Jacobian by a "
+                                       "shared Gaussian random projection.")
+    proj_dim: int = option(256, low=1, doc=f"{_SPARK}: projected rows per layer, at most.")
+    projected_update: str = option("exact", choices=UPDATES,
+                                   doc=f"{_SPARK}: ``exact`` or ``sketch`` (see the module "
+                                       "docstring).")
 
     def __post_init__(self):
         if isinstance(self.graph, dict) and not isinstance(self.graph, _Options):
@@ -211,30 +212,9 @@ class NTKDFL(Algorithm):
         if self.cohort_size is not None and self.cohort_size < data.num_clients:
             raise ValueError(f"{self.name}: every node takes part every round; cohort_size="
                              f"{self.cohort_size} < {data.num_clients} is not supported")
-        if self.loss not in LOSSES:
-            raise ValueError(f"{self.name}: loss {self.loss!r} is unknown; allowed: "
-                             f"{list(LOSSES)}")
         if not self.taus or any(int(t) < 1 for t in self.taus):
             raise ValueError(f"{self.name}: taus must be positive integers, got {self.taus}")
-        if not (isinstance(self.ode_steps, int) and self.ode_steps >= 1):
-            raise ValueError(f"{self.name}: ode_steps must be an integer >= 1, got "
-                             f"{self.ode_steps!r}")
         self.horizon_steps()
-        if not self.lr > 0 or self.lr_decay < 0:
-            raise ValueError(f"{self.name}: need lr > 0 and lr_decay >= 0, got lr={self.lr}, "
-                             f"lr_decay={self.lr_decay}")
-        if not 0 <= self.momentum < 1:
-            raise ValueError(f"{self.name}: momentum must be in [0, 1), got {self.momentum}")
-        if not 0 <= self.soft_weight <= 1 or not 0 <= self.soft_decay <= 1:
-            raise ValueError(f"{self.name}: soft_weight and soft_decay must be in [0, 1], got "
-                             f"{self.soft_weight}, {self.soft_decay}")
-        if not (isinstance(self.stage_rounds, int) and self.stage_rounds >= 1):
-            raise ValueError(f"{self.name}: stage_rounds must be an integer >= 1")
-        if not self.soft_temperature > 0:
-            raise ValueError(f"{self.name}: soft_temperature must be > 0")
-        if self.projected_update not in UPDATES:
-            raise ValueError(f"{self.name}: projected_update {self.projected_update!r} is "
-                             f"unknown; allowed: {list(UPDATES)}")
         if self.project:
             if self.model.dense is None:
                 raise ValueError(f"{self.name}: project = true needs a dense-stack model")

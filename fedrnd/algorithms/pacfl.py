@@ -50,7 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedrnd.algorithms._clusters import fixed_cluster_round
-from fedrnd.algorithms.base import Algorithm, Artifact, Metrics, Report, State
+from fedrnd.algorithms.base import Algorithm, Artifact, Metrics, Report, State, option
 from fedrnd.data.federated import FederatedData
 from fedrnd.engine import (
     ClientHParams,
@@ -263,53 +263,25 @@ class Clustering:
 # ------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class PACFL(Algorithm):
-    """PACFL (Vahidian et al. 2023): one-shot subspace clustering, then FedAvg per cluster.
-
-    Options (besides the engine and ``cohort_size``):
-      p: singular vectors per basis (the paper's 3).
-      basis: ``"per_class"`` (default) or ``"all"`` (unsupervised).
-      proximity: ``"smallest_angle"`` (default), ``"sum_angles"`` or ``"elementwise"``.
-      linkage: ``"complete"`` (default) or ``"average"``.
-      threshold: the distance threshold in degrees (default 20, for ``smallest_angle``).
-      max_samples: use at most this many training samples per client (``None``: all).
-      max_slots: hard cap on cluster slots.
-      keep_proximity: keep the proximity matrix in the state (one row per client) for
-        :meth:`report`; ``None``: up to 2048 clients.
-    """
+    """PACFL (Vahidian et al. 2023): one-shot subspace clustering, then FedAvg per cluster."""
 
     name: ClassVar[str] = "pacfl"
     clusters_clients: ClassVar[bool] = True
-    p: int = 3
-    basis: str = "per_class"
-    proximity: str = "smallest_angle"
-    linkage: str = "complete"
-    threshold: float = DEFAULT_THRESHOLD
-    max_samples: int | None = None
-    max_slots: int = 4096
-    keep_proximity: bool | None = None
-
-    def validate(self, data: FederatedData) -> None:
-        super().validate(data)
-        if not isinstance(self.p, int | np.integer) or self.p < 1:
-            raise ValueError(f"pacfl p (singular vectors per basis) must be an integer >= 1, "
-                             f"got {self.p!r}")
-        if self.basis not in BASES:
-            raise ValueError(f"pacfl basis must be one of {BASES}, got {self.basis!r}")
-        if self.proximity not in PROXIMITIES:
-            raise ValueError(f"pacfl proximity must be one of {PROXIMITIES}, "
-                             f"got {self.proximity!r}")
-        if self.linkage not in LINKAGES:
-            raise ValueError(f"pacfl linkage must be one of {LINKAGES}, got {self.linkage!r}")
-        t = self.threshold
-        if isinstance(t, bool) or not isinstance(t, int | float) or not np.isfinite(t) or t < 0:
-            raise ValueError(f"pacfl threshold must be a finite number of degrees >= 0, "
-                             f"got {t!r}")
-        if self.max_samples is not None and (
-                not isinstance(self.max_samples, int | np.integer) or self.max_samples < 1):
-            raise ValueError(f"pacfl max_samples must be an integer >= 1 or None, "
-                             f"got {self.max_samples!r}")
-        if self.max_slots < 1:
-            raise ValueError(f"max_slots must be >= 1, got {self.max_slots}")
+    p: int = option(3, low=1, doc="Singular vectors per basis (the paper's 3).")
+    basis: str = option("per_class", choices=BASES,
+                        doc="``per_class`` or ``all`` (unsupervised).")
+    proximity: str = option("smallest_angle", choices=PROXIMITIES,
+                            doc="``smallest_angle``, ``sum_angles`` or ``elementwise``.")
+    linkage: str = option("complete", choices=LINKAGES, doc="``complete`` or ``average``.")
+    threshold: float = option(DEFAULT_THRESHOLD, low=0, finite=True,
+                              doc="The distance threshold in degrees (20 for "
+                                  "``smallest_angle``).")
+    max_samples: int | None = option(None, low=1, doc="Use at most this many training samples "
+                                                      "per client (unset: all).")
+    max_slots: int = option(4096, low=1, doc="Hard cap on cluster slots.")
+    keep_proximity: bool | None = option(
+        None, doc="Keep the proximity matrix in the state (one row per client) for the report "
+                  "(unset: up to 2048 clients).")
 
     # ---------------------------------------------------------------------------------------
     def cluster(self, data: FederatedData) -> Clustering:

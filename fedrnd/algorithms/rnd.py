@@ -34,136 +34,52 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedrnd.algorithms._clusters import check_choice, fixed_cluster_round
-from fedrnd.algorithms.base import Algorithm, Artifact, Metrics, Report, State
+from fedrnd.algorithms._clusters import cluster_round
+from fedrnd.algorithms._discovery import FederationOptions
+from fedrnd.algorithms.base import Algorithm, Artifact, Metrics, Report, State, option
 from fedrnd.data.federated import FederatedData
-from fedrnd.engine import (
-    ClientHParams,
-    broadcast,
-    comm,
-    grow_slots,
-    keep_nonempty,
-    per_client,
-    tree_bytes,
-)
-from fedrnd.engine.robust import AGGREGATORS, POISONS, poison_updates, robust_aggregate
-from fedrnd.rnd.discovery import Discovery, RNDConfig, check_eps, discover, normalised_scores
+from fedrnd.engine import ClientHParams, comm, grow_slots
+from fedrnd.engine.robust import AGGREGATORS, POISONS
+from fedrnd.rnd.discovery import Discovery, discover
+from fedrnd.rnd.rules import novelty_view
 
 
 @dataclasses.dataclass(frozen=True)
-class RNDClustered(Algorithm):
+class RNDClustered(FederationOptions, Algorithm):
     """RND federation discovery + FedAvg per federation (Domini et al. 2026).
 
-    Options (besides the engine and ``cohort_size``):
-      criterion: ``"test"`` (default: the paired held-out test with Benjamini-Hochberg and
-        average-linkage federations, :class:`fedrnd.rnd.RNDConfig`) or ``"eps"`` (the paper's
-        rule, Eq. 9, with ``eps``, ``sigma`` and ``rule`` below).
-      alpha, min_effect, within_ratio: the test's level (0.05), the smallest log novelty
-        ratio that counts (0.025) and the homogeneity a split must reach (0.3); see
-        :class:`fedrnd.rnd.RNDConfig`.
-      candidates, random_peers: two-stage discovery for large populations: each client scores
-        only its ``candidates`` nearest peers by fingerprint plus ``random_peers`` random ones
-        (``None``: every pair).
-      eps: ``"eps"`` criterion: tolerance ``>= 0`` or ``"auto"`` (:func:`fedrnd.rnd.auto_eps`).
-      sigma: ``"row"`` (std of the novelty row, default) or ``"self"``.
-      rule: federation extraction, ``"mutual"`` (default), ``"one_sided"`` or ``"leader"``.
-      tau: re-discover every ``tau`` rounds (``None``: once, before round 0).
-      network: RND pair, ``"auto"`` (conv for images, else MLP), ``"conv"`` or ``"mlp"``;
-        input_pool: average-pool images by this factor first (1: full resolution; ``"auto"``,
-        the default: 2 for the MLP pair on images of 28 x 28 pixels or more, else 1).
-      predictor_epochs, predictor_steps, predictor_batch, predictor_lr: predictor training
-        (Adam; the paper's 10 epochs, batch 128, lr 1e-3); steps replace epochs when set;
-        predictor_min_steps (300): at least this many steps when the epochs come to fewer
-        (small clients; ``None`` = the paper's schedule as is; see ``RNDConfig.min_steps``).
-      probe: ``"auto"`` (default: ``"holdout"`` for the test criterion, ``"train"`` for
-        ``"eps"``), ``"train"``, ``"holdout"`` or ``"test"``; probe_cap: at most this many
-        probe examples per client.
-      rnd_seed: the global seed of the frozen target.
-      max_slots: hard cap on federation slots.
-      keep_scores: keep the latest novelty matrix in the state, one row per client
-        (``state["clients"]["novelty"]``, ``C x C`` floats) for :meth:`report`; ``None``: keep
-        it up to 2048 clients.
-      aggregation: inside each federation, ``"mean"`` (default: FedAvg, sample-weighted),
-        ``"median"`` (coordinate-wise), ``"trimmed_mean"`` (drop the ``trim`` share at each
-        end per coordinate) or ``"clip"`` (updates clipped to the federation's median update
-        norm); see :mod:`fedrnd.engine.robust`. Anything but ``"mean"`` trains with one model
-        per cohort client (memory of ``M`` models, not ``K``).
-      trim: ``"trimmed_mean"``: the share dropped at each end, in ``[0, 0.5)`` (0.1).
-      poison, poison_fraction, poison_factor: the poisoning attacker of the threat model
-        (``docs/methods/threat-model.md``): ``round(poison_fraction * C)`` clients (drawn with
-        ``rnd_seed``, :meth:`poisoners`) send their honest update times ``poison_factor``
-        (``"scale"``) or times ``-poison_factor`` (``"sign_flip"``) to their federation;
-        ``None`` (default): no poisoner.
-    """
+    The discovery options are :class:`~fedrnd.algorithms._discovery.FederationOptions`."""
 
     name: ClassVar[str] = "rnd"
     clusters_clients: ClassVar[bool] = True
     input_only: ClassVar[bool] = True  # the predictors see client inputs, never labels
-    criterion: str = "test"
-    alpha: float = 0.05
-    min_effect: float = 0.025
-    within_ratio: float = 0.3
-    input_pool: int | str = "auto"
-    candidates: int | None = None
-    random_peers: int = 4
-    eps: float | str = "auto"
-    sigma: str = "row"
-    rule: str = "mutual"
-    tau: int | None = None
-    network: str = "auto"
-    predictor_epochs: int = 10
-    predictor_steps: int | None = None
-    predictor_min_steps: int | None = 300
-    predictor_batch: int = 128
-    predictor_lr: float = 1e-3
-    probe: str = "auto"
-    probe_cap: int | None = None
-    rnd_seed: int = 0
-    max_slots: int = 4096
-    keep_scores: bool | None = None
-    aggregation: str = "mean"
-    trim: float = 0.1
-    poison: str | None = None
-    poison_fraction: float = 0.0
-    poison_factor: float = 10.0
+    tau: int | None = option(None, low=1, doc="Re-discover every ``tau`` rounds (unset: once, "
+                                              "before round 0).")
+    max_slots: int = option(4096, low=1, doc="Hard cap on federation slots.")
+    keep_scores: bool | None = option(
+        None, doc="Keep the latest novelty matrix in the state, one row per client (``C x C`` "
+                  "floats), for the report (unset: up to 2048 clients).")
+    aggregation: str = option(
+        "mean", choices=AGGREGATORS,
+        doc="Inside each federation: ``mean`` (FedAvg, sample-weighted), ``median`` "
+            "(coordinate-wise), ``trimmed_mean`` (drop the ``trim`` share at each end per "
+            "coordinate) or ``clip`` (updates clipped to the federation's median update norm; "
+            ":mod:`fedrnd.engine.robust`). Anything but ``mean`` trains one model per cohort "
+            "client (memory of ``M`` models, not ``K``).")
+    trim: float = option(0.1, low=0, high=0.5, high_open=True,
+                         doc="``trimmed_mean``: the share dropped at each end.")
+    poison: str | None = option(
+        None, choices=POISONS,
+        doc="The poisoning attacker (``docs/methods/threat-model.md``): ``round(poison_fraction "
+            "* C)`` clients (drawn with ``rnd_seed``) send their honest update times "
+            "``poison_factor`` (``scale``) or ``-poison_factor`` (``sign_flip``); unset: none.")
+    poison_fraction: float = option(0.0, low=0, high=1, doc="Share of poisoning clients.")
+    poison_factor: float = option(10.0, finite=True, doc="The poisoners' update multiplier.")
 
     @property
     def hook_every(self) -> int | None:  # type: ignore[override]
         # The base declares a class-level constant; re-discovery makes it an option.
         return self.tau
-
-    @property
-    def rnd_config(self) -> RNDConfig:
-        check_eps(self.eps)
-        return RNDConfig(network=self.network, seed=self.rnd_seed, epochs=self.predictor_epochs,
-                         steps=self.predictor_steps, min_steps=self.predictor_min_steps,
-                         batch_size=self.predictor_batch,
-                         lr=self.predictor_lr, probe=self.probe, probe_cap=self.probe_cap,
-                         eps=self.eps, sigma=self.sigma, rule=self.rule,
-                         criterion=self.criterion, alpha=self.alpha, min_effect=self.min_effect,
-                         within_ratio=self.within_ratio, input_pool=self.input_pool,
-                         candidates=self.candidates,
-                         random_peers=self.random_peers)
-
-    def validate(self, data: FederatedData) -> None:
-        super().validate(data)
-        if self.tau is not None and (not isinstance(self.tau, int | np.integer) or self.tau < 1):
-            raise ValueError(f"rnd tau (re-discovery period) must be an integer >= 1 or None, "
-                             f"got {self.tau!r}")
-        if self.max_slots < 1:
-            raise ValueError(f"max_slots must be >= 1, got {self.max_slots}")
-        check_choice("rnd", "aggregation", self.aggregation, AGGREGATORS)
-        if not (isinstance(self.trim, int | float) and 0.0 <= self.trim < 0.5):
-            raise ValueError(f"rnd trim must be a number in [0, 0.5), got {self.trim!r}")
-        check_choice("rnd", "poison", self.poison, (None, *POISONS))
-        if not (isinstance(self.poison_fraction, int | float)
-                and 0.0 <= self.poison_fraction <= 1.0):
-            raise ValueError(f"rnd poison_fraction must be in [0, 1], got "
-                             f"{self.poison_fraction!r}")
-        if not (isinstance(self.poison_factor, int | float) and np.isfinite(self.poison_factor)):
-            raise ValueError(f"rnd poison_factor must be a finite number, got "
-                             f"{self.poison_factor!r}")
-        self.rnd_config.pair(data.feature_shape)  # raises for a conv pair on vector data
 
     # ---------------------------------------------------------------------------------------
     def discover(self, data: FederatedData, key: jax.Array) -> Discovery:
@@ -219,10 +135,10 @@ class RNDClustered(Algorithm):
         return out
 
     def round(self, state: State, data: FederatedData, key: jax.Array) -> tuple[State, Metrics]:
-        if self.aggregation == "mean" and self.poison is None:
-            slots, metrics, _ = fixed_cluster_round(self, state, data, key)
-        else:
-            slots, metrics = self._robust_round(state, data, key)
+        slots, metrics, _ = cluster_round(
+            self, state, data, key, aggregation=self.aggregation, trim=self.trim,
+            poisoners=self.poisoners(data.num_clients), poison=self.poison,
+            factor=self.poison_factor)
         cl = state["clients"]
         zero = jnp.zeros_like(cl["pending_up"])
         metrics = {**metrics,
@@ -231,31 +147,6 @@ class RNDClustered(Algorithm):
         state = {**state, "round": state["round"] + 1, "slots": slots,
                  "clients": {**cl, "pending_up": zero, "pending_down": zero}}
         return state, metrics
-
-    def _robust_round(self, state: State, data: FederatedData, key: jax.Array):
-        """:func:`fixed_cluster_round` with one model per cohort client, so updates can be
-        poisoned and aggregated by :func:`~fedrnd.engine.robust.robust_aggregate`."""
-        k_cohort, k_train = jax.random.split(key)
-        ids, part = self.cohort(k_cohort, data.num_clients)
-        cl, slots = state["clients"], state["slots"]
-        cid = cl["cluster_id"] if ids is None else cl["cluster_id"][ids]
-        start = broadcast(slots, cid)
-        params, _, m = self.engine.train(None, data, cl["hp"], k_train, state["round"], ids=ids,
-                                         client_params=start)
-        updates = jax.tree.map(jnp.subtract, params, start)
-        if self.poison is not None:
-            bad = jnp.asarray(self.poisoners(data.num_clients))
-            updates = poison_updates(updates, bad if ids is None else bad[ids], self.poison,
-                                     self.poison_factor)
-        w = (data.train_count if ids is None else data.train_count[ids]).astype(jnp.float32)
-        k = jax.tree.leaves(slots)[0].shape[0]
-        agg, mass = robust_aggregate(self.aggregation, updates, w, cid, k, trim=self.trim)
-        new = keep_nonempty(jax.tree.map(jnp.add, slots, agg), slots, mass)
-        nbytes = tree_bytes(jax.tree.map(lambda x: x[0], slots))
-        metrics = {"train_loss": jnp.sum(w * m["loss"]) / jnp.sum(w),
-                   "local_steps": jnp.sum(m["steps"].astype(jnp.float32)),
-                   **comm(up_model=per_client(nbytes, part), down_model=per_client(nbytes, part))}
-        return new, metrics
 
     def models(self, state: State):
         return state["slots"], state["clients"]["cluster_id"]
@@ -292,40 +183,26 @@ class RNDClustered(Algorithm):
                 "eps": jnp.asarray(disc.eps, jnp.float32), "clients": cl}
 
     def report(self, state: State, data: FederatedData) -> Report:
-        """``eps``, the federation count and the latest discovery as artifacts.
-
-        ``novelty`` (matrix, sigma, federations, eps, true groups; a heat map of the raw
-        matrix) and ``novelty_normalised``: a heat map of the scores the rule thresholds,
-        ``(s_ij - s_ii) / sigma_i`` (clients ordered by true group).
-        """
+        """``eps``, the federation count and the latest discovery as artifacts: ``novelty``
+        (matrix, sigma, federations, eps, true groups; a heat map of the raw matrix) and
+        ``novelty_normalised``, a heat map of the scores as the decision reads them
+        (:func:`fedrnd.rnd.novelty_view`; clients ordered by true group)."""
         cl = state["clients"]
-        fed = np.asarray(cl["cluster_id"])
         eps = float(state["eps"])
         nfed = float(int(state["num_federations"]))
         rep = Report({"eps": eps, "federations": nfed})
         if "novelty" in cl:
-            s = np.asarray(cl["novelty"])
-            sigma = np.asarray(cl["sigma"])
-            group = np.asarray(data.group)
-            title = f"eps={eps:.3g}, {nfed:.0f} federations"
+            s, sigma, group = (np.asarray(a) for a in (cl["novelty"], cl["sigma"], data.group))
+            what = f"eps={eps:.3g}, {nfed:.0f} federations"
             rep.artifacts["novelty"] = Artifact(
-                "matrix", {"scores": s, "sigma": sigma, "federation": fed, "eps": eps,
-                           "group": group},
-                {"matrix": "scores", "title": f"RND novelty S ({title})"})
-            # Raw rows differ in scale (some data are more novel to everyone); the rule
-            # compares within a row, so the normalised view is the one that shows federations.
-            if np.isfinite(eps):
-                view = np.minimum(normalised_scores(s, np.diag(s), sigma), 3 * eps + 1)
-                meta = {"title": f"(s_ij - s_ii) / sigma_i ({title})",
-                        "label": "normalised novelty"}
-            else:
-                # The test criterion compares each peer with the client's own predictor,
-                # relative to the client's own error (held-out probes).
-                d = np.diag(s)
-                view = np.clip((s - d[:, None]) / np.where(d > 0, d, 1.0)[:, None], -1, 3)
-                meta = {"title": f"(s_ij - s_ii) / s_ii ({nfed:.0f} federations, paired test)",
-                        "label": "relative excess"}
+                "matrix", {"scores": s, "sigma": sigma, "federation": np.asarray(cl["cluster_id"]),
+                           "eps": eps, "group": group},
+                {"matrix": "scores", "title": f"RND novelty S ({what})"})
+            view, formula, label = novelty_view(s, sigma, eps)
+            if not np.isfinite(eps):
+                what = f"{nfed:.0f} federations, paired test"
             # A view of the arrays saved above: drawn, not saved again.
             rep.artifacts["novelty_normalised"] = Artifact(
-                "matrix", {"matrix": view, "group": group}, {**meta, "save": False})
+                "matrix", {"matrix": view, "group": group},
+                {"title": f"{formula} ({what})", "label": label, "save": False})
         return rep

@@ -32,83 +32,47 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fedrnd.algorithms._discovery import DiscoveryOptions
 from fedrnd.algorithms._gossip import Gossip
-from fedrnd.algorithms.base import Artifact, Metrics, Report, State
+from fedrnd.algorithms.base import Artifact, Metrics, Report, State, option
 from fedrnd.data.federated import FederatedData
 from fedrnd.engine import ClientHParams, clustering_scores
 from fedrnd.graphs import Graph
-from fedrnd.rnd.decentral import (
-    CRITERIA,
-    PRIORITIES,
-    SYMMETRIES,
-    Regions,
-    check_band,
-    discover_regions,
-)
-from fedrnd.rnd.discovery import RNDConfig, check_eps
+from fedrnd.rnd.decentral import CRITERIA, PRIORITIES, SYMMETRIES, Regions, discover_regions
 
 _DISCOVERY_KEY = 0x5D1C  # folded into the init key for discovery, apart from the model init
 
 
 @dataclasses.dataclass(frozen=True)
-class RNDDFL(Gossip):
+class RNDDFL(DiscoveryOptions, Gossip):
     """Decentralized RND discovery, then gossip averaging inside each region.
 
-    Options (besides the graph options of :class:`Gossip`: ``topology``, ``graph``,
-    ``mixing``, ``gossip_steps``, ``edge_chunk``, ``reset_opt``, ``connected``):
-      band: the band rule's ``a`` (0.3: ``(1 -+ 0.3) S[i, i]``).
-      criterion: ``"band"`` (the authors') or ``"eps"`` (``z <= eps`` on the observed row).
-      symmetry: ``"mutual"`` (both ends accept, default) or ``"either"``.
-      max_hops: region-size limit, hops from the leader (``None``: regions are the connected
-        components of the compatible links).
-      priority: leader order, ``"self_novelty"`` (lowest leads), ``"id"`` or ``"random"``.
-      network, predictor_epochs, predictor_steps, predictor_min_steps, predictor_batch,
-        predictor_lr, probe, probe_cap, rnd_seed, eps, sigma: discovery, as for ``rnd``.
-    """
+    Options: the graph ones of :class:`Gossip`, the discovery ones of
+    :class:`~fedrnd.algorithms._discovery.DiscoveryOptions` (as for ``rnd``, but ``probe``
+    defaults to ``train``) and the region rules below."""
 
     name: ClassVar[str] = "rnd_dfl"
-    band: float = 0.3
-    criterion: str = "band"
-    symmetry: str = "mutual"
-    max_hops: int | None = None
-    priority: str = "self_novelty"
-    network: str = "auto"
-    predictor_epochs: int = 10
-    predictor_steps: int | None = None
-    predictor_min_steps: int | None = 300
-    predictor_batch: int = 128
-    predictor_lr: float = 1e-3
+    band: float = option(0.3, low=0, low_open=True, finite=True,
+                         doc="The band rule's ``a``: accept a neighbour within ``(1 -+ a) "
+                             "S[i, i]``.")
+    criterion: str = option("band", choices=CRITERIA,
+                            doc="``band`` (the authors') or ``eps`` (``z <= eps`` on the "
+                                "observed row).")
+    symmetry: str = option("mutual", choices=SYMMETRIES,
+                           doc="``mutual`` (both ends accept) or ``either``.")
+    max_hops: int | None = option(None, low=0,
+                                  doc="Region-size limit, hops from the leader (unset: regions "
+                                      "are the connected components of the compatible links).")
+    priority: str = option("self_novelty", choices=PRIORITIES,
+                           doc="Leader order: ``self_novelty`` (lowest leads), ``id`` or "
+                               "``random``.")
     probe: str = "train"
-    probe_cap: int | None = None
-    rnd_seed: int = 0
-    eps: float | str = "auto"
-    sigma: str = "row"
-
-    @property
-    def rnd_config(self) -> RNDConfig:
-        check_eps(self.eps)
-        return RNDConfig(network=self.network, seed=self.rnd_seed, epochs=self.predictor_epochs,
-                         steps=self.predictor_steps, min_steps=self.predictor_min_steps,
-                         batch_size=self.predictor_batch, lr=self.predictor_lr,
-                         probe=self.probe, probe_cap=self.probe_cap, eps=self.eps,
-                         sigma=self.sigma)
 
     def validate(self, data: FederatedData) -> None:
         super().validate(data)
         if self.redraw:
             raise ValueError("rnd_dfl: regions are discovered once on a static graph; "
                              "redraw = true is not supported")
-        check_band(self.band)
-        for field, allowed in (("criterion", CRITERIA), ("symmetry", SYMMETRIES),
-                               ("priority", PRIORITIES)):
-            if getattr(self, field) not in allowed:
-                raise ValueError(f"rnd_dfl: {field} must be one of {list(allowed)}, got "
-                                 f"{getattr(self, field)!r}")
-        m = self.max_hops
-        if m is not None and (isinstance(m, bool) or not isinstance(m, int | np.integer)
-                              or m < 0):
-            raise ValueError(f"rnd_dfl: max_hops must be an integer >= 0 or None, got {m!r}")
-        self.rnd_config.pair(data.feature_shape)  # raises for a conv pair on vector data
 
     # -- discovery ----------------------------------------------------------------------------
     def discover(self, data: FederatedData, graph: Graph, key: jax.Array) -> Regions:

@@ -65,7 +65,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedrnd.algorithms._gossip import Gossip
-from fedrnd.algorithms.base import Artifact, Metrics, Report, State
+from fedrnd.algorithms.base import Artifact, Metrics, Report, State, option
 from fedrnd.data.federated import FederatedData
 from fedrnd.engine import (
     ClientHParams,
@@ -86,93 +86,61 @@ SETUP_ROOT = 0  # the coordinating device of the set-up phase
 _WORD = 4  # bytes of one float32 descriptor entry, one int32 id
 _LINK_KEY = 0x11C5  # folded into the round key to draw the links that are up
 _CLUSTER_KEY = 0xC1A5
+_SPECTRAL = "The spectral rule (:func:`~fedrnd.graphs.spectral.spectral_clusters`)"
+_DESCRIPTOR = ("Weight of a descriptor block of the heterogeneity score "
+               "(:func:`~fedrnd.graphs.spectral.client_descriptors`)")
 
 
 @dataclasses.dataclass(frozen=True)
 class SSDFL(Gossip):
-    """SSD-FL. Options (besides the graph ones of :class:`Gossip`; ``gossip_steps`` is the
-    intra-cluster gossip per round):
-
-      clustering: ``spectral`` (default), ``random``, ``none`` (one cluster), ``singletons``.
-      num_clusters: ``spectral``: bisect until this many (ablation); ``random``: how many
-        (default: the spectral rule's count).
-      max_clusters, min_cluster_size, split_threshold, gap_weight, heterogeneity_weight: the
-        spectral rule (:func:`~fedrnd.graphs.spectral.spectral_clusters`).
-      label_weight, input_weight, optimizer_weight: the descriptor blocks of the heterogeneity
-        score (:func:`~fedrnd.graphs.spectral.client_descriptors`); all 0: graph only.
-      inter_every: period of the inter-cluster regime in rounds (0: never).
-      inter_steps: gossip steps in an inter-cluster round.
-      inter_links: ``graph`` (all links) or ``bridges`` (links between clusters only).
-      link_prob: each link is up in a round with this probability (random DFL; 1: always).
-      placement: ``scattered`` (the graph as drawn) or ``communities`` (data groups follow
-        node order: group ``g`` on community ``g`` of a ``planted_partition`` graph).
-    """
+    """SSD-FL (see the module docstring); besides the graph options of :class:`Gossip`
+    (``gossip_steps``: the intra-cluster gossip per round), the options below."""
 
     name: ClassVar[str] = "ssdfl"
-    clustering: str = "spectral"
-    num_clusters: int | None = None
-    max_clusters: int | None = None
-    min_cluster_size: int = 4
-    split_threshold: float = 0.5
-    gap_weight: float = 1.0
-    heterogeneity_weight: float = 1.0
-    label_weight: float = 1.0
-    input_weight: float = 1.0
-    optimizer_weight: float = 1.0
-    inter_every: int = 5
-    inter_steps: int = 1
-    inter_links: str = "graph"
-    link_prob: float = 1.0
-    placement: str = "scattered"
+    clustering: str = option("spectral", choices=CLUSTERINGS,
+                             doc="``spectral``, ``random``, ``none`` (one cluster) or "
+                                 "``singletons``.")
+    num_clusters: int | None = option(
+        None, low=1, doc="``spectral``: bisect until this many (ablation); ``random``: how many "
+                         "(unset: the spectral rule's count).")
+    max_clusters: int | None = option(None, low=1, doc=f"{_SPECTRAL}: cap on the number of "
+                                                       "clusters in criterion mode.")
+    min_cluster_size: int = option(4, low=1, doc=f"{_SPECTRAL}: the smallest cluster a split "
+                                                 "may leave.")
+    split_threshold: float = option(0.5, low=0, doc=f"{_SPECTRAL}: split threshold.")
+    gap_weight: float = option(1.0, low=0, doc=f"{_SPECTRAL}: weight of the spectral gap.")
+    heterogeneity_weight: float = option(1.0, low=0, doc=f"{_SPECTRAL}: weight of the "
+                                                         "heterogeneity score.")
+    label_weight: float = option(1.0, low=0, doc=f"{_DESCRIPTOR}: labels (all 0: graph only).")
+    input_weight: float = option(1.0, low=0, doc=f"{_DESCRIPTOR}: inputs.")
+    optimizer_weight: float = option(1.0, low=0, doc=f"{_DESCRIPTOR}: local optimizer.")
+    inter_every: int = option(5, low=0, doc="Period of the inter-cluster regime in rounds "
+                                            "(0: never).")
+    inter_steps: int = option(1, low=1, doc="Gossip steps in an inter-cluster round.")
+    inter_links: str = option("graph", choices=INTER_LINKS,
+                              doc="``graph`` (all links) or ``bridges`` (links between "
+                                  "clusters only).")
+    link_prob: float = option(1.0, low=0, high=1, low_open=True,
+                              doc="Each link is up in a round with this probability (random "
+                                  "DFL; 1: always).")
+    placement: str = option("scattered", choices=PLACEMENTS,
+                            doc="``scattered`` (the graph as drawn) or ``communities`` (data "
+                                "groups follow node order: group ``g`` on community ``g`` of a "
+                                "``planted_partition`` graph).")
 
     # -- configuration ------------------------------------------------------------------------
     def validate(self, data: FederatedData) -> None:
         super().validate(data)
-        n = self.name
-        c = data.num_clients
+        n, c = self.name, data.num_clients
         if self.redraw:
             raise ValueError(f"{n}: clusters are formed once on a static graph; redraw = true "
                              "is not supported (use random_dfl for links that change)")
-        if self.clustering not in CLUSTERINGS:
-            raise ValueError(f"{n}: clustering {self.clustering!r} is unknown; allowed: "
-                             f"{list(CLUSTERINGS)}")
-        if self.placement not in PLACEMENTS:
-            raise ValueError(f"{n}: placement {self.placement!r} is unknown; allowed: "
-                             f"{list(PLACEMENTS)}")
-        if self.inter_links not in INTER_LINKS:
-            raise ValueError(f"{n}: inter_links {self.inter_links!r} is unknown; allowed: "
-                             f"{list(INTER_LINKS)}")
-
-        def is_int(v):
-            return isinstance(v, int) and not isinstance(v, bool)
-
-        if self.num_clusters is not None and not (is_int(self.num_clusters)
-                                                  and 1 <= self.num_clusters <= c):
+        if self.num_clusters is not None and self.num_clusters > c:
             raise ValueError(f"{n}: num_clusters must be an integer in [1, {c}], got "
                              f"{self.num_clusters!r}")
         if self.num_clusters is not None and self.clustering in ("none", "singletons"):
             raise ValueError(f"{n}: num_clusters applies to clustering = spectral or random, "
                              f"not {self.clustering!r}")
-        if self.max_clusters is not None and not (is_int(self.max_clusters)
-                                                  and self.max_clusters >= 1):
-            raise ValueError(f"{n}: max_clusters must be an integer >= 1, got "
-                             f"{self.max_clusters!r}")
-        if not (is_int(self.min_cluster_size) and self.min_cluster_size >= 1):
-            raise ValueError(f"{n}: min_cluster_size must be an integer >= 1, got "
-                             f"{self.min_cluster_size!r}")
-        if not (is_int(self.inter_every) and self.inter_every >= 0):
-            raise ValueError(f"{n}: inter_every must be an integer >= 0 (0 = never), got "
-                             f"{self.inter_every!r}")
-        if not (is_int(self.inter_steps) and self.inter_steps >= 1):
-            raise ValueError(f"{n}: inter_steps must be an integer >= 1, got "
-                             f"{self.inter_steps!r}")
-        if not 0 < self.link_prob <= 1:
-            raise ValueError(f"{n}: link_prob must be in (0, 1], got {self.link_prob!r}")
-        for f in ("split_threshold", "gap_weight", "heterogeneity_weight", "label_weight",
-                  "input_weight", "optimizer_weight"):
-            v = getattr(self, f)
-            if not (isinstance(v, int | float) and not isinstance(v, bool) and v >= 0):
-                raise ValueError(f"{n}: {f} must be a number >= 0, got {v!r}")
 
     # -- set-up: clusters, once ---------------------------------------------------------------
     def descriptors(self, data: FederatedData, hp: ClientHParams) -> np.ndarray | None:

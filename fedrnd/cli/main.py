@@ -1,7 +1,8 @@
 """``fedrnd`` command line entry point.
 
-``--plugin FILE_OR_MODULE`` (``run``, ``compare``, ``list``) loads a plug-in before anything
-else (see :mod:`fedrnd.driver.plugins`); a plug-in that fails is reported like bad input.
+``--plugin FILE_OR_MODULE`` (alias ``--import``; ``run``, ``compare``, ``list``) loads a
+plug-in before anything else (see :mod:`fedrnd.driver.plugins`); a plug-in that fails is
+reported like bad input.
 """
 
 from __future__ import annotations
@@ -197,7 +198,7 @@ def _entry(name: str, text: str, options: list[str]) -> str:
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
-    from fedrnd.algorithms import ALGORITHMS
+    from fedrnd.algorithms import ALGORITHMS, option_doc
     from fedrnd.data.partition import PARTITIONS
     from fedrnd.data.sources import SOURCES, TFDS_NAMES
     from fedrnd.driver.config import (
@@ -238,9 +239,14 @@ def _cmd_list(args: argparse.Namespace) -> int:
     print("models (model.name; options go in model.options):")
     for name, fn in MODELS.items():
         print(_entry(name, describe(fn), option_items(model_parameters(name))))
-    print("algorithms (algorithms[].name; options go in algorithms[].options):")
+    print("algorithms (algorithms[].name; options go in algorithms[].options, each with its "
+          "meaning):")
     for name, cls in ALGORITHMS.items():
-        print(_entry(name, describe(cls), option_items(algorithm_parameters(name))))
+        print(_wrap(describe(cls), f"  {name:20s} ", 23))
+        params = algorithm_parameters(name)
+        for item, opt in zip(option_items(params), params, strict=True):
+            doc = re.sub(r":[a-z]+:`~?([^`]+)`", r"\1", option_doc(cls, opt)).replace("``", "")
+            print(_wrap(f"{item}: {doc}" if doc else item, " " * 4, 8))
     schedules = "; ".join(f"{k} ({', '.join(v)})" if v else k
                           for k, v in SCHEDULE_OPTIONS.items())
     for line in (f"local optimizers (local.optimizer): {', '.join(optimizer_names())}; "
@@ -312,9 +318,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _plugin_flag(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--plugin", action="append", default=[], metavar="FILE_OR_MODULE",
+    p.add_argument("--plugin", "--import", dest="plugin", action="append", default=[],
+                   metavar="FILE_OR_MODULE",
                    help="load a plug-in first: a .py file or a module name that registers "
-                        "methods, models, partitions or data sources (repeatable)")
+                        "methods, models, partitions or data sources (repeatable; --import "
+                        "is the same flag)")
 
 
 def _paragraph(text: object) -> str:

@@ -74,6 +74,7 @@ from fedrnd.rnd.rules import (
     compatibility,
     gap_eps,
     normalised_scores,
+    novelty_view,
     sigma_of,
 )
 from fedrnd.rnd.scoring import (
@@ -156,6 +157,7 @@ __all__ = [
     "make_pair",
     "normalised_scores",
     "novelty_matrix",
+    "novelty_view",
     "predictor_engine",
     "probe_split",
     "self_novelty",

@@ -49,6 +49,23 @@ def _sparse_row_std(edge_scores, rows, c, diag=None):
     return np.sqrt(np.maximum(s2 / np.maximum(n, 1) - mean ** 2, 0.0))
 
 
+def novelty_view(scores: np.ndarray, sigma: np.ndarray, eps: float
+                 ) -> tuple[np.ndarray, str, str]:
+    """``(view [C, C], formula, label)``: the novelty matrix as the decision reads it, for a
+    heat map. Raw rows differ in scale (some data are more novel to everyone) and the rules
+    compare within a row: with a finite ``eps`` (the paper's rule) ``(s_ij - s_ii) / sigma_i``
+    clipped at ``3 eps + 1``; otherwise (the paired test, which compares each peer with the
+    client's own predictor on held-out probes) the relative excess ``(s_ij - s_ii) / s_ii``
+    in ``[-1, 3]``."""
+    s = np.asarray(scores)
+    d = np.diag(s)
+    if np.isfinite(eps):
+        return (np.minimum(normalised_scores(s, d, np.asarray(sigma)), 3 * eps + 1),
+                "(s_ij - s_ii) / sigma_i", "normalised novelty")
+    return (np.clip((s - d[:, None]) / np.where(d > 0, d, 1.0)[:, None], -1, 3),
+            "(s_ij - s_ii) / s_ii", "relative excess")
+
+
 def normalised_scores(scores: np.ndarray, s_self: np.ndarray, sigma: np.ndarray,
                       rows: np.ndarray | None = None) -> np.ndarray:
     """``z = (s_ij - s_ii) / sigma_i``: compatible iff ``z <= eps``. Dense ``[C, C]`` or

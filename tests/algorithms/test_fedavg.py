@@ -216,9 +216,9 @@ def test_server_adam_is_fedadam_and_differs_from_sgd(setup):
 
 def test_validation_errors(setup):
     data, model, hp, _ = setup
-    with pytest.raises(ValueError, match="cohort_size must be >= 1"):
+    with pytest.raises(ValueError, match="fedavg cohort_size must be an integer >= 1 or None"):
         FedAvg(engine=_engine(model), cohort_size=0).validate(data)
-    with pytest.raises(ValueError, match="fedprox mu must be >= 0"):
+    with pytest.raises(ValueError, match="fedprox prox_mu must be a number >= 0, got -0.1"):
         FedProx(engine=_engine(model), prox_mu=-0.1).validate(data)
     with pytest.raises(ValueError, match="algorithm 'fedsgd' is unknown"):
         make_algorithm("fedsgd", _engine(model))

@@ -128,7 +128,7 @@ def test_toml_writer_escapes_and_leaves_out_unset_values():
      r"local\.schedule_options\.rounds is not an option of local\.schedule = 'step'"),
     (["local.lr={sgd=\"fast\"}"], r"local\.lr = \{ sgd = \"fast\" \} must be"),
     (['algorithms=[{name="dfedavgm", options={momentum=1.5}}]'],
-     r"algorithms\.0\.options\.momentum must be in \[0, 1\)"),
+     r"algorithms\.0\.options\.momentum must be a number in \[0, 1\)"),
     (['algorithms=[{name="fedavg", options={server_lr="x"}}]'],
      r"algorithms\.0\.options\.server_lr = \"x\" must be a number"),
     (["eval_batch=-1"], "eval_batch must be >= 0"),

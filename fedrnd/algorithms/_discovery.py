@@ -1,0 +1,117 @@
+"""The options of RND discovery, declared once for every method that runs it.
+
+:class:`DiscoveryOptions` (the predictors and the scores: every discovery) and
+:class:`FederationOptions` (the server-side decision: criterion, test, rule, candidates) are
+dataclass mixins: ``RNDClustered(FederationOptions, Algorithm)``,
+``RNDDFL(DiscoveryOptions, Gossip)``. Their :attr:`~DiscoveryOptions.rnd_config` builds the
+:class:`fedrnd.rnd.RNDConfig` through :func:`rnd_config`, which DisUE also uses for its
+``rnd_*`` options (:func:`~fedrnd.algorithms._options.same_option` copies their declarations).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+from fedrnd.algorithms._options import option
+from fedrnd.rnd.config import DISCOVERY_CRITERIA, PROBE_CHOICES, RULES, SIGMAS, RNDConfig
+from fedrnd.rnd.networks import NETWORKS
+
+RND_CONFIG_FIELDS: dict[str, str] = {
+    "network": "network", "input_pool": "input_pool", "rnd_seed": "seed",
+    "predictor_epochs": "epochs", "predictor_steps": "steps",
+    "predictor_min_steps": "min_steps", "predictor_batch": "batch_size", "predictor_lr": "lr",
+    "probe": "probe", "probe_cap": "probe_cap", "eps": "eps", "sigma": "sigma", "rule": "rule",
+    "criterion": "criterion", "alpha": "alpha", "min_effect": "min_effect",
+    "within_ratio": "within_ratio", "candidates": "candidates", "random_peers": "random_peers"}
+"""Discovery option name -> :class:`~fedrnd.rnd.RNDConfig` field."""
+
+
+def rnd_config(options: Mapping[str, Any], **fixed: Any) -> RNDConfig:
+    """The :class:`~fedrnd.rnd.RNDConfig` of discovery options given by their option names
+    (:data:`RND_CONFIG_FIELDS`), plus ``fixed`` RNDConfig fields."""
+    return RNDConfig(**{RND_CONFIG_FIELDS[k]: v for k, v in options.items()}, **fixed)
+
+
+@dataclasses.dataclass(frozen=True)
+class DiscoveryOptions:
+    """RND's predictors and scores: the options every discovery shares."""
+
+    discovery_options: ClassVar[tuple[str, ...]] = (
+        "network", "input_pool", "predictor_epochs", "predictor_steps", "predictor_min_steps",
+        "predictor_batch", "predictor_lr", "probe", "probe_cap", "rnd_seed", "eps", "sigma")
+    """The options that make up :attr:`rnd_config`."""
+
+    network: str = option("auto", choices=("auto", *NETWORKS),
+                          doc="RND pair: ``auto`` (conv for images, else MLP), ``conv`` or "
+                              "``mlp``.")
+    input_pool: int | str = option(
+        "auto", choices=("auto",), low=1,
+        doc="Average-pool images by this factor first (1: full resolution; ``auto``: 2 for "
+            "the MLP pair on images of 28 x 28 pixels or more, else 1).")
+    predictor_epochs: int = option(10, low=1, doc="Predictor training epochs (Adam; the "
+                                                  "paper's 10).")
+    predictor_steps: int | None = option(None, low=1, doc="Predictor steps, replacing the "
+                                                          "epochs when set.")
+    predictor_min_steps: int | None = option(
+        300, low=1, doc="At least this many predictor steps when the epochs come to fewer "
+                        "(small clients; unset: the paper's schedule as is; see "
+                        "``RNDConfig.min_steps``).")
+    predictor_batch: int = option(128, low=1, doc="Predictor batch size (the paper's 128).")
+    predictor_lr: float = option(1e-3, low=0, low_open=True, finite=True,
+                                 doc="Predictor learning rate (Adam; the paper's 1e-3).")
+    probe: str = option("auto", choices=PROBE_CHOICES,
+                        doc="Examples a client scores predictors on: ``auto`` (``holdout`` "
+                            "for the test criterion, ``train`` for ``eps``), ``train``, "
+                            "``holdout`` or ``test``.")
+    probe_cap: int | None = option(None, low=1, doc="At most this many probe examples per "
+                                                    "client (unset: all).")
+    rnd_seed: int = option(0, doc="The global seed of the frozen target.")
+    eps: float | str = option("auto", choices=("auto",), low=0, finite=True,
+                              doc="The ``eps`` rule's tolerance (Eq. 9), or ``auto`` "
+                                  "(:func:`fedrnd.rnd.auto_eps`).")
+    sigma: str = option("row", choices=SIGMAS,
+                        doc="The ``eps`` rule's scale: ``row`` (std of the novelty row) or "
+                            "``self``.")
+
+    @property
+    def rnd_config(self) -> RNDConfig:
+        """The :class:`~fedrnd.rnd.RNDConfig` of these options."""
+        return rnd_config({k: getattr(self, k) for k in self.discovery_options})
+
+    def validate(self, data) -> None:
+        super().validate(data)  # type: ignore[misc]
+        self.rnd_config.pair(data.feature_shape)  # raises for a conv pair on vector data
+
+
+@dataclasses.dataclass(frozen=True)
+class FederationOptions(DiscoveryOptions):
+    """Server-side discovery: the compatibility criterion and how federations are formed."""
+
+    discovery_options: ClassVar[tuple[str, ...]] = (
+        *DiscoveryOptions.discovery_options, "criterion", "alpha", "min_effect", "within_ratio",
+        "candidates", "random_peers", "rule")
+
+    criterion: str = option(
+        "test", choices=DISCOVERY_CRITERIA,
+        doc="``test`` (the paired held-out test with Benjamini-Hochberg and average-linkage "
+            "federations, :class:`fedrnd.rnd.RNDConfig`) or ``eps`` (the paper's rule, Eq. 9, "
+            "with ``eps``, ``sigma`` and ``rule``).")
+    alpha: float = option(0.05, low=0, high=1, low_open=True, high_open=True,
+                          doc="The test's level.")
+    min_effect: float = option(0.025, low=0, finite=True,
+                               doc="The smallest log novelty ratio that counts as a "
+                                   "difference (test).")
+    within_ratio: float = option(0.3, low=0, low_open=True,
+                                 doc="The homogeneity a split must reach (test; ``inf``: no "
+                                     "check).")
+    candidates: int | None = option(
+        None, low=1, doc="Two-stage discovery for large populations: each client scores only "
+                         "its ``candidates`` nearest peers by fingerprint plus "
+                         "``random_peers`` random ones (unset: every pair).")
+    random_peers: int = option(4, low=0, doc="Random extra candidates per client (two-stage "
+                                             "discovery).")
+    rule: str = option("mutual", choices=RULES,
+                       doc="Federations under the ``eps`` criterion: ``mutual``, ``one_sided`` "
+                           "or ``leader``.")
