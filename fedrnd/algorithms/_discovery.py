@@ -14,9 +14,31 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
+import numpy as np
+
 from fedrnd.algorithms._options import option
+from fedrnd.rnd.adversarial import AttackConfig
 from fedrnd.rnd.config import DISCOVERY_CRITERIA, PROBE_CHOICES, RULES, SIGMAS, RNDConfig
+from fedrnd.rnd.defences import STRICT, Defences
 from fedrnd.rnd.networks import NETWORKS
+
+DEFENCE_PRESETS: dict[str, Defences] = {"default": Defences(), "strict": STRICT,
+                                        "off": Defences(robust="mean")}
+"""``defences`` option -> :class:`~fedrnd.rnd.defences.Defences` (``off``: upload validation
+only, which discovery always runs)."""
+
+ATTACK_FIELDS = tuple(f.name for f in dataclasses.fields(AttackConfig))
+
+
+class _Table(dict):
+    """A table option that hashes by value (lists become tuples), so the frozen method stays
+    hashable (``jax.jit`` hashes the bound ``round``, hence the method)."""
+
+    def __init__(self, items: Mapping[str, Any]):
+        super().__init__({k: tuple(v) if isinstance(v, list) else v for k, v in items.items()})
+
+    def __hash__(self) -> int:  # type: ignore[override]
+        return hash(tuple(sorted(self.items())))
 
 RND_CONFIG_FIELDS: dict[str, str] = {
     "network": "network", "input_pool": "input_pool", "rnd_seed": "seed",
@@ -74,15 +96,65 @@ class DiscoveryOptions:
     sigma: str = option("row", choices=SIGMAS,
                         doc="The ``eps`` rule's scale: ``row`` (std of the novelty row) or "
                             "``self``.")
+    attack: dict[str, Any] | None = option(
+        None, allow_none=True,
+        doc="Adversarial clients in discovery (the threat model's harness, "
+            "``docs/methods/threat-model.md``): a table of "
+            ":class:`fedrnd.rnd.adversarial.AttackConfig` fields, e.g. ``{row = \"zeros\", "
+            "fraction = 0.05}`` or ``{predictor = \"other_group\", target_group = 0, "
+            "clients = [3, 7]}``; the named clients upload what the strategy says. The run's "
+            "``attack.json`` says where each attacker was admitted. Unset: every client honest.")
+
+    def __post_init__(self):
+        if isinstance(self.attack, Mapping) and not isinstance(self.attack, _Table):
+            object.__setattr__(self, "attack", _Table(self.attack))
+        parent = getattr(super(), "__post_init__", None)
+        if parent is not None:
+            parent()
 
     @property
     def rnd_config(self) -> RNDConfig:
         """The :class:`~fedrnd.rnd.RNDConfig` of these options."""
         return rnd_config({k: getattr(self, k) for k in self.discovery_options})
 
+    @property
+    def attack_config(self) -> AttackConfig | None:
+        """The :class:`~fedrnd.rnd.adversarial.AttackConfig` of ``attack`` (``None``: none)."""
+        if self.attack is None:
+            return None
+        if not isinstance(self.attack, Mapping):
+            raise ValueError(f"{self.name} attack must be a table of AttackConfig fields "  # type: ignore[attr-defined]
+                             f"({list(ATTACK_FIELDS)}), got {self.attack!r}")
+        bad = sorted(set(self.attack) - set(ATTACK_FIELDS))
+        if bad:
+            raise ValueError(f"{self.name} attack: unknown field(s) {bad}; allowed: "  # type: ignore[attr-defined]
+                             f"{list(ATTACK_FIELDS)}")
+        try:
+            return AttackConfig(**self.attack)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{self.name} attack: {e}") from None  # type: ignore[attr-defined]
+
+    def attack_report(self, federation: np.ndarray, group: np.ndarray) -> dict[str, Any]:
+        """Where the attackers of ``attack`` landed (``{}`` without attack): their ids, each
+        one's federation, and :func:`fedrnd.rnd.adversarial.outcome` against the true
+        groups (honest ARI, whether two groups merged, who was admitted to the target)."""
+        from fedrnd.rnd.adversarial import outcome
+
+        attack = self.attack_config
+        if attack is None:
+            return {}
+        att = attack.attackers(np.asarray(group))
+        fed = np.asarray(federation)
+        res = outcome(fed, np.asarray(group), att, attack.target_group)
+        return {"strategy": attack.name, "attackers": [int(a) for a in att],
+                "federation_of": {str(int(a)): int(fed[a]) for a in att}, **res}
+
     def validate(self, data) -> None:
         super().validate(data)  # type: ignore[misc]
         self.rnd_config.pair(data.feature_shape)  # raises for a conv pair on vector data
+        attack = self.attack_config
+        if attack is not None:
+            attack.attackers(np.asarray(data.group))  # ids in range, targets present
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,3 +187,13 @@ class FederationOptions(DiscoveryOptions):
     rule: str = option("mutual", choices=RULES,
                        doc="Federations under the ``eps`` criterion: ``mutual``, ``one_sided`` "
                            "or ``leader``.")
+    defences: str = option("default", choices=tuple(DEFENCE_PRESETS),
+                           doc="Discovery's defences against lying clients: ``default`` "
+                               "(validation and the per-direction clip), ``strict`` (also "
+                               "replay detection and majority consent, dense discovery) or "
+                               "``off`` (validation only).")
+
+    @property
+    def discovery_defences(self) -> Defences:
+        """The :class:`~fedrnd.rnd.defences.Defences` of ``defences``."""
+        return DEFENCE_PRESETS[self.defences]

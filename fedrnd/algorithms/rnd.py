@@ -84,7 +84,8 @@ class RNDClustered(FederationOptions, Algorithm):
     # ---------------------------------------------------------------------------------------
     def discover(self, data: FederatedData, key: jax.Array) -> Discovery:
         """Run RND discovery on ``data`` (host side; the heavy parts are jitted)."""
-        return discover(data, self.rnd_config, key=key, mapper=self.engine.mapper)
+        return discover(data, self.rnd_config, key=key, mapper=self.engine.mapper,
+                        attack=self.attack_config, defences=self.discovery_defences)
 
     def init(self, key: jax.Array, data: FederatedData, hp: ClientHParams) -> State:
         disc = self.discover(data, jax.random.fold_in(key, 1))
@@ -205,4 +206,9 @@ class RNDClustered(FederationOptions, Algorithm):
             rep.artifacts["novelty_normalised"] = Artifact(
                 "matrix", {"matrix": view, "group": group},
                 {"title": f"{formula} ({what})", "label": label, "save": False})
+        found = self.attack_report(np.asarray(cl["cluster_id"]), np.asarray(data.group))
+        if found:
+            rep.artifacts["attack.json"] = Artifact("json", found)
+            rep.scalars.update(attack_honest_ari=found["honest_ari"],
+                               attack_merged=float(found["merged"]))
         return rep

@@ -82,7 +82,7 @@ class RNDDFL(DiscoveryOptions, Gossip):
         return discover_regions(data, u, v, self.rnd_config, band=self.band,
                                 criterion=self.criterion, symmetry=self.symmetry,
                                 max_hops=self.max_hops, priority=self.priority, key=key,
-                                mapper=self.engine.mapper)
+                                mapper=self.engine.mapper, attack=self.attack_config)
 
     def _with_regions(self, state: State, found: dict[str, Any]) -> State:
         cl = {**state["clients"],
@@ -160,4 +160,9 @@ class RNDDFL(DiscoveryOptions, Gossip):
         rep.scalars.update(clustering_scores(region, group),
                            regions=float(int(state["num_regions"])),
                            compatible_links=float(compatible.sum()))
+        found = self.attack_report(region, group)
+        if found:
+            rep.artifacts["attack.json"] = Artifact("json", found)
+            rep.scalars.update(attack_honest_ari=found["honest_ari"],
+                               attack_merged=float(found["merged"]))
         return rep
