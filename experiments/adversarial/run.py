@@ -76,12 +76,48 @@ def population(c: int, groups: int = 4, n: int = 40, n_test: int = 10, dim: int 
     return build_federated(Dataset(x_tr, y_tr, x_te, y_te, 3, "gaussian_groups"), part)
 
 
+def honest_accuracy(data, fed: np.ndarray, attackers: np.ndarray) -> float:
+    """Honest clients' mean test accuracy after training inside the decided federations.
+
+    The model is trained in closed form, so thousands of cells cost seconds: a federated
+    nearest-class-mean classifier. Every member (attackers included: they train on their own
+    data; poisoning is measured separately) sends its per-class sums and counts of training
+    inputs, the federation averages them into class means (FedAvg of the class means, exact
+    in one round), and each honest client classifies its test inputs by the nearest mean of
+    its federation. With this population's shared labels and group shifts of norm 8, a
+    federation that merges groups blurs every class mean across the shifts.
+    """
+    x = np.asarray(data.x, np.float64)
+    y = np.asarray(data.y)
+    k = int(y.max()) + 1
+    tr_idx, tr_cnt = np.asarray(data.train_idx), np.asarray(data.train_count)
+    te_idx, te_cnt = np.asarray(data.test_idx), np.asarray(data.test_count)
+    c = len(fed)
+    client = np.repeat(np.arange(c), tr_cnt)
+    rows = np.concatenate([tr_idx[i, :tr_cnt[i]] for i in range(c)])
+    f = int(fed.max()) + 1
+    sums = np.zeros((f, k, x.shape[1]))
+    cnt = np.zeros((f, k))
+    np.add.at(sums, (fed[client], y[rows]), x[rows])
+    np.add.at(cnt, (fed[client], y[rows]), 1.0)
+    means = sums / np.maximum(cnt, 1.0)[..., None]
+    honest = np.setdiff1d(np.arange(c), attackers)
+    acc = []
+    for i in honest:
+        t = te_idx[i, :te_cnt[i]]
+        d = ((x[t][:, None, :] - means[fed[i]][None]) ** 2).sum(-1)
+        d[:, cnt[fed[i]] == 0] = np.inf
+        acc.append(float(np.mean(np.argmin(d, 1) == y[t])))
+    return float(np.mean(acc))
+
+
 def run(c: int, seeds: list[int]) -> list[dict]:
     rows = []
     for seed in seeds:
         path = CELLS / f"c{c}_s{seed}.json"
         cell = json.loads(path.read_text()) if path.exists() else []
-        cell = [r for r in cell if r["strategy"] in STRATEGIES or r["strategy"] == "none"]
+        cell = [r for r in cell if (r["strategy"] in STRATEGIES or r["strategy"] == "none")
+                and "honest_acc" in r]  # rows from before the accuracy column are redone
         have = {r["strategy"] for r in cell} | ({"replay"} if any(
             r["strategy"] == "none" for r in cell) else set())
         todo = [s for s in STRATEGIES if s not in have
@@ -121,9 +157,10 @@ def run_cell(c: int, seed: int, strategies: list[str]) -> list[dict]:
                     row.update(rejected=False, honest_ari=res["honest_ari"],
                                merged=res["merged"], admitted_share=res["admitted_share"],
                                isolated=len(res["isolated"]),
-                               federations=int(fed.max()) + 1)
+                               federations=int(fed.max()) + 1,
+                               honest_acc=honest_accuracy(data, fed, up.attackers))
                 except ValueError as e:
-                    row.update(rejected=True, error=str(e)[:160])
+                    row.update(rejected=True, error=str(e)[:160], honest_acc=None)
                 row["seconds"] = round(time.time() - t1, 2)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
@@ -150,6 +187,9 @@ def _cell(rr: list[dict]) -> str:
     iso = np.mean([r["isolated"] for r in ok])
     if iso:
         out += f", iso {iso:.1f}"
+    acc = [r["honest_acc"] for r in ok if r.get("honest_acc") is not None]
+    if acc:
+        out += f", acc {np.mean(acc):.3f}"
     if len(ok) < len(rr):
         out += f", rejected {len(rr) - len(ok)}/{len(rr)}"
     return out
@@ -174,7 +214,10 @@ def report(rows: list[dict], command: str, poison: dict | None = None) -> str:
         "seeds; **M*k*/*n***: in *k* of *n* seeds two true federations merged (a federation "
         "holds at least half of two groups' honest members); `adm`: mean share of attackers "
         "whose federation's honest majority is the target group (strategies with a target); "
-        "`iso`: mean number of honest clients left alone; `rejected`: the uploads were refused "
+        "`iso`: mean number of honest clients left alone; `acc`: honest clients' mean test "
+        "accuracy after training inside the decided federations (a federated nearest-class-"
+        "mean classifier, trained exactly in closed form: `honest_accuracy` in `run.py`); "
+        "`rejected`: the uploads were refused "
         "(a `ValueError` naming the clients). Defences: `none` = "
         "`Defences(validate=False, robust=\"mean\")`, `default` = `Defences()` (validation "
         "and the per-direction clip: each direction's log novelty ratio floored at 6 median "

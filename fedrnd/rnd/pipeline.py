@@ -123,8 +123,8 @@ def federations_from_scores(scores: np.ndarray, config: RNDConfig = RNDConfig(),
     or ``q`` of :func:`~fedrnd.rnd.scoring.paired_edges`) and ``count [C]`` (probes per
     client). ``sigma="self"`` needs ``self_std [C]``.
 
-    ``defences`` (:class:`~fedrnd.rnd.defences.Defences`, default: validation and the clipped
-    statistic) are the decision's defences against lying clients; ``exclude`` (dense ``[C]``
+    ``defences`` (:class:`~fedrnd.rnd.defences.Defences`, default: validation and the
+    per-direction clip) are the decision's defences against lying clients; ``exclude`` (dense ``[C]``
     bool) leaves clients out of every federation, each alone (e.g. replayed predictors, found by
     :func:`~fedrnd.rnd.defences.replay_flags`); the other fields of the :class:`Decision` then
     hold the kept clients' values (excluded: compatible with themselves only, ``q = 1``, NaN).
@@ -392,8 +392,8 @@ def discover(data: FederatedData, config: RNDConfig = RNDConfig(), *,
         inputs replaced before the edges are scored,
         :func:`~fedrnd.rnd.adversarial.attack_inputs`).
       defences: :class:`~fedrnd.rnd.defences.Defences` of the decision (default: uploads are
-        validated and the pair statistic clipped; :data:`~fedrnd.rnd.defences.STRICT`: every
-        defence).
+        validated and each direction of the pair statistic clipped;
+        :data:`~fedrnd.rnd.defences.STRICT`: every defence).
     """
     cfg = config
     dfn = Defences() if defences is None else defences
