@@ -16,6 +16,7 @@ Writes ``AUTO_EPS.md`` beside this file.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -123,16 +124,24 @@ def generated(cache: Path, quick: bool):
     from fedrnd.rnd import RNDConfig, discover
     cache.mkdir(parents=True, exist_ok=True)
     out = []
+    from fedrnd.driver.sweep import CellCache
+
     for name, make, opts in populations(quick):
         f = cache / f"{name}.npz"
-        if not f.exists():
+        # As CellCache: a matrix is valid only for the key it was computed from (a file
+        # written before the key was stored is accepted, as CellCache(legacy=True) does).
+        cfg = RNDConfig(criterion="eps", eps=1.0, **opts)
+        key = CellCache.key_hash({"name": name, "config": dataclasses.asdict(cfg), "seed": 0})
+        stale = f.exists() and str(np.load(f).get("key", key)) != key
+        if not f.exists() or stale:
             data, g = make()
             # The eps criterion (training probes), as the matrices were measured with.
-            d = discover(data, RNDConfig(criterion="eps", eps=1.0, **opts),
-                         key=jax.random.key(0))
-            np.savez_compressed(f, S=np.asarray(d.scores, np.float32),
+            d = discover(data, cfg, key=jax.random.key(0))
+            tmp = f.with_suffix(".tmp.npz")
+            np.savez_compressed(tmp, S=np.asarray(d.scores, np.float32),
                                 self_std=np.asarray(d.self_std, np.float32),
-                                group=np.asarray(g, np.int32))
+                                group=np.asarray(g, np.int32), key=np.asarray(key))
+            os.replace(tmp, f)  # atomic: a killed run leaves the old matrix or none
             print(f"  discovered {name}", flush=True)
         z = np.load(f)
         out.append((name, z["S"], z["self_std"], z["group"]))

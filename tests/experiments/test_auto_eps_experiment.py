@@ -48,3 +48,9 @@ def test_quick_run_caches_matrices_and_writes_the_table(mod, tmp_path, monkeypat
     stamp = (tmp_path / "cells" / "auto_eps" / cached[0]).stat().st_mtime
     assert mod.main(["--quick", "--out", str(tmp_path)]) == 0  # re-run reads the cache
     assert (tmp_path / "cells" / "auto_eps" / cached[0]).stat().st_mtime == stamp
+    # A matrix whose stored key no longer matches its population's config is recomputed.
+    f = tmp_path / "cells" / "auto_eps" / cached[0]
+    z = dict(np.load(f))
+    np.savez_compressed(f, **{**z, "key": np.asarray("0000000000000000")})
+    assert mod.main(["--quick", "--out", str(tmp_path)]) == 0
+    assert str(np.load(f)["key"]) != "0000000000000000"
