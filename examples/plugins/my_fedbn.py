@@ -1,6 +1,11 @@
 """FedBN (Li, Jiang, Zhang, Kamp and Dou, 2021) as a fedrnd plug-in: FedAvg whose BatchNorm
 layers stay on each client.
 
+FedBN is built in: ``name = "fedavg"`` (or ``"fedprox"``) with ``batchnorm = "local"`` (see
+``docs/methods/fedavg.md``); use that. This file writes the same method from scratch, as a
+worked example of a personalised method on ``Model.local_layers`` and ``keep_local``; the tests
+check that both give the same models.
+
 fedrnd's FedAvg averages a model's BatchNorm statistics (and scale and bias) with the other
 weights. FedBN keeps them local: every client holds its own BatchNorm layers across rounds, the
 server averages only the other weights, and each client is evaluated with the shared weights and

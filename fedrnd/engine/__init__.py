@@ -7,9 +7,12 @@ from fedrnd.engine.aggregate import (
     grow_slots,
     keep_local,
     keep_nonempty,
+    local_leaves,
     segment_weighted_mean,
+    shared_leaves,
     slot_means,
     weighted_mean,
+    with_local_leaves,
 )
 from fedrnd.engine.clientmap import CLIENT_AXIS, ClientMapper, default_chunk_size, make_mesh
 from fedrnd.engine.clusters import cluster_losses
@@ -55,6 +58,7 @@ __all__ = [
     "grow_slots",
     "keep_local",
     "keep_nonempty",
+    "local_leaves",
     "local_train",
     "lr_schedule",
     "make_mesh",
@@ -64,7 +68,9 @@ __all__ = [
     "segment_weighted_mean",
     "slot_means",
     "server_optimizer",
+    "shared_leaves",
     "summarize",
     "tree_bytes",
     "weighted_mean",
+    "with_local_leaves",
 ]

@@ -38,6 +38,37 @@ def keep_local(shared: PyTree, local: PyTree, local_mask: PyTree) -> PyTree:
         local_mask, shared, local)
 
 
+def local_leaves(tree: PyTree, local_mask: PyTree) -> list[Any]:
+    """The leaves of ``tree`` where ``local_mask`` (a tree of Python bools shaped like it, e.g.
+    :meth:`fedrnd.models.Model.local_layers`) is True, in flattening order: the part of a model
+    that FedBN keeps on each client (a list, so a per-client state holds nothing else)."""
+    return [x for x, keep in zip(jax.tree.leaves(tree), jax.tree.leaves(local_mask), strict=True)
+            if keep]
+
+
+def shared_leaves(tree: PyTree, local_mask: PyTree) -> list[Any]:
+    """The leaves of ``tree`` where ``local_mask`` is False: what the server aggregates and
+    what travels (see :func:`local_leaves`)."""
+    return [x for x, keep in zip(jax.tree.leaves(tree), jax.tree.leaves(local_mask), strict=True)
+            if not keep]
+
+
+def with_local_leaves(shared: PyTree, local: list[Any], local_mask: PyTree) -> PyTree:
+    """Each client's model ``[C, ...]``: ``shared`` (one model) broadcast over the clients, with
+    the leaves where ``local_mask`` is True taken from ``local`` (:func:`local_leaves` of the
+    clients' models, each ``[C, ...]``)."""
+    flat, treedef = jax.tree.flatten(shared)
+    keeps = jax.tree.leaves(local_mask)
+    if len(keeps) != len(flat) or sum(keeps) != len(local) or not local:
+        raise ValueError(f"{len(local)} local leaves for a mask that marks {sum(keeps)} of "
+                         f"{len(flat)}; at least one is needed")
+    c = local[0].shape[0]
+    mine = iter(local)
+    return jax.tree.unflatten(treedef, [
+        next(mine) if keep else jnp.broadcast_to(s, (c, *jnp.shape(s)))
+        for s, keep in zip(flat, keeps, strict=True)])
+
+
 def segment_weighted_mean(tree: PyTree, weights: jax.Array, cluster_id: jax.Array,
                           num_slots: int) -> tuple[PyTree, jax.Array]:
     """Per-cluster weighted mean into ``num_slots`` slots.

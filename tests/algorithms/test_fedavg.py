@@ -224,5 +224,12 @@ def test_validation_errors(setup):
         make_algorithm("fedsgd", _engine(model))
     with pytest.raises(ValueError, match=r"has no option\(s\) \['mu'\]"):
         make_algorithm("fedprox", _engine(model), mu=0.1)
+    with pytest.raises(ValueError, match=r"fedavg batchnorm must be one of \['average', 'local'\]"):
+        FedAvg(engine=_engine(model), batchnorm="mean").validate(data)
+    # FedBN needs BatchNorm layers to keep: a model without them is refused, naming the option.
+    with pytest.raises(ValueError, match="fedprox batchnorm='local' .* has no BatchNorm"):
+        FedProx(engine=_engine(model), batchnorm="local").validate(data)
+    with pytest.raises(ValueError, match="fedavg batchnorm='local'"):
+        FedAvg(engine=_engine(model), batchnorm="local").init(jax.random.key(0), data, None)
     alg = make_algorithm("fedprox", _engine(model), prox_mu=0.2, cohort_size=3)
     assert isinstance(alg, FedProx) and alg.prox_mu == 0.2 and alg.cohort_size == 3

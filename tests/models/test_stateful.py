@@ -348,22 +348,30 @@ lr = 0.1
 
 [[algorithms]]
 name = "fedavg"
+
+[[algorithms]]
+name = "fedavg"
+label = "fedbn"
+options = {{ batchnorm = "local" }}
 """)
     cfg = load_config(tmp_path / "c.toml")
     res = simulate(cfg, run_dir=tmp_path / "run", verbose=False)
     state = res.methods["fedavg"].state["params"]
     assert set(state) == {"params", "state"}
     assert not np.allclose(np.asarray(state["state"]["bn"]["mean"]), 0.0)
-    acc = float(res.methods["fedavg"].final["test_acc/mean"])
-    assert acc > 0.3, acc
-    # The state checkpoints and resumes with the weights.
+    for tag in ("fedavg", "fedbn"):
+        acc = float(res.methods[tag].final["test_acc/mean"])
+        assert acc > 0.3, (tag, acc)
+    assert {x.shape[0] for x in res.methods["fedbn"].state["clients"]["batchnorm"]} == {6}
+    # The state (each client's BatchNorm layers too) checkpoints and resumes with the weights.
     simulate(load_config(tmp_path / "c.toml", ["rounds=2"]), run_dir=tmp_path / "cut",
              verbose=False)
     resumed = simulate(cfg, run_dir=tmp_path / "cut", resume=True, allow_change=["rounds"],
                        verbose=False)
-    for a, b in zip(jax.tree.leaves(res.methods["fedavg"].state),
-                    jax.tree.leaves(resumed.methods["fedavg"].state), strict=True):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+    for tag in ("fedavg", "fedbn"):
+        for a, b in zip(jax.tree.leaves(res.methods[tag].state),
+                        jax.tree.leaves(resumed.methods[tag].state), strict=True):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
     with pytest.raises(ValueError, match="not an option"):
         simulate(load_config(tmp_path / "c.toml", ["model.options.width=3"]),
                  run_dir=tmp_path / "bad", verbose=False)
@@ -451,10 +459,134 @@ def test_fedbn_averages_the_shared_weights_and_keeps_each_clients_batchnorm(fedb
         lambda a, b: a + b, jax.tree.map(lambda x: x.nbytes, state["params"])))
 
 
+def _nnx_bn_setup(chunk=3):
+    data = gaussian_federated([5, 9, 3, 7], dim=4, num_classes=K, sep=2.0)
+    model = from_nnx(lambda rngs: NNXMLP(4, 6, K, rngs=rngs, dropout=0.3, batchnorm=True),
+                     (4,), K)
+    opt, hp = sgd(data.num_clients)
+    engine = Engine(model, LocalSpec(batch_size=4, epochs=1), opt, ClientMapper(chunk_size=chunk))
+    return data, model, engine, hp
+
+
+def _fedavg_round_before_the_batchnorm_option(alg, state, data, key):
+    """``FedAvg.round`` as it was before ``batchnorm`` became an option, verbatim."""
+    import optax
+
+    from fedrnd.engine import comm, per_client, tree_bytes
+
+    k_cohort, k_train = jax.random.split(key)
+    ids, part = alg.cohort(k_cohort, data.num_clients)
+    params = state["params"]
+    wsum, n, m = alg.engine.train_sum(params, data, state["clients"]["hp"], k_train,
+                                      state["round"], ids=ids,
+                                      prox_mu=alg.prox_mu if alg.prox_mu else None)
+    pseudo_grad = jax.tree.map(lambda p, s: p - s / n, params, wsum)
+    updates, opt = alg._server.update(pseudo_grad, state["server_opt"], params)
+    new_params = optax.apply_updates(params, updates)
+    nbytes = tree_bytes(params)
+    metrics = {"train_loss": m["loss"] / n, "local_steps": m["steps"],
+               **comm(up_model=per_client(nbytes, part), down_model=per_client(nbytes, part))}
+    state = {**state, "round": state["round"] + 1, "params": new_params, "server_opt": opt}
+    return state, metrics
+
+
+@pytest.mark.parametrize("server_opt", ["sgd", "adam"])
+def test_fedavg_batchnorm_average_gives_the_bits_of_fedavg_before_the_option(server_opt):
+    from fedrnd.algorithms import FedAvg
+
+    data, _, engine, hp = _nnx_bn_setup()
+    alg = FedAvg(engine, cohort_size=3, server_opt=server_opt, server_lr=0.5)
+    assert alg.batchnorm == "average"
+    state = alg.init(jax.random.key(0), data, hp)
+    assert set(state["clients"]) == {"hp"}  # nothing per client but the hyper-parameters
+    old = state
+    for r in range(2):
+        key = jax.random.key(10 + r)
+        state, m = jax.jit(alg.round)(state, data, key)
+        old, m_old = jax.jit(lambda s, d, k: _fedavg_round_before_the_batchnorm_option(
+            alg, s, d, k))(old, data, key)
+        assert jax.tree.structure(state) == jax.tree.structure(old)
+        for a, b in zip(jax.tree.leaves((state, m)), jax.tree.leaves((old, m_old)),
+                        strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_fedavg_batchnorm_local_is_fedbn_against_a_per_client_reference_and_the_plugin(fedbn):
+    """``batchnorm = "local"``, two rounds against a per-client reference: each client starts
+    from the shared weights and its own BatchNorm layers of the round before; the server's
+    weights are the sample-weighted mean; a client keeps the BatchNorm layers it trained; only
+    the shared weights are counted as sent. The example plug-in FedBN gives the same models."""
+    from fedrnd.algorithms import FedAvg
+    from fedrnd.engine import local_leaves, shared_leaves
+
+    data, model, engine, hp = _nnx_bn_setup()
+    alg = FedAvg(engine, batchnorm="local")
+    alg.validate(data)
+    state = alg.init(jax.random.key(0), data, hp)
+    plugin = fedbn(engine)
+    pstate = plugin.init(jax.random.key(0), data, hp)
+    local = model.local_layers(state["params"])
+    assert [x.shape for x in state["clients"]["batchnorm"]] == [
+        (4, *x.shape) for x in local_leaves(state["params"], local)]
+    w = np.asarray(data.train_count, np.float64)
+    mine = jax.tree.map(lambda p: jnp.broadcast_to(p, (4, *p.shape)), state["params"])
+    shared = state["params"]
+    for r in range(2):
+        key = jax.random.key(10 + r)
+        state, m = jax.jit(alg.round)(state, data, key)
+        pstate, _ = jax.jit(plugin.round)(pstate, data, key)
+        start = jax.tree.map(lambda keep, s, c: c if keep else jnp.broadcast_to(s, c.shape),
+                             local, shared, mine)
+        want, _, _ = engine.train(shared, data, hp, jax.random.split(key)[1], jnp.int32(r),
+                                  client_params=start)
+        mine, shared = want, jax.tree.map(
+            lambda a: np.tensordot(w, np.asarray(a, np.float64), 1) / w.sum(), want)
+        for a, b in zip(state["clients"]["batchnorm"], local_leaves(mine, local), strict=True):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+        for a, b in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(shared), strict=True):
+            np.testing.assert_allclose(np.asarray(a), b, rtol=1e-5, atol=1e-6)
+    per, assign = alg.models(state)
+    assert assign is None
+    for a, b in zip(jax.tree.leaves(per), jax.tree.leaves(plugin.models(pstate)[0]),
+                    strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    # Evaluated per client: the shared weights equal across clients, BatchNorm their own.
+    for x in shared_leaves(per, local):
+        np.testing.assert_array_equal(np.asarray(x), np.broadcast_to(x[0], x.shape))
+    for x in local_leaves(per, local):
+        x = np.asarray(x)
+        assert min(np.abs(x[i] - x[j]).max() for i in range(4) for j in range(i)) > 1e-5
+    sent = sum(x.nbytes for x in shared_leaves(state["params"], local))
+    np.testing.assert_array_equal(np.asarray(m["up/model"]), sent)
+    np.testing.assert_array_equal(np.asarray(m["down/model"]), sent)
+    assert sent < sum(x.nbytes for x in jax.tree.leaves(state["params"]))
+    scores = evaluate_clients(model.apply, per, assign, data, engine.mapper)
+    assert scores["test_acc"].shape == (4,)
+
+
+def test_fedprox_batchnorm_local_leaves_clients_outside_the_cohort_untouched():
+    from fedrnd.algorithms import FedProx
+
+    data, _, engine, hp = _nnx_bn_setup()
+    alg = FedProx(engine, batchnorm="local", cohort_size=2)
+    state = alg.init(jax.random.key(0), data, hp)
+    before = [np.asarray(x) for x in state["clients"]["batchnorm"]]
+    ids, _ = alg.cohort(jax.random.split(jax.random.key(5))[0], data.num_clients)
+    state, m = jax.jit(alg.round)(state, data, jax.random.key(5))
+    out = np.setdiff1d(np.arange(4), np.asarray(ids))
+    after = [np.asarray(x) for x in state["clients"]["batchnorm"]]
+    for a, b in zip(after, before, strict=True):
+        np.testing.assert_array_equal(a[out], b[out])
+    for a, b in zip(after, before, strict=True):  # the cohort's own, trained
+        assert np.abs(a[ids] - b[ids]).max() > 0
+    assert np.asarray(m["up/model"])[out].sum() == 0 < np.asarray(m["up/model"])[ids].min()
+
+
 def test_nnx_batchnorm_dropout_model_trains_under_fedavg_fedbn_and_rnd(tmp_path, fedbn):
     """An NNX model with BatchNorm and dropout on two hidden groups (one rotated): FedAvg
-    (statistics averaged), FedBN (kept local) and RND-clustered FedAvg (averaged within each
-    federation found) all learn; RND finds the two groups and keeps statistics per federation."""
+    (statistics averaged), FedAvg with ``batchnorm = "local"`` and the FedBN plug-in (kept
+    local) and RND-clustered FedAvg (averaged within each federation found) all learn; RND
+    finds the two groups and keeps statistics per federation."""
     from fedrnd.driver import simulate
     from fedrnd.driver.config import from_dict, validate
 
@@ -465,6 +597,8 @@ def test_nnx_batchnorm_dropout_model_trains_under_fedavg_fedbn_and_rnd(tmp_path,
            "model": {"name": "nnx_bn_mlp", "options": {"hidden": 16, "dropout": 0.1}},
            "local": {"batch_size": 16, "epochs": 1, "lr": 0.1},
            "algorithms": [{"name": "fedavg"}, {"name": "fedbn"},
+                          {"name": "fedavg", "label": "fedavg_bn_local",
+                           "options": {"batchnorm": "local"}},
                           {"name": "rnd", "options": {"predictor_steps": 100,
                                                       "predictor_batch": 32}}]}
     res = simulate(validate(from_dict(raw)), run_dir=tmp_path / "run", verbose=False)
@@ -477,3 +611,5 @@ def test_nnx_batchnorm_dropout_model_trains_under_fedavg_fedbn_and_rnd(tmp_path,
     fedavg_stats = res.methods["fedavg"].state["params"]["state"]["bn"]["mean"]
     assert fedavg_stats.ndim == 1 and not np.allclose(np.asarray(fedavg_stats), 0.0)
     assert res.methods["fedbn"].state["clients"]["model"]["state"]["bn"]["mean"].shape[0] == 8
+    assert {x.shape[0] for x in res.methods["fedavg_bn_local"].state["clients"]["batchnorm"]} \
+        == {8}
