@@ -104,9 +104,46 @@ def algorithm_options(name: str) -> list[str]:
     return [f.name for f in dataclasses.fields(ALGORITHMS[name]) if f.name != "engine"]
 
 
+DISCOVERY_BLOCK = "discovery"
+"""Options key of the nested RND discovery block: ``options = {discovery = {network = "mlp",
+predictor_steps = 200}}`` is the same method as the flat ``{network = "mlp",
+predictor_steps = 200}`` (:func:`expand_discovery`)."""
+
+
+def expand_discovery(name: str, options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` with a nested :data:`DISCOVERY_BLOCK` table flattened into the method's own
+    discovery options (the class's ``discovery_names``: block key -> option name; DisUE maps
+    ``eps`` to ``rnd_eps``, ...). One block, whatever method runs discovery; a key given both
+    in the block and flat, or one the method has no discovery option for, is an error."""
+    if DISCOVERY_BLOCK not in options:
+        return options
+    from fedrnd.algorithms._discovery import discovery_names
+
+    names = discovery_names(ALGORITHMS[name]) if name in ALGORITHMS else None
+    if names is None:
+        raise ValueError(f"algorithm {name!r} runs no RND discovery, so it takes no "
+                         f"{DISCOVERY_BLOCK!r} block")
+    block = options[DISCOVERY_BLOCK]
+    if not isinstance(block, dict):
+        raise ValueError(f"{DISCOVERY_BLOCK} must be a table of discovery options "
+                         f"({', '.join(names)}), got {block!r}")
+    unknown = sorted(set(block) - set(names))
+    if unknown:
+        raise ValueError(f"{DISCOVERY_BLOCK}: algorithm {name!r} has no discovery option(s) "
+                         f"{unknown}; allowed: {', '.join(names)}")
+    out = {k: v for k, v in options.items() if k != DISCOVERY_BLOCK}
+    twice = sorted(k for k in block if names[k] in out)
+    if twice:
+        raise ValueError(f"{DISCOVERY_BLOCK}: {twice} given both inside the block and as "
+                         f"plain options; give each once")
+    out.update({names[k]: v for k, v in block.items()})
+    return out
+
+
 def make_algorithm(name: str, engine: Engine, **options: Any) -> Algorithm:
     if name not in ALGORITHMS:
         raise ValueError(f"algorithm {name!r} is unknown; allowed: {sorted(ALGORITHMS)}")
+    options = expand_discovery(name, options)
     allowed = algorithm_options(name)
     bad = sorted(set(options) - set(allowed))
     if bad:
@@ -118,5 +155,6 @@ __all__ = ["ALGORITHMS", "ARTIFACT_KINDS", "Algorithm", "Artifact", "CFL", "Clie
            "DFedAvg", "DFedAvgM", "DPSGD", "DisUE", "FeSEM", "FedAvg", "FedProx", "Gossip", "IFCA",
            "Local", "MethodState", "Metrics", "NTKDFL", "OptionSpec", "PACFL", "RNDDFL", "Report",
            "SPARK", "SSDFL", "State", "SyncDFL", "PeriodicDFL", "RandomDFL", "RandomClusterDFL",
-           "algorithm_options", "cluster_assignment", "declared_options", "join_state",
+           "DISCOVERY_BLOCK", "algorithm_options", "cluster_assignment", "declared_options",
+           "expand_discovery", "join_state",
            "make_algorithm", "option", "option_doc", "register_algorithm", "split_state"]

@@ -56,6 +56,20 @@ def rnd_config(options: Mapping[str, Any], **fixed: Any) -> RNDConfig:
     return RNDConfig(**{RND_CONFIG_FIELDS[k]: v for k, v in options.items()}, **fixed)
 
 
+def discovery_names(cls: type) -> dict[str, str] | None:
+    """The nested ``discovery`` block's keys -> option names of method class ``cls``
+    (:func:`fedrnd.algorithms.expand_discovery`), or ``None`` when it runs no discovery: the
+    same names for the :class:`DiscoveryOptions` methods, a class's own ``discovery_aliases``
+    otherwise (DisUE: ``eps`` -> ``rnd_eps``, ...)."""
+    aliases = getattr(cls, "discovery_aliases", None)
+    if aliases is not None:
+        return dict(aliases)
+    if not (isinstance(cls, type) and issubclass(cls, DiscoveryOptions)):
+        return None
+    extra = ("attack", "defences") if issubclass(cls, FederationOptions) else ("attack",)
+    return {k: k for k in (*cls.discovery_options, *extra)}
+
+
 @dataclasses.dataclass(frozen=True)
 class DiscoveryOptions:
     """RND's predictors and scores: the options every discovery shares."""

@@ -310,6 +310,10 @@ class DisUE(Algorithm):
     proxy_size: int = option(512, low=1, doc="Proxy rows for ``distill = proxy``.")
     similarity_iters: int = option(10, low=1, doc="Lloyd iterations of the update-similarity "
                                                   "k-means.")
+    discovery_aliases: ClassVar[dict[str, str]] = {
+        "eps": "rnd_eps", "rule": "rnd_rule", "rnd_seed": "rnd_seed",
+        "predictor_steps": "rnd_predictor_steps", "network": "rnd_network"}
+    """The nested ``discovery`` block's keys -> DisUE's ``rnd_*`` options."""
     rnd_eps: float | str = same_option(FederationOptions, "eps")
     rnd_rule: str = same_option(FederationOptions, "rule")
     rnd_seed: int = same_option(FederationOptions, "rnd_seed")

@@ -108,6 +108,10 @@ class LocalConfig:
     under each kind's name.
     ``path``: ``auto`` (the exact low-rank fast path where it applies and pays), ``general`` or
     ``lowrank`` (forced; see :mod:`fedrnd.engine.lowrank`).
+    ``loss``: the clients' training loss (and the loss IFCA-style cluster choices compare):
+    ``cross_entropy`` (softmax cross-entropy) or ``mse`` (squared error of the model's outputs
+    against one-hot labels, :data:`fedrnd.engine.local.PER_EXAMPLE_LOSSES`); any other loss is a
+    Python function given to :class:`fedrnd.engine.Engine` ``loss``.
     """
 
     batch_size: int = 16
@@ -123,6 +127,7 @@ class LocalConfig:
     schedule_options: dict[str, float | dict[str, float]] = dataclasses.field(
         default_factory=dict)
     path: str = "auto"
+    loss: str = "cross_entropy"
 
 
 @dataclasses.dataclass
@@ -950,6 +955,7 @@ def _validate_model(cfg: Config) -> None:
 
 
 def _validate_local(cfg: Config, need: Callable[[bool, str], None]) -> None:
+    from fedrnd.engine.local import LOSSES
     from fedrnd.engine.optim import OPTAX_PREFIX, extra_optimizer_options, unknown_optimizer
 
     loc = cfg.local
@@ -997,6 +1003,12 @@ def _validate_local(cfg: Config, need: Callable[[bool, str], None]) -> None:
     paths = ("auto", "general", "lowrank")
     need(loc.path in paths, f"local.path={loc.path!r} is unknown"
                             f"{did_you_mean(loc.path, paths)}; allowed: {', '.join(paths)}")
+    need(isinstance(loc.loss, str) and loc.loss in LOSSES,
+         f"local.loss={loc.loss!r} is unknown{did_you_mean(loc.loss, LOSSES)}; allowed: "
+         f"{', '.join(LOSSES)} (another loss is a Python function: Engine(loss=...))")
+    need(loc.path != "lowrank" or loc.loss == "cross_entropy",
+         f"local.path = \"lowrank\" computes the cross-entropy loss; local.loss = {loc.loss!r} "
+         f"needs local.path = \"auto\" or \"general\"")
     opts = loc.schedule_options
     tables = [k for k, v in opts.items() if isinstance(v, dict)]
     if isinstance(loc.schedule, dict):  # one schedule per kind
@@ -1123,7 +1135,7 @@ class _Unbuilt:
 
 
 def _validate_algorithms(cfg: Config, need: Callable[[bool, str], None]) -> None:
-    from fedrnd.algorithms import ALGORITHMS
+    from fedrnd.algorithms import ALGORITHMS, DISCOVERY_BLOCK, expand_discovery
 
     need(len(cfg.algorithms) >= 1, "algorithms must list at least one method")
     tags = [a.tag for a in cfg.algorithms]
@@ -1137,6 +1149,14 @@ def _validate_algorithms(cfg: Config, need: Callable[[bool, str], None]) -> None
                                    f"{did_you_mean(a.name, list(ALGORITHMS))}; allowed: "
                                    f"{', '.join(sorted(ALGORITHMS))}")
         where, what = f"algorithms.{i}.options", f"algorithms.{i}.name = {a.name!r}"
+        if DISCOVERY_BLOCK in a.options:
+            # The nested discovery block is the flat options under one key; the config keeps
+            # the flat form from here on (config.json, cell keys), so both spell one method.
+            try:
+                a.options = expand_discovery(a.name, dict(a.options))
+            except ValueError as e:
+                msg = str(e).removeprefix(f"{DISCOVERY_BLOCK}: ")
+                raise ValueError(f"config: {where}.{DISCOVERY_BLOCK}: {msg} ({what})") from None
         params = algorithm_parameters(a.name)
         for k, v in a.options.items():
             if k not in params:

@@ -120,3 +120,33 @@ def test_attack_table_from_a_config_file_reaches_the_run(tmp_path):
     with pytest.raises(ValueError, match=r"algorithms\.0\.options\.attack: row attack must be"):
         simulate(bad)
     assert not out.exists()
+
+
+def test_nested_discovery_block_is_the_flat_options(setup, tmp_path):
+    # One block for every method that runs discovery (DisUE's rnd_* names included); the
+    # config keeps the flat form, so both spellings are one method (and one cell key).
+    _, _, engine, _ = setup
+    from fedrnd.algorithms import expand_discovery
+
+    nested = make_algorithm("rnd", engine, discovery={"network": "mlp", "predictor_steps": 50,
+                                                      "attack": {"row": "zeros",
+                                                                 "clients": [1]}})
+    flat = make_algorithm("rnd", engine, network="mlp", predictor_steps=50,
+                          attack={"row": "zeros", "clients": [1]})
+    assert nested == flat and hash(nested) == hash(flat)
+    assert expand_discovery("disue", {"discovery": {"eps": 0.5, "network": "mlp"}}) == {
+        "rnd_eps": 0.5, "rnd_network": "mlp"}
+    cfg = load_config(DEFAULT, ['algorithms=[{name="rnd", options={tau=5, discovery={'
+                                'network="mlp", predictor_steps=50}}}]'])
+    from fedrnd.driver.config import validate
+
+    validate(cfg)
+    assert cfg.algorithms[0].options == {"tau": 5, "network": "mlp", "predictor_steps": 50}
+    for opts, message in (('{discovery={netwrk="mlp"}}', r"algorithms\.0\.options\.discovery"
+                                                          r": algorithm 'rnd' has no discovery "
+                                                          r"option\(s\) \['netwrk'\]"),
+                          ('{network="mlp", discovery={network="mlp"}}', r"given both"),
+                          ('{discovery={}}', r"no RND discovery")):
+        name = "fedavg" if "{}" in opts else "rnd"
+        with pytest.raises(ValueError, match=message):
+            load_config(DEFAULT, [f'algorithms=[{{name="{name}", options={opts}}}]'])
