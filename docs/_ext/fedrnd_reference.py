@@ -118,6 +118,9 @@ FIELD_DOCS: dict[str, str] = {
     "local.schedule_options": "Options of the schedule (an optax schedule's keywords).",
     "local.path": "Local training path: ``auto`` (the exact low-rank fast path where it "
                   "applies and pays), ``general`` or ``lowrank`` (forced).",
+    "local.loss": "Training loss of the clients: ``cross_entropy`` (softmax cross-entropy) or "
+                  "``mse`` (squared error of the outputs against one-hot labels); any other "
+                  "loss is a Python function, ``Engine(loss=...)``.",
     "divergence.action": "``stop`` (status ``failed``), ``warn`` or ``off``.",
     "divergence.loss_factor": "Diverged when the mean training loss exceeds this times "
                               "max(ln classes, 1).",

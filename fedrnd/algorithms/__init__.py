@@ -28,6 +28,7 @@ from fedrnd.algorithms.base import (
     State,
     cluster_assignment,
     join_state,
+    method_family,
     split_state,
 )
 from fedrnd.algorithms.cfl import CFL
@@ -157,4 +158,4 @@ __all__ = ["ALGORITHMS", "ARTIFACT_KINDS", "Algorithm", "Artifact", "CFL", "Clie
            "SPARK", "SSDFL", "State", "SyncDFL", "PeriodicDFL", "RandomDFL", "RandomClusterDFL",
            "DISCOVERY_BLOCK", "algorithm_options", "cluster_assignment", "declared_options",
            "expand_discovery", "join_state",
-           "make_algorithm", "option", "option_doc", "register_algorithm", "split_state"]
+           "make_algorithm", "method_family", "option", "option_doc", "register_algorithm", "split_state"]

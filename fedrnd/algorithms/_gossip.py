@@ -47,6 +47,7 @@ class Gossip(Algorithm):
     """Shared machinery: per-node models and optimizer state, a graph, local work, gossip."""
 
     name: ClassVar[str] = "gossip"
+    family: ClassVar[str] = "decentralized"
     topology: str = option("ring", doc="A topology of :data:`fedrnd.graphs.TOPOLOGIES` "
                                        "(``ring``, ``grid``, ``random_geometric``, "
                                        "``erdos_renyi``, ``d_regular``, ``small_world``, "

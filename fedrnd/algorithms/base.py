@@ -30,7 +30,8 @@ them all generically, and ``fedrnd list`` and the config reference show them fro
 declaration. A method's own ``validate`` adds only checks across options or against the data.
 
 Class attributes (metadata the driver reads, so that it holds no method names):
-``clusters_clients``, ``input_only``, ``clusters_in_round``, ``finetune_baseline``.
+``clusters_clients``, ``input_only``, ``clusters_in_round``, ``finetune_baseline``,
+``family`` (:func:`method_family`).
 
 What the driver reads of a method, in one place: the state keys of :class:`MethodState`
 (through :func:`split_state`, :func:`join_state` and :func:`cluster_assignment`, never by
@@ -132,6 +133,16 @@ def join_state(rest: State, clients: ClientState | None) -> State:
     return rest if clients is None else {**rest, CLIENTS: clients}
 
 
+def method_family(cls: type | Any) -> str:
+    """The family of a method class (or instance): its ``family`` when set, else
+    ``"clustered"`` for methods that cluster clients and ``"centralized"`` for the rest."""
+    cls = cls if isinstance(cls, type) else type(cls)
+    family = getattr(cls, "family", None)
+    if family:
+        return family
+    return "clustered" if getattr(cls, "clusters_clients", False) else "centralized"
+
+
 def cluster_assignment(state: Any) -> jax.Array | None:
     """``state["clients"]["cluster_id"]`` (``[C]``) when the method keeps one, else ``None``."""
     clients = state.get(CLIENTS) if isinstance(state, Mapping) else None
@@ -217,6 +228,12 @@ class Algorithm:
     """True for the method whose fine-tuned evaluation is the usual personalisation baseline
     (FedAvg + fine-tune): ``fedrnd compare`` adds a ``<label>+ft`` row for it when it runs
     with its default options."""
+    family: ClassVar[str | None] = None
+    """The group of methods whose curves share a figure when a run compares methods of several
+    groups (``accuracy_<family>.png``): ``"centralized"`` (one server, one model or one per
+    client), ``"clustered"`` (one server, a model per cluster) or ``"decentralized"`` (no
+    server: gossip over a graph), or a plug-in's own word. Unset, it follows
+    ``clusters_clients``; read it with :func:`method_family`."""
 
     def init(self, key: jax.Array, data: FederatedData, hp: ClientHParams) -> State:
         raise NotImplementedError

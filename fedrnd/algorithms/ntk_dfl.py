@@ -130,6 +130,7 @@ class NTKDFL(Algorithm):
     """NTK-DFL (see the module docstring); SPARK's parts are options, off here."""
 
     name: ClassVar[str] = "ntk_dfl"
+    family: ClassVar[str] = "decentralized"
     topology: str = option("d_regular", doc="A random topology of :mod:`fedrnd.graphs`, "
                                             "redrawn every round.")
     graph: dict[str, Any] = option(default_factory=lambda: {"degree": 5},

@@ -119,6 +119,9 @@ def run_report(result) -> str:
         lines.append(f"mean client test accuracy: {accs}")
     run_dir = Path(result.run_dir)
     lines.append(f"accuracy vs round: {run_dir / 'accuracy.png'}")
+    per_family = sorted(run_dir.glob("accuracy_*.png"))
+    if per_family:
+        lines.append(f"per method family: {', '.join(str(p) for p in per_family)}")
     for tag in result.methods:
         figs = sorted(p for p in (run_dir / tag).glob("*.png"))
         if figs:

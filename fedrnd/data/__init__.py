@@ -45,6 +45,7 @@ from fedrnd.data.sources import (
     synthetic,
     tfds_source,
 )
+from fedrnd.data.tff import read_tff_h5, tff_emnist, tff_shakespeare
 
 __all__ = [
     "Dataset", "FederatedData", "Partition", "build_federated", "check_dataset",
@@ -61,4 +62,6 @@ __all__ = [
     "read_idx", "register_source", "synthetic", "tfds_source",
     # LEAF (natural federated data)
     "SHAKESPEARE_VOCAB", "femnist", "leaf_users", "shakespeare",
+    # TensorFlow Federated h5 files (natural federated data; needs h5py)
+    "read_tff_h5", "tff_emnist", "tff_shakespeare",
 ]

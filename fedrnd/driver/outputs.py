@@ -6,6 +6,8 @@ Run directory layout::
     <run_dir>/metadata.json       versions, devices, XLA flags, git commit, data summary
     <run_dir>/summary.md|.csv     one row per method (printed at the end)
     <run_dir>/accuracy.png        mean client test accuracy vs round, all methods
+    <run_dir>/accuracy_<family>.png   the same per method family (centralized, clustered,
+                                  decentralized), when the methods span several
     <run_dir>/<method>/metrics.jsonl, metrics.csv, final.json, per_client.npz, checkpoints/
     <run_dir>/<method>/<artifact>.npz|.png|.json   what the method's report found (novelty
                                   matrix, federations, graph), see :func:`write_report`
@@ -200,6 +202,29 @@ def accuracy_figure(methods: dict[str, Any], title: str = ""):
 def plot_accuracy(path: Path, methods: dict[str, Any], title: str = "") -> None:
     """Mean client test accuracy vs round for every method (PNG, :func:`accuracy_figure`)."""
     save_figure(accuracy_figure(methods, title), path)
+
+
+def plot_accuracy_by_family(run_dir: Path, methods: dict[str, Any], families: Mapping[str, str],
+                            title: str = "") -> list[Path]:
+    """``accuracy_<family>.png``, one figure per method family, when the methods span several.
+
+    ``families`` maps a method's label to its family (the method class's metadata,
+    :func:`fedrnd.algorithms.method_family`). With a dozen methods in one figure the lines of
+    one family (the clustered methods, say) are hard to tell apart; a figure per family
+    compares the methods that share a setting. Returns the paths written (none when all
+    methods share one family: ``accuracy.png`` already is that figure).
+    """
+    groups: dict[str, dict[str, Any]] = {}
+    for tag, res in methods.items():
+        groups.setdefault(families.get(tag, "other"), {})[tag] = res
+    if len(groups) < 2:
+        return []
+    paths = []
+    for family, members in groups.items():
+        path = Path(run_dir) / f"accuracy_{re.sub(r'[^A-Za-z0-9_.+-]', '_', family)}.png"
+        save_figure(accuracy_figure(members, f"{title} ({family})" if title else family), path)
+        paths.append(path)
+    return paths
 
 
 def plot_matrix(path: Path, matrix: np.ndarray, group: np.ndarray, title: str = "",

@@ -165,4 +165,4 @@ def build_engine(cfg: Config, data: FederatedData) -> tuple[Engine, ClientHParam
             mapper._check_divisible(np.zeros(cfg.cohort_size))
     spec = LocalSpec(loc.batch_size, loc.epochs, loc.steps)
     hp = mapper.shard(hp)
-    return Engine(model, spec, opt, mapper, schedule, path=loc.path), hp, mapper
+    return Engine(model, spec, opt, mapper, schedule, loss=loc.loss, path=loc.path), hp, mapper

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedrnd.algorithms import Algorithm, make_algorithm
+from fedrnd.algorithms import Algorithm, make_algorithm, method_family
 from fedrnd.algorithms.base import TRAIN_LOSS, State, join_state, split_state
 from fedrnd.data.drift import DriftingData
 from fedrnd.data.federated import FederatedData, check_federated
@@ -271,6 +271,9 @@ def _run_methods(cfg: Config, setup: _Setup, run: _Run, resume: bool) -> Simulat
         if distributed.is_primary():
             outputs.write_summary(run.run_dir, results)
             outputs.plot_accuracy(run.run_dir / "accuracy.png", results, title=cfg.name)
+            outputs.plot_accuracy_by_family(
+                run.run_dir, results, {tag: method_family(alg) for tag, alg in setup.algorithms},
+                title=cfg.name)
     except KeyboardInterrupt:
         # A second Ctrl-C, or one outside the rounds loop: the last checkpoint stands.
         raise run.interrupted(checkpointed=None) from None

@@ -20,7 +20,7 @@ from fedrnd.engine.core import Engine, client_keys, sample_cohort
 from fedrnd.engine.evaluate import clustering_scores, evaluate_clients, summarize
 from fedrnd.engine.finetune import finetune_clients, finetune_evaluate, finetune_key
 from fedrnd.engine.ledger import comm, per_client, tree_bytes
-from fedrnd.engine.local import LocalSpec, cross_entropy_loss, local_train
+from fedrnd.engine.local import LOSSES, LocalSpec, cross_entropy_loss, local_train, named_loss
 from fedrnd.engine.optim import (
     OPTIMIZERS,
     SERVER_OPTIMIZERS,
@@ -41,6 +41,7 @@ __all__ = [
     "ClientOptimizer",
     "EdgeList",
     "Engine",
+    "LOSSES",
     "LocalSpec",
     "broadcast",
     "client_hparams",
@@ -62,6 +63,7 @@ __all__ = [
     "local_train",
     "lr_schedule",
     "make_mesh",
+    "named_loss",
     "per_client",
     "register_optimizer",
     "sample_cohort",

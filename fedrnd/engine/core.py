@@ -29,12 +29,13 @@ from fedrnd.data.federated import FederatedData
 from fedrnd.engine import lowrank
 from fedrnd.engine.clientmap import ClientMapper
 from fedrnd.engine.local import (
+    LOSSES,
     LocalSpec,
     LossFn,
     TrainLoss,
-    cross_entropy_loss,
     local_train,
     model_loss,
+    named_loss,
 )
 from fedrnd.engine.optim import ClientHParams, ClientOptimizer
 from fedrnd.models import Model
@@ -60,25 +61,34 @@ def sample_cohort(key: jax.Array, num_clients: int, cohort_size: int) -> jax.Arr
 
 @dataclasses.dataclass(frozen=True)
 class Engine:
-    """Static description of client work. Hashable, so it can close over jitted functions."""
+    """Static description of client work. Hashable, so it can close over jitted functions.
+
+    ``loss``: ``None`` or a name of :data:`~fedrnd.engine.local.LOSSES` (``"cross_entropy"``,
+    the default, or ``"mse"``), which runs any model, through ``Model.train_apply`` when it has
+    dropout or state; or a user :data:`~fedrnd.engine.local.LossFn` ``(params, x, y, mask)``,
+    for models without dropout or state.
+    """
 
     model: Model
     local: LocalSpec = LocalSpec()
     optimizer: ClientOptimizer = ClientOptimizer()
     mapper: ClientMapper = ClientMapper()
     schedule: Callable[[jax.Array], jax.Array] | None = None
-    loss: LossFn | None = None
+    loss: LossFn | str | None = None
     path: str = "auto"
 
     def __post_init__(self):
         if self.path not in lowrank.PATHS:
             raise ValueError(f"Engine path={self.path!r} is unknown; allowed: {list(lowrank.PATHS)}")
-        if self.loss is not None and not self.model.plain:
+        if isinstance(self.loss, str) and self.loss not in LOSSES:
+            raise ValueError(f"Engine loss={self.loss!r} is unknown; allowed: "
+                             f"{', '.join(LOSSES)} or a function (params, x, y, mask)")
+        if callable(self.loss) and not self.model.plain:
             raise ValueError(f"Engine loss: a custom loss takes (params, x, y, mask) and cannot "
                              f"run model {self.model.name!r}, which has dropout or state "
-                             f"(Model.train_apply); use the default loss")
+                             f"(Model.train_apply); use a named loss ({', '.join(LOSSES)})")
         if self.path == "lowrank":
-            reason = lowrank.why_not(self.model, self.optimizer, self.loss)
+            reason = lowrank.why_not(self.model, self.optimizer, self._other_loss)
             if reason:
                 raise ValueError(f"Engine path='lowrank' cannot be used: {reason}")
 
@@ -88,7 +98,7 @@ class Engine:
             return False
         if self.path == "lowrank":
             return True
-        if lowrank.why_not(self.model, self.optimizer, self.loss) is not None:
+        if lowrank.why_not(self.model, self.optimizer, self._other_loss) is not None:
             return False
         return lowrank.pays(self.model, self.local, data.train_idx.shape[1], slots=slots,
                             materialize=materialize)
@@ -102,15 +112,24 @@ class Engine:
                            data.x, data.y, self.lr_scale(round_idx), num_slots=num_slots)
 
     @property
+    def _other_loss(self) -> LossFn | str | None:
+        """``loss`` unless it is the default cross-entropy (the one the low-rank path computes)."""
+        return None if self.loss is None or self.loss == "cross_entropy" else self.loss
+
+    @property
     def loss_fn(self) -> LossFn:
         """The loss of a model tree in evaluation mode (IFCA's cluster choice, scores)."""
-        return self.loss or cross_entropy_loss(self.model.apply)
+        if callable(self.loss):
+            return self.loss
+        return named_loss(self.loss or "cross_entropy", self.model.apply)
 
     @property
     def train_loss(self) -> LossFn | TrainLoss:
         """The local training loss: :attr:`loss_fn`, or a :class:`~fedrnd.engine.local.TrainLoss`
         through ``Model.train_apply`` for a model with dropout or state."""
-        return self.loss or model_loss(self.model)
+        if callable(self.loss):
+            return self.loss
+        return model_loss(self.model, self.loss or "cross_entropy")
 
     def lr_scale(self, round_idx: jax.Array) -> jax.Array:
         """The lr multiplier of every client at ``round_idx`` (the engine's ``schedule``)."""

@@ -81,27 +81,59 @@ class LocalSpec:
         return self.epochs * self.steps_per_epoch(max_count)
 
 
-def cross_entropy_loss(apply: Callable[[PyTree, jax.Array], jax.Array]) -> LossFn:
-    """Masked mean softmax cross-entropy of a model's logits."""
+def _squared_error(logits: jax.Array, y: jax.Array) -> jax.Array:
+    """``[B]``: mean over classes of ``(logits - one_hot(y))**2``."""
+    target = jax.nn.one_hot(y, logits.shape[-1], dtype=logits.dtype)
+    return jnp.mean(jnp.square(logits - target), axis=-1)
+
+
+PER_EXAMPLE_LOSSES: dict[str, Callable[[jax.Array, jax.Array], jax.Array]] = {
+    "cross_entropy": optax.softmax_cross_entropy_with_integer_labels,
+    "mse": _squared_error,
+}
+"""The named losses (``local.loss``): ``(logits [B, K], y [B]) -> [B]``. ``cross_entropy`` is
+softmax cross-entropy (the default); ``mse`` is the squared error of the raw outputs against
+one-hot labels, averaged over the ``K`` classes (the square loss of Hui and Belkin, ICLR 2021)."""
+
+LOSSES = tuple(PER_EXAMPLE_LOSSES)
+"""The names :class:`~fedrnd.engine.Engine` ``loss`` and ``local.loss`` accept."""
+
+
+def _per_example(name: str) -> Callable[[jax.Array, jax.Array], jax.Array]:
+    if name not in PER_EXAMPLE_LOSSES:
+        raise ValueError(f"loss {name!r} is unknown; allowed: {', '.join(LOSSES)}")
+    return PER_EXAMPLE_LOSSES[name]
+
+
+def named_loss(name: str, apply: Callable[[PyTree, jax.Array], jax.Array]) -> LossFn:
+    """Masked mean of the named per-example loss (:data:`PER_EXAMPLE_LOSSES`) of a model's
+    outputs."""
+    per_example = _per_example(name)
 
     def loss(params, x, y, mask):
-        logits = apply(params, x)
-        per = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+        per = per_example(apply(params, x), y)
         return jnp.sum(per * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
     return loss
 
 
-def model_loss(model: Any) -> LossFn | TrainLoss:
-    """The default local loss of a :class:`~fedrnd.models.Model`: masked softmax
-    cross-entropy, through ``train_apply`` (a :class:`TrainLoss`) when the model has one."""
+def cross_entropy_loss(apply: Callable[[PyTree, jax.Array], jax.Array]) -> LossFn:
+    """Masked mean softmax cross-entropy of a model's logits."""
+    return named_loss("cross_entropy", apply)
+
+
+def model_loss(model: Any, name: str = "cross_entropy") -> LossFn | TrainLoss:
+    """The local loss of a :class:`~fedrnd.models.Model` named ``name`` (default masked
+    softmax cross-entropy), through ``train_apply`` (a :class:`TrainLoss`) when the model has
+    one."""
     if model.train_apply is None and not model.stateful:
-        return cross_entropy_loss(model.apply)
+        return named_loss(name, model.apply)
+    per_example = _per_example(name)
     train_apply = model.train_apply or (lambda p, x, _k: (model.apply(p, x), model.split(p)[1]))
 
     def fn(trainable, state, x, y, mask, key):
         logits, new_state = train_apply(model.merge(trainable, state), x, key)
-        per = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+        per = per_example(logits, y)
         return jnp.sum(per * mask) / jnp.maximum(jnp.sum(mask), 1.0), new_state
 
     return TrainLoss(fn, model.split, model.merge)

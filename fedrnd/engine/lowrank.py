@@ -108,7 +108,9 @@ def why_not(model: Model, optimizer: ClientOptimizer, loss: Any = None) -> str |
     if model.dense is None:
         return (f"model {model.name!r} does not declare a dense layer stack (Model.dense); the "
                 f"low-rank path needs dense layers with an elementwise activation")
-    if loss is not None:
+    if isinstance(loss, str) and loss != "cross_entropy":
+        return f"loss {loss!r} is set; the low-rank path computes the default cross-entropy"
+    if loss is not None and not isinstance(loss, str):
         return "a custom loss is set; the low-rank path computes the default cross-entropy"
     bad = [k for k in optimizer.kinds if k not in LINEAR_KINDS]
     if bad:

@@ -153,6 +153,7 @@ CASES = [
      ["local.optimizer_options.momentun", "did you mean 'momentum'"]),
     ("schedule-typo", _s("local.schedule=cosin"), ["local.schedule", "did you mean 'cosine'"]),
     ("negative-lr", _s("local.lr=-0.1"), ["local.lr", "> 0"]),
+    ("loss-typo", _s("local.loss=mes"), ["local.loss", "did you mean 'mse'", "cross_entropy"]),
     ("seed-negative", _s("seed=-1"), ["config: seed must be an integer >= 0"]),
     ("seed-float", _s("seed=1.5"), ["config: seed must be an integer >= 0"]),
     ("rounds-string", _s('rounds="ten"'), ["rounds", "an integer"]),

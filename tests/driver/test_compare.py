@@ -86,6 +86,11 @@ def test_tiny_grid_table_and_resume(tmp_path, fedavg_k, monkeypatch):
     for name in ("rot", "iid"):
         assert (tmp_path / "out" / "figures" / f"tiny_{name}.png").is_file()
         assert f"figures/tiny_{name}.png" in text
+    # fedavg and fedavg_k (which clusters clients) are two families: a figure for each too.
+    assert (tmp_path / "out" / "figures" / "tiny_rot_centralized.png").is_file()
+    assert "figures/tiny_rot_clustered.png" in text
+    # On iid fedavg_k does not run: one family, no per-family figures.
+    assert not list((tmp_path / "out" / "figures").glob("tiny_iid_*.png"))
 
     # Table figures are the mean and sample std over the cached seeds.
     accs = [records[("rot", "fedavg", s)]["final"]["test_acc/mean"] for s in (0, 1)]

@@ -164,3 +164,21 @@ def test_checkpoint_restores_grown_shapes(tmp_path):
     ck.close()
     assert meta["round"] == 3
     np.testing.assert_array_equal(np.asarray(state["slots"]), np.arange(8.0).reshape(4, 2))
+
+
+def test_methods_of_two_families_get_one_accuracy_figure_per_family(tmp_path):
+    from fedrnd.algorithms import ALGORITHMS, method_family
+
+    # The families come from the method classes' metadata, not from names in the driver.
+    assert {n: method_family(ALGORITHMS[n]) for n in ("fedavg", "local", "ifca", "dpsgd")} == {
+        "fedavg": "centralized", "local": "centralized", "ifca": "clustered",
+        "dpsgd": "decentralized"}
+    res = simulate(_cfg(rounds=2, eval_every=1, checkpoint_every=2, algorithms=[
+        AlgorithmConfig("fedavg"), AlgorithmConfig("local"),
+        AlgorithmConfig("ifca", {"num_clusters": 2})]), run_dir=tmp_path / "fam", verbose=False)
+    figs = sorted(p.name for p in res.run_dir.glob("accuracy*.png"))
+    assert figs == ["accuracy.png", "accuracy_centralized.png", "accuracy_clustered.png"]
+    # One family only (the default fedavg + local): accuracy.png is already that figure.
+    one = simulate(_cfg(rounds=2, eval_every=1, checkpoint_every=2), run_dir=tmp_path / "one",
+                   verbose=False)
+    assert sorted(p.name for p in one.run_dir.glob("accuracy*.png")) == ["accuracy.png"]

@@ -155,14 +155,18 @@ def scenario_table(rows: list[dict[str, Any]]) -> str:
 
 
 def plot_scenario(path: Path, grid: Grid, scenario: Scenario,
-                  records: dict[tuple[str, str, int], dict]) -> bool:
-    """Mean (over seeds) client test accuracy vs round per method; ``x`` marks +FT at the end."""
+                  records: dict[tuple[str, str, int], dict], family: str = "") -> bool:
+    """Mean (over seeds) client test accuracy vs round per method; ``x`` marks +FT at the end.
+
+    ``family``: draw only the methods of that family (:func:`method_families`)."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(7, 4.2), dpi=110)
     ax = fig.subplots()
     drawn = False
-    for i, m in enumerate(grid.methods):
+    families = method_families(grid) if family else {}
+    methods = [m for m in grid.methods if not family or families[m.label] == family]
+    for i, m in enumerate(methods):
         recs = [records[k] for k in ((scenario.name, m.label, s) for s in grid.seeds)
                 if k in records]
         if not recs:
@@ -188,13 +192,22 @@ def plot_scenario(path: Path, grid: Grid, scenario: Scenario,
         return False
     ax.set_xlabel("round")
     ax.set_ylabel("mean client test accuracy")
-    ax.set_title(f"{scenario.name} (mean ± std over seeds; x = after fine-tuning)")
+    ax.set_title(f"{scenario.name}{', ' + family if family else ''} (mean ± std over seeds; "
+                 f"x = after fine-tuning)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2, loc="lower right")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     outputs.save_figure(fig, path)
     return True
+
+
+def method_families(grid: Grid) -> dict[str, str]:
+    """Method label -> family (centralized, clustered, decentralized), from the method classes'
+    metadata (:func:`fedrnd.algorithms.method_family`)."""
+    from fedrnd.algorithms import ALGORITHMS, method_family
+
+    return {m.label: method_family(ALGORITHMS[m.name]) for m in grid.methods}
 
 
 def _machine() -> dict[str, str]:
@@ -337,5 +350,14 @@ def write_report(grid: Grid, records: dict[tuple[str, str, int], dict]) -> Path:
         if plot_scenario(fig, grid, s, records):
             rel = os.path.relpath(fig, out.parent)
             lines += [f"![accuracy vs round, {s.name}]({rel})", ""]
+        ran = method_families(grid)
+        families = list(dict.fromkeys(
+            f for label, f in ran.items()
+            if any((s.name, label, seed) in records for seed in grid.seeds)))
+        for family in families if len(families) > 1 else ():
+            fig = fig_dir / f"{grid.name}_{s.name}_{family}.png"
+            if plot_scenario(fig, grid, s, records, family):
+                rel = os.path.relpath(fig, out.parent)
+                lines += [f"![accuracy vs round, {s.name}, {family} methods]({rel})", ""]
     rundir.write_text(out, "\n".join(lines).rstrip() + "\n")
     return out
