@@ -261,5 +261,5 @@ def test_options_are_checked(small_fed):
         NTKDFL(Engine(model), topology="erdos_renyi", graph={"p": 0.3}).validate(data)
     with pytest.raises(ValueError, match="same in every draw"):
         NTKDFL(Engine(model), topology="ring", graph={}).validate(data)
-    with pytest.raises(ValueError, match="projection dimension"):
+    with pytest.raises(ValueError, match="proj_dim must be an integer >= 1"):
         SPARK(Engine(model), proj_dim=0).validate(data)
