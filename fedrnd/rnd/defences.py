@@ -220,12 +220,19 @@ def robust_statistic(stat: np.ndarray, err: np.ndarray, defences: Defences
     err = np.asarray(err, np.float64)
     if defences.robust != "clip":  # "direction" clips before the directions are averaged
         return stat, err
-    fin = err[np.isfinite(err)]
+    return _floor_and_cap(stat, err, np.isfinite(err), defences.clip)
+
+
+def _floor_and_cap(value: np.ndarray, err: np.ndarray, scale_from: np.ndarray, clip: float
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """``value`` floored at ``-clip * e`` and ``err`` capped at ``ERR_CAP * e`` wherever
+    ``err`` is finite, ``e`` the median of ``err[scale_from]`` (unchanged when empty)."""
+    fin = err[scale_from]
     if fin.size == 0:
-        return stat, err
+        return value, err
     e = float(np.median(fin))
     ok = np.isfinite(err)
-    return (np.where(ok, np.maximum(stat, -defences.clip * e), stat),
+    return (np.where(ok, np.maximum(value, -clip * e), value),
             np.where(ok, np.minimum(err, ERR_CAP * e), err))
 
 
@@ -244,14 +251,8 @@ def robust_directions(r: np.ndarray, sr: np.ndarray, defences: Defences | None,
         return r, sr
     ok = np.isfinite(sr)
     if diagonal:
-        ok = ok & ~np.eye(r.shape[0], dtype=bool)
-    fin = sr[ok]
-    if fin.size == 0:
-        return r, sr
-    e = float(np.median(fin))
-    fin_all = np.isfinite(sr)
-    return (np.where(fin_all, np.maximum(r, -defences.clip * e), r),
-            np.where(fin_all, np.minimum(sr, ERR_CAP * e), sr))
+        ok[np.diag_indices(r.shape[0])] = False
+    return _floor_and_cap(r, sr, ok, defences.clip)
 
 
 ERR_CAP = 10.0

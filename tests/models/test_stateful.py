@@ -419,6 +419,18 @@ def test_local_layers_are_the_batchnorm_state_scale_and_bias():
     assert not any(jax.tree.leaves(plain.local_layers(plain.init(jax.random.key(0)))))
 
 
+def _fedbn_reference_round(engine, data, hp, local, shared, mine, w, key, r):
+    """One FedBN round by hand: every client starts from the shared leaves and its own
+    BatchNorm leaves (``local`` marks them), trains with the engine, and the server averages
+    the trained models by sample count in float64. Returns ``(per-client models, mean)``."""
+    start = jax.tree.map(lambda keep, s, c: c if keep else jnp.broadcast_to(s, c.shape),
+                         local, shared, mine)
+    want, _, _ = engine.train(shared, data, hp, jax.random.split(key)[1], jnp.int32(r),
+                              client_params=start)
+    return want, jax.tree.map(
+        lambda a: np.tensordot(w, np.asarray(a, np.float64), 1) / w.sum(), want)
+
+
 def test_fedbn_averages_the_shared_weights_and_keeps_each_clients_batchnorm(fedbn):
     """Two FedBN rounds against a per-client reference: each client starts from the shared
     weights and its own BatchNorm layers of the round before; the server's shared weights are
@@ -437,12 +449,7 @@ def test_fedbn_averages_the_shared_weights_and_keeps_each_clients_batchnorm(fedb
     for r in range(2):
         key = jax.random.key(10 + r)
         state, m = jax.jit(alg.round)(state, data, key)
-        start = jax.tree.map(lambda keep, s, c: c if keep else jnp.broadcast_to(s, c.shape),
-                             local, shared, mine)
-        want, _, _ = engine.train(shared, data, hp, jax.random.split(key)[1], jnp.int32(r),
-                                  client_params=start)
-        mine, shared = want, jax.tree.map(
-            lambda a: np.tensordot(w, np.asarray(a, np.float64), 1) / w.sum(), want)
+        mine, shared = _fedbn_reference_round(engine, data, hp, local, shared, mine, w, key, r)
         for a, b in zip(jax.tree.leaves(state["clients"]["model"]), jax.tree.leaves(mine),
                         strict=True):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
@@ -535,12 +542,7 @@ def test_fedavg_batchnorm_local_is_fedbn_against_a_per_client_reference_and_the_
         key = jax.random.key(10 + r)
         state, m = jax.jit(alg.round)(state, data, key)
         pstate, _ = jax.jit(plugin.round)(pstate, data, key)
-        start = jax.tree.map(lambda keep, s, c: c if keep else jnp.broadcast_to(s, c.shape),
-                             local, shared, mine)
-        want, _, _ = engine.train(shared, data, hp, jax.random.split(key)[1], jnp.int32(r),
-                                  client_params=start)
-        mine, shared = want, jax.tree.map(
-            lambda a: np.tensordot(w, np.asarray(a, np.float64), 1) / w.sum(), want)
+        mine, shared = _fedbn_reference_round(engine, data, hp, local, shared, mine, w, key, r)
         for a, b in zip(state["clients"]["batchnorm"], local_leaves(mine, local), strict=True):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
         for a, b in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(shared), strict=True):
