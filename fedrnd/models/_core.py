@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fedrnd.models import banded
+
 Params = Any
 
 
@@ -46,6 +48,9 @@ class Model:
     ``train_apply(params, x, key) -> (logits, state)``, when set, is the training forward pass
     (dropout drawn from ``key``, state updated and returned; ``None`` when not stateful);
     ``None`` means training uses ``apply``.
+    ``reference_apply``: when ``apply`` is a faster re-expression of the same function (the
+    built-in CNN's banded convolutions on a CPU, :mod:`fedrnd.models.banded`), the plain
+    forward pass it stands for; :func:`count_flops` counts that one's FLOPs.
     """
 
     init: Callable[[jax.Array], Params]
@@ -56,6 +61,7 @@ class Model:
     dense: DenseStack | None = None
     train_apply: Callable[[Params, jax.Array, jax.Array], tuple[jax.Array, Any]] | None = None
     stateful: bool = False
+    reference_apply: Callable[[Params, jax.Array], jax.Array] | None = None
 
     @property
     def plain(self) -> bool:
@@ -482,7 +488,18 @@ def make_model(name: str, feature_shape: Sequence[int], num_classes: int, **kwar
     if is_nnx_builder(builder):
         return from_nnx(lambda rngs: builder(num_classes, **_nnx_supplied(
             builder, feature_shape, rngs), **kwargs), feature_shape, num_classes, name)
-    return from_flax(module, feature_shape, num_classes, name, _dense_stack(module))
+    model = from_flax(module, feature_shape, num_classes, name, _dense_stack(module))
+    if type(module) is CNN and _banded_fits(model.feature_shape):
+        model = dataclasses.replace(model, apply=banded.cnn_apply, reference_apply=model.apply)
+    return model
+
+
+def _banded_fits(feature_shape: tuple[int, ...]) -> bool:
+    """Whether the built-in CNN runs its banded-matrix convolutions (:mod:`fedrnd.models.
+    banded`): on a CPU (where they beat XLA's convolution several times over), for images up
+    to :data:`~fedrnd.models.banded.BANDED_MAX_WIDTH` pixels wide."""
+    return (jax.default_backend() == "cpu" and len(feature_shape) == 3
+            and feature_shape[1] <= banded.BANDED_MAX_WIDTH)
 
 
 def _dense_stack(module: nn.Module) -> DenseStack | None:
@@ -495,10 +512,12 @@ def _dense_stack(module: nn.Module) -> DenseStack | None:
 
 
 def count_flops(model: Model, batch: int = 1) -> float:
-    """Forward FLOPs for a batch, from XLA's cost analysis (multiply-adds count as 2)."""
+    """Forward FLOPs for a batch, from XLA's cost analysis (multiply-adds count as 2), of the
+    model's plain forward pass (``reference_apply`` when set: the arithmetic of the function,
+    not of a faster layout that does more of it)."""
     params = jax.eval_shape(model.init, jax.random.key(0))
     x = jax.ShapeDtypeStruct((batch, *model.feature_shape), jnp.float32)
-    cost = jax.jit(model.apply).lower(params, x).compile().cost_analysis()
+    cost = jax.jit(model.reference_apply or model.apply).lower(params, x).compile().cost_analysis()
     if isinstance(cost, list):
         cost = cost[0]
     return float(cost.get("flops", 0.0)) if cost else 0.0

@@ -25,9 +25,9 @@ Because the target never changes, its output is computed once per pool example
 Speed (``benchmarks/discovery.py``, figures in ``benchmarks/RESULTS.md``):
 
 * Training applies the conv predictor through :func:`conv_apply` (3x3 convolutions as banded
-  matrix products, a slice max pool; same numbers as the flax module): on a CPU XLA's
-  convolution with 1-4 channels, and above all its gradient, made a training step about 4x
-  slower (4.7 ms against 1.15 ms per Adam step on 64 images of 28x28).
+  matrix products on ``[B, H, W * C]`` activations, :mod:`fedrnd.models.banded`; same numbers
+  as the flax module): on a CPU XLA's convolution with 1-4 channels, and above all its
+  gradient, made a training step several times slower.
 * The novelty matrix evaluates ``K`` predictors on the same ``N`` probe examples at once
   (:func:`stacked_errors`) with the predictor index inside the layers instead of a vmap over
   predictors: the MLP's first layer is one ``[K * h, D] x [D, N]`` product; the conv pair's
@@ -49,6 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedrnd.models import Model, from_flax
+from fedrnd.models.banded import BANDED_MAX_WIDTH, conv_layer
 
 __all__ = [
     "NETWORKS",
@@ -208,7 +209,8 @@ def _make_pair(kind: str, feature_shape: tuple[int, ...], target_width: tuple[in
     if kind == "conv":
         # Same parameters and numbers as the flax module, faster to train on a CPU.
         predictor = dataclasses.replace(predictor, apply=functools.partial(conv_apply,
-                                                                           pool=p.pool))
+                                                                           pool=p.pool),
+                                        reference_apply=predictor.apply)
     return RNDPair(kind, target, predictor, out_dim)
 
 
@@ -306,56 +308,56 @@ def _shifts(x: jax.Array):
     return [xp[:, dy:dy + h, dx:dx + w] for dy in range(3) for dx in range(3)]
 
 
-def _row_toeplitz(kernel: jax.Array, w: int) -> jax.Array:
-    """``[3 * w * Ci, w * Co]``: a 3x3 kernel as one matrix acting on three stacked image rows.
-
-    Entry ``[(dy, u, ci), (v, co)]`` is ``kernel[dy, u - v + 1, ci, co]`` when
-    ``|u - v| <= 1`` and 0 otherwise (the zero padding at the left and right edges).
-    """
-    u, v = np.arange(w)[:, None], np.arange(w)[None, :]
-    dx = u - v + 1
-    band = jnp.asarray((dx >= 0) & (dx <= 2))
-    t = jnp.where(band[None, :, :, None, None], kernel[:, np.clip(dx, 0, 2)], 0.0)
-    ci, co = kernel.shape[2], kernel.shape[3]
-    return jnp.transpose(t, (0, 1, 3, 2, 4)).reshape(3 * w * ci, w * co)
-
-
 def _conv3x3(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
-    """3x3 convolution, padding 1, as one matrix product: ``[B, H, W, Ci] -> [B, H, W, Co]``.
-
-    ``kernel [3, 3, Ci, Co]`` (flax's HWIO). Narrow images (``W <= 48``): each output row is
-    three input rows times a banded (Toeplitz) matrix, one ``[B * H, 3 W Ci] x [3 W Ci, W Co]``
-    product; it does ``W / 3`` times the multiply-adds, but as one well-shaped product plus
-    cheap reshapes its training step ran about 1.5x faster than im2col on a CPU. Wider
-    images: im2col (patch features ``(dy, dx, ci)``, the kernel's row-major order).
-    """
-    b, h, w, ci = x.shape
-    if w <= _TOEPLITZ_MAX_WIDTH:
-        xp = jnp.pad(x, ((0, 0), (1, 1), (0, 0), (0, 0))).reshape(b, h + 2, w * ci)
-        rows = jnp.concatenate([xp[:, dy:dy + h] for dy in range(3)], axis=-1)
-        return (rows @ _row_toeplitz(kernel, w)).reshape(b, h, w, -1) + bias
+    """3x3 convolution, padding 1, by im2col: ``[B, H, W, Ci] -> [B, H, W, Co]`` (patch
+    features ``(dy, dx, ci)``, the kernel's row-major order). Wide images only (see
+    :func:`conv_apply`)."""
     patches = jnp.concatenate(_shifts(x), axis=-1)
     return patches @ kernel.reshape(-1, kernel.shape[-1]) + bias
 
 
-_TOEPLITZ_MAX_WIDTH = 48
+def _pooled_dense(y: jax.Array, h: int, w: int, c: int, dense, pool: int) -> jax.Array:
+    """Adaptive average pool to ``pool x pool`` then the dense layer, as one product:
+    ``y [B, h * w * c]`` (row-major ``(h, w, c)``) times the dense kernel pulled back through
+    the (linear) pool, ``kron(A_h, A_w)^T`` applied to its ``(i, j)`` rows."""
+    wd = dense["kernel"]  # [(i, j, c), out], flax's flattening order
+    q = np.kron(adaptive_pool_matrix(h, pool), adaptive_pool_matrix(w, pool)).T
+    weff = (jnp.asarray(q, jnp.float32) @ wd.reshape(pool * pool, -1)).reshape(h * w * c, -1)
+    return y @ weff + dense["bias"]
 
 
 def conv_apply(params, x: jax.Array, *, pool: int = 4) -> jax.Array:
     """:class:`RNDConv`'s forward pass from its parameters, convolutions as matrix products.
 
-    ``[B, H, W, C] -> [B, out_dim]``; equal to ``RNDConv(...).apply`` up to float rounding
-    (``tests/rnd/test_fast_paths.py``). XLA's CPU convolution is slow for the predictor's 1-4
-    channels, and slower still in the gradient; the products here (:func:`_conv3x3`) and the
-    slice max pool are what training runs: 1.15 ms per Adam step of 64 28x28 images against
-    4.7 ms for the flax module (2-core CPU).
+    ``[B, H, W, C] -> [B, out_dim]``; equal to ``RNDConv(...).apply`` up to float rounding,
+    gradients included (``tests/rnd/test_fast_paths.py``). This is what predictor training
+    differentiates, so it is laid out for a CPU (:mod:`fedrnd.models.banded`): activations
+    ``[B, H, W * C]``, each 3x3 convolution one product with a banded matrix (images up to
+    ``BANDED_MAX_WIDTH`` pixels wide), the max pool over two contiguous halves, and the
+    adaptive pool and the dense layer one product (:func:`_pooled_dense`). 0.18 ms per Adam
+    step of 48 images of 14x14, against 0.27 ms for the NHWC products it replaced and about
+    4x that for XLA's convolution (2-core CPU). Wider images: im2col in NHWC.
     """
+    names = _layers(params, "Conv")
+    b, h, w, ci = x.shape
+    if w > BANDED_MAX_WIDTH:
+        return _conv_apply_nhwc(params, x, pool)
+    y = x.reshape(b, h, w * ci)
+    for k, name in enumerate(names):
+        y, h, w = conv_layer(y, h, w, params[name]["kernel"], params[name]["bias"],
+                             pool="valid" if k == 0 else None)
+    c = params[names[-1]]["kernel"].shape[-1]
+    return _pooled_dense(y.reshape(b, -1), h, w, c, params["Dense_0"], pool)
+
+
+def _conv_apply_nhwc(params, x: jax.Array, pool: int) -> jax.Array:
+    """:func:`conv_apply` for wide images: NHWC activations, im2col convolutions."""
     for k, name in enumerate(_layers(params, "Conv")):
         x = jax.nn.relu(_conv3x3(x, params[name]["kernel"], params[name]["bias"]))
         if k == 0:
             x = _max_pool2_slices(x)
-    x = adaptive_avg_pool(x, (pool, pool)).reshape(x.shape[0], -1)
-    return x @ params["Dense_0"]["kernel"] + params["Dense_0"]["bias"]
+    b, h, w, c = x.shape
+    return _pooled_dense(x.reshape(b, -1), h, w, c, params["Dense_0"], pool)
 
 
 def _stacked_mlp(preds, x):

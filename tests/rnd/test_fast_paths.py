@@ -88,9 +88,11 @@ def test_stacked_errors_equal_numpy_forward_passes(kind, shape, width):
         np.testing.assert_allclose(got[j], ref, rtol=2e-5, atol=1e-6)
 
 
-# Widths up to 48 take the banded-matrix convolution, wider images im2col.
+# Widths up to 64 take the banded-matrix convolution, wider images im2col; (8, 16) channels
+# build the banded matrix by an einsum instead of the constant-map product.
 @pytest.mark.parametrize("shape,width", [((28, 28, 1), (2, 4)), ((7, 9, 2), (3, 2, 2)),
-                                         ((4, 4, 3), (2,)), ((5, 50, 2), (2, 3))])
+                                         ((4, 4, 3), (2,)), ((5, 70, 2), (2, 3)),
+                                         ((12, 11, 2), (8, 16))])
 def test_conv_predictor_equals_flax_module(shape, width):
     pair = make_pair("conv", shape, predictor_width=width, target_width=(4, 8), out_dim=8)
     module = from_flax(RNDConv(width, 8), shape, 8)
