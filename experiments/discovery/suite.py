@@ -176,14 +176,17 @@ def cell_name(source, pop, clients, seed, network):
 def rnd_config(pop: str, clients: int, network: str):
     """The discovery settings of a cell: library defaults, with ``network`` ``"mlp"``,
     ``"conv"`` or ``"<kind>-pool<k>"`` (the pair on images average-pooled by ``k``,
-    ``RNDConfig.input_pool``)."""
+    ``RNDConfig.input_pool``), optionally ending in ``-s<n>``: at least ``n`` predictor
+    steps instead of the default 300 (``RNDConfig.min_steps``), e.g. ``conv-pool2-s100``."""
     from fedrnd.rnd import RNDConfig
 
     if pop == "paper":
         return RNDConfig(network="conv", steps=400)
+    network, _, steps = network.partition("-s")
     kind, _, pool = network.partition("-pool")
+    extra = {"min_steps": int(steps)} if steps else {}
     return RNDConfig(network=kind, input_pool=int(pool or 1),
-                     candidates=32 if clients >= 5000 else None)
+                     candidates=32 if clients >= 5000 else None, **extra)
 
 
 def run_cell(source, pop, clients, seed, network, force=False) -> Path:

@@ -79,9 +79,10 @@ class DiscoveryOptions:
         "predictor_batch", "predictor_lr", "probe", "probe_cap", "rnd_seed", "eps", "sigma")
     """The options that make up :attr:`rnd_config`."""
 
-    network: str = option("auto", choices=("auto", *NETWORKS),
-                          doc="RND pair: ``auto`` (conv for images, else MLP), ``conv`` or "
-                              "``mlp``.")
+    network: str = option("mlp", choices=("auto", *NETWORKS),
+                          doc="RND pair: ``mlp`` (default, images pooled by ``input_pool``), "
+                              "``conv`` (the authors' pair) or ``auto`` (conv for images, "
+                              "else MLP).")
     input_pool: int | str = option(
         "auto", choices=("auto",), low=1,
         doc="Average-pool images by this factor first (1: full resolution; ``auto``: 2 for "

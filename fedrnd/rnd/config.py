@@ -61,7 +61,9 @@ class RNDConfig:
       random_peers: random extra candidates per client in the two-stage mode.
       min_support: sparse linkage: observed pairs needed between two groups to merge, per
         member of the smaller group.
-      network: ``"conv"``, ``"mlp"`` or ``"auto"`` (conv for ``[H, W, C]`` features).
+      network: ``"mlp"`` (default: the MLP pair on flattened inputs, images pooled by
+        ``input_pool``), ``"conv"`` (the authors' conv pair) or ``"auto"`` (conv for
+        ``[H, W, C]`` features, MLP otherwise). Why the MLP pair is the default: below.
       input_pool: average-pool image inputs by this factor before the pair sees them (1: full
         resolution; 2: 28x28 -> 14x14, about a quarter of the MLP pair's training cost;
         :func:`fedrnd.rnd.networks.pool_inputs`). Images only. ``"auto"`` (default): 2 for the
@@ -114,6 +116,16 @@ class RNDConfig:
       scores are noisier. Its self-novelty bias (every ``S[i, j] > S[i, i]``) fragments IID
       populations under any fixed ``eps <= 2``; ``eps="auto"`` sees no separated mode there
       and keeps them whole. Use ``probe="holdout"`` when fixing ``eps`` by hand.
+    * ``network="mlp"`` (the conv pair was the default until 2026-12-04): the discovery suite
+      (``experiments/discovery/REPORT.md``: 9 populations x 3 seeds at 200 and 1,000 clients
+      on Fashion-MNIST and digits, two-stage at 10,000) is the evidence for the default
+      decision, and it was run with the MLP pair (on 2x2-pooled Fashion-MNIST); the conv
+      pair costs about 7x its CPU seconds with the same 300 steps (1,000 clients x 64
+      images at 14x14: 97 against 14, ``benchmarks/RESULTS.md``), and its
+      translation-pooled features could not tell digits from their 180-degree rotations
+      (docs/methods/rnd.md). On the paper's 12-client setup both pairs recovered the groups
+      in 10 of 10 seeds (``experiments/rnd/RESULTS.md``). ``network="conv"`` keeps the
+      authors' pair.
     * ``eps="auto"`` (criterion in :func:`auto_eps`: the best silhouette over the candidate
       cuts, one federation below 0.5), ``rule="mutual"``: all three rules agreed wherever the
       scores were separable; mutual compatibility is the symmetric reading. (The bullets above
@@ -122,7 +134,7 @@ class RNDConfig:
       1,000-client population whole.)
     """
 
-    network: str = "auto"
+    network: str = "mlp"
     target_width: tuple[int, ...] | None = None
     predictor_width: tuple[int, ...] | None = None
     out_dim: int = 64

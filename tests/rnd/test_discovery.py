@@ -561,8 +561,11 @@ def test_input_pool_equals_discovery_on_pooled_images_and_checks_newcomers():
 
 def test_input_pool_auto_pools_the_mlp_pair_on_large_images_only():
     # "auto": 2 for the MLP pair on images of at least 28 x 28 pixels, else full resolution
-    # (the conv pair, the default network on images, small images and vectors).
-    mlp, auto = RNDConfig(network="mlp"), RNDConfig()
+    # (the conv pair, small images and vectors). The default network is the MLP pair.
+    assert RNDConfig().network == "mlp" and RNDConfig().pair((28, 28, 1)).kind == "mlp"
+    assert RNDConfig().pool_factor((28, 28, 1)) == 2
+    mlp, auto = RNDConfig(network="mlp"), RNDConfig(network="auto")
+    assert auto.pair((28, 28, 1)).kind == "conv" and auto.pair((10,)).kind == "mlp"
     assert mlp.pool_factor((28, 28, 1)) == 2 and mlp.pair((28, 28, 1)).feature_shape == (14, 14, 1)
     assert mlp.pool_factor((32, 32, 3)) == 2
     assert mlp.pool_factor((8, 8, 1)) == 1 and mlp.pool_factor((27, 40, 1)) == 1
