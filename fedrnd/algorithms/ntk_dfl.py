@@ -34,15 +34,22 @@ so the following is *our reconstruction* (each part can be switched off for an a
   ``dw_l = -(1/n) R_l P_l^T A``, unbiased for ``J^T A`` (``E[R R^T] = I``) but with noise of
   norm about ``sqrt(P_l / k_l)`` times the signal. Jacobian bytes are counted after projection.
 - ``soft_weight``: a stage-wise annealed soft-label regulariser. The evolution targets become
-  ``Y_s = (1 - beta_s) Y + beta_s softmax(f0 / soft_temperature)``: hard labels mixed with the
-  tempered predictions ``f0`` of client ``i``'s *own* start point (``w_bar_i``, or the
-  look-ahead point with momentum) on the pooled neighbourhood samples; the neighbours evaluate
-  ``f0`` on their rows at that point and already send it as outputs, but the soft labels are
-  client ``i``'s model's, not the neighbours' own models' predictions. ``beta_s = soft_weight
-  * soft_decay ** floor(k / stage_rounds)``: strongest in round 0, halved (``soft_decay``)
-  every stage, so the update decays towards the hard-label NTK-DFL update (pure NTK
-  evolution). This is the opposite direction of SPARK v1's wording ("from pure NTK evolution
-  to neighbour-regularised learning"; see ``docs/methods/spark.md``).
+  ``Y_s = (1 - beta_s) Y + beta_s softmax(S / soft_temperature)``: hard labels mixed with
+  tempered soft labels ``S`` on the pooled neighbourhood rows. ``soft_source`` says whose
+  predictions ``S`` are: ``"own"`` (default): ``S = f0``, the outputs of client ``i``'s *own*
+  start point (``w_bar_i``, or the look-ahead point with momentum); the neighbours evaluate
+  ``f0`` on their rows at that point and already send it as outputs, so no extra bytes, but the
+  soft labels are client ``i``'s model's (a self-distillation, akin to label smoothing).
+  ``"neighbours"``: every member ``j`` of the closed neighbourhood labels its own rows with its
+  own current model, ``S_j = f(X_j; w_j)`` (client ``i``'s rows with ``w_i``), so the target
+  pulls towards the neighbours' opinions; each neighbour sends these ``n_j x C`` float32 beside
+  its outputs at ``w_bar_i`` (ledger ``soft_outputs``, counted in rounds with ``beta > 0``).
+  ``soft_schedule`` says the direction of the annealing, with ``s = floor(k / stage_rounds)``:
+  ``"decay"`` (default): ``beta_s = soft_weight * soft_decay ** s``, strongest in round 0,
+  decaying towards the hard-label NTK-DFL update (pure NTK evolution); ``"ramp"``:
+  ``beta_s = soft_weight * (1 - soft_decay ** s)``, from pure NTK evolution (``beta_0 = 0``)
+  growing towards ``soft_weight`` (neighbour-regularised learning), the direction of SPARK
+  v1's wording (see ``docs/methods/spark.md``). Both schedules and both sources are ours.
 - ``momentum``: Nesterov momentum across rounds on the NTK update. Client ``i`` keeps a
   velocity ``v_i``; the Jacobians are taken at the look-ahead point ``w_bar_i + mu v_i``, the
   NTK step ``u_i`` is computed there (horizon chosen by the loss at ``w_bar_i + mu v_i + u``),
@@ -87,6 +94,8 @@ from fedrnd.ntk import (
 _GRAPH_KEY = 0x6EA7  # as the gossip methods: the same round key draws the same graph
 _PROJ_KEY = 0x5BA7
 UPDATES = ("exact", "sketch")
+SOFT_SCHEDULES = ("decay", "ramp")
+SOFT_SOURCES = ("own", "neighbours")
 _SPARK = "SPARK's part (:class:`SPARK`)"
 
 
@@ -120,6 +129,12 @@ def neighbour_table(graph: Graph, max_degree: int) -> tuple[jax.Array, jax.Array
     return table[:n], valid[:n], dropped
 
 
+def soft_targets(y: jax.Array, logits: jax.Array, beta: jax.Array,
+                 temperature: float) -> jax.Array:
+    """``(1 - beta) y + beta softmax(logits / temperature)``: ``y [n, C]`` one-hot."""
+    return (1.0 - beta) * y + beta * jax.nn.softmax(logits / temperature, axis=-1)
+
+
 def _masked_ce(logits: jax.Array, y: jax.Array, mask: jax.Array) -> jax.Array:
     nll = -jnp.sum(y * jax.nn.log_softmax(logits, axis=-1), axis=-1)
     return jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1.0)
@@ -150,7 +165,17 @@ class NTKDFL(Algorithm):
                                                                    "(0: off).")
     soft_weight: float = option(0.0, low=0, high=1, doc=f"{_SPARK}: initial weight ``beta`` of the "
                                                        "soft labels (0: off).")
-    soft_decay: float = option(0.5, low=0, high=1, doc=f"{_SPARK}: factor on ``beta`` every stage.")
+    soft_decay: float = option(0.5, low=0, high=1, doc=f"{_SPARK}: ``decay``: factor on ``beta`` "
+                                                      "every stage; ``ramp``: factor on the "
+                                                      "gap ``soft_weight - beta``.")
+    soft_schedule: str = option("decay", choices=SOFT_SCHEDULES,
+                                doc=f"{_SPARK}: ``decay`` (``beta`` starts at ``soft_weight`` "
+                                    "and decays to 0) or ``ramp`` (starts at 0 and grows to "
+                                    "``soft_weight``).")
+    soft_source: str = option("own", choices=SOFT_SOURCES,
+                              doc=f"{_SPARK}: soft labels from client ``i``'s own start point "
+                                  "(``own``) or from each neighbour's own model on its own rows "
+                                  "(``neighbours``; extra bytes, ledger ``soft_outputs``).")
     stage_rounds: int = option(5, low=1, doc=f"{_SPARK}: rounds per stage.")
     soft_temperature: float = option(2.0, low=0, low_open=True,
                                      doc=f"{_SPARK}: temperature of the soft labels.")
@@ -265,13 +290,18 @@ class NTKDFL(Algorithm):
         k = round_idx.astype(jnp.float32)
         lr_k = self.lr * jnp.exp(-self.lr_decay * k)
         stage = (round_idx // self.stage_rounds).astype(jnp.float32)
-        return lr_k, self.soft_weight * self.soft_decay ** stage
+        decayed = jnp.float32(self.soft_decay) ** stage
+        if self.soft_schedule == "ramp":
+            return lr_k, self.soft_weight * (1.0 - decayed)
+        return lr_k, self.soft_weight * decayed
 
     def client_step(self, look: Any, x: jax.Array, y: jax.Array, mask: jax.Array,
-                    lr_k: jax.Array, beta: jax.Array, proj) -> dict[str, Any]:
+                    lr_k: jax.Array, beta: jax.Array, proj, soft: jax.Array | None = None
+                    ) -> dict[str, Any]:
         """One client's NTK step from its start point ``look`` on its pooled neighbourhood.
 
-        ``x [n, ...]``, ``y [n, C]`` one-hot, ``mask [n]``. Returns the chosen update ``u``
+        ``x [n, ...]``, ``y [n, C]`` one-hot, ``mask [n]``; ``soft [n, C]`` the logits the soft
+        labels come from (``None``: ``f0``, the outputs at ``look``). Returns the chosen update ``u``
         (params-shaped), its pooled loss, the start loss and the chosen ``tau``.
         """
         model, c = self.model, self.model.num_classes
@@ -289,7 +319,7 @@ class NTKDFL(Algorithm):
             f0 = model.apply(look, x)
             h = dense_kernel(jac)
         h = h * mf[:, None] * mf[None, :]
-        target = (1.0 - beta) * y + beta * jax.nn.softmax(f0 / self.soft_temperature, axis=-1)
+        target = soft_targets(y, f0 if soft is None else soft, beta, self.soft_temperature)
         dt = lr_k * max(self.taus) / self.ode_steps
         _, a = evolve(h, f0, target, mf, dt, self.ode_steps, self.loss)
         a = a[jnp.asarray(self.horizon_steps())]  # [M, n, C]
@@ -337,9 +367,20 @@ class NTKDFL(Algorithm):
             xp = shared["x"][client["idx"]]
             yp = jax.nn.one_hot(shared["y"][client["idx"]], self.model.num_classes)
             return self.client_step(client["look"], xp, yp, client["mask"], shared["lr"],
-                                    shared["beta"], shared["proj"])
+                                    shared["beta"], shared["proj"], client.get("soft"))
 
-        out = self.engine.mapper.map(one, {"look": look, "idx": idx, "mask": rowmask},
+        per_client = {"look": look, "idx": idx, "mask": rowmask}
+        neighbours_soft = self.soft_source == "neighbours" and self.soft_weight > 0
+        if neighbours_soft:
+            # Every node labels its own rows with its own model (before this round's
+            # averaging); node i pools those of its closed neighbourhood in slot order.
+            own_idx = data.train_idx  # [C, N]
+            own_out = self.engine.mapper.map(
+                lambda cl, sh: self.model.apply(cl["w"], sh["x"][cl["idx"]]),
+                {"w": x, "idx": own_idx}, {"x": data.x})  # [C, N, classes]
+            per_client["soft"] = own_out[members].reshape(c, -1, own_out.shape[-1])
+
+        out = self.engine.mapper.map(one, per_client,
                                      {"lr": lr_k, "beta": beta, "x": data.x, "y": data.y,
                                       "proj": proj})
         u = out["update"]
@@ -359,6 +400,13 @@ class NTKDFL(Algorithm):
         for kind in sent:
             ledger[f"up_{kind}"] = deg * sent[kind]
             ledger[f"down_{kind}"] = got[kind]
+        if neighbours_soft:
+            # Each neighbour's own-model outputs on its rows: n_j x C float32, only in
+            # rounds that use them.
+            on = (beta > 0).astype(jnp.float32)
+            soft = float(self.model.num_classes * np.dtype(np.float32).itemsize)
+            ledger["up_soft_outputs"] = on * deg * own * soft
+            ledger["down_soft_outputs"] = on * nbr * soft
         if self.project and self.projected_update == "exact":
             # Node i sends each neighbour j the integrated residuals of j's rows at every
             # candidate horizon and gets back J_j^T A_j per horizon (one model-sized vector).
