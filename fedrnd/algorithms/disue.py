@@ -10,16 +10,20 @@ One round:
    broadcasts it as the next round's starting point. Each client keeps its cluster expert for
    personalised inference (:meth:`DisUE.models`).
 
-Grouping (``grouping``):
+Grouping (``grouping``; default ``"similarity"``, the paper's):
 
+- ``"similarity"``: similarity of the uploaded models, as the paper clusters: spherical
+  k-means with ``K`` clusters on the clients' updates ``w_c - w_universal`` (cosine
+  similarity, Gram-matrix form, ``similarity_iters`` Lloyd steps from a farthest-point start),
+  recomputed every round. The updates are the uploaded post-training models less the model
+  the server broadcast, so the server needs nothing beyond the uploads it aggregates anyway:
+  in the clear this grouping sends no extra bytes (the paper's *secure* similarity protocol,
+  which would, is not simulated; docs/methods/disue.md gives its cost model).
 - ``"ifca"``: IFCA's assignment (:func:`fedrnd.engine.cluster_losses`): each client
   scores the ``K`` cluster experts of the previous round on its training data and joins the one
   with the lowest loss (round 0: ``K`` random initialisations, slot 0 the shared initial model).
 - ``"rnd"``: RND federations (:func:`fedrnd.rnd.discover`), found once before round 0 on the
   host; ``K`` is the number of federations (a power-of-two slot count, :func:`grow_slots`).
-- ``"similarity"``: similarity of updates: spherical k-means with ``K`` clusters on the clients'
-  updates ``w_c - w_universal`` (cosine similarity, Gram-matrix form, ``similarity_iters``
-  Lloyd steps from a farthest-point start), recomputed every round.
 
 Distillation (``distill``):
 
@@ -98,7 +102,8 @@ Diagnostics, computed in the round (:func:`batch_diagnostics`, :func:`ensemble_a
 Ledger per participating client and round: ``up/model`` one model; ``up/histogram``
 ``num_classes`` float32 counts; ``down/model`` the start model (the universal expert, or its
 cluster expert with ``"none"``); ``down/experts`` its cluster expert for personalised inference
-(``ifca``: all ``K`` experts, which it scores to choose); ``up/discovery`` and
+(``ifca``: all ``K`` experts, which it scores to choose; ``similarity``: its own expert only,
+the grouping itself sends nothing beyond ``up/model``); ``up/discovery`` and
 ``down/discovery`` (``rnd``) RND's discovery traffic in round 0.
 """
 
@@ -276,7 +281,9 @@ class DisUE(Algorithm):
 
     name: ClassVar[str] = "disue"
     clusters_clients: ClassVar[bool] = True
-    grouping: str = option("ifca", choices=GROUPINGS, doc="``ifca``, ``rnd`` or ``similarity``.")
+    grouping: str = option("similarity", choices=GROUPINGS,
+                           doc="``similarity`` (the paper's: clusters of the uploaded updates), "
+                               "``ifca`` or ``rnd``.")
     num_clusters: int | None = option(None, low=1, doc="``K`` for ``ifca`` and ``similarity`` "
                                                        "(required there; not for ``rnd``).")
     distill: str = option("generator", choices=DISTILLS,

@@ -243,8 +243,11 @@ def test_round_metrics_carry_the_diagnostics(make_federated, distill):
     model = make_model("mlp", (4,), 3, hidden=[8])
     eng = Engine(model, LocalSpec(batch_size=8, steps=2))
     hp = ClientHParams(jnp.zeros(4, jnp.int32), jnp.full(4, 0.2), jnp.zeros(4))
-    alg = DisUE(eng, num_clusters=2, distill=distill, distill_steps=3, distill_batch=16,
-                generator_hidden=(16,), noise_dim=8, generator_output="linear", proxy_size=20)
+    # Per-cluster FedAvg ("none") needs clusters that persist across rounds: IFCA's.
+    grouping = "ifca" if distill == "none" else "similarity"
+    alg = DisUE(eng, grouping=grouping, num_clusters=2, distill=distill, distill_steps=3,
+                distill_batch=16, generator_hidden=(16,), noise_dim=8,
+                generator_output="linear", proxy_size=20)
     state = alg.init(jax.random.key(0), data, hp)
     _, m = jax.jit(alg.round)(state, data, jax.random.key(1))
     diag = ("gen_teacher_acc", "gen_coverage", "gen_diversity", "gen_pred_entropy")
@@ -567,3 +570,56 @@ def test_diagnostics_experiment_writes_its_numbers_figure_and_command(tmp_path):
     assert (tmp_path / "figures" / "disue_diagnostics.png").stat().st_size > 0
     text = (tmp_path / "DIAGNOSTICS.md").read_text()
     assert "`python experiments/disue/diagnostics.py --rounds 2" in text
+
+
+# ------------------------------------------------------------------ the paper's grouping
+def _label_permuted(make_federated, counts, seed=0):
+    """Gaussian clients whose odd clients see every label shifted by one (two true groups)."""
+    import dataclasses
+
+    data = make_federated(counts, dim=6, num_classes=3, sep=3.0, seed=seed)
+    y = np.asarray(data.y).copy()
+    for c in range(1, len(counts), 2):
+        rows = np.concatenate([np.asarray(data.train_idx)[c, :counts[c]],
+                               np.asarray(data.test_idx)[c, :5]])
+        y[rows] = (y[rows] + 1) % 3
+    return dataclasses.replace(data, y=jnp.asarray(y))
+
+
+def test_similarity_is_the_default_grouping_and_separates_label_permuted_groups(make_federated):
+    """The default grouping is the paper's (update similarity): after one round from a shared
+    model, clients whose labels are permuted relative to the others end up in a different
+    cluster from them, and each cluster holds exactly one of the two groups."""
+    assert DisUE.__dataclass_fields__["grouping"].default == "similarity"
+    counts = [40, 50, 45, 35, 50, 40, 45, 50]
+    data = _label_permuted(make_federated, counts)
+    model = make_model("logreg", (6,), 3)
+    eng = Engine(model, LocalSpec(batch_size=16, steps=5))
+    hp = ClientHParams(jnp.zeros(8, jnp.int32), jnp.full(8, 0.5), jnp.zeros(8))
+    alg = DisUE(eng, num_clusters=2, distill="average")
+    state, _ = jax.jit(alg.round)(alg.init(jax.random.key(0), data, hp), data, jax.random.key(1))
+    cid = np.asarray(state["clients"]["cluster_id"])
+    truth = np.arange(8) % 2
+    assert len(set(cid[truth == 0])) == 1 and len(set(cid[truth == 1])) == 1
+    assert cid[0] != cid[1]
+
+
+def test_similarity_grouping_sends_nothing_beyond_the_models_it_aggregates(make_federated):
+    """In the clear the similarity grouping reuses the uploads: a client's traffic per round is
+    one model up, its histogram, the universal expert and its own expert down; IFCA's
+    grouping sends K - 1 more models down (all K experts)."""
+    data = make_federated([6, 8, 5, 7, 9, 4], dim=4, num_classes=3, seed=3)
+    model = make_model("logreg", (4,), 3)
+    eng = Engine(model, LocalSpec(batch_size=8, steps=1))
+    hp = ClientHParams(jnp.zeros(6, jnp.int32), jnp.full(6, 0.1), jnp.zeros(6))
+    nb = tree_bytes(model.init(jax.random.key(0)))
+    totals = {}
+    for grouping in ("similarity", "ifca"):
+        alg = DisUE(eng, grouping=grouping, num_clusters=3, distill="average")
+        _, m = jax.jit(alg.round)(alg.init(jax.random.key(0), data, hp), data,
+                                  jax.random.key(1))
+        ledger = {k for k in m if k.startswith(("up/", "down/"))}
+        assert ledger == {"up/model", "up/histogram", "down/model", "down/experts"}
+        totals[grouping] = sum(np.asarray(m[k]) for k in ledger)
+    np.testing.assert_allclose(totals["similarity"], 3 * nb + 3 * 4)
+    np.testing.assert_allclose(totals["ifca"] - totals["similarity"], 2 * nb)
