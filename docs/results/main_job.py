@@ -80,6 +80,13 @@ def main() -> None:
 
     commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT,
                             capture_output=True, text=True).stdout.strip() or "unknown"
+    dirty = subprocess.run(["git", "status", "--porcelain", "--", "fedrnd",
+                            str(CONFIG.relative_to(ROOT))], cwd=ROOT, capture_output=True,
+                           text=True).stdout.strip()
+    if dirty:  # the runs used code or a config that the commit does not hold
+        commit += " with uncommitted changes to " + ", ".join(sorted(
+            {line[3:].split("/")[0] if "/" in line[3:] else line[3:]
+             for line in dirty.splitlines()}))
     lines += [
         "# The main job, measured",
         "",

@@ -51,7 +51,11 @@ mean model). The ledger counts one model sent and one received per link used and
 and neighbour list in one place, so they are gathered at a coordinating device (device 0) up a
 breadth-first tree of the graph and the cluster ids sent back down it; every message crosses
 one D2D link and every relay is charged. The descriptors are computed on the host, but what the
-ledger counts is what that protocol would send. ``clustering = "none"``, ``"singletons"`` and
+ledger counts is what that protocol would send. With ``fiedler = "gossip"`` every cluster's
+Fiedler vector is computed by neighbour messages instead of the coordinator's eigensolver
+(:func:`~fedrnd.graphs.fiedler.gossip_fiedler`, ``fiedler_iters`` power rounds; our
+reconstruction) and its bytes are added to the set-up charge; the report's
+``setup_fiedler_rounds`` is the largest number of its message rounds a device took part in. ``clustering = "none"``, ``"singletons"`` and
 ``"random"`` with ``num_clusters`` given need no set-up messages.
 """
 
@@ -77,11 +81,13 @@ from fedrnd.engine import (
 )
 from fedrnd.graphs import Graph, degrees, edge_chunk_for, gossip, mixing_edges, place_groups
 from fedrnd.graphs.collect import broadcast_bytes, gather_bytes
+from fedrnd.graphs.fiedler import gossip_fiedler
 from fedrnd.graphs.spectral import client_descriptors, random_clusters, spectral_clusters
 
 CLUSTERINGS = ("spectral", "random", "none", "singletons")
 INTER_LINKS = ("graph", "bridges")
 PLACEMENTS = ("scattered", "communities")
+FIEDLERS = ("host", "gossip")
 SETUP_ROOT = 0  # the coordinating device of the set-up phase
 _WORD = 4  # bytes of one float32 descriptor entry, one int32 id
 _LINK_KEY = 0x11C5  # folded into the round key to draw the links that are up
@@ -127,6 +133,15 @@ class SSDFL(Gossip):
                             doc="``scattered`` (the graph as drawn) or ``communities`` (data "
                                 "groups follow node order: group ``g`` on community ``g`` of a "
                                 "``planted_partition`` graph).")
+    fiedler: str = option("host", choices=FIEDLERS,
+                          doc=f"{_SPECTRAL}: how a cluster's Fiedler vector is computed: "
+                              "``host`` (eigensolver at the coordinator) or ``gossip`` "
+                              "(power iteration by neighbour messages, "
+                              ":func:`~fedrnd.graphs.fiedler.gossip_fiedler`; its rounds and "
+                              "bytes are charged to the set-up phase).")
+    fiedler_iters: int = option(200, low=1, doc="``fiedler = gossip``: power rounds per "
+                                                "Fiedler vector (one neighbour message "
+                                                "each).")
 
     # -- configuration ------------------------------------------------------------------------
     def validate(self, data: FederatedData) -> None:
@@ -152,24 +167,56 @@ class SSDFL(Gossip):
     def spectral(self, graph: Graph, data: FederatedData, hp: ClientHParams,
                  num_clusters: int | None = None):
         """The spectral rule's clusters (:class:`~fedrnd.graphs.spectral.SpectralClusters`)."""
-        return spectral_clusters(graph, self.descriptors(data, hp), num_clusters=num_clusters,
-                                 max_clusters=self.max_clusters, min_size=self.min_cluster_size,
-                                 threshold=self.split_threshold, gap_weight=self.gap_weight,
-                                 heterogeneity_weight=self.heterogeneity_weight)
+        return self.spectral_with_cost(graph, data, hp, num_clusters)[0]
+
+    def spectral_with_cost(self, graph: Graph, data: FederatedData, hp: ClientHParams,
+                           num_clusters: int | None = None):
+        """``(clusters, cost)``: the spectral rule's clusters and, with ``fiedler =
+        "gossip"``, the cost of its Fiedler computations, ``{"sent", "received", "rounds"}``
+        (each ``[C]``: summed over every cluster whose cut was computed, rejected candidates
+        included; clusters of one level are disjoint and could run at the same time, so the
+        set-up's rounds are the largest per-device sum); ``None`` with ``fiedler = "host"``."""
+        cost, fn = None, None
+        if self.fiedler == "gossip":
+            c = graph.num_nodes
+            cost = {k: np.zeros(c) for k in ("sent", "received", "rounds")}
+
+            def fn(adj, nodes):
+                g = gossip_fiedler(adj, self.fiedler_iters, seed=(int(nodes[0]), len(nodes)))
+                cost["sent"][nodes] += g.sent
+                cost["received"][nodes] += g.received
+                cost["rounds"][nodes] += g.rounds
+                return g.vector
+
+        res = spectral_clusters(graph, self.descriptors(data, hp), num_clusters=num_clusters,
+                                max_clusters=self.max_clusters, min_size=self.min_cluster_size,
+                                threshold=self.split_threshold, gap_weight=self.gap_weight,
+                                heterogeneity_weight=self.heterogeneity_weight, fiedler=fn)
+        return res, cost
 
     def form_clusters(self, key: jax.Array, graph: Graph, data: FederatedData,
                       hp: ClientHParams) -> np.ndarray:
         """``cluster_id [C]`` (host, once)."""
+        return self.form_clusters_with_cost(key, graph, data, hp)[0]
+
+    def form_clusters_with_cost(self, key: jax.Array, graph: Graph, data: FederatedData,
+                                hp: ClientHParams) -> tuple[np.ndarray, dict | None]:
+        """``(cluster_id [C], cost)``; ``cost`` as in :meth:`spectral_with_cost` (``None``
+        when no gossip Fiedler computation runs)."""
         c = data.num_clients
         if self.clustering == "none":
-            return np.zeros(c, np.int32)
+            return np.zeros(c, np.int32), None
         if self.clustering == "singletons":
-            return np.arange(c, dtype=np.int32)
+            return np.arange(c, dtype=np.int32), None
         if self.clustering == "spectral":
-            return self.spectral(graph, data, hp, self.num_clusters).cluster_id
-        k = self.num_clusters or self.spectral(graph, data, hp).num_clusters
+            res, cost = self.spectral_with_cost(graph, data, hp, self.num_clusters)
+            return res.cluster_id, cost
+        k, cost = self.num_clusters, None
+        if k is None:
+            res, cost = self.spectral_with_cost(graph, data, hp)
+            k = res.num_clusters
         seed = int(jax.random.randint(jax.random.fold_in(key, _CLUSTER_KEY), (), 0, 2 ** 31 - 1))
-        return random_clusters(c, k, seed)
+        return random_clusters(c, k, seed), cost
 
     def runs_spectral(self) -> bool:
         """Whether the set-up phase runs the spectral rule (and so gathers the descriptors)."""
@@ -188,15 +235,19 @@ class SSDFL(Gossip):
             words += 1
         return _WORD * words
 
-    def setup_bytes(self, graph: Graph, data: FederatedData) -> tuple[np.ndarray, np.ndarray]:
+    def setup_bytes(self, graph: Graph, data: FederatedData, fiedler_cost: dict | None = None
+                    ) -> tuple[np.ndarray, np.ndarray]:
         """``(up [C], down [C])`` bytes of the set-up phase (host, once).
 
         Every device's record (its descriptor, :meth:`descriptor_bytes`, its id and its
         neighbours' ids, one int32 each) goes up a breadth-first tree to device
         ``SETUP_ROOT``, each device forwarding its subtree's records
         (:func:`~fedrnd.graphs.collect.gather_bytes`); the cluster ids (``[C]`` int32) come
-        back down the tree (:func:`~fedrnd.graphs.collect.broadcast_bytes`). Zero when no
-        spectral rule runs.
+        back down the tree (:func:`~fedrnd.graphs.collect.broadcast_bytes`). With
+        ``fiedler_cost`` (:meth:`spectral_with_cost`, ``fiedler = "gossip"``), the bytes of
+        the gossip Fiedler computations are added (``sent`` up, ``received`` down): the score
+        terms of the rule are still evaluated at the coordinator, so the gather stays. Zero
+        when no spectral rule runs.
         """
         c = data.num_clients
         if not self.runs_spectral():
@@ -205,7 +256,10 @@ class SSDFL(Gossip):
         record = self.descriptor_bytes(data) + _WORD * (1 + deg)
         up_g, down_g = gather_bytes(graph, record, SETUP_ROOT)
         up_b, down_b = broadcast_bytes(graph, _WORD * c, SETUP_ROOT)
-        return up_g + up_b, down_g + down_b
+        up, down = up_g + up_b, down_g + down_b
+        if fiedler_cost is not None:
+            up, down = up + fiedler_cost["sent"], down + fiedler_cost["received"]
+        return up, down
 
     def placed_graph(self, key: jax.Array, data: FederatedData) -> Graph:
         """The static graph, with the data groups placed on it (``placement``)."""
@@ -217,11 +271,13 @@ class SSDFL(Gossip):
     def init(self, key: jax.Array, data: FederatedData, hp: ClientHParams) -> State:
         graph = self.placed_graph(key, data)
         state = self._state(key, hp, data.num_clients, graph)
-        cid = self.form_clusters(key, graph, data, hp)
+        cid, cost = self.form_clusters_with_cost(key, graph, data, hp)
         state["clients"]["cluster_id"] = jnp.asarray(cid, jnp.int32)
-        up, down = self.setup_bytes(graph, data)
+        up, down = self.setup_bytes(graph, data, cost)
+        rounds = np.zeros(data.num_clients) if cost is None else cost["rounds"]
         state["setup"] = {"up": jnp.asarray(up, jnp.float32),
-                          "down": jnp.asarray(down, jnp.float32)}
+                          "down": jnp.asarray(down, jnp.float32),
+                          "fiedler_rounds": jnp.asarray(rounds, jnp.float32)}
         return state
 
     def init_template(self, key: jax.Array, data: FederatedData, hp: ClientHParams) -> State:
@@ -229,7 +285,8 @@ class SSDFL(Gossip):
         c = data.num_clients
         state["clients"]["cluster_id"] = jax.ShapeDtypeStruct((c,), jnp.int32)
         state["setup"] = {"up": jax.ShapeDtypeStruct((c,), jnp.float32),
-                          "down": jax.ShapeDtypeStruct((c,), jnp.float32)}
+                          "down": jax.ShapeDtypeStruct((c,), jnp.float32),
+                          "fiedler_rounds": jax.ShapeDtypeStruct((c,), jnp.float32)}
         return state
 
     # -- one round ----------------------------------------------------------------------------
@@ -303,6 +360,8 @@ class SSDFL(Gossip):
         rep.scalars.update(clustering_scores(cid, group),
                            setup_bytes_per_device=float(np.mean(np.asarray(setup["up"])
                                                                 + np.asarray(setup["down"]))),
+                           setup_fiedler_rounds=float(np.max(np.asarray(
+                               setup["fiedler_rounds"]))),
                            cluster_sizes_min=float(np.bincount(cid).min()),
                            cluster_sizes_max=float(np.bincount(cid).max()))
         return rep

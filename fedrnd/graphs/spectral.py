@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -356,7 +357,8 @@ def spectral_clusters(graph: Graph | np.ndarray | sp.spmatrix,
                       descriptors: np.ndarray | None = None, *,
                       num_clusters: int | None = None, max_clusters: int | None = None,
                       min_size: int = 4, threshold: float = 0.5, gap_weight: float = 1.0,
-                      heterogeneity_weight: float = 1.0, lookahead: int = 2
+                      heterogeneity_weight: float = 1.0, lookahead: int = 2,
+                      fiedler: Callable[[sp.csr_matrix, np.ndarray], np.ndarray] | None = None
                       ) -> SpectralClusters:
     """Clusters of a connected communication graph by recursive spectral bisection.
 
@@ -374,6 +376,9 @@ def spectral_clusters(graph: Graph | np.ndarray | sp.spmatrix,
       min_size: smallest cluster a split may leave.
       threshold, gap_weight, heterogeneity_weight: the split rule (module docstring).
       lookahead: levels below a cut searched for one that pays (0: the cut itself only).
+      fiedler: ``fiedler(weighted_adjacency, nodes) -> v [len(nodes)]``, the vector that orders
+        a cluster's nodes (default: :func:`fiedler_vector`'s, on the host; SSD-FL's gossip
+        option passes :func:`fedrnd.graphs.fiedler.gossip_fiedler`'s).
 
     Returns a :class:`SpectralClusters`. ``ValueError`` for a disconnected graph, bad options,
     or a ``num_clusters`` that connected clusters of ``min_size`` cannot reach.
@@ -406,7 +411,7 @@ def spectral_clusters(graph: Graph | np.ndarray | sp.spmatrix,
             return None
         sub0 = a0[nodes][:, nodes]
         subw = aw[nodes][:, nodes]
-        _, v = fiedler_vector(subw)
+        v = fiedler(subw, nodes) if fiedler is not None else fiedler_vector(subw)[1]
         order = np.argsort(v, kind="stable")
         k, _ = sweep_cut(subw, order, min_size=min_size, connectivity=sub0)
         if k == 0:

@@ -230,6 +230,8 @@ def test_report_writes_clusters_and_scores(tmp_path):
     ({"clustering": "none", "num_clusters": 2}, "num_clusters"),
     ({"min_cluster_size": 0}, "min_cluster_size"),
     ({"gap_weight": -1.0}, "gap_weight"),
+    ({"fiedler": "power"}, "fiedler"),
+    ({"fiedler": "gossip", "fiedler_iters": 0}, "fiedler_iters"),
 ])
 def test_bad_options_are_refused(options, match):
     data = two_label_groups(12)
@@ -364,3 +366,64 @@ def test_unknown_placement_is_refused():
     opt, _ = client_hparams(12)
     with pytest.raises(ValueError, match="placement"):
         _alg("ssdfl", data, opt, topology="ring", placement="by_hand")
+
+
+# --- the Fiedler vector by gossip: the same clusters, its messages in the ledger -------------
+
+@pytest.mark.parametrize("case", ["ring with two label arcs", "planted partition"])
+def test_gossip_fiedler_finds_the_host_clusters(case):
+    """With the default budget of power rounds, every cut the spectral rule makes (and every
+    candidate it rejects) is the host eigensolver's."""
+    n = 24
+    if case == "planted partition":
+        data = shuffled_two_groups(n)
+        opts = {"topology": "planted_partition", "placement": "communities",
+                "graph": {"communities": 2, "p_in": 0.6, "p_out": 0.03}}
+    else:
+        data = two_label_groups(n)
+        opts = {"topology": "ring", "min_cluster_size": 3}
+    opt, hp = client_hparams(n, optimizer="sgd", lr=0.1)
+    host = _alg("ssdfl", data, opt, **opts)
+    gossip = _alg("ssdfl", data, opt, fiedler="gossip", **opts)
+    s_host, s_gossip = host.init(jax.random.key(0), data, hp), gossip.init(jax.random.key(0),
+                                                                          data, hp)
+    cid = np.asarray(s_host["clients"]["cluster_id"])
+    assert len(np.unique(cid)) >= 2  # a split was made: the vector mattered
+    np.testing.assert_array_equal(np.asarray(s_gossip["clients"]["cluster_id"]), cid)
+    r_host = host.spectral(s_host["graph"], data, hp)
+    r_gossip = gossip.spectral(s_gossip["graph"], data, hp)
+    for a, b in zip(r_host.splits + r_host.rejected, r_gossip.splits + r_gossip.rejected,
+                    strict=True):
+        assert {a["size_a"], a["size_b"]} == {b["size_a"], b["size_b"]}
+        assert b["phi"] == pytest.approx(a["phi"]) and b["score"] == pytest.approx(a["score"])
+    assert gossip.report(s_gossip, data).scalars["setup_fiedler_rounds"] > 0
+    assert host.report(s_host, data).scalars["setup_fiedler_rounds"] == 0
+
+
+def test_gossip_fiedler_messages_are_charged_to_the_set_up_by_hand():
+    """Ring 0-1-2-3-4-5-0, two label arcs, min_cluster_size 3: the rule computes one Fiedler
+    vector (the whole ring's; sides of 3 cannot be cut again). The breadth-first tree from 0
+    (1 and 5 under 0, 2 under 1, 4 under 5, 3 under 2) has depth 3: a window of 6 rounds, so
+    fiedler_iters = 5 runs 6 power rounds. Each power round a device sends its entry (8
+    bytes) to its 2 neighbours: 96 bytes each way. The window: 24 bytes of partial sums up to
+    the parent, 16 bytes (mean, spread) down to each child. On top of the gather/broadcast of
+    the host rule (the numbers of the hand test above)."""
+    n = 6
+    data = two_label_groups(n)
+    opt, hp = client_hparams(n, optimizer="sgd", lr=0.1)
+    alg = _alg("ssdfl", data, opt, topology="ring", min_cluster_size=3, fiedler="gossip",
+               fiedler_iters=5)
+    state = alg.init(jax.random.key(0), data, hp)
+    r, ids = 44.0, 24.0
+    subtree = np.array([0, 3, 2, 1, 1, 2])
+    received = np.array([5, 2, 1, 0, 0, 1])
+    children = np.array([2, 1, 1, 0, 0, 1])
+    parent = np.arange(n) != 0
+    gossip_up = 96 + 24 * parent + 16 * children
+    gossip_down = 96 + 24 * children + 16 * parent
+    _, m = jax.jit(alg.round)(state, data, jax.random.key(0))
+    np.testing.assert_allclose(np.asarray(m["up/setup"]), subtree * r + children * ids
+                               + gossip_up)
+    np.testing.assert_allclose(np.asarray(m["down/setup"]), received * r + parent * ids
+                               + gossip_down)
+    assert alg.report(state, data).scalars["setup_fiedler_rounds"] == 6
