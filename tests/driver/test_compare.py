@@ -299,5 +299,5 @@ def test_shipped_ifca_rotation_grid_is_valid():
     assert scen.groups == 4 and grid.base.data.source == "fashion_mnist"
     cells = {c.method.label: c for c in grid.cells() if c.seed == grid.seeds[0]}
     assert cells["ifca K"].resolved == {"num_clusters": 4}
-    # RND: the library defaults under the rule its stored results were produced with.
-    assert cells["rnd"].config.algorithms[0].options == {"criterion": "eps"}
+    # RND: the library defaults under the rule and pair its stored results were produced with.
+    assert cells["rnd"].config.algorithms[0].options == {"criterion": "eps", "network": "conv"}
