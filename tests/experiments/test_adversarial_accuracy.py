@@ -3,20 +3,18 @@ nearest-centroid classifier trained on each federation's pooled training rows.""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 from sklearn.neighbors import NearestCentroid
 
+from tests.experiments._script import load_script
+
 SCRIPT = Path(__file__).resolve().parents[2] / "experiments" / "adversarial" / "run.py"
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("adversarial_run", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(SCRIPT, "adversarial_run")
 
 
 def test_honest_accuracy_equals_a_nearest_centroid_per_federation():

@@ -3,23 +3,19 @@ matrix, and the generated table."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from tests.experiments._script import load_script
 
 SCRIPT = Path(__file__).resolve().parents[2] / "experiments" / "rnd" / "auto_eps.py"
 
 
 @pytest.fixture(scope="module")
 def mod():
-    spec = importlib.util.spec_from_file_location("rnd_auto_eps", SCRIPT)
-    m = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = m
-    spec.loader.exec_module(m)
-    return m
+    return load_script(SCRIPT, "rnd_auto_eps")
 
 
 def test_evaluate_scores_each_criterion_on_a_known_matrix(mod):

@@ -4,25 +4,20 @@ grid plus its report run end to end at a small size (digits instead of Fashion-M
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
 from fedrnd.driver.compare import load_grid, run_grid
+from tests.experiments._script import load_script
 
 ROOT = Path(__file__).resolve().parents[2] / "experiments" / "disue"
 
 
 @pytest.fixture(scope="module")
 def report():
-    spec = importlib.util.spec_from_file_location("disue_report", ROOT / "report.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(ROOT / "report.py", "disue_report")
 
 
 def test_grid_parses_with_every_cell_valid():

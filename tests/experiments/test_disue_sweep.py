@@ -7,24 +7,19 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 
 from fedrnd.driver.compare import load_grid
+from tests.experiments._script import load_script
 
 ROOT = Path(__file__).resolve().parents[2] / "experiments" / "disue"
 
 
 @pytest.fixture(scope="module")
 def report():
-    spec = importlib.util.spec_from_file_location("disue_sweep_report", ROOT / "report.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(ROOT / "report.py", "disue_sweep_report")
 
 
 def test_sweep_grid_has_three_seeds_both_alphas_and_the_required_rows():

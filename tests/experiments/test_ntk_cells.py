@@ -4,23 +4,19 @@ their key, and a changed setting is a miss."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.experiments._script import load_script
 
 SCRIPT = Path(__file__).resolve().parents[2] / "experiments" / "ntk" / "run.py"
 
 
 @pytest.fixture(scope="module")
 def mod():
-    spec = importlib.util.spec_from_file_location("ntk_run", SCRIPT)
-    m = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = m
-    spec.loader.exec_module(m)
-    return m
+    return load_script(SCRIPT, "ntk_run")
 
 
 def test_committed_cells_are_reused(mod):

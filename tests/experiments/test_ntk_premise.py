@@ -3,23 +3,19 @@ summary's numbers are those of the cells, and a second call reuses the cells."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.experiments._script import load_script
 
 SCRIPT = Path(__file__).resolve().parents[2] / "experiments" / "ntk" / "premise.py"
 
 
 @pytest.fixture(scope="module")
 def mod():
-    spec = importlib.util.spec_from_file_location("ntk_premise", SCRIPT)
-    m = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = m
-    spec.loader.exec_module(m)
-    return m
+    return load_script(SCRIPT, "ntk_premise")
 
 
 def test_summaries_by_hand(mod):

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import jax
@@ -13,6 +11,7 @@ import numpy as np
 import pytest
 
 from fedrnd.rnd import RNDConfig, discover
+from tests.experiments._script import load_script
 from tests.rnd._data import grouped_gaussian, shuffled_groups
 
 SCRIPT = Path(__file__).resolve().parents[2] / "experiments" / "rnd" / "run.py"
@@ -20,11 +19,7 @@ SCRIPT = Path(__file__).resolve().parents[2] / "experiments" / "rnd" / "run.py"
 
 @pytest.fixture(scope="module")
 def run():
-    spec = importlib.util.spec_from_file_location("rnd_experiments_run", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(SCRIPT, "rnd_experiments_run")
 
 
 @pytest.fixture(scope="module")
