@@ -42,11 +42,22 @@ import numpy as np  # noqa: E402
 
 from fedrnd.algorithms import DFedAvg  # noqa: E402
 from fedrnd.data.federated import Dataset, Partition, build_federated  # noqa: E402
+from fedrnd.driver import memory  # noqa: E402
 from fedrnd.engine import ClientMapper, Engine, LocalSpec, client_hparams, tree_bytes  # noqa: E402
 from fedrnd.graphs import edge_chunk_for, gossip, mixing_edges  # noqa: E402
 from fedrnd.models import make_model  # noqa: E402
 
 MiB = 2**20
+
+
+def device_memory() -> dict | None:
+    """The first device's allocator figures (peak and limit), where the backend has them."""
+    try:
+        stats = jax.devices()[0].memory_stats()
+    except Exception:  # noqa: BLE001 - a backend without the call
+        return None
+    keep = ("peak_bytes_in_use", "bytes_in_use", "bytes_limit")
+    return {k: int(stats[k]) for k in keep if k in stats} if stats else None
 
 
 def peak_rss_mib() -> float:
@@ -90,6 +101,14 @@ def run(nodes: int, degree: int, samples: int, steps: int, batch: int, hidden: i
     engine = Engine(model, LocalSpec(batch_size=batch, steps=steps), opt, ClientMapper())
     alg = DFedAvg(engine=engine, topology="d_regular", graph={"degree": degree})
     alg.validate(data)
+
+    # The memory planner's estimate for this run (what `fedrnd run` checks before allocating):
+    # data + the method's state + one block's history + chunk x the per-client working set.
+    template = alg.init_template(jax.random.key(0), data, hp)
+    estimate = memory.plan(data, engine, hp, {"dfedavg": template},
+                           {"dfedavg": memory.history_bytes(alg, template, data, 1)},
+                           preferred_chunk=engine.mapper.chunk, refine=False,
+                           rounds={"dfedavg": alg.round_bytes(template, data)})
 
     t0 = time.perf_counter()
     # The round donates its state; the state gets its own copy of hp, which must outlive it.
@@ -159,6 +178,12 @@ def run(nodes: int, degree: int, samples: int, steps: int, batch: int, hidden: i
         "rounds_s": times, "train_only_s": train_s, "gossip_only_s": gossip_s,
         "train_only_cpu_s": train_cpu, "gossip_only_cpu_s": gossip_cpu,
         "xla_round_bytes": xla, "round_peak_rss_mib": round_rss, "peak_rss_mib": peak_rss_mib(),
+        "device_memory": device_memory(),
+        "planner": {"data": estimate.data, "state": sum(estimate.states.values()),
+                    "history": max(estimate.histories.values(), default=0),
+                    "round": max(estimate.rounds.values(), default=0),
+                    "per_client": estimate.per_client, "chunk": estimate.chunk,
+                    "total": estimate.total()},
         "bytes_per_node": float(m["up/model"].mean() + m["down/model"].mean()),
         "bytes_per_link": float(m["bytes_per_link"]), "links": float(m["links"]),
         "consensus_distance": float(m["consensus_distance"]),
@@ -196,6 +221,13 @@ def main(argv: list[str] | None = None) -> dict:
     if x:
         print("XLA buffers of the round (MiB): " + ", ".join(
             f"{k.replace('_size_in_bytes', '')} {v / MiB:.0f}" for k, v in x.items()))
+    e = r["planner"]
+    print(f"memory planner: data {e['data'] / MiB:.0f} + state {e['state'] / MiB:.0f} + history "
+          f"{e['history'] / MiB:.0f} + round {e['round'] / MiB:.0f} + chunk {e['chunk']} x {e['per_client'] / MiB:.1f} MiB per "
+          f"client = {e['total'] / MiB:.0f} MiB")
+    if r["device_memory"]:
+        print("device memory (MiB): " + ", ".join(
+            f"{k} {v / MiB:.0f}" for k, v in r["device_memory"].items()))
     print(f"bytes per node {r['bytes_per_node']:.0f}, per link {r['bytes_per_link']:.0f}, "
           f"consensus distance {r['consensus_distance']:.3g}")
     if a.json:

@@ -254,6 +254,16 @@ class Algorithm:
     def round(self, state: State, data: FederatedData, key: jax.Array) -> tuple[State, Metrics]:
         raise NotImplementedError
 
+    def round_bytes(self, template: State, data: FederatedData, shards: int = 1) -> int:
+        """Transient bytes per device one round holds beyond its state and the clients in
+        flight (the memory planner adds them; :mod:`fedrnd.driver.memory`).
+
+        ``template`` is :meth:`init_template`'s state. The default is 0: a server method's
+        round adds a few models per cluster slot, which the headroom covers. Methods whose
+        round builds a second stack of per-client models (gossip) override this.
+        """
+        return 0
+
     def models(self, state: State) -> tuple[Any, jax.Array | None]:
         raise NotImplementedError
 

@@ -266,11 +266,17 @@ class MemoryPlan:
     chunk: int
     max_chunk: int | None
     working: str = "traced bound"
+    rounds: dict[str, int] = dataclasses.field(default_factory=dict)
+    """Per method, the transient bytes of one round beyond its state and the clients in
+    flight (:meth:`fedrnd.algorithms.Algorithm.round_bytes`: a gossip method's second stack
+    of models and one edge chunk of messages). Methods run one after another: the largest
+    counts."""
 
     @property
     def fixed(self) -> int:
         """Bytes that do not depend on the chunk size."""
-        return self.data + sum(self.states.values()) + max(self.histories.values(), default=0)
+        return (self.data + sum(self.states.values()) + max(self.histories.values(), default=0)
+                + max(self.rounds.values(), default=0))
 
     def total(self, chunk: int | None = None) -> int:
         c = min(self.chunk if chunk is None else chunk, self.in_flight)
@@ -290,7 +296,9 @@ class MemoryPlan:
         states = ", ".join(f"{k} {v / MiB:.1f}" for k, v in self.states.items())
         head = (f"memory per device: data {self.data / MiB:.1f} MiB, states ({states}) MiB, "
                 f"block history {max(self.histories.values(), default=0) / MiB:.1f} MiB, "
-                f"{self.per_client / MiB:.2f} MiB per client in flight ({self.working}) "
+                + (f"round working set {max(self.rounds.values()) / MiB:.1f} MiB, "
+                   if any(self.rounds.values()) else "")
+                + f"{self.per_client / MiB:.2f} MiB per client in flight ({self.working}) "
                 f"x chunk {self.chunk} "
                 f"= {self.total() / MiB:.1f} MiB")
         if self.budget is None:
@@ -303,7 +311,8 @@ def plan(data: FederatedData | DriftingData, engine: Engine, hp: ClientHParams,
          states: dict[str, PyTree], histories: dict[str, int] | None = None, *,
          shards: int = 1, in_flight: int | None = None, preferred_chunk: int,
          explicit_chunk: bool = False, budget: int | None = None, source: str = "",
-         eval_batch: int = 0, headroom: float = HEADROOM, refine: bool = True) -> MemoryPlan:
+         eval_batch: int = 0, headroom: float = HEADROOM, refine: bool = True,
+         rounds: dict[str, int] | None = None) -> MemoryPlan:
     """Check a run against ``budget`` bytes per device and pick its chunk size.
 
     Args:
@@ -311,6 +320,8 @@ def plan(data: FederatedData | DriftingData, engine: Engine, hp: ClientHParams,
       engine, hp: the client engine and hyperparameters (for the per-client working set).
       states: per method, its state or an abstract template (``ShapeDtypeStruct`` leaves).
       histories: per method, bytes of one block's metrics (see :func:`history_bytes`).
+      rounds: per method, a round's transient bytes beyond state and clients in flight
+        (:meth:`fedrnd.algorithms.Algorithm.round_bytes`).
       shards: devices the client axis is split over.
       in_flight: clients one device processes per program (``ceil(C / shards)``, or the
         cohort's share); chunks beyond it change nothing.
@@ -331,7 +342,8 @@ def plan(data: FederatedData | DriftingData, engine: Engine, hp: ClientHParams,
     p = MemoryPlan(budget=budget, source=source, shards=shards, data=data_bytes(phases, shards),
                    states={k: state_bytes(v, shards) for k, v in states.items()},
                    histories=dict(histories or {}), per_client=max(work.values()),
-                   in_flight=max(1, in_flight), chunk=max(1, preferred_chunk), max_chunk=None)
+                   in_flight=max(1, in_flight), chunk=max(1, preferred_chunk), max_chunk=None,
+                   rounds=dict(rounds or {}))
     if budget is None:
         return p
     usable = int(budget * (1.0 - headroom))
@@ -346,6 +358,7 @@ def plan(data: FederatedData | DriftingData, engine: Engine, hp: ClientHParams,
     figures = (f"data {p.data / MiB:.1f} MiB + method states "
                f"{sum(p.states.values()) / MiB:.1f} MiB ({', '.join(f'{k} {v / MiB:.1f}' for k, v in p.states.items())}) "
                f"+ block history {max(p.histories.values(), default=0) / MiB:.1f} MiB + "
+               f"round working set {max(p.rounds.values(), default=0) / MiB:.1f} MiB + "
                f"{p.per_client / MiB:.2f} MiB per client in flight ({p.working}); "
                f"{budget / MiB:.1f} MiB available per device ({source}), "
                f"{usable / MiB:.1f} MiB usable after {headroom:.0%} headroom")

@@ -397,9 +397,10 @@ def _plan(cfg: Config, phases: DriftingData, hp: ClientHParams,
     c = phases.num_clients
     in_flight = -(-min(c, cfg.cohort_size or c) // shards)
     key = jax.random.fold_in(jax.random.key(cfg.seed), 0)
-    states, histories = {}, {}
+    states, histories, rounds = {}, {}, {}
     for tag, alg in algorithms:
         states[tag] = alg.init_template(key, phases.initial, hp)
+        rounds[tag] = alg.round_bytes(states[tag], phases.initial, shards)
         stops = _boundaries(cfg, alg, phases.drift_rounds)
         histories[tag] = memory.history_bytes(alg, states[tag], phases.initial,
                                               memory.longest_block(stops))
@@ -410,7 +411,7 @@ def _plan(cfg: Config, phases: DriftingData, hp: ClientHParams,
     plan = memory.plan(phases, engine, hp, states, histories, shards=shards,
                        in_flight=in_flight, preferred_chunk=preferred,
                        explicit_chunk=cfg.chunk_size is not None, budget=budget, source=source,
-                       eval_batch=cfg.eval_batch)
+                       eval_batch=cfg.eval_batch, rounds=rounds)
     tuned = None
     if cfg.autotune and cfg.chunk_size is None:
         # Timed on this process's devices; process 0's choice is everyone's (same program).
