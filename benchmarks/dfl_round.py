@@ -139,6 +139,7 @@ def run(nodes: int, degree: int, samples: int, steps: int, batch: int, hidden: i
         cpu.append(time.process_time() - c0)
     m = jax.tree.map(np.asarray, m)
     round_rss = peak_rss_mib()
+    round_device = device_memory()  # before the halves below hold their own copies
     print(f"round: {statistics.median(times) if times else float('nan'):.2f} s, peak RSS "
           f"{round_rss:.0f} MiB", flush=True)
 
@@ -178,7 +179,7 @@ def run(nodes: int, degree: int, samples: int, steps: int, batch: int, hidden: i
         "rounds_s": times, "train_only_s": train_s, "gossip_only_s": gossip_s,
         "train_only_cpu_s": train_cpu, "gossip_only_cpu_s": gossip_cpu,
         "xla_round_bytes": xla, "round_peak_rss_mib": round_rss, "peak_rss_mib": peak_rss_mib(),
-        "device_memory": device_memory(),
+        "device_memory": device_memory(), "round_device_memory": round_device,
         "planner": {"data": estimate.data, "state": sum(estimate.states.values()),
                     "history": max(estimate.histories.values(), default=0),
                     "round": max(estimate.rounds.values(), default=0),
@@ -225,9 +226,11 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"memory planner: data {e['data'] / MiB:.0f} + state {e['state'] / MiB:.0f} + history "
           f"{e['history'] / MiB:.0f} + round {e['round'] / MiB:.0f} + chunk {e['chunk']} x {e['per_client'] / MiB:.1f} MiB per "
           f"client = {e['total'] / MiB:.0f} MiB")
-    if r["device_memory"]:
-        print("device memory (MiB): " + ", ".join(
-            f"{k} {v / MiB:.0f}" for k, v in r["device_memory"].items()))
+    for label, dm in (("through the rounds", r["round_device_memory"]),
+                      ("in all", r["device_memory"])):
+        if dm:
+            print(f"device memory {label} (MiB): " + ", ".join(
+                f"{k} {v / MiB:.0f}" for k, v in dm.items()))
     print(f"bytes per node {r['bytes_per_node']:.0f}, per link {r['bytes_per_link']:.0f}, "
           f"consensus distance {r['consensus_distance']:.3g}")
     if a.json:

@@ -12,7 +12,8 @@ equidistant patterns of per-pixel RMS ``--rms`` (0.15, the paper's value;
 authors' conv pair (target channels 32/64, predictor 2/4, max pool after the first
 convolution, adaptive average pool to 4x4, 64 outputs). Predictors train with Adam 1e-3,
 batch 128, ``--epochs`` (the paper's 10) or ``--steps``; with 64 images an epoch is one step. ``--probe-cap`` scores on at most that many of each
-client's images; ``--sparse-degree d`` scores only a random graph in which every client scores
+client's images; ``--candidates k`` runs the two-stage mode (each client scores its ``k``
+fingerprint candidates, ``RNDConfig.candidates``); ``--sparse-degree d`` scores only a random graph in which every client scores
 about ``d`` random peers, both ways (sparse mode), instead of the whole ``C x C``
 matrix.
 
@@ -167,7 +168,8 @@ def run(args: argparse.Namespace) -> dict:
     cfg = RNDConfig(criterion=args.criterion, network=args.network, probe_cap=args.probe_cap,
                     input_pool=args.input_pool, fused=not args.generic,
                     min_steps=args.min_steps or None,
-                    seed=args.seed, epochs=args.epochs, steps=args.steps)
+                    seed=args.seed, epochs=args.epochs, steps=args.steps,
+                    candidates=args.candidates or None)
     runs, res = [], None
     for _ in range(1 + args.repeat):
         res = None  # the previous result is not part of this run's peak memory
@@ -177,7 +179,7 @@ def run(args: argparse.Namespace) -> dict:
                      "phases": dict(res.timings), "cpu_phases": dict(res.cpu_timings)})
     groups = np.asarray(data.group)
     probes = np.minimum(np.asarray(data.train_count), args.probe_cap or np.inf)
-    if edges is None:
+    if res.edges is None:
         pairs = args.clients ** 2
         evals = float(probes.sum()) * args.clients
     else:
@@ -192,7 +194,7 @@ def run(args: argparse.Namespace) -> dict:
         "date": _dt.datetime.now().isoformat(timespec="seconds"),
         "clients": args.clients, "per_client": args.per_client, "network": args.network,
         "probe_cap": args.probe_cap, "input_pool": args.input_pool,
-        "sparse_degree": args.sparse_degree,
+        "sparse_degree": args.sparse_degree, "candidates": args.candidates or None,
         "epochs": args.epochs, "steps": args.steps,
         "path": "generic" if args.generic else "fused", "groups": args.groups, "rms": args.rms,
         "first_s": runs[0]["wall_s"],
@@ -232,6 +234,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--probe-cap", type=int, default=None)
     p.add_argument("--input-pool", type=int, default=1,
                    help="average-pool images by this factor before the pair (RNDConfig.input_pool)")
+    p.add_argument("--candidates", type=int, default=0,
+                   help="two-stage discovery: score each client's k fingerprint candidates "
+                        "(RNDConfig.candidates; the library's setting at 10,000 clients is 32) "
+                        "instead of every pair (0: dense)")
     p.add_argument("--sparse-degree", type=int, default=0,
                    help="score about d random peers per client, both ways, not all (0: dense)")
     p.add_argument("--repeat", type=int, default=1,

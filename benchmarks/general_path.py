@@ -21,10 +21,12 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
 import time
+from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script from anywhere in the checkout
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -64,13 +66,13 @@ def synthetic(clients: int, rows: int, feature: tuple[int, ...], ragged: bool = 
                          jnp.zeros(clients, jnp.int32), classes, "synthetic")
 
 
-def measure(name: str, repeats: int) -> dict:
+def measure(name: str, repeats: int, chunk: int | None = 1) -> dict:
     w = WORKLOADS[name]
     data = synthetic(w["clients"], w["rows"], w["feature"], w.get("ragged", False))
     model = make_model(w["model"][0], w["feature"], 10, **w["model"][1])
     opt, hp = client_hparams(w["clients"], optimizer=w["optimizer"], lr=0.01)
     engine = Engine(model=model, local=w["spec"], optimizer=opt,
-                    mapper=ClientMapper(chunk_size=1), path="general")
+                    mapper=ClientMapper(chunk_size=chunk), path="general")
     params = model.init(jax.random.key(0))
     call = jax.jit(lambda p, k: engine.train_sum(p, data, hp, k, jnp.asarray(0)))
     t0 = time.process_time()
@@ -82,7 +84,8 @@ def measure(name: str, repeats: int) -> dict:
         out = jax.block_until_ready(call(params, jax.random.key(2 + r)))
         cpu.append(time.process_time() - t0)
         wall.append(time.perf_counter() - w0)
-    return {"workload": name, "cpu_s": statistics.median(cpu), "cpu_s_min": min(cpu),
+    return {"workload": name, "chunk": engine.mapper.chunk, "clients": w["clients"],
+            "device": jax.devices()[0].device_kind, "cpu_s": statistics.median(cpu), "cpu_s_min": min(cpu),
             "wall_s": statistics.median(wall), "compile_cpu_s": compile_cpu,
             "load": os.getloadavg()[0],
             "chk": float(sum(jnp.sum(jnp.abs(a)) for a in jax.tree.leaves(out[0]))),
@@ -94,10 +97,19 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("workloads", nargs="*", default=["small", "ragged", "cnn"],
                     choices=sorted(WORKLOADS))
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--chunk", default="1",
+                    help="clients per map step: a number, or 'auto' for the backend's default "
+                         "(1 on a CPU, 256 on an accelerator)")
+    ap.add_argument("--json", default=None, help="also write every workload's figures here")
     args = ap.parse_args(argv)
+    chunk = None if args.chunk == "auto" else int(args.chunk)
+    results = []
     for name in args.workloads:
-        r = measure(name, args.repeats)
-        print(f"{name}: cpu s/call median {r['cpu_s']:.3f} min {r['cpu_s_min']:.3f} | wall "
+        r = measure(name, args.repeats, chunk)
+        results.append(r)
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=1))
+        print(f"{name} (chunk {r['chunk']}): cpu s/call median {r['cpu_s']:.3f} min {r['cpu_s_min']:.3f} | wall "
               f"{r['wall_s']:.3f} | compile cpu {r['compile_cpu_s']:.1f} | load "
               f"{r['load']:.1f} | chk {r['chk']!r} loss {r['loss']!r}", flush=True)
 

@@ -168,9 +168,24 @@ def flops(dims: list[tuple[int, int]], steps: int, batch: int, *, slots: int = 1
             "cost": SHARED_WEIGHT * shared + CORRECTION_WEIGHT * corr}
 
 
+ACCELERATOR_AUTO = False
+"""Whether ``path = "auto"`` may choose the fast path on an accelerator (GPU, TPU). Off:
+measured on an NVIDIA H200 (``benchmarks/RESULTS.md``, "On a GPU", 2026-12-04), the general
+path's vmapped chunks ran the throughput workload 1.5x faster than the fast path at 1,000
+clients (108,600 against 71,100 client updates/s) and 1.7x at 10,000, although the fast path
+does 12% fewer FLOPs: on a GPU both are bound by launches and small products, not by
+arithmetic, and the fast path has more, smaller steps. ``path = "lowrank"`` still forces it."""
+
+
 def pays(model: Model, spec: LocalSpec, n_max: int, *, slots: int = 1,
-         materialize: int = 0) -> bool:
-    """The cost model: is the fast path's estimated cost below the general path's FLOPs?"""
+         materialize: int = 0, backend: str | None = None) -> bool:
+    """The cost model: is the fast path's estimated cost below the general path's FLOPs?
+
+    On a CPU, FLOPs decide. On an accelerator (``backend`` other than ``"cpu"``, default
+    :func:`jax.default_backend`) the answer is :data:`ACCELERATOR_AUTO` (measured: no).
+    """
+    if (backend or jax.default_backend()) != "cpu" and not ACCELERATOR_AUTO:
+        return False
     f = flops(layer_dims(model), spec.total_steps(n_max), min(spec.batch_size, n_max),
               slots=slots, materialize=materialize)
     return f["cost"] < f["model"]

@@ -69,3 +69,16 @@ def test_discovery_trains_full_batch_and_scores_stacked(monkeypatch, network):
     assert disc.federation.shape == (len(groups),)
     assert calls["full_batch"] >= 1, "predictors fell back to the engine's general path"
     assert calls["stacked"] >= 1, "scoring fell back to one predictor at a time"
+
+
+def test_auto_path_keeps_the_general_path_on_an_accelerator():
+    # Measured on a GPU (benchmarks/RESULTS.md, "On a GPU"): the general path is 1.5-1.7x
+    # faster there, so "auto" must not pick the fast path off a CPU; on a CPU it still does.
+    from fedrnd.engine import lowrank
+
+    model = make_model("mlp", (throughput.FEATURES,), throughput.CLASSES,
+                       hidden=list(throughput.HIDDEN))
+    spec = LocalSpec(batch_size=16, epochs=1)
+    assert lowrank.pays(model, spec, 64, backend="cpu")
+    assert not lowrank.pays(model, spec, 64, backend="gpu")
+    assert not lowrank.pays(model, spec, 64, backend="tpu")
