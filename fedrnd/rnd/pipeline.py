@@ -22,7 +22,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from scipy.sparse import coo_matrix, csr_matrix
-from scipy.stats import t as student_t
 
 from fedrnd.data.federated import FederatedData, check_federated, id_list
 from fedrnd.engine import ClientMapper, EdgeList, progress, tree_bytes
@@ -57,6 +56,7 @@ from fedrnd.rnd.stats import (
     paired_moments,
     symmetric_pvalues,
     symmetric_q,
+    t_sf,
 )
 
 PyTree = Any
@@ -596,7 +596,7 @@ def assign_newcomers(disc: Discovery, new: FederatedData, *, key: jax.Array | No
         meas = (sr * sr) @ member / size  # the newcomer's probes are shared by all members
         var = np.maximum(emp, meas)
         t = (fed_r - cfg.min_effect) / np.sqrt(np.where(var > 0, var, np.inf))
-        p = student_t.sf(t, np.maximum(count[:, None] - 1, 1))
+        p = t_sf(t, np.maximum(count[:, None] - 1, 1))
         best = np.argmin(fed_r, axis=1)
         ok = p[np.arange(len(best)), best] > cfg.alpha
     else:

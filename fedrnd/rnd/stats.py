@@ -36,10 +36,20 @@ at or below ``1/2``, i.e. while most pairs between them are not rejected.
 from __future__ import annotations
 
 import numpy as np
-from scipy.stats import t as student_t
+from scipy import special
 
 __all__ = ["bh_adjust", "evidence", "pair_pvalues", "pair_statistic", "paired_moments",
-           "symmetric_pvalues", "symmetric_q"]
+           "symmetric_pvalues", "symmetric_q", "t_sf"]
+
+
+def t_sf(t, df) -> np.ndarray:
+    """Student's ``t`` survival function ``P(T > t)`` with ``df`` degrees of freedom (``>= 1``).
+
+    The same values as ``scipy.stats.t.sf`` bit for bit (its ``_sf`` is this ufunc), without
+    the distribution machinery's argument checks around it, which cost about 3x the ufunc on
+    the ``C x C`` pairs of a dense decision (4.0 against 1.2 s on 4 million pairs).
+    """
+    return special.stdtr(df, -np.asarray(t, np.float64))
 
 
 def paired_moments(scores, second, s_self, count, rows=None) -> tuple[np.ndarray, np.ndarray]:
@@ -83,7 +93,7 @@ def pair_pvalues(diff, se, s_self, count, min_effect: float, rows=None) -> np.nd
     excess = np.asarray(diff) - margin
     with np.errstate(divide="ignore", invalid="ignore"):
         t = np.where(se > 0, excess / se, np.where(excess > 0, np.inf, -np.inf))
-    p = student_t.sf(t, np.maximum(df, 1))
+    p = t_sf(t, np.maximum(df, 1))
     p = np.where(np.isfinite(se) & (df >= 1), p, 1.0)
     # Non-finite scores (a diverged predictor) are not evidence of compatibility.
     return np.where(np.isnan(excess), 0.0, p)
@@ -223,7 +233,7 @@ def symmetric_pvalues(diff, se, s_self, count, min_effect: float, *, edges=None,
     excess = stat - float(min_effect)
     with np.errstate(divide="ignore", invalid="ignore"):
         t = np.where(err > 0, excess / err, np.where(excess > 0, np.inf, -np.inf))
-    p = student_t.sf(t, np.maximum(df, 1))
+    p = t_sf(t, np.maximum(df, 1))
     p = np.where(np.isfinite(err) & (df >= 1), p, 1.0)
     return np.where(np.isnan(excess), 0.0, p)
 

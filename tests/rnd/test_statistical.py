@@ -894,3 +894,23 @@ def test_an_unplaceable_client_at_the_top_of_the_tree_hides_no_structure(monkeyp
     np.testing.assert_array_equal(canon(fed[:x]), canon(g[:x]))
     monkeypatch.setattr(extract, "PEEL", 0.0)
     assert tree().max() == 0  # the failure peeling removes
+
+
+def test_t_sf_equals_scipys_t_sf_bit_for_bit():
+    """The decision's p-values come from the bare ufunc; they must equal scipy.stats.t.sf
+    exactly (cached decisions and stored results rest on them), edge values included."""
+    from scipy.stats import t as student_t
+
+    from fedrnd.rnd.stats import t_sf
+
+    rng = np.random.default_rng(0)
+    t = np.concatenate([rng.standard_normal(5000) * 4, [np.inf, -np.inf, np.nan, 0.0, 1e300,
+                                                        -1e300, 1e-300]])
+    df = np.concatenate([rng.integers(1, 200, 5000).astype(np.float64), [1, 1, 1, 1, 3, 3, 7]])
+    a, b = t_sf(t, df), student_t.sf(t, df)
+    assert np.array_equal(a, b, equal_nan=True)
+    # Integer degrees of freedom and broadcasting, as the federation test uses them.
+    counts = rng.integers(2, 64, 30)
+    tt = rng.standard_normal((30, 5))
+    assert np.array_equal(t_sf(tt, np.maximum(counts[:, None] - 1, 1)),
+                          student_t.sf(tt, np.maximum(counts[:, None] - 1, 1)))
