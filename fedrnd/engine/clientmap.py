@@ -32,7 +32,10 @@ CLIENT_AXIS = "clients"
 
 # CPU 1: on the throughput workload (2-core EPYC, 2026-11-22) chunk 1 ran 2836 client updates/s,
 # chunks 2/4/8/16/32 ran 1065/1135/611/772/304 and all 1000 in one vmap 214 (benchmarks/RESULTS.md).
-# The accelerator values are not yet measured.
+# GPU 256: on one NVIDIA H200 (2026-12-04, benchmarks/results/device_h200_2026-12-04) chunks
+# 16/64/256/1000 ran 41,468/74,965/112,803/125,846 updates/s: 256 is within 11% of running all
+# 1,000 clients in one vmap and keeps a chunk's working set bounded for larger models (the
+# memory planner lowers it where needed). TPU: not measured.
 DEFAULT_CHUNK = {"cpu": 1, "gpu": 256, "cuda": 256, "rocm": 256, "tpu": 256}
 """Default clients per chunk by backend (measured on the throughput workload; see benchmarks)."""
 
