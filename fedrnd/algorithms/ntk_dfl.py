@@ -32,7 +32,12 @@ so the following is *our reconstruction* (each part can be switched off for an a
   ``j`` returns ``J_j^T A_j`` per horizon (``M`` model-sized vectors, ledger ``updates``), so the
   update is exact and only the kernel is approximate; ``"sketch"``: no extra messages,
   ``dw_l = -(1/n) R_l P_l^T A``, unbiased for ``J^T A`` (``E[R R^T] = I``) but with noise of
-  norm about ``sqrt(P_l / k_l)`` times the signal. Jacobian bytes are counted after projection.
+  norm about ``sqrt(P_l / k_l)`` times the signal; ``"exact_one"`` (ours): the horizon is chosen
+  with the sketched updates (the loss at ``w + dw_sketch(t)``, no messages), then node ``i``
+  sends each neighbour the residuals of that one horizon (``n_j x C`` floats) and gets back one
+  exact ``J_j^T A_j``: the exact update of the chosen horizon at ``1 / M`` of ``"exact"``'s second
+  round trip. (Choosing by the linearised loss of ``f(t)`` instead would always pick the longest
+  horizon: gradient flow lowers it monotonically.) Jacobian bytes are counted after projection.
 - ``soft_weight``: a stage-wise annealed soft-label regulariser. The evolution targets become
   ``Y_s = (1 - beta_s) Y + beta_s softmax(S / soft_temperature)``: hard labels mixed with
   tempered soft labels ``S`` on the pooled neighbourhood rows. ``soft_source`` says whose
@@ -93,7 +98,7 @@ from fedrnd.ntk import (
 
 _GRAPH_KEY = 0x6EA7  # as the gossip methods: the same round key draws the same graph
 _PROJ_KEY = 0x5BA7
-UPDATES = ("exact", "sketch")
+UPDATES = ("exact", "exact_one", "sketch")
 SOFT_SCHEDULES = ("decay", "ramp")
 SOFT_SOURCES = ("own", "neighbours")
 _SPARK = "SPARK's part (:class:`SPARK`)"
@@ -183,8 +188,8 @@ class NTKDFL(Algorithm):
                                        "shared Gaussian random projection.")
     proj_dim: int = option(256, low=1, doc=f"{_SPARK}: projected rows per layer, at most.")
     projected_update: str = option("exact", choices=UPDATES,
-                                   doc=f"{_SPARK}: ``exact`` or ``sketch`` (see the module "
-                                       "docstring).")
+                                   doc=f"{_SPARK}: ``exact``, ``exact_one`` or ``sketch`` "
+                                       "(see the module docstring).")
 
     def __post_init__(self):
         if isinstance(self.graph, dict) and not isinstance(self.graph, _Options):
@@ -333,6 +338,16 @@ class NTKDFL(Algorithm):
         losses = jax.vmap(lambda w: _masked_ce(model.apply(w, x), y, mf))(cand)
         losses = jnp.where(jnp.isfinite(losses), losses, jnp.inf)
         best = jnp.argmin(losses)
+        if proj is not None and self.projected_update == "exact_one":
+            # The sketch chose the horizon; the neighbours return the exact update for it.
+            exact = jacobian_transpose(model.apply, look, x, cot[best][None])
+            dw = jax.tree.map(lambda d: d[0], exact)
+            loss = _masked_ce(model.apply(jax.tree.map(jnp.add, look, dw), x), y, mf)
+            ok = jnp.isfinite(loss)
+            u = jax.tree.map(lambda d: jnp.where(ok, d, 0.0), dw)
+            return {"update": u, "loss": jnp.where(ok, loss, jnp.inf),
+                    "start_loss": _masked_ce(f0, y, mf),
+                    "tau": jnp.asarray(self.taus, jnp.float32)[best]}
         ok = jnp.isfinite(losses[best])
         u = jax.tree.map(lambda d: jnp.where(ok, d[best], 0.0), dw)
         return {"update": u, "loss": losses[best], "start_loss": _masked_ce(f0, y, mf),
@@ -407,10 +422,12 @@ class NTKDFL(Algorithm):
             soft = float(self.model.num_classes * np.dtype(np.float32).itemsize)
             ledger["up_soft_outputs"] = on * deg * own * soft
             ledger["down_soft_outputs"] = on * nbr * soft
-        if self.project and self.projected_update == "exact":
+        if self.project and self.projected_update in ("exact", "exact_one"):
             # Node i sends each neighbour j the integrated residuals of j's rows at every
-            # candidate horizon and gets back J_j^T A_j per horizon (one model-sized vector).
-            m, ncls = len(self.taus), self.model.num_classes
+            # candidate horizon (exact_one: the chosen one) and gets back J_j^T A_j per
+            # horizon (one model-sized vector each).
+            m = len(self.taus) if self.projected_update == "exact" else 1
+            ncls = self.model.num_classes
             res = float(m * ncls * np.dtype(np.float32).itemsize)
             ledger["up_residuals"] = nbr * res
             ledger["down_residuals"] = deg * own * res

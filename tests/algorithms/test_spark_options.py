@@ -166,3 +166,50 @@ def test_ramp_round_zero_is_the_hard_label_ntk_dfl_round(fed):
         np.testing.assert_allclose(u, v, rtol=1e-6, atol=1e-7)
     assert float(jnp.sum(met["down/soft_outputs"])) == 0.0  # beta = 0: nothing sent
     assert float(met["soft_weight"]) == 0.0
+
+
+def test_exact_one_takes_the_sketchs_horizon_and_the_exact_update_for_it(fed):
+    """``projected_update = "exact_one"``: the horizon the sketched updates choose, and the
+    exact ``-(1/n) J^T A`` at that horizon (a reference built from the kernel, evolution and
+    Jacobian-transpose parts), at 1 / M of ``exact``'s residual and update bytes."""
+    from fedrnd.ntk import draw_projections, layer_features, project_features
+
+    data, model, hp = fed
+    base = dict(graph={"degree": 3}, ode_steps=8, taus=(2, 4, 8), momentum=0.0,
+                soft_weight=0.0, proj_dim=4)
+    one = SPARK(Engine(model), projected_update="exact_one", **base)
+    sketch = SPARK(Engine(model), projected_update="sketch", **base)
+    exact = SPARK(Engine(model), projected_update="exact", **base)
+    look = jax.tree.map(lambda a: a[0], _distinct_state(one, data, hp)["clients"]["params"])
+    rows = np.asarray(data.train_idx[:2]).reshape(-1)
+    x = data.x[rows]
+    y = jax.nn.one_hot(data.y[rows], model.num_classes)
+    mask = jnp.ones(len(rows), jnp.float32)
+    proj = draw_projections(jax.random.key(3), model, 4)
+    lr_k, beta = one.schedule(jnp.asarray(0, jnp.int32))
+    a = one.client_step(look, x, y, mask, lr_k, beta, proj)
+    s = sketch.client_step(look, x, y, mask, lr_k, beta, proj)
+    assert float(a["tau"]) == float(s["tau"])
+    # Reference: the projected kernel drives the evolution; the exact J^T A at that horizon.
+    feats = layer_features(model, look, x)
+    pj = project_features(feats, proj)
+    h = jnp.einsum("icp,jcp->ij", pj, pj) / model.num_classes
+    dt = lr_k * 8 / 8
+    _, traj = evolve(h, feats.logits, y, mask, dt, 8)
+    m = one.taus.index(int(float(a["tau"])))
+    cot = -traj[one.horizon_steps()[m]] / len(rows)
+    ref = jax.tree.map(lambda d: d[0], jacobian_transpose(model.apply, look, x, cot[None]))
+    for u, v in zip(jax.tree.leaves(a["update"]), jax.tree.leaves(ref), strict=True):
+        np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-6)
+    # Not the sketch's update (the projection is 4 rows per layer: far from exact).
+    diff = sum(float(jnp.sum((u - v) ** 2)) for u, v in zip(
+        jax.tree.leaves(a["update"]), jax.tree.leaves(s["update"]), strict=True))
+    assert diff > 1e-6
+    # Ledger: the second round trip carries one horizon instead of three.
+    state = one.init(jax.random.key(0), data, hp)
+    _, m1 = jax.jit(one.round)(state, data, jax.random.key(1))
+    _, m3 = jax.jit(exact.round)(state, data, jax.random.key(1))
+    for kind in ("up/residuals", "down/residuals", "up/updates", "down/updates"):
+        np.testing.assert_allclose(3 * np.asarray(m1[kind]), np.asarray(m3[kind]), rtol=1e-6)
+    _, ms = jax.jit(sketch.round)(state, data, jax.random.key(1))
+    assert not any(k.endswith("residuals") for k in ms)
