@@ -109,6 +109,7 @@ def steps(quick: bool) -> list[dict]:
     c1k = "200" if quick else "1000"
     c10k = "400" if quick else "10000"
     rounds = "2" if quick else "5"
+    torch_device = "cpu" if quick else "cuda"
     d_steps = ["--steps", "20"] if quick else []
     return [
         dict(name="env", argv=py + ["-c", ENV_PROBE], limit=120, env=(
@@ -126,13 +127,13 @@ def steps(quick: bool) -> list[dict]:
                                        "4,16" if quick else "16,64,256,1000", "--json",
                                        "{json}"], limit=180),
         dict(name="compare_cnn", argv=py + [str(BENCH / "compare" / "run.py"), "--model",
-                                            "cnn", "--peers", "torch", "--torch-device",
-                                            "auto", "--clients", c1k, "--json-dir",
-                                            "{dir}"], limit=180),
+                                            "cnn", "--fedrnd", "general", "--peers", "torch",
+                                            "--torch-device", torch_device, "--clients", c1k,
+                                            "--json", "{json}"], limit=180),
         dict(name="compare_mlp", argv=py + [str(BENCH / "compare" / "run.py"), "--model",
                                             "mlp", "--peers", "torch", "--torch-device",
-                                            "auto", "--clients", c1k, "--json-dir",
-                                            "{dir}"], limit=150),
+                                            torch_device, "--clients", c1k, "--json", "{json}"],
+             limit=150),
         dict(name="discovery_mlp", argv=py + [str(BENCH / "discovery.py"), "--clients", c1k,
                                               "--network", "mlp", "--input-pool", "2",
                                               "--repeat", "2", *d_steps, "--json", "{json}"],
@@ -225,6 +226,10 @@ def headline(s: dict) -> str:
             return (f"round {f['round_s']:.2f} s; XLA temp "
                     f"{f['xla_round_bytes'].get('temp_size_in_bytes', 0) / 2**20:.0f} MiB; "
                     f"planner {f['planner']['total'] / 2**20:.0f} MiB")
+        if s["name"].startswith("compare"):
+            return "; ".join(f"{r['name']}: {r['updates_per_s']:.0f} upd/s"
+                             for r in f["results"] if not r.get("skipped")) + (
+                f"; agree {f['all_agree']}")
         if s["name"] in ("main_job", "tests"):
             keys = ("mean client test accuracy", "passed", "failed", "error")
             hits = [ln for ln in s["tail"].splitlines() if any(k in ln for k in keys)]

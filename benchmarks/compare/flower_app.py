@@ -3,7 +3,8 @@
 Imported only when ``flwr`` is installed (:func:`benchmarks.compare.peers.run_flower`). Ray's
 workers import this module by name to run :data:`app` (Flower hands them the driver's
 ``sys.path``), so it holds no data: a worker
-memory-maps the workload ``.npz`` named in the train config once and keeps one PyTorch model.
+memory-maps the workload ``.npz`` named in the train config once and keeps one PyTorch model
+(:func:`~benchmarks.compare.peers.torch_net`: the MLP or the CNN, as the PyTorch loop builds it).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from benchmarks.compare.harness import Workload
-from benchmarks.compare.peers import torch_layers, torch_mlp
+from benchmarks.compare.peers import torch_layers, torch_net
 
 REGISTER_TIMEOUT_S = 900
 """Seconds a Ray worker may take to start and register (Ray's default is 60)."""
@@ -31,7 +32,7 @@ app = ClientApp()
 def _client_state(path: str):
     if path not in _CACHE:
         w = Workload.load(path)
-        net = torch_mlp(w.init)
+        net = torch_net(w)
         _CACHE[path] = (w, net, torch.optim.SGD(net.parameters(), lr=w.lr))
     return _CACHE[path]
 
@@ -107,13 +108,13 @@ def simulate(path: str, *, num_cpus: int, torch_threads: int) -> dict:
             out["stamps"].append(time.perf_counter())
             out["cpu_stamps"].append(tree_cpu_seconds())
             if server_round == w.rounds:
-                net = torch_mlp(w.init)
+                net = torch_net(w)
                 net.load_state_dict(arrays.to_torch_state_dict())
                 out["layers"] = torch_layers(net)
             return None
 
         try:
-            strategy.start(grid=grid, initial_arrays=ArrayRecord(torch_mlp(w.init).state_dict()),
+            strategy.start(grid=grid, initial_arrays=ArrayRecord(torch_net(w).state_dict()),
                            num_rounds=w.rounds,
                            train_config=ConfigRecord({"workload": path,
                                                       "torch-threads": torch_threads}),

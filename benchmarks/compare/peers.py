@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import importlib.util
 import itertools
 import os
@@ -71,9 +72,10 @@ def run_numpy(w: Workload, threads: int = 1) -> Result:
     cpu: list[float] = []
     with limit:
         layers, times, _ = numpy_fedavg(w, cpu=cpu)
+    how = " (convolutions by im2col)" if w.model == "cnn" else ""
     return Result(name="numpy loop", version=np.__version__, clients=w.clients, round_s=times,
                   cpu_s=cpu, layers=layers,
-                  note=f"plain numpy forward/backward per client and step, {threads_note}",
+                  note=f"plain numpy forward/backward per client and step{how}, {threads_note}",
                   loadavg=(before, os.getloadavg()[0]))
 
 
@@ -98,34 +100,142 @@ def torch_mlp(layers: Layers):
     return nn.Sequential(*mods)
 
 
-def torch_layers(net) -> Layers:
-    """Back from :func:`torch_mlp`'s module to numpy :data:`Layers`."""
+@functools.cache
+def _to_nchw():
+    """A module turning fedrnd's NHWC images into PyTorch's NCHW (a view: no copy for one
+    input channel)."""
     from torch import nn
 
-    return [(lin.weight.detach().numpy().T.copy(), lin.bias.detach().numpy().copy())
-            for lin in net if isinstance(lin, nn.Linear)]
+    class ToNCHW(nn.Module):
+        def forward(self, x):
+            return x.permute(0, 3, 1, 2)
+
+    return ToNCHW
 
 
-def run_torch(w: Workload, threads: int = 1) -> Result:
+def torch_cnn(layers: Layers, feature_shape: tuple[int, ...]):
+    """fedrnd's built-in CNN in PyTorch, holding ``layers``; takes NHWC images ``[B, H, W, C]``
+    as fedrnd does.
+
+    Per convolution: ``nn.Conv2d(padding="same")`` (flax's 'same': ``(k - 1) // 2`` before,
+    the rest after), ReLU, ``nn.MaxPool2d(2, ceil_mode=True)`` (flax's 'same' 2x2 pool: an odd
+    last row or column pools alone); then ``nn.Flatten`` and Linear/ReLU layers. Kernels go
+    from flax's HWIO to PyTorch's OIHW. PyTorch flattens ``(c, h, w)`` where fedrnd flattens
+    NHWC ``(h, w, c)``, so the rows of the first dense kernel are permuted to match (the
+    module computes the same function; :func:`torch_layers` permutes back). The flattened
+    shape ``(h, w, c)`` is kept as ``net.flat_hwc``.
+    """
+    import torch
+    from torch import nn
+
+    def put(param, value):
+        with torch.no_grad():
+            param.copy_(torch.from_numpy(np.array(value, np.float32, order="C")))
+
+    h, w = feature_shape[:2]
+    mods = [_to_nchw()()]
+    convs = 0
+    for k, b in layers:
+        k = np.asarray(k)
+        if k.ndim != 4:
+            break
+        conv = nn.Conv2d(k.shape[2], k.shape[3], tuple(k.shape[:2]), padding="same")
+        put(conv.weight, k.transpose(3, 2, 0, 1))
+        put(conv.bias, b)
+        mods += [conv, nn.ReLU(), nn.MaxPool2d(2, 2, ceil_mode=True)]
+        h, w, c = -(-h // 2), -(-w // 2), k.shape[3]
+        convs += 1
+    mods.append(nn.Flatten())
+    dense = layers[convs:]
+    for i, (k, b) in enumerate(dense):
+        k = np.asarray(k)
+        if i == 0:  # rows (h, w, c) -> (c, h, w)
+            k = k.reshape(h, w, c, -1).transpose(2, 0, 1, 3).reshape(h * w * c, -1)
+        lin = nn.Linear(k.shape[0], k.shape[1])
+        put(lin.weight, k.T)
+        put(lin.bias, b)
+        mods.append(lin)
+        if i < len(dense) - 1:
+            mods.append(nn.ReLU())
+    net = nn.Sequential(*mods)
+    net.flat_hwc = (h, w, c)
+    return net
+
+
+def torch_net(w: Workload):
+    """The workload's model in PyTorch from its initial weights: :func:`torch_mlp` or
+    :func:`torch_cnn`."""
+    return torch_cnn(w.init, w.feature_shape) if w.model == "cnn" else torch_mlp(w.init)
+
+
+def torch_layers(net) -> Layers:
+    """Back from :func:`torch_mlp`'s or :func:`torch_cnn`'s module to numpy :data:`Layers`."""
+    from torch import nn
+
+    def arr(t):
+        return t.detach().cpu().numpy()
+
+    out: Layers = []
+    flat = getattr(net, "flat_hwc", None)
+    first_dense = True
+    for m in net:
+        if isinstance(m, nn.Conv2d):
+            out.append((arr(m.weight).transpose(2, 3, 1, 0).copy(), arr(m.bias).copy()))
+        elif isinstance(m, nn.Linear):
+            k = arr(m.weight).T
+            if flat is not None and first_dense:  # rows (c, h, w) -> (h, w, c)
+                h, w, c = flat
+                k = k.reshape(c, h, w, -1).transpose(1, 2, 0, 3).reshape(h * w * c, -1)
+            first_dense = False
+            out.append((k.copy(), arr(m.bias).copy()))
+    return out
+
+
+TORCH_DEVICE_NOTE = """\
+``--torch-device cuda`` runs the PyTorch loop on the GPU, each round ending with
+``torch.cuda.synchronize()``. Its matmuls and cuDNN convolutions compute in float32 (TF32
+off), as fedrnd's do then (``run.py --precision float32``, the default, sets JAX's default
+matmul precision to float32 on an accelerator, where JAX would use TF32 on recent NVIDIA
+GPUs); ``--precision tf32`` lets both use TF32. pfl and Flower stay on the CPU."""
+
+
+def run_torch(w: Workload, threads: int = 1, device: str = "cpu", tf32: bool = False
+              ) -> Result:
     """A plain PyTorch FedAvg loop: for each client, load the global weights, run its SGD
     steps with ``torch.optim.SGD``, add its weights into a running weighted sum. PyTorch runs
-    on ``threads`` intra-op threads (see :data:`THREADS_NOTE`)."""
+    on ``threads`` intra-op threads (see :data:`THREADS_NOTE`), on ``device`` (``"cpu"`` or
+    ``"cuda"``, see :data:`TORCH_DEVICE_NOTE`; ``tf32``: allow TF32 there)."""
+    name = torch_label(device)
     reason = missing("torch")
     if reason:
-        return skipped("pytorch loop", reason)
+        return skipped(name, reason)
     import torch
     import torch.nn.functional as F
 
     torch.set_num_threads(threads)
+    dev = torch.device(device)
+    gpu = dev.type == "cuda"
+    if gpu:
+        if not torch.cuda.is_available():
+            return skipped(name, f"torch {torch.__version__} sees no CUDA device")
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cudnn.allow_tf32 = tf32
+
+    def sync():
+        if gpu:
+            torch.cuda.synchronize(dev)
 
     before = os.getloadavg()[0]
-    net = torch_mlp(w.init)
+    t0 = time.perf_counter()
+    net = torch_net(w).to(dev)
     params = list(net.parameters())
     global_p = [p.detach().clone() for p in params]
     opt = torch.optim.SGD(params, lr=w.lr)
-    x_all = torch.from_numpy(np.array(w.x_train))
-    y_all = torch.from_numpy(np.array(w.y_train))
-    order = torch.from_numpy(w.order.astype(np.int64))
+    x_all = torch.from_numpy(np.array(w.x_train)).to(dev)
+    y_all = torch.from_numpy(np.array(w.y_train)).to(dev)
+    order = torch.from_numpy(w.order.astype(np.int64)).to(dev)
+    sync()
+    setup_s = time.perf_counter() - t0
     n = float(w.y_train.shape[1])
     times, cpu = [], []
     for r in range(w.rounds):
@@ -145,15 +255,24 @@ def run_torch(w: Workload, threads: int = 1) -> Result:
                 for s, p in zip(sums, params, strict=True):
                     s.add_(p, alpha=n)
         global_p = [s / (n * w.clients) for s in sums]
+        sync()
         times.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
     with torch.no_grad():
         for p, g in zip(params, global_p, strict=True):
             p.copy_(g)
-    return Result(name="pytorch loop", version=torch.__version__, clients=w.clients,
-                  round_s=times, cpu_s=cpu, layers=torch_layers(net),
-                  note=f"torch.optim.SGD, {torch.get_num_threads()} thread(s)",
+    where = (f"{torch.get_num_threads()} thread(s)" if not gpu
+             else f"{torch.cuda.get_device_name(dev)}, TF32 {'on' if tf32 else 'off'}")
+    return Result(name=name, version=torch.__version__, clients=w.clients,
+                  round_s=times, cpu_s=cpu, layers=torch_layers(net), setup_s=setup_s,
+                  note=f"torch.optim.SGD, {where}",
                   loadavg=(before, os.getloadavg()[0]))
+
+
+def torch_label(device: str = "cpu") -> str:
+    """The PyTorch loop's name in the tables: ``"pytorch loop"`` on the CPU,
+    ``"pytorch loop (cuda)"`` elsewhere."""
+    return "pytorch loop" if device == "cpu" else f"pytorch loop ({device})"
 
 
 # --------------------------------------------------------------------------------------------
@@ -198,7 +317,7 @@ def run_pfl(w: Workload, threads: int = 1) -> Result:
     class Net(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.body = torch_mlp(w.init)
+            self.body = torch_net(w)
 
         def forward(self, x):
             return self.body(x)
@@ -347,12 +466,15 @@ LABELS = {"numpy": "numpy loop", "torch": "pytorch loop", "pfl": "pfl-research",
 
 def run_isolated(name: str, workload_path: str, *, threads: int = 1,
                  flower_cpus: int | None = None, timeout: float = 1800.0,
-                 log_dir: str | None = None) -> Result:
+                 log_dir: str | None = None, torch_device: str = "cpu",
+                 tf32: bool = False) -> Result:
     """Run peer ``name`` on the saved workload in a fresh Python process.
 
     Each peer gets a process of its own, with only its framework loaded: no JAX thread pool
     or fedrnd arrays beside it, and a peer that crashes or hangs becomes a skip with the tail
     of its log. The log (Flower and Ray are talkative) goes to ``log_dir/<name>.log``.
+    ``torch_device``: where the PyTorch loop runs, ``tf32``: whether it may use TF32 there
+    (the other peers ignore both).
     """
     if name not in RUNNERS:
         raise ValueError(f"unknown peer {name!r}; allowed: {', '.join(RUNNERS)}")
@@ -362,17 +484,21 @@ def run_isolated(name: str, workload_path: str, *, threads: int = 1,
            "--threads", str(threads)]
     if flower_cpus:
         cmd += ["--flower-cpus", str(flower_cpus)]
+    label = LABELS[name]
+    if name == "torch":
+        cmd += ["--torch-device", torch_device] + (["--tf32"] if tf32 else [])
+        label = torch_label(torch_device)
     env = {**os.environ, "PYTHONPATH": _pythonpath()}
     with open(log, "w") as f:
         try:
             proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=REPO,
                                   timeout=timeout, check=False)
         except subprocess.TimeoutExpired:
-            return skipped(LABELS[name], f"no result within {timeout:.0f} s (log: {log})")
+            return skipped(label, f"no result within {timeout:.0f} s (log: {log})")
     if proc.returncode != 0 or not os.path.exists(out):
         with open(log) as f:
             tail = " | ".join(line.strip() for line in f.readlines()[-3:])
-        return skipped(LABELS[name], f"exit status {proc.returncode}: {tail} (log: {log})")
+        return skipped(label, f"exit status {proc.returncode}: {tail} (log: {log})")
     return load_result(out)
 
 
@@ -384,11 +510,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("out")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--flower-cpus", type=int, default=None)
+    ap.add_argument("--torch-device", type=str, default="cpu")
+    ap.add_argument("--tf32", action="store_true")
     args = ap.parse_args(argv)
     w = Workload.load(args.workload)
     if args.peer == "flower":
         r = run_flower(w, num_cpus=args.flower_cpus, torch_threads=args.threads,
                        workload_path=args.workload)
+    elif args.peer == "torch":
+        r = run_torch(w, threads=args.threads, device=args.torch_device, tf32=args.tf32)
     else:
         r = RUNNERS[args.peer](w, threads=args.threads)
     save_result(r, args.out)

@@ -1,12 +1,17 @@
-"""Peer comparison: the throughput workload in fedrnd and in the peers installed, in one run.
+"""Peer comparison: one FedAvg workload in fedrnd and in the peers installed, in one run.
 
-Workload (``benchmarks/throughput.py``'s): ``--clients`` (1000) clients x ``--samples`` (64)
-examples of 784 features, MLP 784-200-200-10, batch 16, one local epoch of plain SGD (lr 0.05),
-every client every round, FedAvg (sample-weighted mean, server lr 1); ``--rounds`` rounds (6),
-the first a warm-up. fedrnd builds the data, initial weights and every client's batch order;
-all of it is exported to numpy (:mod:`benchmarks.compare.harness`) and each peer
-(:mod:`benchmarks.compare.peers`: a numpy loop, a PyTorch loop, pfl-research, Flower) trains
-from the same arrays. A peer that is not installed is skipped with a message.
+Workloads (``--model``): ``mlp`` (default; ``benchmarks/throughput.py``'s): ``--clients``
+(1000) clients x ``--samples`` (64) examples of 784 features, MLP 784-200-200-10. ``cnn``:
+fedrnd's built-in ``cnn`` as the RND paper's task CNN (conv 5x5 8, conv 5x5 16, each ReLU +
+2x2 max pool, dense 64, 10 outputs) on 28x28x1 images; ``lenet``: the same family at LeNet-5's
+size (conv 5x5 6, conv 5x5 16, dense 120). The CNNs train on Fashion-MNIST IID over clients
+when it is installed (``--data auto``), else on the MLP's synthetic examples reshaped to
+28x28x1. All: batch 16, one local epoch of plain SGD (lr 0.05), every client every round,
+FedAvg (sample-weighted mean, server lr 1); ``--rounds`` rounds (6), the first a warm-up.
+fedrnd builds the data, initial weights and every client's batch order; all of it is exported
+to numpy (:mod:`benchmarks.compare.harness`) and each peer (:mod:`benchmarks.compare.peers`: a
+numpy loop, a PyTorch loop, pfl-research, Flower) trains from the same arrays. A peer that is
+not installed is skipped with a message; fedrnd's low-rank path is skipped for the CNNs.
 
 Printed: the machine, versions and load average; per run, client updates/s (clients / median
 round time over the rounds after the first), the first round, setup time, CPU seconds per
@@ -22,6 +27,8 @@ Usage::
     python benchmarks/compare/run.py            # everything installed, ~3-4 min here
     python benchmarks/compare/run.py --peers torch,pfl --fedrnd general --json cmp.json
     python benchmarks/compare/run.py --clients 100 --rounds 3    # a quick check
+    python benchmarks/compare/run.py --model cnn --json cnn.json  # the CNN workload
+    python benchmarks/compare/run.py --model lenet --torch-device cuda   # torch on the GPU
 """
 
 from __future__ import annotations
@@ -75,7 +82,15 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--lr", type=float, default=0.05)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--hidden", type=str, default="200,200", help="hidden layer widths")
+    ap.add_argument("--model", type=str, default="mlp", choices=("mlp", *harness.CNN_PRESETS),
+                    help="mlp (784-200-200-10 on synthetic vectors), cnn (conv8-conv16-dense64)"
+                         " or lenet (conv6-conv16-dense120) on 28x28x1 images")
+    ap.add_argument("--hidden", type=str, default="200,200",
+                    help="hidden layer widths (--model mlp)")
+    ap.add_argument("--data", type=str, default="auto", choices=("auto", "fashion", "synthetic"),
+                    help="images of the CNN workloads: Fashion-MNIST IID over clients, the MLP's"
+                         " synthetic examples as 28x28x1, or auto = Fashion-MNIST when "
+                         "installed, else synthetic")
     ap.add_argument("--fedrnd", type=str, default="general,lowrank",
                     help="fedrnd engine paths to run (general = vmapped/chunked, lowrank = "
                          "the exact low-rank fast path)")
@@ -89,6 +104,14 @@ def main(argv: list[str] | None = None) -> dict:
                     help="largest relative L2 parameter difference to fedrnd that agrees")
     ap.add_argument("--flower-cpus", type=int, default=None,
                     help="Ray CPUs = Flower actors (default: all cores)")
+    ap.add_argument("--torch-device", type=str, default="cpu",
+                    help="where the PyTorch loop peer runs: cpu, or cuda (a GPU; see "
+                         "peers.TORCH_DEVICE_NOTE)")
+    ap.add_argument("--precision", type=str, default="float32", choices=("float32", "tf32"),
+                    help="matmul / convolution precision on a GPU: float32 (JAX's default "
+                         "matmul precision set to float32, PyTorch's TF32 off) or tf32 (JAX's "
+                         "own default on recent NVIDIA GPUs, PyTorch's TF32 on); CPUs compute "
+                         "float32 either way")
     ap.add_argument("--threads", type=int, default=1,
                     help="BLAS / PyTorch threads of the numpy, PyTorch and pfl peers and of "
                          "each Flower actor (see peers.THREADS_NOTE)")
@@ -108,12 +131,21 @@ def main(argv: list[str] | None = None) -> dict:
         ap.error(f"--threads must be >= 1, got {args.threads}")
     if not paths:
         ap.error("--fedrnd names no path: fedrnd is the reference every peer is checked against")
+    if args.model != "mlp" and "general" not in paths:
+        ap.error(f"--model {args.model} runs on fedrnd's general path only (the low-rank path "
+                 f"takes dense stacks): --fedrnd must include general")
 
+    import jax
+
+    if args.precision == "float32" and jax.default_backend() != "cpu":
+        # JAX computes float32 dots and convolutions in TF32 on recent NVIDIA GPUs by default;
+        # the PyTorch loop has TF32 off: same arithmetic on both sides.
+        jax.config.update("jax_default_matmul_precision", "float32")
     load0 = os.getloadavg()
     t0 = time.perf_counter()
     data, model, spec, init_key, keys = harness.fedrnd_setup(
         args.clients, args.samples, args.test_samples, args.rounds, args.batch, args.seed,
-        hidden)
+        hidden, model=args.model, data=args.data)
     w = harness.export_workload(data, model, spec, init_key, keys, args.lr, args.seed)
     build_s = time.perf_counter() - t0
     info = {"date": _dt.datetime.now().isoformat(timespec="minutes"),
@@ -122,13 +154,21 @@ def main(argv: list[str] | None = None) -> dict:
             "workload": {"clients": w.clients, "samples": args.samples,
                          "test_examples": int(w.y_test.shape[0]), "dims": w.dims,
                          "batch": w.batch, "steps": w.steps, "rounds": w.rounds, "lr": w.lr,
-                         "seed": args.seed},
+                         "seed": args.seed, **({} if w.model == "mlp" else {
+                             "model": args.model, "architecture": w.architecture,
+                             "feature_shape": w.feature_shape, "data": w.data,
+                             "param_shapes": w.param_shapes,
+                             "num_params": int(sum(k.size + b.size for k, b in w.init))})},
+            "torch_device": args.torch_device, "precision": args.precision,
+            "backend": jax.default_backend(),
             "build_s": build_s}
     v = info["versions"]
-    print(f"peer comparison | {info['date']} | {info['machine']}")
+    print(f"peer comparison | {info['date']} | {info['machine']} | JAX backend "
+          f"{info['backend']}, PyTorch loop on {args.torch_device}, precision {args.precision}")
     print("versions: " + ", ".join(f"{k} {x}" for k, x in v.items() if x))
-    print(f"workload: {w.clients} clients x {args.samples} examples, MLP "
-          f"{'-'.join(map(str, w.dims))}, batch {w.batch} ({w.steps} SGD steps, lr {w.lr}), "
+    print(f"workload: {w.clients} clients x {args.samples} examples, {w.architecture}"
+          f"{f' ({args.model})' if w.model == 'cnn' else ''}, data {w.data}, "
+          f"batch {w.batch} ({w.steps} SGD steps, lr {w.lr}), "
           f"FedAvg, {w.rounds} rounds (first = warm-up); built and exported in {build_s:.1f} s")
     print(f"load average at start: {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f} "
           f"(1/5/15 min; other processes on the machine slow every run)", flush=True)
@@ -149,14 +189,15 @@ def main(argv: list[str] | None = None) -> dict:
         for name in names:
             r = peers.run_isolated(name, path, threads=args.threads,
                                    flower_cpus=args.flower_cpus, timeout=args.timeout,
-                                   log_dir=log_dir)
+                                   log_dir=log_dir, torch_device=args.torch_device,
+                                   tf32=args.precision == "tf32")
             results.append(r)
             _progress(r)
     for r in results:
         if r.ok:
             r.test_acc = harness.accuracy(r.layers, w.x_test, w.y_test)
 
-    ref = results[0]
+    ref = next(r for r in results if r.ok)  # the first fedrnd run that ran
     agree = harness.agreement(results, ref, args.acc_tol, args.param_tol)
     print()
     print(harness.results_table(results, agree))

@@ -5,6 +5,7 @@ where its framework is installed."""
 from __future__ import annotations
 
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -260,4 +261,202 @@ def test_flower_reaches_fedrnds_model(tiny, tmp_path):
     r = P.run_isolated("flower", path, log_dir=str(tmp_path), timeout=600)
     assert r.ok, r.skipped
     assert len(r.round_s) == 3 and len(r.cpu_s) == 3 and all(c > 0 for c in r.cpu_s)
+    assert H.relative_difference(r.layers, ref.layers) < 1e-4
+
+
+# ---- the CNN workloads ---------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_cnn():
+    """4 clients x 32 synthetic 28x28x1 images, fedrnd's cnn conv8-conv16-dense64, batch 8
+    (4 steps), 2 rounds; fedrnd's run."""
+    setup = H.fedrnd_setup(4, 32, 4, 2, 8, seed=1, model="cnn", data="synthetic")
+    w = H.export_workload(*setup, LR, seed=1)
+    ref = H.run_fedrnd(*setup, LR, path="general")
+    ref.test_acc = H.accuracy(ref.layers, w.x_test, w.y_test)
+    return setup, w, ref
+
+
+def _odd_cnn():
+    """fedrnd's cnn on 10x9x2 inputs with three 3x3 convolutions: odd sizes at every pool."""
+    from fedrnd.models import make_model
+
+    model = make_model("cnn", (10, 9, 2), 3, channels=[3, 4, 5], dense=6, kernel=3)
+    params = model.init(jax.random.key(0))
+    layers = H.params_to_layers(params, H.layer_names(model, params))
+    x = np.random.default_rng(0).normal(size=(5, 10, 9, 2)).astype(np.float32)
+    return model, params, layers, x
+
+
+def test_cnn_export_carries_the_architecture(tiny_cnn, tmp_path):
+    (data, model, *_), w, ref = tiny_cnn
+    assert w.model == "cnn" and w.x_train.shape == (4, 32, 28, 28, 1)
+    assert w.order.shape == (2, 4, 4, 8) and w.convs == 2 and w.flat_shape == (7, 7, 16)
+    assert w.param_shapes == [([5, 5, 1, 8], [8]), ([5, 5, 8, 16], [16]),
+                              ([784, 64], [64]), ([64, 10], [10])]
+    assert w.architecture == ("CNN 28x28x1: conv5x5x8+pool, conv5x5x16+pool, "
+                              "dense 784-64-10")
+    assert w.data.startswith("gaussian-means as 28x28x1")
+    params = model.init(jax.random.key(1))
+    np.testing.assert_array_equal(w.init[1][0], np.asarray(params["Conv_1"]["kernel"]))
+    np.testing.assert_array_equal(w.init[2][0], np.asarray(params["Dense_0"]["kernel"]))
+    idx = np.asarray(data.train_idx)
+    np.testing.assert_array_equal(w.x_train[3], np.asarray(data.x)[idx[3]])
+    assert ref.name == "fedrnd (general)" and [k.shape for k, _ in ref.layers] == [
+        k.shape for k, _ in w.init]
+    path = str(tmp_path / "cnn.npz")
+    w.save(path)
+    back = H.Workload.load(path)
+    assert back.model == "cnn" and back.data == w.data and back.param_shapes == w.param_shapes
+    # the low-rank path is a skip for a CNN, with its reason
+    low = H.run_fedrnd(*tiny_cnn[0], LR, path="lowrank")
+    assert not low.ok and "dense layers" in low.skipped
+    with pytest.raises(ValueError, match="CNN workload needs images"):
+        H.Workload(w.x_train.reshape(4, 32, -1), w.y_train, w.order, w.x_test, w.y_test,
+                   w.init, LR, 8, model="cnn")
+    with pytest.raises(ValueError, match="dense kernels"):
+        H.Workload(w.x_train, w.y_train, w.order, w.x_test, w.y_test, w.init, LR, 8)
+    with pytest.raises(ValueError, match="model must be"):
+        H.fedrnd_setup(4, 32, 4, 2, 8, model="vgg")
+
+
+def test_mlp_workload_file_without_model_entry_loads_as_mlp(tiny, tmp_path):
+    _, w, _ = tiny
+    path = str(tmp_path / "old.npz")
+    w.save(path)
+    z = dict(np.load(path))
+    del z["model"], z["data"]
+    np.savez(path, **z)
+    back = H.Workload.load(path)
+    assert back.model == "mlp" and back.architecture == "MLP 784-16-10"
+
+
+def test_numpy_cnn_forward_equals_fedrnds_apply(tiny_cnn):
+    (_, model, _, init_key, _), w, _ = tiny_cnn
+    params = model.init(init_key)
+    assert model.reference_apply is not None  # on a CPU, apply is the banded re-expression
+    x = w.x_test[:8]
+    got = H.forward(w.init, x)
+    for fn in (model.apply, model.reference_apply):
+        np.testing.assert_allclose(got, np.asarray(fn(params, jnp.asarray(x))), rtol=1e-5,
+                                   atol=1e-5)
+    model, params, layers, x = _odd_cnn()
+    np.testing.assert_allclose(H.forward(layers, x), np.asarray(model.apply(params, x)),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_numpy_cnn_backprop_equals_jax_gradient():
+    model, params, layers, x = _odd_cnn()
+    y = np.array([0, 1, 2, 1, 0])
+
+    def loss(p):
+        return -jnp.mean(jax.nn.log_softmax(model.reference_apply(p, x))[jnp.arange(5), y])
+
+    want_loss, want = jax.value_and_grad(loss)(params)
+    got_loss, got = H.loss_and_grads(layers, x, y)
+    assert got_loss == pytest.approx(float(want_loss), rel=1e-5)
+    for name, (gk, gb) in zip(H.layer_names(model, params), got, strict=True):
+        np.testing.assert_allclose(gk, want[name]["kernel"], rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(gb, want[name]["bias"], rtol=1e-4, atol=1e-6)
+
+
+def test_numpy_cnn_fedavg_reproduces_fedrnd(tiny_cnn):
+    _, w, ref = tiny_cnn
+    layers, times, _ = H.numpy_fedavg(w)
+    assert len(times) == 2
+    assert H.relative_difference(layers, ref.layers) < 1e-5
+    assert H.accuracy(layers, w.x_test, w.y_test) == ref.test_acc
+    shuffled = H.Workload(w.x_train, w.y_train, w.order[:, :, ::-1].copy(), w.x_test,
+                          w.y_test, w.init, w.lr, w.batch, model="cnn")
+    assert H.relative_difference(H.numpy_fedavg(shuffled)[0], ref.layers) > 1e-3
+
+
+def test_cnn_on_fashion_mnist_when_installed():
+    if not os.path.isdir(H.FASHION_DIR):
+        pytest.skip(f"Fashion-MNIST is not at {H.FASHION_DIR}")
+    ds, part = H.image_dataset(3, 16, 4, seed=0, data="fashion")
+    assert ds.name == "fashion_mnist" and ds.x_train.shape[1:] == (28, 28, 1)
+    assert [len(t) for t in part.train] == [16, 16, 16]
+    assert len(np.unique(np.concatenate(part.train))) == 48  # IID draws, no repeats here
+    _, big = H.image_dataset(1000, 64, 16, seed=0, data="fashion")
+    rows = np.concatenate(big.train)
+    assert np.bincount(rows).max() == 2 and "4000 images serve two clients" in big.name
+
+
+def test_end_to_end_cnn_run_with_numpy_peer():
+    out = main(["--model", "cnn", "--data", "synthetic", "--clients", "3", "--samples", "16",
+                "--test-samples", "4", "--rounds", "2", "--peers", "numpy"])
+    assert out["all_agree"]
+    assert [r["name"] for r in out["results"]] == ["fedrnd (general)", "fedrnd (lowrank)",
+                                                   "numpy loop"]
+    assert out["results"][1]["skipped"] and out["workload"]["model"] == "cnn"
+    assert out["precision"] == "float32" and out["torch_device"] == "cpu"
+    assert list(out["workload"]["param_shapes"][0]) == [[5, 5, 1, 8], [8]]
+    with pytest.raises(SystemExit):
+        main(["--model", "lenet", "--fedrnd", "lowrank"])
+
+
+def test_lenet_preset_is_fedrnds_cnn_at_lenet_size():
+    setup = H.fedrnd_setup(2, 16, 2, 2, 16, model="lenet", data="synthetic")
+    w = H.export_workload(*setup, LR)
+    assert w.architecture == ("CNN 28x28x1: conv5x5x6+pool, conv5x5x16+pool, "
+                              "dense 784-120-10")
+
+
+# ---- the CNN in PyTorch (optional) ---------------------------------------------------------
+def test_torch_cnn_forward_equals_fedrnds(tiny_cnn):
+    torch = pytest.importorskip("torch")
+    (_, model, _, init_key, _), w, _ = tiny_cnn
+    params = model.init(init_key)
+    net = P.torch_net(w)
+    x = w.x_test[:8]
+    with torch.no_grad():
+        got = net(torch.from_numpy(np.array(x))).numpy()
+    np.testing.assert_allclose(got, np.asarray(model.apply(params, jnp.asarray(x))),
+                               rtol=1e-5, atol=1e-5)
+    assert H.relative_difference(P.torch_layers(net), w.init) == 0.0  # OIHW, flatten: round trip
+    model, params, layers, x = _odd_cnn()  # 'same' padding and ceil pooling at odd sizes
+    net = P.torch_cnn(layers, (10, 9, 2))
+    with torch.no_grad():
+        got = net(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(got, np.asarray(model.apply(params, x)), rtol=1e-5, atol=1e-6)
+    assert H.relative_difference(P.torch_layers(net), layers) == 0.0
+
+
+def test_torch_and_pfl_reach_fedrnds_cnn_model(tiny_cnn):
+    torch = pytest.importorskip("torch")
+    _, w, ref = tiny_cnn
+    r = P.run_torch(w)
+    assert r.ok, r.skipped
+    assert H.relative_difference(r.layers, ref.layers) < 1e-4
+    assert H.accuracy(r.layers, w.x_test, w.y_test) == ref.test_acc
+    if not torch.cuda.is_available():  # --torch-device cuda without a GPU: a skip, named
+        r = P.run_torch(w, device="cuda")
+        assert not r.ok and r.name == "pytorch loop (cuda)" and "no CUDA" in r.skipped
+    if P.missing("pfl") is None:
+        r = P.run_pfl(w)
+        assert r.ok, r.skipped
+        assert H.relative_difference(r.layers, ref.layers) < 1e-4
+
+
+def test_isolated_torch_cnn_peer_matches(tiny_cnn, tmp_path):
+    pytest.importorskip("torch")
+    _, w, ref = tiny_cnn
+    path = str(tmp_path / "w.npz")
+    w.save(path)
+    r = P.run_isolated("torch", path, log_dir=str(tmp_path), torch_device="cpu")
+    assert r.ok, r.skipped
+    assert r.name == "pytorch loop" and "1 thread(s)" in r.note
+    assert H.relative_difference(r.layers, ref.layers) < 1e-4
+
+
+@pytest.mark.slow
+def test_flower_reaches_fedrnds_cnn_model(tiny_cnn, tmp_path):
+    pytest.importorskip("torch")
+    pytest.importorskip("flwr")
+    pytest.importorskip("ray")
+    _, w, ref = tiny_cnn
+    path = str(tmp_path / "w.npz")
+    w.save(path)
+    r = P.run_isolated("flower", path, log_dir=str(tmp_path), timeout=600)
+    assert r.ok, r.skipped
     assert H.relative_difference(r.layers, ref.layers) < 1e-4
