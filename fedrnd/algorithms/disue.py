@@ -99,18 +99,54 @@ Diagnostics, computed in the round (:func:`batch_diagnostics`, :func:`ensemble_a
   0 when the generator gives one input per class). The proxy's values are the real-data
   reference for the generator's.
 
+Heterogeneous experts (``families``; our reconstruction, the paper does not give the
+mechanics): clients run models of different architectures, one *family* per entry of
+``families`` (``{model = <name>, <its options>}``), assigned once before training
+(:func:`assign_families`: ``family_rule = "share"``, at random in ``family_shares``, or
+``"data_size"``, ranked by training-set size). The universal expert (the student) is the run's
+task model. Per round and family ``f`` (a Python loop over the few families; each is one
+jitted local-training call over that family's clients):
+
+1. the family's clients train from the universal expert if the family has the task model's
+   architecture (:func:`same_architecture`), else from the *family model* (the sample-weighted
+   average of the family's cluster experts of the previous round: a client cannot load a
+   universal expert of another architecture);
+2. grouping runs within the family (``similarity`` or ``ifca``; updates of different
+   architectures are not comparable) into its own ``num_clusters`` slots (the state's
+   ``slots`` become a tuple, one ``[K, ...]`` pytree per family; ``cluster_id`` is global,
+   family ``f``'s clusters numbered after those of the families before it);
+3. the teacher weights ``a: [K_total, L]`` are computed over all families' clusters at once and
+   the ensemble is ``T(x) = sum_f sum_{k in f} a[k, y] f_k(x)``
+   (:func:`family_ensemble_logits`); the generator, the student, the scan and the proxy bound
+   are those of a single architecture. ``student_init = "average"`` averages the experts of the
+   families with the task model's architecture (and needs one).
+
+With one family of the task model's architecture this is DisUE bit for bit. Families need
+every client every round (no ``cohort_size``), ``distill`` ``generator`` or ``proxy`` and
+grouping ``similarity`` or ``ifca``. The family model of a family without the task
+architecture is per-family FedAvg's global model (its clients all start from it and it is
+their sample-weighted average); its global test accuracy is the round metric ``family<f>_acc``
+(also in ``final.json``), and ``personal_acc`` is the mean accuracy of each client's cluster
+expert on its own test rows. The driver scores task models only, so with another
+architecture in the families every client is evaluated (``test_acc``) with the universal
+expert.
+
 Ledger per participating client and round: ``up/model`` one model; ``up/histogram``
 ``num_classes`` float32 counts; ``down/model`` the start model (the universal expert, or its
 cluster expert with ``"none"``); ``down/experts`` its cluster expert for personalised inference
 (``ifca``: all ``K`` experts, which it scores to choose; ``similarity``: its own expert only,
 the grouping itself sends nothing beyond ``up/model``); ``up/discovery`` and
-``down/discovery`` (``rnd``) RND's discovery traffic in round 0.
+``down/discovery`` (``rnd``) RND's discovery traffic in round 0. With ``families`` every model a
+client sends or receives is one of its own family's architecture.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
+import functools
+import operator
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -124,6 +160,7 @@ from fedrnd.algorithms.base import Algorithm, Metrics, Report, State, option
 from fedrnd.data.federated import FederatedData
 from fedrnd.engine import (
     ClientHParams,
+    Engine,
     cluster_losses,
     comm,
     grow_slots,
@@ -134,6 +171,7 @@ from fedrnd.engine import (
     tree_bytes,
     weighted_mean,
 )
+from fedrnd.models import MODELS, Model, check_model_options, make_model
 from fedrnd.models.generator import HEADS, OUTPUTS, make_generator
 from fedrnd.rnd.discovery import RNDConfig, discover
 
@@ -141,10 +179,13 @@ GROUPINGS = ("ifca", "rnd", "similarity")
 DISTILLS = ("generator", "proxy", "average", "none")
 TEACHER_WEIGHTS = ("class_mass", "uniform")
 STUDENT_INITS = ("previous", "average")
+FAMILY_RULES = ("share", "data_size")
 COUNT_BYTES = 4
 """A float32 count: one entry of a label histogram."""
 DIAGNOSTIC_STREAM = 0xD1A6
 """``fold_in`` constant of the key of the diagnostic batch (apart from the training keys)."""
+FAMILY_STREAM = 0xFA11
+"""``fold_in`` constant of the key that assigns clients to families (``family_rule="share"``)."""
 
 
 # ------------------------------------------------------------------------------------------
@@ -268,6 +309,101 @@ def similarity_clusters(updates: jax.Array, weights: jax.Array, num_clusters: in
 
 
 # ------------------------------------------------------------------------------------------
+# Heterogeneous experts: client families of different architectures
+# ------------------------------------------------------------------------------------------
+
+def family_counts(num_clients: int, shares: Sequence[float]) -> tuple[int, ...]:
+    """Clients per family: ``num_clients * share`` (shares normalised to sum to one), rounded
+    by largest remainder (ties to the earlier family), so the counts sum to ``num_clients``."""
+    s = np.asarray(shares, np.float64)
+    raw = num_clients * s / s.sum()
+    n = np.floor(raw).astype(np.int64)
+    order = np.argsort(-(raw - n), kind="stable")
+    n[order[:num_clients - int(n.sum())]] += 1
+    return tuple(int(v) for v in n)
+
+
+def assign_families(train_count: jax.Array, counts: Sequence[int], rule: str,
+                    key: jax.Array) -> jax.Array:
+    """``[C]`` int: the family (model architecture) of every client, fixed before training.
+
+    ``rule="share"``: a uniform random permutation of the clients (``key``) cut into blocks of
+    ``counts``; ``"data_size"``: the clients ranked by training-set size (``train_count [C]``,
+    ties by id), the smallest ``counts[0]`` to family 0 and so on (list the families from the
+    smallest model up: more data, larger model).
+    """
+    c = train_count.shape[0]
+    order = (jnp.argsort(train_count, stable=True) if rule == "data_size"
+             else jax.random.permutation(key, c))
+    block = np.repeat(np.arange(len(counts)), np.asarray(counts, np.int64))
+    return jnp.zeros((c,), jnp.int32).at[order].set(jnp.asarray(block, jnp.int32))
+
+
+def family_ensemble_logits(applies: Sequence[Any], teachers: Sequence[Any],
+                           weights: Sequence[jax.Array], x: jax.Array,
+                           y: jax.Array) -> jax.Array:
+    """``T(x)_b = sum_f sum_{k in f} weights_f[k, y_b] * f_k(x_b)``: the teacher ensemble over
+    families of different architectures (``applies[f]``, teachers leaves ``[K_f, ...]``,
+    weights ``[K_f, L]``, the rows of one ``[K, L]`` matrix split by family); ``[B, L]``. With
+    one family it is :func:`ensemble_logits`."""
+    return functools.reduce(operator.add, [
+        ensemble_logits(a, t, w, x, y) for a, t, w in zip(applies, teachers, weights,
+                                                          strict=True)])
+
+
+def _freeze(v: Any) -> Any:
+    """A TOML value made hashable: tables -> sorted ``(key, value)`` pairs, lists -> tuples."""
+    if isinstance(v, Mapping):
+        return tuple(sorted((str(k), _freeze(x)) for k, x in v.items()))
+    if isinstance(v, list | tuple):
+        return tuple(_freeze(x) for x in v)
+    return v
+
+
+def _thaw(v: Any) -> Any:
+    return [_thaw(x) for x in v] if isinstance(v, tuple) else v
+
+
+def _cat(xs: Sequence[jax.Array]) -> jax.Array:
+    return xs[0] if len(xs) == 1 else jnp.concatenate(xs)
+
+
+def _cat_trees(trees: Sequence[Any]) -> Any:
+    return trees[0] if len(trees) == 1 else jax.tree.map(lambda *a: jnp.concatenate(a), *trees)
+
+
+def _split(a: jax.Array, sizes: Sequence[int]) -> tuple[jax.Array, ...]:
+    """``a`` cut along axis 0 into blocks of ``sizes`` (one block: ``a`` itself)."""
+    if len(sizes) == 1:
+        return (a,)
+    ends = np.cumsum(sizes)
+    return tuple(a[e - n:e] for n, e in zip(sizes, ends, strict=True))
+
+
+def same_architecture(a: Model, b: Model) -> bool:
+    """Whether two models are the same architecture: same registered name and the same
+    parameter tree (structure, shapes, dtypes)."""
+    if a.name != b.name or tuple(a.feature_shape) != tuple(b.feature_shape) or \
+            a.num_classes != b.num_classes:
+        return False
+    pa = jax.eval_shape(a.init, jax.random.key(0))
+    pb = jax.eval_shape(b.init, jax.random.key(0))
+    return jax.tree.structure(pa) == jax.tree.structure(pb) and all(
+        u.shape == v.shape and u.dtype == v.dtype
+        for u, v in zip(jax.tree.leaves(pa), jax.tree.leaves(pb), strict=True))
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """One client family: its engine (the task engine with the family's model) and whether it
+    has the universal expert's architecture (its clients then start from the universal
+    expert, as in DisUE; the others start from their family's model)."""
+
+    engine: Engine
+    universal: bool
+
+
+# ------------------------------------------------------------------------------------------
 # The algorithm
 # ------------------------------------------------------------------------------------------
 
@@ -317,6 +453,20 @@ class DisUE(Algorithm):
     proxy_size: int = option(512, low=1, doc="Proxy rows for ``distill = proxy``.")
     similarity_iters: int = option(10, low=1, doc="Lloyd iterations of the update-similarity "
                                                   "k-means.")
+    families: tuple[dict, ...] | None = option(
+        None, doc="Heterogeneous experts: the client model families, a list of tables "
+                  "``{model = <name>, <its options>}`` (e.g. ``[{model = \"mlp\", hidden = "
+                  "[64]}, {model = \"mlp\", hidden = [400]}]``); clients are grouped and "
+                  "experts aggregated within their family, and the universal expert (the run's "
+                  "task model) is distilled from all families' experts. Unset: every client "
+                  "runs the task model.")
+    family_shares: tuple[float, ...] | None = option(
+        None, doc="Share of the clients in each family (``families`` order, normalised); "
+                  "unset: equal shares.")
+    family_rule: str = option("share", choices=FAMILY_RULES,
+                              doc="Which clients run which family: ``share`` (at random, in "
+                                  "the shares) or ``data_size`` (ranked by training-set size, "
+                                  "the smallest to the first family, in the shares).")
     discovery_aliases: ClassVar[dict[str, str]] = {
         "eps": "rnd_eps", "rule": "rnd_rule", "rnd_seed": "rnd_seed",
         "predictor_steps": "rnd_predictor_steps", "network": "rnd_network"}
@@ -331,11 +481,18 @@ class DisUE(Algorithm):
     def __post_init__(self):
         # TOML gives lists; a tuple keeps the dataclass hashable (jit closes over it).
         object.__setattr__(self, "generator_hidden", tuple(self.generator_hidden))
+        if isinstance(self.families, list | tuple):
+            object.__setattr__(self, "families", tuple(
+                _freeze(f) if isinstance(f, Mapping) else f for f in self.families))
+        if isinstance(self.family_shares, list):
+            object.__setattr__(self, "family_shares", tuple(self.family_shares))
 
     # ---------------------------------------------------------------------------------------
     def validate(self, data: FederatedData) -> None:
         super().validate(data)
         n = self.name
+        if self.families is not None:
+            self._validate_families(data)
         if not self.engine.model.plain:
             raise ValueError(f"{self.name}: model {self.engine.model.name!r} has dropout or "
                              f"state (BatchNorm); its distillation trains the student through "
@@ -359,6 +516,89 @@ class DisUE(Algorithm):
                                  "training rows of the data")
         if self.distill == "generator":
             self.generator  # noqa: B018 (raises for a conv head on non-image data)
+        if self.families is not None:
+            fams = self.family_views
+            for i, fam in enumerate(fams):
+                if not fam.engine.model.plain:
+                    raise ValueError(f"{n} families: family {i} ({fam.engine.model.name!r}) has "
+                                     "dropout or state (BatchNorm); a teacher must be a "
+                                     "stateless deterministic model")
+            if self.student_init == "average" and not any(f.universal for f in fams):
+                raise ValueError(f"{n} student_init='average' averages the experts of the "
+                                 "families with the universal expert's architecture (the task "
+                                 "model), and no family has it; use student_init='previous'")
+
+    def _validate_families(self, data: FederatedData) -> None:
+        """``families``, ``family_shares`` and what they exclude, before any data is loaded."""
+        n = self.name
+        fams = self.families
+        if not isinstance(fams, tuple) or not fams:
+            raise ValueError(f"{n} families must be a non-empty list of tables {{model = <name>, "
+                             f"<its options>}}, got {fams!r}")
+        for i, f in enumerate(fams):
+            if not isinstance(f, tuple) or not all(isinstance(kv, tuple) and len(kv) == 2
+                                                   for kv in f):
+                raise ValueError(f"{n} families: family {i} must be a table {{model = <name>, "
+                                 f"<its options>}}, got {f!r}")
+            spec = dict(f)
+            name = spec.pop("model", None)
+            if name not in MODELS:
+                raise ValueError(f"{n} families: family {i} model = {name!r} is unknown; "
+                                 f"allowed: {sorted(MODELS)}")
+            try:
+                check_model_options(name, {k: _thaw(v) for k, v in spec.items()})
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"{n} families: family {i} (model {name!r}): {e}") from None
+        shares = self.family_shares
+        if shares is not None and (
+                not isinstance(shares, tuple) or len(shares) != len(fams) or not all(
+                    isinstance(v, int | float) and not isinstance(v, bool)
+                    and np.isfinite(v) and v > 0 for v in shares)):
+            raise ValueError(f"{n} family_shares must be a list of {len(fams)} numbers > 0 (one "
+                             f"per family), got {shares!r}")
+        if self.grouping == "rnd":
+            raise ValueError(f"{n} families: grouping must be 'similarity' or 'ifca' (RND "
+                             "federations would mix families), got 'rnd'")
+        if self.distill in ("average", "none"):
+            raise ValueError(f"{n} families: distill must be 'generator' or 'proxy' (experts of "
+                             f"different architectures cannot be averaged), got "
+                             f"{self.distill!r}")
+        c = data.num_clients
+        if self.cohort_size is not None and self.cohort_size < c:
+            raise ValueError(f"{n} families: cohort_size must be unset (all clients every "
+                             f"round), got {self.cohort_size!r}")
+        counts = family_counts(c, self.shares)
+        k = self.num_clusters or 1
+        if min(counts) < k:
+            raise ValueError(f"{n} families: {c} clients in shares {list(self.shares)} give "
+                             f"families of {list(counts)} clients; each needs at least "
+                             f"num_clusters = {k}")
+
+    @property
+    def shares(self) -> tuple[float, ...]:
+        """The share of the clients in each family (equal when ``family_shares`` is unset)."""
+        if self.family_shares is not None:
+            return tuple(float(v) for v in self.family_shares)
+        return (1.0,) * len(self.families or (None,))
+
+    @functools.cached_property
+    def family_views(self) -> tuple[Family, ...]:
+        """The client families: one :class:`Family` per entry of ``families`` (unset: one,
+        the task engine, every client). A family with the task model's architecture runs the
+        task engine itself."""
+        if self.families is None:
+            return (Family(self.engine, True),)
+        task = self.engine.model
+        out = []
+        for f in self.families:
+            spec = dict(f)
+            name = spec.pop("model")
+            model = make_model(name, task.feature_shape, task.num_classes,
+                               **{k: _thaw(v) for k, v in spec.items()})
+            same = same_architecture(model, task)
+            out.append(Family(self.engine if same else dataclasses.replace(self.engine,
+                                                                            model=model), same))
+        return tuple(out)
 
     @property
     def generator(self):
@@ -401,15 +641,22 @@ class DisUE(Algorithm):
         return jax.eval_shape(lambda kk, d, h, f: self._initial_state(kk, d, h, f, 1),
                               key, data, hp, found)
 
+    def _initial_slots(self, model: Model, key: jax.Array, k: int):
+        """``k`` cluster slots of ``model``: copies of ``model.init(key)``; IFCA's start is
+        ``k`` random models, slot 0 the shared initial weights."""
+        if self.grouping == "ifca":
+            keys = [key] + [jax.random.fold_in(key, 1 + j) for j in range(1, k)]
+            return jax.tree.map(lambda *xs: jnp.stack(xs), *[model.init(kk) for kk in keys])
+        return jax.tree.map(lambda p: jnp.broadcast_to(p, (k, *p.shape)).copy(), model.init(key))
+
     def _initial_state(self, key, data, hp, found, k: int) -> State:
         params = self.engine.model.init(key)
-        if self.grouping == "ifca":
-            # IFCA's start: K random models, slot 0 the shared initial weights.
-            keys = [key] + [jax.random.fold_in(key, 1 + j) for j in range(1, k)]
-            slots = jax.tree.map(lambda *xs: jnp.stack(xs),
-                                 *[self.engine.model.init(kk) for kk in keys])
+        if self.families is None:
+            slots = self._initial_slots(self.engine.model, key, k)
         else:
-            slots = jax.tree.map(lambda p: jnp.broadcast_to(p, (k, *p.shape)).copy(), params)
+            # Every family's models start from the run's init key (as a family with the task
+            # model's architecture starts from the universal expert's initial weights).
+            slots = tuple(self._initial_slots(f.engine.model, key, k) for f in self.family_views)
         hist = label_histograms(data)
         if self.histogram_dp_eps is not None:
             noise = jax.random.laplace(jax.random.fold_in(key, 3), hist.shape)
@@ -420,6 +667,15 @@ class DisUE(Algorithm):
                              "histogram": hist,
                              "pending_up": jnp.asarray(found["bytes_up"], jnp.float32),
                              "pending_down": jnp.asarray(found["bytes_down"], jnp.float32)}}
+        if self.families is not None:
+            counts = family_counts(data.num_clients, self.shares)
+            fam = assign_families(data.train_count, counts, self.family_rule,
+                                  jax.random.fold_in(key, FAMILY_STREAM))
+            state["clients"]["family"] = fam
+            state["family_ids"] = tuple(jnp.nonzero(fam == f, size=n)[0].astype(jnp.int32)
+                                        for f, n in enumerate(counts))
+            state["family_models"] = tuple(f.engine.model.init(key) for f in self.family_views)
+            state["num_clusters"] = jnp.asarray(k * len(counts), jnp.int32)
         if self.distill == "generator":
             gp = self.generator.init(jax.random.fold_in(key, 5))
             state["generator"] = {"params": gp, "opt": optax.adam(self.generator_lr).init(gp)}
@@ -437,91 +693,154 @@ class DisUE(Algorithm):
     def round(self, state: State, data: FederatedData, key: jax.Array) -> tuple[State, Metrics]:
         k_cohort, k_train, k_group, k_distill = jax.random.split(key, 4)
         ids, part = self.cohort(k_cohort, data.num_clients)
-        take = (lambda a: a) if ids is None else (lambda a: a[ids])
         cl = state["clients"]
-        slots, universal = state["slots"], state["universal"]
-        num_slots = jax.tree.leaves(slots)[0].shape[0]
-        w = take(data.train_count).astype(jnp.float32)
+        universal = state["universal"]
+        fams = self.family_views
+        hetero = self.families is not None
+        slots_f = state["slots"] if hetero else (state["slots"],)
+        # Each family's clients (ids; None: all clients, no gather); without families, the
+        # cohort is the one family.
+        ids_f = tuple(None if i.shape[0] == data.num_clients else i
+                      for i in state["family_ids"]) if hetero else (ids,)
 
-        # 1-2. Local training from the universal expert, grouping, cluster experts.
-        if self.grouping == "similarity":
-            params, _, m = self.engine.train(universal, data, cl["hp"], k_train,
-                                             state["round"], ids=ids)
-            flat = jnp.concatenate(
-                [(p - u[None]).reshape(p.shape[0], -1)
-                 for p, u in zip(jax.tree.leaves(params), jax.tree.leaves(universal),
-                                 strict=True)], axis=1)
-            cid = similarity_clusters(flat, w, num_slots, k_group, self.similarity_iters)
-            new, mass = segment_weighted_mean(params, w, cid, num_slots)
-            train_loss = jnp.sum(w * m["loss"]) / jnp.sum(w)
-            steps = jnp.sum(m["steps"])
-        else:
-            if self.grouping == "ifca":
-                losses = cluster_losses(self.engine, slots, data, ids)
-                cid = jnp.argmin(losses, axis=1).astype(jnp.int32)
+        # 1-2. Local training (one call per family), grouping within the family, experts.
+        experts, masses, cids, hists, loss_num, loss_den, steps = ([] for _ in range(7))
+        for f, (fam, slots, fids) in enumerate(zip(fams, slots_f, ids_f, strict=True)):
+            take = (lambda a: a) if fids is None else (lambda a, i=fids: a[i])
+            num_slots = jax.tree.leaves(slots)[0].shape[0]
+            w = take(data.train_count).astype(jnp.float32)
+            start = universal if fam.universal else state["family_models"][f]
+            kg = k_group if f == 0 else jax.random.fold_in(k_group, f)
+            if self.grouping == "similarity":
+                params, _, m = fam.engine.train(start, data, cl["hp"], k_train, state["round"],
+                                                ids=fids)
+                flat = jnp.concatenate(
+                    [(p - u[None]).reshape(p.shape[0], -1)
+                     for p, u in zip(jax.tree.leaves(params), jax.tree.leaves(start),
+                                     strict=True)], axis=1)
+                cid = similarity_clusters(flat, w, num_slots, kg, self.similarity_iters)
+                new, mass = segment_weighted_mean(params, w, cid, num_slots)
+                loss_num.append(jnp.sum(w * m["loss"]))
+                loss_den.append(jnp.sum(w))
             else:
-                cid = take(cl["cluster_id"])
-            start = slots if self.distill == "none" else jax.tree.map(
-                lambda u: jnp.broadcast_to(u, (num_slots, *u.shape)), universal)
-            sums, mass, m = self.engine.train_segment_sum(start, cid, data, cl["hp"], k_train,
-                                                          state["round"], ids=ids, weights=w)
-            new = slot_means(sums, mass)
-            train_loss = jnp.sum(m["loss"]) / jnp.sum(mass)
-            steps = jnp.sum(m["steps"])
-        experts = keep_nonempty(new, slots, mass)
+                if self.grouping == "ifca":
+                    losses = cluster_losses(fam.engine, slots, data, fids)
+                    cid = jnp.argmin(losses, axis=1).astype(jnp.int32)
+                else:
+                    cid = take(cl["cluster_id"])
+                start_slots = slots if self.distill == "none" else jax.tree.map(
+                    lambda u, k=num_slots: jnp.broadcast_to(u, (k, *u.shape)), start)
+                sums, mass, m = fam.engine.train_segment_sum(start_slots, cid, data, cl["hp"],
+                                                             k_train, state["round"], ids=fids,
+                                                             weights=w)
+                new = slot_means(sums, mass)
+                loss_num.append(jnp.sum(m["loss"]))
+                loss_den.append(jnp.sum(mass))
+            steps.append(jnp.sum(m["steps"]))
+            experts.append(keep_nonempty(new, slots, mass))
+            masses.append(mass)
+            cids.append(cid)
+            hists.append(jax.ops.segment_sum(take(cl["histogram"]), cid, num_segments=num_slots))
+        sizes = [m.shape[0] for m in masses]
+        mass, hist = _cat(masses), _cat(hists)
+        train_loss = functools.reduce(operator.add, loss_num) / functools.reduce(operator.add,
+                                                                                 loss_den)
 
-        # 3. The universal expert.
-        hist = jax.ops.segment_sum(take(cl["histogram"]), cid, num_segments=num_slots)
+        # 3. The universal expert, distilled from every family's experts.
         weights = teacher_weights(hist, mass, self.teacher_weights)
-        average = weighted_mean(experts, mass)
+        same = [f for f, fam in enumerate(fams) if fam.universal]
+        average = (weighted_mean(_cat_trees([experts[f] for f in same]),
+                                 _cat([masses[f] for f in same])) if same else None)
         out = {"distill_loss": jnp.zeros(()), "gen_ce": jnp.zeros(()),
                "gen_adv": jnp.zeros(()), "gen_div": jnp.zeros(())}
         new_state = dict(state)
+        teach = dict(applies=tuple(f.engine.model.apply for f in fams)) if hetero else {}
+        teachers = tuple(experts) if hetero else experts[0]
         if self.distill in ("generator", "proxy"):
             student0 = universal if self.student_init == "previous" else average
             present = jnp.sum(hist, axis=0) > 0
             proxy_x = data.x[state["proxy_idx"]] if self.distill == "proxy" else None
-            universal, gen, out = self.distill_phase(student0, experts, weights, mass, present,
-                                                     state.get("generator"), k_distill,
-                                                     proxy_x)
+            universal, gen, out = self.distill_phase(
+                student0, teachers, _split(weights, sizes) if hetero else weights, mass,
+                present, state.get("generator"), k_distill, proxy_x, **teach)
             if gen is not None:
                 new_state["generator"] = gen
         else:
             universal = average
 
-        acc = global_accuracy(self.engine, jax.tree.map(lambda a, b: jnp.stack([a, b]),
-                                                        universal, average), data)
-        agree, ensemble_acc = ensemble_agreement(self.engine, universal, experts,
-                                                 mass / jnp.maximum(jnp.sum(mass), 1e-12), data)
-        cluster_id = cid if ids is None else cl["cluster_id"].at[ids].set(cid)
-        nbytes = tree_bytes(jax.tree.map(lambda s: s[0], slots))
-        experts_down = num_slots if self.grouping == "ifca" else 1
+        metrics = {}
+        if average is not None:
+            acc = global_accuracy(self.engine, jax.tree.map(lambda a, b: jnp.stack([a, b]),
+                                                            universal, average), data)
+            metrics.update(universal_acc=acc[0], average_acc=acc[1])
+        else:
+            metrics["universal_acc"] = global_accuracy(
+                self.engine, jax.tree.map(lambda a: a[None], universal), data)[0]
+        mix = mass / jnp.maximum(jnp.sum(mass), 1e-12)
+        agree, ensemble_acc = ensemble_agreement(
+            self.engine, universal, teachers, _split(mix, sizes) if hetero else mix, data,
+            **teach)
+        cluster_id, offset = cl["cluster_id"], 0
+        for cid, fids, k in zip(cids, ids_f, sizes, strict=True):
+            gid = cid + offset if offset else cid  # a global cluster id over all families
+            cluster_id = gid if fids is None else cluster_id.at[fids].set(gid)
+            offset += k
+        if hetero:
+            family_models = tuple(weighted_mean(e, m) for e, m in zip(experts, masses,
+                                                                      strict=True))
+            new_state["family_models"] = family_models
+            for f, (fam, fm) in enumerate(zip(fams, family_models, strict=True)):
+                metrics[f"family{f}_acc"] = global_accuracy(
+                    fam.engine, jax.tree.map(lambda a: a[None], fm), data)[0]
+            metrics["personal_acc"] = functools.reduce(operator.add, [
+                expert_accuracy_sum(fam.engine, e, cid, fids, data)
+                for fam, e, cid, fids in zip(fams, experts, cids, ids_f, strict=True)
+            ]) / data.num_clients
+
+        # Ledger: each client sends and receives models of its own family.
+        nbytes = [tree_bytes(jax.tree.map(lambda s: s[0], sl)) for sl in slots_f]
+        experts_down = sizes if self.grouping == "ifca" else [1] * len(sizes)
+
+        def models_bytes(count: list[int]) -> jax.Array:
+            if not hetero:
+                return per_client(count[0] * nbytes[0], part)
+            per = jnp.asarray([c * b for c, b in zip(count, nbytes, strict=True)], jnp.float32)
+            return per[cl["family"]] * part
+
         zero = jnp.zeros_like(cl["pending_up"])
-        ledger = dict(up_model=per_client(nbytes, part),
+        ones = [1] * len(sizes)
+        ledger = dict(up_model=models_bytes(ones),
                       up_histogram=per_client(self.engine.model.num_classes * COUNT_BYTES, part),
-                      down_model=per_client(nbytes, part))
+                      down_model=models_bytes(ones))
         if self.distill != "none":
-            ledger["down_experts"] = per_client(experts_down * nbytes, part)
+            ledger["down_experts"] = models_bytes(experts_down)
         elif self.grouping == "ifca":
-            ledger["down_model"] = per_client(num_slots * nbytes, part)
+            ledger["down_model"] = models_bytes(sizes)
         if self.grouping == "rnd":
             ledger.update(up_discovery=cl["pending_up"], down_discovery=cl["pending_down"])
-        metrics = {"train_loss": train_loss, "local_steps": steps,
+        metrics = {"train_loss": train_loss,
+                   "local_steps": functools.reduce(operator.add, steps),
                    "clusters_used": jnp.sum(mass > 0).astype(jnp.float32),
-                   "universal_acc": acc[0], "average_acc": acc[1], "student_agree": agree,
-                   "ensemble_acc": ensemble_acc, **out, **comm(**ledger)}
-        new_state.update(round=state["round"] + 1, slots=experts, universal=universal,
+                   **metrics, "student_agree": agree, "ensemble_acc": ensemble_acc, **out,
+                   **comm(**ledger)}
+        new_state.update(round=state["round"] + 1,
+                         slots=tuple(experts) if hetero else experts[0], universal=universal,
                          clients={**cl, "cluster_id": cluster_id, "pending_up": zero,
                                   "pending_down": zero})
         return new_state, metrics
 
     # ---------------------------------------------------------------------------------------
     def distill_phase(self, student, teachers, weights: jax.Array, mass: jax.Array,
-                      present: jax.Array, gen_state, key: jax.Array, proxy_x=None):
+                      present: jax.Array, gen_state, key: jax.Array, proxy_x=None, *,
+                      applies: Sequence[Any] | None = None):
         """Distil ``teachers`` (leaves ``[K, ...]``) into ``student`` in one ``lax.scan``.
 
         Args:
           weights: ``[K, L]`` per-class teacher weights (columns sum to one).
+          applies: heterogeneous teachers: one apply function per family; ``teachers`` and
+            ``weights`` are then tuples, family ``f``'s experts (leaves ``[K_f, ...]``) and
+            its rows ``[K_f, L]`` of the weights (:func:`family_ensemble_logits`). ``None``:
+            every teacher is a task model.
           mass: ``[K]`` cluster masses (the proxy's pseudo-labels use the mass-weighted
             ensemble).
           present: ``[L]`` bool, the classes the generator is asked for (uniformly).
@@ -531,6 +850,13 @@ class DisUE(Algorithm):
           ``(student, gen_state, metrics)``; metrics are the last iteration's scalars.
         """
         apply = self.engine.model.apply
+        if applies is None:
+            applies, teachers, weights = (apply,), (teachers,), (weights,)
+        sizes = [w.shape[0] for w in weights]
+
+        def ensemble(x, y, ws=weights):
+            return family_ensemble_logits(applies, teachers, ws, x, y)
+
         tau, b = float(self.temperature), self.distill_batch
         s_opt = optax.adam(self.student_lr)
         mix = mass / jnp.maximum(jnp.sum(mass), 1e-12)
@@ -547,15 +873,16 @@ class DisUE(Algorithm):
                 x = gen.apply(gp, z, y)
                 return x, y, z
             x = proxy_x[jax.random.randint(k, (b,), 0, proxy_x.shape[0])]
-            y = jnp.argmax(ensemble_logits(apply, teachers, jnp.broadcast_to(
-                mix[:, None], weights.shape), x, jnp.zeros((b,), jnp.int32)), axis=-1)
+            flat = tuple(jnp.broadcast_to(m[:, None], w.shape)
+                         for m, w in zip(_split(mix, sizes), weights, strict=True))
+            y = jnp.argmax(ensemble(x, jnp.zeros((b,), jnp.int32), flat), axis=-1)
             return x, y, None
 
         def student_step(carry, k):
             sp, so, gp = carry
             x, y, _ = sample(gp, k)
             x = jax.lax.stop_gradient(x)
-            t = jax.lax.stop_gradient(ensemble_logits(apply, teachers, weights, x, y))
+            t = jax.lax.stop_gradient(ensemble(x, y))
 
             def loss(p):
                 return tau * tau * jnp.mean(softened_kl(t, apply(p, x), tau))
@@ -567,7 +894,7 @@ class DisUE(Algorithm):
         def gen_step(gp, go, sp, k):
             def loss(p):
                 x, y, z = sample(p, k)
-                t = ensemble_logits(apply, teachers, weights, x, y)
+                t = ensemble(x, y)
                 s = apply(sp, x)
                 ce = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(t, y))
                 agree = (jnp.argmax(t, -1) == jnp.argmax(s, -1)).astype(t.dtype)
@@ -598,18 +925,36 @@ class DisUE(Algorithm):
                    "gen_div": hist[3][-1]}
         # Diagnostics on a fresh batch from the final generator (or the proxy set).
         x, y, _ = sample(gp, jax.random.fold_in(key, DIAGNOSTIC_STREAM))
-        metrics.update(batch_diagnostics(x, y, ensemble_logits(apply, teachers, weights, x, y),
-                                         present))
+        metrics.update(batch_diagnostics(x, y, ensemble(x, y), present))
         return student, ({"params": gp, "opt": go} if use_gen else None), metrics
 
     def models(self, state: State):
-        return state["slots"], state["clients"]["cluster_id"]
+        """Each client's cluster expert. With families of other architectures than the task
+        model's the driver can only score task models: every client then gets the universal
+        expert (in as many slots as clusters, so that the assignment is the clustering), and
+        the experts' personalised accuracy is the round metric ``personal_acc``."""
+        slots, cid = state["slots"], state["clients"]["cluster_id"]
+        if self.families is None:
+            return slots, cid
+        if all(f.universal for f in self.family_views):
+            return _cat_trees(slots), cid
+        k = sum(jax.tree.leaves(s)[0].shape[0] for s in slots)
+        return jax.tree.map(lambda a: jnp.broadcast_to(a, (k, *a.shape)),
+                            state["universal"]), cid
 
     def report(self, state: State, data: FederatedData) -> Report:
-        """The final universal expert's accuracy on the global test set (pooled test rows)."""
+        """The final universal expert's accuracy on the global test set (pooled test rows);
+        with families also each family's model (``family<f>_acc``: the sample-weighted
+        average of its experts, per-family FedAvg's global model)."""
         acc = global_accuracy(self.engine,
                               jax.tree.map(lambda a: a[None], state["universal"]), data)
-        return Report({"universal_acc": float(acc[0])})
+        scalars = {"universal_acc": float(acc[0])}
+        if self.families is not None:
+            for f, (fam, fm) in enumerate(zip(self.family_views, state["family_models"],
+                                              strict=True)):
+                scalars[f"family{f}_acc"] = float(global_accuracy(
+                    fam.engine, jax.tree.map(lambda a: a[None], fm), data)[0])
+        return Report(scalars)
 
 
 def global_accuracy(engine, models, data: FederatedData) -> jax.Array:
@@ -629,16 +974,41 @@ def global_accuracy(engine, models, data: FederatedData) -> jax.Array:
     return hits / jnp.maximum(n, 1.0)
 
 
+def expert_accuracy_sum(engine, experts, cluster_id: jax.Array, ids: jax.Array | None,
+                        data: FederatedData) -> jax.Array:
+    """Sum over clients ``ids`` (``None``: all) of each client's accuracy with its cluster
+    expert (``experts`` leaves ``[K, ...]``, ``cluster_id [M]``) on its own test rows."""
+    apply = engine.model.apply
+    take = (lambda a: a) if ids is None else (lambda a: a[ids])
+    per = dict(idx=take(data.test_idx), count=take(data.test_count), cid=cluster_id)
+
+    def one(client, shared):
+        es, x_pool, y_pool = shared
+        idx = client["idx"]
+        x, y = x_pool[idx], y_pool[idx]
+        mask = (jnp.arange(idx.shape[0]) < client["count"]).astype(jnp.float32)
+        p = jax.tree.map(lambda e: e[client["cid"]], es)
+        hits = jnp.sum((jnp.argmax(apply(p, x), -1) == y) * mask)
+        return hits / jnp.maximum(jnp.sum(mask), 1.0)
+
+    return engine.mapper.sum(one, per, (experts, data.x, data.y))
+
+
 def ensemble_agreement(engine, student, teachers, mix: jax.Array,
-                       data: FederatedData) -> tuple[jax.Array, jax.Array]:
+                       data: FederatedData, *, applies: Sequence[Any] | None = None
+                       ) -> tuple[jax.Array, jax.Array]:
     """The student against the teacher ensemble on every client's test rows pooled.
 
     The ensemble is ``sum_k mix[k] * f_k(x)`` (logits; ``mix: [K]``, the cluster masses
     normalised, the weights of the proxy's pseudo-labels), ``teachers`` leaves ``[K, ...]``.
+    Heterogeneous teachers (``applies``, one apply per family): ``teachers`` and ``mix`` are
+    tuples by family and the ensemble sums over families.
     Returns ``(agree, ensemble_acc)``: the share of rows where the student's argmax equals the
     ensemble's, and the ensemble's accuracy (what a perfect distillation would reach).
     """
     apply = engine.model.apply
+    if applies is None:
+        applies, teachers, mix = (apply,), (teachers,), (mix,)
     per = dict(idx=data.test_idx, count=data.test_count)
 
     def one(client, shared):
@@ -646,7 +1016,9 @@ def ensemble_agreement(engine, student, teachers, mix: jax.Array,
         idx = client["idx"]
         x, y = x_pool[idx], y_pool[idx]
         mask = (jnp.arange(idx.shape[0]) < client["count"]).astype(jnp.float32)
-        t = jnp.argmax(jnp.einsum("k,kbl->bl", w, jax.vmap(lambda p: apply(p, x))(ts)), -1)
+        t = jnp.argmax(functools.reduce(operator.add, [
+            jnp.einsum("k,kbl->bl", wf, jax.vmap(lambda p, a=a: a(p, x))(tf))
+            for a, tf, wf in zip(applies, ts, w, strict=True)]), -1)
         same = jnp.argmax(apply(s, x), -1) == t
         return jnp.stack([jnp.sum(same * mask), jnp.sum((t == y) * mask), jnp.sum(mask)])
 
