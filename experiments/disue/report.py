@@ -151,7 +151,9 @@ def global_section(grid: Grid) -> list[str]:
 # ------------------------------------------------------------------------------------------
 
 COMMAND_OF = {"disue_sweep": "nice -n 10 python experiments/disue/report.py --grid "
-                             "experiments/disue/sweep.toml --run"}
+                             "experiments/disue/sweep.toml --run",
+              "disue_ablation": "nice -n 10 python experiments/disue/report.py --grid "
+                                "experiments/disue/ablation.toml --run --method-major"}
 """Grids this script runs itself, and the command that does it (named in the report)."""
 
 RAW_KEYS = ("universal_acc", "average_acc", "ensemble_acc", "student_agree", "gen_teacher_acc",
@@ -211,6 +213,7 @@ def sweep_cells(grid: Grid) -> list[dict]:
                        student_steps=opt["student_steps"] if opt["distill"] in (
                            "generator", "proxy") else 0)
             row["global_acc"] = f.get("universal_acc")
+            row.update({k: opt[k] for k in ABLATION_KEYS})
             row.update({k: last.get(k) for k in RAW_KEYS})
         elif c.method.name == "fedavg":
             row["global_acc"] = f.get("test_acc/weighted")
@@ -218,13 +221,14 @@ def sweep_cells(grid: Grid) -> list[dict]:
     return rows
 
 
-def write_raw(grid: Grid, rows: list[dict]) -> list[Path]:
-    """``<name>_cells.csv`` (one row per cell) and ``<name>_rounds.csv`` (DisUE per round)."""
+def write_raw(grid: Grid, rows: list[dict], extra: tuple[str, ...] = ()) -> list[Path]:
+    """``<name>_cells.csv`` (one row per cell) and ``<name>_rounds.csv`` (DisUE per round);
+    ``extra``: more cell columns (the ablated options), after ``student_steps``."""
     import csv
 
     base = grid.results.parent
     cols = ["scenario", "method", "algorithm", "seed", "grouping", "distill", "student_init",
-            "distill_steps", "student_steps", "test_acc", "test_acc_ft", "global_acc",
+            "distill_steps", "student_steps", *extra, "test_acc", "test_acc_ft", "global_acc",
             *RAW_KEYS, "mb_per_client", "rounds", "wall_s", "load_avg"]
     cells_path = base / f"{grid.name}_cells.csv"
     with open(cells_path, "w", newline="") as fh:
@@ -418,6 +422,237 @@ def verdict_lines(grid: Grid, rows: list[dict], ver: dict) -> list[str]:
                        f"{100 * st[3]:+.1f}]{own}.")
     return out
 
+# ------------------------------------------------------------------------------------------
+# The ablations (experiments/disue/ablation.toml): each variant against the base, per seed
+# ------------------------------------------------------------------------------------------
+
+ABLATION_BASE = {"disue_ablation": "disue sim g50 s2"}
+"""Ablation grids and the label of their base variant (every other DisUE method changes one
+option of it)."""
+
+ABLATION_RERUN = {"disue_ablation": "disue_sweep_cells.csv"}
+"""Raw cells (beside the report) of an earlier run of the same base cells: the base is
+compared with them seed by seed, a measure of the run-to-run noise of one cell."""
+
+ABLATION_KEYS = ("teacher_weights", "temperature", "adv_weight", "div_weight")
+"""DisUE options the ablations change (kept in the raw cells of every DisUE run)."""
+
+
+def ablation_diffs(rows: list[dict], base: str) -> dict[tuple[str, str], dict]:
+    """Per (scenario, DisUE variant other than ``base``): paired differences to the base.
+
+    ``universal`` and ``personalised``: the variant's final universal expert (global test set)
+    and mean personalised client accuracy minus the base's, of the same seed (same split, same
+    initial weights). ``outside``: the difference lies outside the spread over seeds: it has
+    the same sign in every seed and its mean exceeds the larger of the two runs' sample sds
+    over seeds; otherwise it is inside the spread, no finding. ``sign``: +1 / -1 / 0 (inside).
+    """
+    by = {(r["scenario"], r["method"], r["seed"]): r for r in rows}
+    out: dict[tuple[str, str], dict] = {}
+    for r in rows:
+        if r["algorithm"] != "disue" or r["method"] == base:
+            continue
+        b = by.get((r["scenario"], base, r["seed"]))
+        v = out.setdefault((r["scenario"], r["method"]), {"universal": [], "personalised": [],
+                                                          "seeds": []})
+        v["seeds"].append(r["seed"])
+        if b is None:
+            continue
+        for key, col in (("universal", "global_acc"), ("personalised", "test_acc")):
+            if r.get(col) is not None and b.get(col) is not None:
+                v[key].append(r[col] - b[col])
+    for (sc, m), v in out.items():
+        for key, col in (("universal", "global_acc"), ("personalised", "test_acc")):
+            d = v[key]
+            sds = [_stats([r.get(col) for r in rows if r["scenario"] == sc and r["method"] == x])
+                   for x in (m, base)]
+            spread = max((st[1] for st in sds if st is not None), default=0.0)
+            same = len(d) > 1 and (min(d) > 0 or max(d) < 0)
+            outside = same and abs(float(np.mean(d))) > spread
+            v[f"{key}_spread"] = spread
+            v[f"{key}_outside"] = outside
+            v[f"{key}_sign"] = (1 if np.mean(d) > 0 else -1) if outside else 0
+    return out
+
+
+def rerun_diffs(grid: Grid, rows: list[dict], label: str | None = None
+                ) -> dict[str, list[float]]:
+    """Per scenario: this run's global model of ``label`` (default: the base; DisUE's
+    universal expert, FedAvg's global model) minus the same cell (same label, config and seed)
+    in ``ABLATION_RERUN``'s raw cells, seed by seed; ``{}`` if none."""
+    import csv
+
+    path = grid.results.parent / ABLATION_RERUN.get(grid.name, "")
+    if not ABLATION_RERUN.get(grid.name) or not path.is_file():
+        return {}
+    base = label or ABLATION_BASE[grid.name]
+    with open(path) as fh:
+        old = {(r["scenario"], int(r["seed"])): float(r["global_acc"])
+               for r in csv.DictReader(fh) if r["method"] == base and r["global_acc"]}
+    out: dict[str, list[float]] = {}
+    for r in rows:
+        k = (r["scenario"], r["seed"])
+        if r["method"] == base and k in old and r["global_acc"] is not None:
+            out.setdefault(r["scenario"], []).append(r["global_acc"] - old[k])
+    return out
+
+
+def _changed(grid: Grid, label: str, base: str) -> str:
+    """The options of ``label`` that differ from the base method's, as ``k = v``."""
+    opts = {m.label: m.options for m in grid.methods}
+    if label == base:
+        return "base"
+    b, o = opts.get(base, {}), opts.get(label, {})
+    diff = [f"{k} = {json.dumps(o[k])}" for k in o if b.get(k) != o[k]]
+    diff += [f"{k} unset" for k in b if k not in o]
+    return ", ".join(diff) or "-"
+
+
+def ablation_section(grid: Grid, rows: list[dict], raw: list[Path]) -> list[str]:
+    """Per scenario: every variant against the base (paired over seeds), verdict, figure."""
+    from matplotlib.figure import Figure
+
+    base = ABLATION_BASE[grid.name]
+    diffs = ablation_diffs(rows, base)
+    here = grid.results.parent
+    lines = ["## Ablations: each reconstructed part against the base", "",
+             f"Raw cells: [{raw[0].name}]({raw[0].name}) (one row per cell: the ablated "
+             f"options, final and last-round metrics), [{raw[1].name}]({raw[1].name}) "
+             "(DisUE's metrics per round); both are written by the command at the top.", "",
+             f"Base: `{base}`; every other DisUE row changes the one option named. Every "
+             "figure is mean ± sample sd over seeds; differences are paired within a seed "
+             "(same split, same initial weights) and given with [min, max] over seeds. "
+             "**universal**: the final universal expert on the global test set (FedAvg: its "
+             "global model); **vs base**: the variant minus the base of the same seed; "
+             "**ensemble**: the mass-weighted logit ensemble of the experts; **agree**: share "
+             "of test rows where universal and ensemble agree; **gen acc**: the teachers' "
+             "accuracy on the requested class of generated inputs; **personalised**: mean "
+             "client accuracy with the model each client keeps, +FT after one epoch of local "
+             "fine-tuning. **Spread rule**: a difference is *outside the spread over seeds* "
+             "(a finding) only if it has the same sign in every seed and its mean exceeds "
+             "the larger sample sd over seeds of the two runs compared; otherwise it is "
+             "*inside the spread* and no finding.", ""]
+    fig = Figure(figsize=(11, 4.6), dpi=110)
+    axes = fig.subplots(1, len(grid.scenarios), squeeze=False)[0]
+    labels = [m.label for m in grid.methods if m.name == "disue"]
+    for ax, s in zip(axes, grid.scenarios, strict=True):
+        sr = [r for r in rows if r["scenario"] == s.name]
+        lines += [f"### {s.name}", "",
+                  "| method | changed | universal % | vs base, points | universal vs base | "
+                  "vs FedAvg, points | ensemble % | agree % | gen acc % | personalised % | "
+                  "personalised vs base, points | +FT % | seeds |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        fed = {r["seed"]: r["global_acc"] for r in sr if r["algorithm"] == "fedavg"}
+        for m in grid.methods:
+            mr = [r for r in sr if r["method"] == m.label]
+            if not mr:
+                continue
+            col = lambda k, rr=mr: [r.get(k) for r in rr]  # noqa: E731
+            n = f"{len(mr)}/{len(grid.seeds)}"
+            if m.name != "disue":
+                lines.append(f"| {m.label} | - | {_pm(col('global_acc'))} | - | - | - | - | - "
+                             f"| - | {_pm(col('test_acc'))} | - | {_pm(col('test_acc_ft'))} "
+                             f"| {n} |")
+                continue
+            vs_f = _pm([r["global_acc"] - fed[r["seed"]] for r in mr
+                        if r["seed"] in fed and r["global_acc"] is not None], sign=True,
+                       span=True)
+            d = diffs.get((s.name, m.label))
+            if d is None:
+                vs_b = verdict = vs_p = "-"
+            else:
+                vs_b = _pm(d["universal"], sign=True, span=True)
+                vs_p = _pm(d["personalised"], sign=True, span=True)
+                verdict = ("**outside: " + ("higher" if d["universal_sign"] > 0 else "lower")
+                           + "**" if d["universal_outside"] else "inside: no finding")
+            lines.append(
+                f"| {m.label} | {_changed(grid, m.label, base)} | {_pm(col('global_acc'))} | "
+                f"{vs_b} | {verdict} | {vs_f} | {_pm(col('ensemble_acc'))} | "
+                f"{_pm(col('student_agree'))} | {_pm(col('gen_teacher_acc'))} | "
+                f"{_pm(col('test_acc'))} | {vs_p} | {_pm(col('test_acc_ft'))} | {n} |")
+        lines.append("")
+        # The figure: universal expert per variant (mean ± sd, seeds as dots), FedAvg band.
+        fst = _stats(list(fed.values()))
+        if fst is not None:
+            ax.axhline(100 * fst[0], color="k", lw=1.2, label="FedAvg (global model)")
+            ax.axhspan(100 * (fst[0] - fst[1]), 100 * (fst[0] + fst[1]), color="k", alpha=0.1)
+        for i, lab in enumerate(labels):
+            mr = [r for r in sr if r["method"] == lab]
+            st = _stats([r["global_acc"] for r in mr])
+            if st is None:
+                continue
+            ax.errorbar([i], [100 * st[0]], yerr=[100 * st[1]], color="C0", marker="o",
+                        capsize=3, ls="none", label="universal expert" if i == 0 else None)
+            ax.plot([i] * len(mr), [100 * r["global_acc"] for r in mr], color="C0",
+                    marker=".", alpha=0.4, ls="none")
+            ens = _stats([r.get("ensemble_acc") for r in mr])
+            if ens is not None:
+                ax.plot([i], [100 * ens[0]], color="C1", marker="_", ms=14, ls="none",
+                        label="teacher ensemble (same run)" if i == 0 else None)
+        ax.set_xticks(range(len(labels)), labels, rotation=25, ha="right", fontsize=8)
+        ax.set_ylabel("global test acc %")
+        ax.set_title(s.name, fontsize=10)
+        ax.grid(alpha=0.3, axis="y")
+    handles = {lab: h for a in axes for h, lab in zip(*a.get_legend_handles_labels(),
+                                                      strict=True)}
+    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=3, fontsize=7)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    path = here / "figures" / f"{grid.name}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    lines += [f"![universal expert per ablation]({os.path.relpath(path, here)})", ""]
+    rerun = rerun_diffs(grid, rows)
+    if rerun:
+        lines += ["### Run-to-run noise of one cell", "",
+                  f"The base `{base}` is the same cell (config, seed, split, initial weights) "
+                  f"as in [{ABLATION_RERUN[grid.name]}]({ABLATION_RERUN[grid.name]}), run "
+                  "again here. Its universal expert, this run minus that one, seed by seed:", ""]
+        for s in grid.scenarios:
+            d = rerun.get(s.name, [])
+            if d:
+                lines.append(f"- {s.name}: " + ", ".join(f"{100 * x:+.1f}" for x in d)
+                             + f" points (largest |difference| {100 * max(map(abs, d)):.1f}).")
+        fed = [x for d in rerun_diffs(grid, rows, "fedavg").values() for x in d]
+        if fed:
+            same = sum(1 for x in fed if x == 0)
+            lines += ["", f"FedAvg's global model, the same comparison: {same} of {len(fed)} "
+                      "cells identical" + ("" if same == len(fed) else ", largest |difference| "
+                                           f"{100 * max(map(abs, fed)):.1f} points") + "."]
+        lines += ["", "A difference to the base no larger than the base's own rerun "
+                  "differences is not a finding, even when it is outside the spread over "
+                  "seeds.", ""]
+    lines += ["### Verdict", "", *ablation_verdict_lines(grid, diffs, rerun), ""]
+    return lines
+
+
+def ablation_verdict_lines(grid: Grid, diffs: dict,
+                           rerun: dict[str, list[float]] | None = None) -> list[str]:
+    """One line per variant: its universal-expert difference to the base in each scenario
+    (and, with ``rerun``, whether it exceeds the base's largest run-to-run difference)."""
+    out = []
+    for m in grid.methods:
+        if m.name != "disue" or m.label == ABLATION_BASE[grid.name]:
+            continue
+        parts = []
+        for s in grid.scenarios:
+            d = diffs.get((s.name, m.label))
+            st = _stats(d["universal"]) if d else None
+            if st is None:
+                continue
+            where = (f"**outside the spread** ({'higher' if d['universal_sign'] > 0 else 'lower'}"
+                     ")" if d["universal_outside"] else "inside the spread (no finding)")
+            noise = (rerun or {}).get(s.name)
+            if d["universal_outside"] and noise:
+                big = max(map(abs, noise))
+                where += (f", {'above' if abs(st[0]) > big else 'within'} the rerun noise "
+                          f"({100 * big:.1f})")
+            parts.append(f"{s.name} {_pm(d['universal'], sign=True, span=True)} points, "
+                         f"{where}, seed sd {100 * d['universal_spread']:.1f}")
+        if parts:
+            out.append(f"- `{m.label}` ({_changed(grid, m.label, ABLATION_BASE[grid.name])}), "
+                       "universal minus base: " + "; ".join(parts) + ".")
+    return out
+
 
 def skipped_sources() -> list[str]:
     """Why the CIFAR-10 / SVHN / CIFAR-100 versions of the experiment did not run here."""
@@ -451,7 +686,9 @@ def write(grid: Grid) -> tuple[Path, int, int]:
         out.write_text("\n".join(text) + "\n")
     rows = sweep_cells(grid)
     extra = []
-    if any(r.get("distill") in ("generator", "proxy") for r in rows):
+    if grid.name in ABLATION_BASE:
+        extra += ablation_section(grid, rows, write_raw(grid, rows, ABLATION_KEYS))
+    elif any(r.get("distill") in ("generator", "proxy") for r in rows):
         extra += sweep_section(grid, rows, write_raw(grid, rows))
     extra += global_section(grid)
     extra += ["## Other data sets", "",
@@ -461,11 +698,13 @@ def write(grid: Grid) -> tuple[Path, int, int]:
     return out, len(records), sum(1 for c in grid.cells() if c.config is not None)
 
 
-def run_missing(grid: Grid, log=print) -> int:
+def run_missing(grid: Grid, log=print, order_by: str = "seed") -> int:
     """Run the grid's missing cells seed by seed (every scenario and method of seed 0 first).
 
     ``fedrnd compare`` runs method by method; seed-major order means a run stopped early
-    leaves whole seeds, which the report can use. Returns the number of cells run.
+    leaves whole seeds, which the report can use. ``order_by="method"``: method by method in the
+    grid's order (every scenario and seed of the first method first), so that a run stopped
+    early leaves whole methods with all their seeds. Returns the number of cells run.
     """
     import time
 
@@ -474,6 +713,9 @@ def run_missing(grid: Grid, log=print) -> int:
     cells = [c for c in grid.cells() if c.config is not None]
     order = sorted(cells, key=lambda c: (grid.seeds.index(c.seed),
                                          [s.name for s in grid.scenarios].index(c.scenario.name)))
+    if order_by == "method":
+        labels = [m.label for m in grid.methods]
+        order = sorted(order, key=lambda c: labels.index(c.method.label))
     todo = [c for c in order if load_cell(c, grid.cache_dir) is None]
     data_key, data, t0 = None, None, time.perf_counter()
     for i, c in enumerate(todo, 1):
@@ -497,6 +739,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--results", default=None)
     ap.add_argument("--run", action="store_true",
                     help="run the missing cells first (seed by seed), then write the report")
+    ap.add_argument("--method-major", action="store_true",
+                    help="with --run: run method by method (all seeds of a method together)")
     args = ap.parse_args(argv)
     grid = load_grid(args.grid, args.set)
     if args.cache_dir:
@@ -504,7 +748,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.results:
         grid.results = Path(args.results)
     if args.run:
-        run_missing(grid)
+        run_missing(grid, order_by="method" if args.method_major else "seed")
     out, done, n = write(grid)
     print(f"{out}: {done}/{n} cells" + ("" if done == n else f" ({n - done} missing)"))
 
