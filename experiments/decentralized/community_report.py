@@ -5,7 +5,7 @@
 
 Reads the cached cells (runs/compare/community_100/) and writes, for SSD-FL, sync DFL and the
 controls (4 random clusters, random links) on a planted-partition graph whose communities hold
-the rotation groups: the clusters SSD-FL's split found (count, sizes, ARI against the groups = the communities), final mean device test
+the rotation groups: the accuracy-vs-bytes Pareto front (the paper's claim), the clusters SSD-FL's split found (count, sizes, ARI against the groups = the communities), final mean device test
 accuracy, bytes per device (set-up phase separately), accuracy and bytes at every evaluated
 round, consensus distances; mean and sample standard deviation over seeds, every raw number in
 the JSON file.
@@ -23,7 +23,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 NAME = "community_100"
 SCENARIO = "rotation_on_communities"
-METHODS = ("ssdfl", "sync_dfl", "random_cluster_dfl", "random_dfl")
+METHODS = ("ssdfl", "sync_dfl", "periodic_dfl", "random_cluster_dfl", "random_dfl")
 COMMAND = ("nice -n 5 fedrnd compare experiments/decentralized/community_100.toml && "
            "python experiments/decentralized/community_report.py")
 
@@ -94,6 +94,61 @@ def _headline(raw: dict, seeds: list[int]) -> list[str]:
             "phase included).", ""]
 
 
+def pareto(points: dict[str, tuple[float, float]]) -> list[str]:
+    """Names whose ``(mb, acc)`` no other point dominates (no more bytes and at least the
+    accuracy, one of the two strictly better)."""
+    front = []
+    for m, (b, a) in points.items():
+        if not any((b2 <= b and a2 >= a) and (b2 < b or a2 > a)
+                   for m2, (b2, a2) in points.items() if m2 != m):
+            front.append(m)
+    return front
+
+
+def best_within(curve: list[dict], budget: float) -> float | None:
+    """The highest accuracy a run reached at an evaluated round within ``budget`` MB."""
+    acc = [p["test_acc"] for p in curve if p["mb_per_device"] <= budget + 1e-9]
+    return max(acc) if acc else None
+
+
+def _pareto_lines(raw: dict, seeds: list[int]) -> list[str]:
+    """Is SSD-FL on the accuracy-vs-bytes front? Final points, per seed and on the mean, and
+    each method's best accuracy within SSD-FL's bytes and within the cheapest method's."""
+    if "ssdfl" not in raw:
+        return []
+    lines = ["## Accuracy against bytes: the Pareto front", "",
+             "A method is on the front if no other method reaches at least its accuracy with "
+             "no more bytes per device (final round, set-up phase included).", ""]
+    mean = {m: (float(np.mean([c["mb_per_device"] for c in cells.values()])),
+                float(np.mean([c["test_acc"] for c in cells.values()])))
+            for m, cells in raw.items()}
+    front = pareto(mean)
+    lines.append(f"- Mean over seeds: front = {', '.join(front)}; SSD-FL "
+                 f"{'on' if 'ssdfl' in front else 'not on'} it.")
+    for s in seeds:
+        pts = {m: (cells[s]["mb_per_device"], cells[s]["test_acc"])
+               for m, cells in raw.items() if s in cells}
+        f = pareto(pts)
+        lines.append(f"- Seed {s}: front = {', '.join(f)}; SSD-FL "
+                     f"{'on' if 'ssdfl' in f else 'not on'} it.")
+    cheap = min(mean, key=lambda m: mean[m][0])
+    for label, budget_of in (("SSD-FL's final bytes", "ssdfl"), (f"{cheap}'s final bytes",
+                                                                 cheap)):
+        lines += ["", f"Best accuracy (%) reached at an evaluated round within {label} "
+                      "(per seed, then mean):", ""]
+        for m, cells in raw.items():
+            vals = []
+            for s in seeds:
+                if s not in cells or s not in raw[budget_of]:
+                    continue
+                vals.append(best_within(cells[s]["curve"], raw[budget_of][s]["mb_per_device"]))
+            got = [v for v in vals if v is not None]
+            txt = ", ".join("-" if v is None else f"{100 * v:.1f}" for v in vals)
+            lines.append(f"- {m}: {txt}" + (f" (mean {100 * np.mean(got):.1f})" if got else ""))
+    lines.append("")
+    return lines
+
+
 def write(raw: dict, md: Path) -> None:
     seeds = sorted(next(iter(raw.values())))
     lines = ["# SSD-FL vs sync DFL on a community graph (issue 18)", "",
@@ -113,6 +168,7 @@ def write(raw: dict, md: Path) -> None:
              "of each device's own model on its own test rows (its group's rotation). "
              "Mean ± sample standard deviation over seeds.", "",
              *_headline(raw, seeds),
+             *_pareto_lines(raw, seeds),
              "| method | test acc % | MB / device | set-up KB / device | clusters | ARI vs "
              "communities | wall s |", "|---|---|---|---|---|---|---|"]
     for m, cells in raw.items():
