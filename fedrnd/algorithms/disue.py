@@ -163,6 +163,7 @@ from fedrnd.engine import (
     Engine,
     cluster_losses,
     comm,
+    evaluate_clients,
     grow_slots,
     keep_nonempty,
     per_client,
@@ -793,7 +794,9 @@ class DisUE(Algorithm):
                 metrics[f"family{f}_acc"] = global_accuracy(
                     fam.engine, jax.tree.map(lambda a: a[None], fm), data)[0]
             metrics["personal_acc"] = functools.reduce(operator.add, [
-                expert_accuracy_sum(fam.engine, e, cid, fids, data)
+                jnp.sum(evaluate_clients(fam.engine.model.apply, e, cid,
+                                         data if fids is None else data.select(fids),
+                                         fam.engine.mapper, splits=("test",))["test_acc"])
                 for fam, e, cid, fids in zip(fams, experts, cids, ids_f, strict=True)
             ]) / data.num_clients
 
@@ -972,26 +975,6 @@ def global_accuracy(engine, models, data: FederatedData) -> jax.Array:
 
     hits, n = engine.mapper.sum(one, per, (models, data.x, data.y))
     return hits / jnp.maximum(n, 1.0)
-
-
-def expert_accuracy_sum(engine, experts, cluster_id: jax.Array, ids: jax.Array | None,
-                        data: FederatedData) -> jax.Array:
-    """Sum over clients ``ids`` (``None``: all) of each client's accuracy with its cluster
-    expert (``experts`` leaves ``[K, ...]``, ``cluster_id [M]``) on its own test rows."""
-    apply = engine.model.apply
-    take = (lambda a: a) if ids is None else (lambda a: a[ids])
-    per = dict(idx=take(data.test_idx), count=take(data.test_count), cid=cluster_id)
-
-    def one(client, shared):
-        es, x_pool, y_pool = shared
-        idx = client["idx"]
-        x, y = x_pool[idx], y_pool[idx]
-        mask = (jnp.arange(idx.shape[0]) < client["count"]).astype(jnp.float32)
-        p = jax.tree.map(lambda e: e[client["cid"]], es)
-        hits = jnp.sum((jnp.argmax(apply(p, x), -1) == y) * mask)
-        return hits / jnp.maximum(jnp.sum(mask), 1.0)
-
-    return engine.mapper.sum(one, per, (experts, data.x, data.y))
 
 
 def ensemble_agreement(engine, student, teachers, mix: jax.Array,

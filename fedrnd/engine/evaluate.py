@@ -44,11 +44,13 @@ def _scores(apply, params, x, y, mask, eval_batch):
 def evaluate_clients(apply: Callable[[PyTree, jax.Array], jax.Array], slots: PyTree,
                      assign: jax.Array | None, data: FederatedData,
                      mapper: ClientMapper | None = None,
-                     eval_batch: int = 0) -> dict[str, jax.Array]:
+                     eval_batch: int = 0,
+                     splits: tuple[str, ...] = ("train", "test")) -> dict[str, jax.Array]:
     """Per-client ``{train,test}_{loss,acc}`` (``[C]`` each) of ``slots[assign[c]]`` on client c.
 
     With ``assign=None``, ``slots`` are per-client models ``[C, ...]`` and travel with the client
-    axis (each device holds only its clients' models).
+    axis (each device holds only its clients' models). ``splits`` limits the rows scored (e.g.
+    ``("test",)`` for a metric inside a round).
     """
     mapper = mapper or ClientMapper()
 
@@ -59,7 +61,7 @@ def evaluate_clients(apply: Callable[[PyTree, jax.Array], jax.Array], slots: PyT
         else:
             params = jax.tree.map(lambda s: s[client["slot"]], slots_)
         out = {}
-        for split in ("train", "test"):
+        for split in splits:
             idx, count = client[f"{split}_idx"], client[f"{split}_count"]
             mask = (jnp.arange(idx.shape[0]) < count).astype(jnp.float32)
             ls, hs = _scores(apply, params, x_pool[idx], y_pool[idx], mask, eval_batch)

@@ -241,6 +241,21 @@ def test_two_family_round_reports_family_and_personal_accuracy(setup):
               "student_agree"):
         assert 0.0 <= float(m[k]) <= 1.0, k
     assert "average_acc" not in m  # no family has the task architecture: nothing to average
+    # personal_acc against a per-client loop: each client's own family's cluster expert on its
+    # own test rows, the numpy way.
+    fam_of = np.asarray(state["clients"]["family"])
+    gid = np.asarray(state["clients"]["cluster_id"])
+    offsets = np.cumsum([0] + [jax.tree.leaves(sl)[0].shape[0] for sl in state["slots"]])
+    x, y = np.asarray(data.x), np.asarray(data.y)
+    accs = []
+    for c in range(data.num_clients):
+        f = int(fam_of[c])
+        model = make_model("mlp", (4,), 3, hidden=TWO[f]["hidden"])
+        p = jax.tree.map(lambda a, k=int(gid[c] - offsets[f]): a[k], state["slots"][f])
+        rows = np.asarray(data.test_idx[c])[: int(data.test_count[c])]
+        pred = np.argmax(np.asarray(model.apply(p, x[rows])), -1)
+        accs.append(np.mean(pred == y[rows]))
+    assert float(m["personal_acc"]) == pytest.approx(np.mean(accs), abs=1e-6)
     slots, assign = alg.models(state)
     assert jax.tree.leaves(slots)[0].shape[0] == 4 and int(assign.max()) < 4
     # Global cluster ids: family 1's clusters come after family 0's.
