@@ -146,15 +146,28 @@ def run_cell(scn_name: str, label: str, seed: int, max_rounds: int | None) -> di
     scn = SCENARIOS[scn_name]
     algo, options, local = METHODS[label]
     _, data, xt, yt = build(scn, seed)
+    rounds = round_budget(scn, local, max_rounds)
+    cell = simulate(data, xt, yt, algo, options, local, rounds, seed, f"{scn_name} {label}")
+    return {"scenario": scn_name, "label": label, **cell, "setting": scn}
+
+
+def simulate(data, xt, yt, algo: str, options: dict, local: dict | None, rounds: int,
+             seed: int, tag: str, target: float = TARGET) -> dict:
+    """One run of ``algo`` on ``data`` (MLP 784-100-10) until the averaged model reaches
+    ``target`` on ``(xt, yt)`` or ``rounds`` rounds: the cell record without its labels.
+
+    ``local`` is ``None`` for NTK methods (their own local evolution) or the SGD settings of a
+    gradient method: ``lr``, ``batch`` and ``epochs`` or ``steps`` (local steps per round).
+    """
     model = make_model("mlp", data.feature_shape, data.num_classes, hidden=[100])
     if local is None:
         opt, hp = client_hparams(data.num_clients)
         engine = Engine(model, LocalSpec(batch_size=20), opt)
     else:
         opt, hp = client_hparams(data.num_clients, optimizer="sgd", lr=local["lr"])
-        engine = Engine(model, LocalSpec(batch_size=local["batch"], epochs=local["epochs"]),
-                        opt)
-    rounds = round_budget(scn, local, max_rounds)
+        spec = (LocalSpec(batch_size=local["batch"], steps=local["steps"]) if "steps" in local
+                else LocalSpec(batch_size=local["batch"], epochs=local["epochs"]))
+        engine = Engine(model, spec, opt)
     alg = make_algorithm(algo, engine, **options)
     alg.validate(data)
     state = alg.init(jax.random.key(seed), data, hp)
@@ -181,17 +194,17 @@ def run_cell(scn_name: str, label: str, seed: int, max_rounds: int | None) -> di
                      "train_loss": float(met.get("train_loss", np.nan)),
                      "tau_mean": float(met.get("tau_mean", np.nan)), "kinds": kinds,
                      "wall": time.time() - t0})
-        print(f"  {scn_name} {label} round {r + 1}: acc {acc:.4f}  MB/client "
+        print(f"  {tag} round {r + 1}: acc {acc:.4f}  MB/client "
               f"{total_bytes / 2**20:.1f}  ({time.time() - t0:.0f}s)", flush=True)
-        if reached is None and acc >= TARGET:
+        if reached is None and acc >= target:
             reached = r + 1
             break
         if not np.isfinite(hist[-1]["train_loss"]):
             break
-    return {"scenario": scn_name, "label": label, "algorithm": algo, "options": options,
+    return {"algorithm": algo, "options": options,
             "local": local, "seed": seed, "rounds_run": len(hist), "max_rounds": rounds,
             "reached": reached, "history": hist, "wall": time.time() - t0,
-            "cpu": time.process_time() - cpu0, "setting": scn,
+            "cpu": time.process_time() - cpu0,
             "model_bytes": int(sum(np.prod(p.shape) for p in jax.tree.leaves(
                 model.init(jax.random.key(0))))) * 4}
 

@@ -34,6 +34,7 @@ import difflib
 import inspect
 import re
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -49,10 +50,12 @@ __all__ = [
     "ShardSplit",
     "check_partition_options",
     "dirichlet",
+    "dirichlet_mix",
     "feature_patterns",
     "feature_pattern",
     "grouped",
     "iid",
+    "index_file",
     "label_permutation",
     "make_partition",
     "natural",
@@ -749,6 +752,109 @@ def label_permutation(dataset: Dataset, num_clients: int, *, num_groups: int = 4
 
 
 # --------------------------------------------------------------------------------------------
+# per-client Dirichlet mixes and published partition files
+# --------------------------------------------------------------------------------------------
+
+
+def _check_dirichlet_mix(num_clients: int, *, alpha: Any, per_client: Any = None,
+                         **_: Any) -> None:
+    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not alpha > 0:
+        raise ValueError(f"alpha must be a number > 0, got {alpha!r}")
+    if per_client is not None and (isinstance(per_client, bool) or not isinstance(
+            per_client, int | np.integer) or per_client < 1):
+        raise ValueError(f"per_client must be an integer >= 1 or None, got {per_client!r}")
+
+
+def dirichlet_mix(dataset: Dataset, num_clients: int, *, alpha: float, seed: int,
+                  per_client: int | None = None, test_size: int | None = None) -> Partition:
+    """Every client draws its own label mix ``q ~ Dir(alpha)`` and ``floor(per_client * q_k)``
+    distinct rows of each class ``k``; rows may repeat *across* clients.
+
+    Each class has a pool of ``n / num_classes`` of its rows (the first ones of a class-sorted
+    order, as in the source); a client takes the head of each class pool, and the pool is
+    reshuffled after every client, so clients draw independently. ``per_client`` defaults to
+    ``n_train // num_clients`` (200 on Fashion-MNIST with 300 clients); flooring makes a client
+    hold up to ``num_classes - 1`` rows fewer (about 197 there). This is the generator of the
+    NTK-FL / NTK-DFL authors' published Dirichlet partitions (Yue et al., 2021, their code's
+    README; Thompson et al., 2025), drawn with numpy's ``Generator`` (same law, other bits);
+    their files themselves load through the ``index_file`` partition. Unlike ``dirichlet``,
+    every client has the same expected size and the label skew is per client, not per class.
+    """
+    _check_dirichlet_mix(num_clients, alpha=alpha, per_client=per_client)
+    y = np.asarray(dataset.y_train)
+    k = dataset.num_classes
+    _check_num_clients(len(y), num_clients)
+    size = len(y) // num_clients if per_client is None else int(per_client)
+    per_class = len(y) // k
+    order = np.argsort(y, kind="stable")
+    counts = np.bincount(y, minlength=k)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    rng = np.random.default_rng(seed)
+    # The source keeps n / K rows per class: exact for balanced sets (Fashion-MNIST), a cap
+    # at the class's own count for unbalanced ones.
+    pools = [rng.permutation(order[starts[c]:starts[c] + min(per_class, counts[c])])
+             for c in range(k)]
+    train = []
+    for _ in range(num_clients):
+        want = np.floor(size * rng.dirichlet(np.full(k, float(alpha)))).astype(np.int64)
+        want = np.minimum(want, [len(q) for q in pools])
+        if want.sum() == 0:  # only for per_client < num_classes: keep the client non-empty
+            want[int(np.argmax([len(q) for q in pools]))] = 1
+        train.append(np.concatenate([pools[c][:want[c]] for c in range(k)]))
+        for c in range(k):
+            if want[c]:
+                pools[c] = rng.permutation(pools[c])
+    return _assemble(dataset, train, np.zeros(num_clients, np.int32), rng, test_size,
+                     f"dirichlet_mix(alpha={alpha:g}, per_client={size})")
+
+
+def _check_index_file(num_clients: int, *, path: Any, **_: Any) -> None:
+    from fedrnd.data.index_files import INDEX_SUFFIXES
+
+    if not isinstance(path, str) or not path:
+        raise ValueError(f"path must be the file name of a client index map, got {path!r}")
+    if Path(path).suffix.lower() not in INDEX_SUFFIXES:
+        raise ValueError(f"path {path!r} has an unknown type; allowed endings: "
+                         f"{', '.join(INDEX_SUFFIXES)}")
+    if not Path(path).is_file():
+        raise ValueError(f"path {path!r}: no such file")
+
+
+def index_file(dataset: Dataset, num_clients: int | None = None, *, path: str, seed: int,
+               test_size: int | None = None) -> Partition:
+    """Clients read from a published partition file: ``{client id: rows of x_train}``.
+
+    Formats (``.json``, ``.npz``, ``.npy``, pickled ``.dat``/``.pkl`` read without running
+    code) are those of :func:`fedrnd.data.index_files.read_index_map`; clients come in the
+    order of their ids and ``num_clients`` takes the first ones (``None``: all). Rows may repeat
+    across clients (the NTK-DFL authors' files do), never within one. Test rows are drawn from
+    each client's label mix as for every partitioner (``seed``). Group ids are all zero.
+    """
+    from fedrnd.data.index_files import read_index_map
+
+    _check_index_file(num_clients or 1, path=path)
+    clients = read_index_map(path)
+    if num_clients is None:
+        num_clients = len(clients)
+    if (isinstance(num_clients, bool) or not isinstance(num_clients, int | np.integer)
+            or not 1 <= num_clients <= len(clients)):
+        raise ValueError(f"num_clients must be in [1, {len(clients)}] (the clients in "
+                         f"{path!r}; data.num_clients in a config), got {num_clients!r}")
+    n = len(dataset.y_train)
+    train = clients[:num_clients]
+    for c, rows in enumerate(train):
+        if rows.min() < 0 or rows.max() >= n:
+            raise ValueError(f"path {path!r}: client {c} names row {int(rows.max())} or "
+                             f"{int(rows.min())}, outside the {n} training rows of "
+                             f"{dataset.name!r}")
+        if len(np.unique(rows)) != len(rows):
+            raise ValueError(f"path {path!r}: client {c} lists a row twice")
+    rng = np.random.default_rng(seed)
+    return _assemble(dataset, train, np.zeros(num_clients, np.int32), rng, test_size,
+                     f"index_file({Path(path).name})")
+
+
+# --------------------------------------------------------------------------------------------
 # natural
 # --------------------------------------------------------------------------------------------
 
@@ -952,6 +1058,8 @@ register_partition("feature_pattern", feature_pattern, grouped=True,
 register_partition("label_permutation", label_permutation, grouped=True, labels_only=True,
                    check=_check_grouped)
 register_partition("natural", natural)
+register_partition("dirichlet_mix", dirichlet_mix, check=_check_dirichlet_mix)
+register_partition("index_file", index_file, check=_check_index_file)
 
 
 def make_partition(name: str, dataset: Dataset, num_clients: int, seed: int,
