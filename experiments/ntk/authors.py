@@ -329,7 +329,7 @@ def report(col: dict, summ: dict, size: dict, size_name: str, cells_dir: Path,
               "Mean ± half-width of the 95% t interval over the seeds that reached the target "
               "(n/N when some did not).", "",
               "| method | seeds | " + " | ".join(f"rounds to {t:.0%}" for t in TARGETS)
-              + " | bytes/client to 85% | bytes/client per round | best acc |",
+              + " | bytes/client to 85% | bytes/client per round | best acc (cells stop at 85%) |",
               "|---|---|" + "---|" * len(TARGETS) + "---|---|---|"]
     for method, s in summ.items():
         n = len(s["seeds"])
