@@ -364,25 +364,28 @@ def params_to_layers(params, layer_names: Sequence[str]) -> Layers:
 
 
 def run_fedrnd(data, model, spec, init_key, round_keys, lr: float, *, path: str = "general",
-               chunk_size: int | None = None) -> Result:
+               chunk_size: int | None = None, devices: int = 1) -> Result:
     """FedAvg in fedrnd exactly as ``benchmarks/throughput.py`` runs it; one round per key.
 
     ``setup_s`` is ``alg.init`` plus lowering and compiling the jitted round; every round is
-    then a call of the compiled executable. ``path="lowrank"`` on a model that is not a stack
+    then a call of the compiled executable. ``devices > 1`` splits the client axis over that
+    many devices (a :func:`fedrnd.engine.make_mesh`; on a CPU, host devices made by
+    ``--xla_force_host_platform_device_count``). ``path="lowrank"`` on a model that is not a stack
     of dense layers (a CNN) is a skip: the exact low-rank path applies to dense stacks only.
     """
     import jax
 
     import fedrnd
     from fedrnd.algorithms import FedAvg
-    from fedrnd.engine import ClientMapper, Engine, client_hparams
+    from fedrnd.engine import ClientMapper, Engine, client_hparams, make_mesh
 
     if path == "lowrank" and model.dense is None:
         return skipped("fedrnd (lowrank)", f"the low-rank path applies to stacks of dense "
                                            f"layers (MLP) only, not to model {model.name!r}")
     opt, hp = client_hparams(data.num_clients, optimizer="sgd", lr=lr)
-    engine = Engine(model=model, local=spec, optimizer=opt,
-                    mapper=ClientMapper(chunk_size=chunk_size), path=path)
+    mapper = ClientMapper(chunk_size=chunk_size, mesh=make_mesh(devices) if devices > 1 else None)
+    hp = mapper.shard(hp)
+    engine = Engine(model=model, local=spec, optimizer=opt, mapper=mapper, path=path)
     fast = engine.use_lowrank(data)
     alg = FedAvg(engine=engine, server_opt="sgd", server_lr=1.0)
     before = os.getloadavg()[0]
@@ -398,6 +401,8 @@ def run_fedrnd(data, model, spec, init_key, round_keys, lr: float, *, path: str 
         times.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
     label = "low-rank path" if fast else f"general path, chunk {engine.mapper.chunk}"
+    if devices > 1:
+        label += f", client axis over {devices} {jax.default_backend()} devices"
     if model.reference_apply is not None:  # the built-in CNN on a CPU
         label += ", banded-matrix convolutions"
     return Result(name=f"fedrnd ({'lowrank' if fast else 'general'})",

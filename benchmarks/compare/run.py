@@ -28,6 +28,7 @@ Usage::
     python benchmarks/compare/run.py --peers torch,pfl --fedrnd general --json cmp.json
     python benchmarks/compare/run.py --clients 100 --rounds 3    # a quick check
     python benchmarks/compare/run.py --model cnn --json cnn.json  # the CNN workload
+    python benchmarks/compare/run.py --model cnn --devices 2      # one host device per core
     python benchmarks/compare/run.py --model lenet --torch-device cuda   # torch on the GPU
 """
 
@@ -96,6 +97,11 @@ def main(argv: list[str] | None = None) -> dict:
                          "the exact low-rank fast path)")
     ap.add_argument("--chunk-size", type=int, default=None,
                     help="fedrnd general path: clients per chunk (default: backend default)")
+    ap.add_argument("--devices", type=int, default=1,
+                    help="fedrnd on a CPU: split the client axis over this many host devices "
+                         "(XLA's --xla_force_host_platform_device_count, one per core), each "
+                         "training its share of the clients on one thread; 1 = one device "
+                         "whose operations use XLA's thread pool")
     ap.add_argument("--peers", type=str, default=",".join(peers.RUNNERS),
                     help=f"peers to run, of {', '.join(peers.RUNNERS)} (missing ones skip)")
     ap.add_argument("--acc-tol", type=float, default=0.005,
@@ -135,8 +141,19 @@ def main(argv: list[str] | None = None) -> dict:
         ap.error(f"--model {args.model} runs on fedrnd's general path only (the low-rank path "
                  f"takes dense stacks): --fedrnd must include general")
 
+    if args.devices < 1 or args.clients % args.devices:
+        ap.error(f"--devices must be >= 1 and divide --clients ({args.clients}), got "
+                 f"{args.devices}")
+    if args.devices > 1 and "jax" not in sys.modules:
+        flag = f"--xla_force_host_platform_device_count={args.devices}"
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
+
     import jax
 
+    if len(jax.devices()) < args.devices:
+        ap.error(f"--devices {args.devices}: JAX sees {len(jax.devices())} device(s); on a CPU "
+                 f"start the process with XLA_FLAGS=--xla_force_host_platform_device_count="
+                 f"{args.devices} (run.py sets it when it imports JAX first)")
     if args.precision == "float32" and jax.default_backend() != "cpu":
         # JAX computes float32 dots and convolutions in TF32 on recent NVIDIA GPUs by default;
         # the PyTorch loop has TF32 off: same arithmetic on both sides.
@@ -159,7 +176,7 @@ def main(argv: list[str] | None = None) -> dict:
                              "feature_shape": w.feature_shape, "data": w.data,
                              "param_shapes": w.param_shapes,
                              "num_params": int(sum(k.size + b.size for k, b in w.init))})},
-            "torch_device": args.torch_device, "precision": args.precision,
+            "torch_device": args.torch_device, "fedrnd_devices": args.devices, "precision": args.precision,
             "backend": jax.default_backend(),
             "build_s": build_s}
     v = info["versions"]
@@ -176,7 +193,7 @@ def main(argv: list[str] | None = None) -> dict:
     results: list[harness.Result] = []
     for p in paths:
         r = harness.run_fedrnd(data, model, spec, init_key, keys, args.lr, path=p,
-                               chunk_size=args.chunk_size)
+                               chunk_size=args.chunk_size, devices=args.devices)
         results.append(r)
         _progress(r)
     del data

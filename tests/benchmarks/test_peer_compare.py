@@ -449,3 +449,31 @@ def test_isolated_torch_cnn_peer_matches(tiny_cnn, tmp_path):
     assert r.name == "pytorch loop" and "1 thread(s)" in r.note
     assert H.relative_difference(r.layers, ref.layers) < 1e-4
 
+
+
+def test_devices_split_the_client_axis_and_agree(tmp_path):
+    """--devices 2 (two host devices made before JAX starts, in a fresh process) trains the
+    same model as the numpy reference; a count that does not divide the clients is refused."""
+    import json
+    import subprocess
+    import sys
+
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+        os.path.abspath(__file__)))), "benchmarks", "compare", "run.py")
+    out = tmp_path / "d2.json"
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, script, "--clients", "8", "--samples", "32",
+                           "--test-samples", "4", "--rounds", "2", "--model", "cnn", "--data",
+                           "synthetic", "--peers", "numpy", "--devices", "2", "--json",
+                           str(out)], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rec = json.loads(out.read_text())
+    assert rec["all_agree"] and rec["fedrnd_devices"] == 2
+    fed = next(r for r in rec["results"] if r["name"] == "fedrnd (general)")
+    assert "client axis over 2 cpu devices" in fed["note"]
+    # In this process JAX already runs with one CPU device: asking for two is an error.
+    with pytest.raises(SystemExit):
+        main(["--clients", "8", "--devices", "3"])  # does not divide 8
+    if len(jax.devices()) < 2:
+        with pytest.raises(SystemExit):
+            main(["--clients", "8", "--samples", "32", "--devices", "2", "--peers", "numpy"])
