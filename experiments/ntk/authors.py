@@ -114,6 +114,8 @@ def cell_key(label: str, seed: int, size: dict, partition_file: str | None) -> d
 def _method(label: str) -> dict:
     if label == "ntk_dfl":
         return {"algorithm": "ntk_dfl", "options": dict(GRAPH), "local": None}
+    if label == "spark":
+        return {"algorithm": "spark", "options": dict(GRAPH, project=False), "local": None}
     method, lr = label.rsplit("_lr", 1)
     algo, options, local = BASELINES[method]
     return {"algorithm": algo, "options": options, "local": dict(local, lr=float(lr))}
@@ -197,6 +199,9 @@ class Study:
         if part in ("all", "ntk"):
             for seed in self.size["seeds"]:
                 self.get("ntk_dfl", seed, True)
+        if part == "spark":
+            for seed in self.size["seeds"]:
+                self.get("spark", seed, True)
         if part in ("all", "grad"):
             for method in self.size["grids"]:
                 cells = self.grid(method, True)
@@ -208,6 +213,8 @@ class Study:
         """``{"ntk_dfl": [cells], method: [cells of the tuned lr], "grid": {...}}``."""
         out = {"ntk_dfl": [c for s in self.size["seeds"]
                            if (c := self.get("ntk_dfl", s, False)) is not None],
+               "spark": [c for s in self.size["seeds"]
+                         if (c := self.get("spark", s, False)) is not None],
                "grid": {}, "tuned": {}}
         for method in self.size["grids"]:
             cells = self.grid(method, False)
@@ -226,7 +233,7 @@ def summarise(col: dict, size: dict) -> dict:
     ratio of each baseline to NTK-DFL per seed (a reach beyond the budget counts as the budget,
     flagged as a lower bound)."""
     summ = {}
-    for method in ["ntk_dfl", *col["tuned"]]:
+    for method in ["ntk_dfl", "spark", *col["tuned"]]:
         cells = col.get(method, [])
         if not cells:
             continue
@@ -270,7 +277,7 @@ def figures(col: dict, out: Path) -> list[str]:
 
     out.mkdir(parents=True, exist_ok=True)
     names = []
-    methods = ["ntk_dfl", *col["tuned"]]
+    methods = ["ntk_dfl", *(["spark"] if col.get("spark") else []), *col["tuned"]]
     for xkey, name, xlabel in (("round", "authors_acc_vs_round.png", "round"),
                                ("bytes", "authors_acc_vs_bytes.png",
                                 "cumulative bytes per client (sent + received)")):
@@ -359,6 +366,19 @@ def report(col: dict, summ: dict, size: dict, size_name: str, cells_dir: Path,
             parts.append(f"{method} {lb}{_fmt_ci(r)} ({each})")
         if parts:
             lines.append(f"- at {t:.0%}: " + "; ".join(parts))
+    sp, nt = summ.get("spark"), summ.get("ntk_dfl")
+    if sp and nt:
+        lines += ["", "## SPARK (our reconstruction: momentum 0.5, annealed soft labels, no "
+                  "projection) against NTK-DFL", "",
+                  "SPARK's paper: about 3x NTK-DFL's speed. NTK-DFL rounds / SPARK rounds per "
+                  "seed (both must reach the target):", ""]
+        for t in TARGETS:
+            by = dict(zip(nt["seeds"], nt[f"rounds_to_{t:g}"], strict=True))
+            r = [by[s] / x for s, x in zip(sp["seeds"], sp[f"rounds_to_{t:g}"], strict=True)
+                 if x is not None and by.get(s) is not None]
+            if r:
+                lines.append(f"- at {t:.0%}: {_fmt_ci(r, '{:.2f}')}x ("
+                             + ", ".join(f"{x:.2f}" for x in r) + ")")
     lines += ["", "## Figures", ""] + [f"![{n}](figures/{n})" for n in figs] + [""]
     return "\n".join(lines) + "\n"
 
@@ -368,7 +388,8 @@ def main(argv=None) -> int:
     ap.add_argument("--tiny", action="store_true", help="smoke size (seconds)")
     ap.add_argument("--out", type=Path, default=None,
                     help="folder for cells, report and figures (default: experiments/ntk)")
-    ap.add_argument("--part", choices=("all", "ntk", "grad"), default="all")
+    ap.add_argument("--part", choices=("all", "ntk", "grad", "spark"), default="all",
+                    help="which cells to run (spark: SPARK beside NTK-DFL, not part of 'all')")
     ap.add_argument("--partition-file", default=None,
                     help="a published index map (e.g. user_dataidx_map_0.10_0.dat) instead of "
                          "drawing the partition")

@@ -50,7 +50,7 @@ def test_tiny_run(mod, tmp_path):
         want |= {f"{mod.grid_label(method, lr)}_s{s}.json" for s in size["seeds"]}
     assert names == want
     for method, s in summ.items():
-        label = "ntk_dfl" if method == "ntk_dfl" else mod.grid_label(method, s["lr"])
+        label = method if method in ("ntk_dfl", "spark") else mod.grid_label(method, s["lr"])
         for seed, best in zip(s["seeds"], s["best_acc"], strict=True):
             rec = json.loads((cells / f"{label}_s{seed}.json").read_text())
             assert best == max(e["acc"] for e in rec["history"])
@@ -62,6 +62,12 @@ def test_tiny_run(mod, tmp_path):
     before = {p: p.stat().st_mtime_ns for p in cells.glob("*_s*.json")}
     assert mod.main(["--tiny", "--out", str(tmp_path), "--quiet"]) == 0  # all cached
     assert {p: p.stat().st_mtime_ns for p in cells.glob("*_s*.json")} == before
+    # SPARK beside NTK-DFL: its own part, then a section of the report.
+    assert mod.main(["--tiny", "--out", str(tmp_path), "--quiet", "--part", "spark"]) == 0
+    assert {f"spark_s{s}.json" for s in size["seeds"]} <= {p.name for p in cells.glob("*.json")}
+    summ = json.loads((cells / "summary.json").read_text())
+    assert summ["spark"]["seeds"] == list(size["seeds"])
+    assert "## SPARK (our reconstruction" in (tmp_path / "AUTHORS.md").read_text()
 
 
 def test_refuses_a_foreign_folder(mod, tmp_path, capsys):
