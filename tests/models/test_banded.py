@@ -53,12 +53,17 @@ def _perturbed(params, seed):
                            for a, kk in zip(leaves, keys, strict=True)])
 
 
-CASES = [((28, 28, 1), (8, 16), 5), ((7, 9, 2), (3,), 3), ((5, 6, 3), (2, 4, 3), 3),
-         ((13, 11, 1), (4, 6), 5), ((8, 8, 1), (2,), 4)]
+BLOCKED_CASES = [((28, 28, 1), (8, 16), 5), ((28, 28, 1), (6, 16), 5), ((23, 19, 2), (8, 6), 3),
+                 ((17, 23, 1), (8, 12, 16), 5), ((30, 24, 3), (2, 4), 4)]
+"""Shapes whose first layer runs in blocks of columns (``tests/models/test_blocked.py``)."""
+
+CASES = [((7, 9, 2), (3,), 3), ((5, 6, 3), (2, 4, 3), 3), ((13, 11, 1), (4, 6), 5),
+         ((8, 8, 1), (2,), 4), *BLOCKED_CASES]
 
 
 @pytest.mark.parametrize("shape,channels,kernel", CASES)
-def test_cnn_apply_equals_the_flax_module_with_gradients(shape, channels, kernel):
+def test_cnn_apply_equals_the_flax_module_in_both_modes_of_differentiation(shape, channels,
+                                                                          kernel):
     module = from_flax(CNN(10, channels, 12, kernel), shape, 10)
     p = _perturbed(module.init(jax.random.key(0)), 1)  # nonzero biases
     x = jax.random.uniform(jax.random.key(2), (4, *shape))
@@ -66,15 +71,20 @@ def test_cnn_apply_equals_the_flax_module_with_gradients(shape, channels, kernel
     np.testing.assert_allclose(np.asarray(jax.jit(cnn_apply)(p, x)),
                                np.asarray(jax.jit(module.apply)(p, x)), rtol=1e-5, atol=1e-5)
 
-    def grads(apply):
-        def loss(q):
+    def loss(apply):
+        def f(q):
             logp = jax.nn.log_softmax(apply(q, x))
             return -jnp.mean(jnp.take_along_axis(logp, y[:, None], 1))
-        return jax.jit(jax.grad(loss))(p)
+        return f
 
-    for a, b in zip(jax.tree.leaves(grads(cnn_apply)), jax.tree.leaves(grads(module.apply)),
-                    strict=True):
+    for a, b in zip(jax.tree.leaves(jax.jit(jax.grad(loss(cnn_apply)))(p)),
+                    jax.tree.leaves(jax.jit(jax.grad(loss(module.apply)))(p)), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+    # Forward mode (the blocked pool's custom JVP): a directional derivative.
+    t = _perturbed(jax.tree.map(jnp.zeros_like, p), 4)
+    d1 = jax.jvp(loss(cnn_apply), (p,), (t,))[1]
+    d2 = jax.jvp(loss(module.apply), (p,), (t,))[1]
+    np.testing.assert_allclose(float(d1), float(d2), rtol=1e-4, atol=1e-6)
 
 
 def test_the_built_in_cnn_takes_the_banded_path_on_a_cpu_and_counts_the_convolutions_flops():

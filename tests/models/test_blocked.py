@@ -9,6 +9,7 @@ import pytest
 
 from fedrnd.models import CNN, from_flax, make_model
 from fedrnd.models.banded import block_conv_pool, block_width, cnn_apply
+from tests.models.test_banded import BLOCKED_CASES
 
 
 def ref_conv_pool(x, kernel):
@@ -82,42 +83,11 @@ def test_block_width_known_answers():
     assert block_width(64, 3, 1) == 32
 
 
-CASES = [((28, 28, 1), (8, 16), 5), ((28, 28, 1), (6, 16), 5), ((23, 19, 2), (8, 6), 3),
-         ((17, 23, 1), (8, 12, 16), 5), ((30, 24, 3), (2, 4), 4)]
-
-
-def _perturbed(params, seed):
-    leaves, tree = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    return tree.unflatten([a + 0.1 * jax.random.normal(kk, a.shape)
-                           for a, kk in zip(leaves, keys, strict=True)])
-
-
-@pytest.mark.parametrize("shape,channels,kernel", CASES)
-def test_the_blocked_cnn_equals_the_flax_module_in_both_modes_of_differentiation(
-        shape, channels, kernel):
-    assert block_width(shape[1], kernel, channels[0]) is not None  # the blocked path runs
-    module = from_flax(CNN(10, channels, 12, kernel), shape, 10)
-    p = _perturbed(module.init(jax.random.key(0)), 1)
-    x = jax.random.uniform(jax.random.key(2), (4, *shape))
-    y = jax.random.randint(jax.random.key(3), (4,), 0, 10)
-    np.testing.assert_allclose(np.asarray(jax.jit(cnn_apply)(p, x)),
-                               np.asarray(jax.jit(module.apply)(p, x)), rtol=1e-5, atol=1e-5)
-
-    def loss(apply):
-        def f(q):
-            logp = jax.nn.log_softmax(apply(q, x))
-            return -jnp.mean(jnp.take_along_axis(logp, y[:, None], 1))
-        return f
-
-    for a, b in zip(jax.tree.leaves(jax.jit(jax.grad(loss(cnn_apply)))(p)),
-                    jax.tree.leaves(jax.jit(jax.grad(loss(module.apply)))(p)), strict=True):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
-    # Forward mode (the pool's custom JVP): a directional derivative.
-    t = _perturbed(jax.tree.map(jnp.zeros_like, p), 4)
-    d1 = jax.jvp(loss(cnn_apply), (p,), (t,))[1]
-    d2 = jax.jvp(loss(module.apply), (p,), (t,))[1]
-    np.testing.assert_allclose(float(d1), float(d2), rtol=1e-4, atol=1e-6)
+@pytest.mark.parametrize("shape,channels,kernel", BLOCKED_CASES)
+def test_the_blocked_cases_take_the_blocked_path(shape, channels, kernel):
+    """``tests/models/test_banded.py`` checks these shapes against the flax module (values,
+    gradients, forward mode); here: their first layer does run in blocks."""
+    assert block_width(shape[1], kernel, channels[0]) is not None
 
 
 def _image_clients(clients=6, rows=24, seed=0):
