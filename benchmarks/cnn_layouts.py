@@ -16,9 +16,12 @@ the flax module):
 
 - ``banded``: full-width banded product (:func:`fedrnd.models.banded.conv_layer`, rows
   stacked, one ``[B H, k W Ci] x [k W Ci, W Co]`` product, 2x2 pool by contiguous halves);
-- ``blkN``: the banded product in blocks of ``N`` output columns
-  (:func:`fedrnd.models.banded.block_conv_pool`); ``blkNa``: the same with the pool
-  differentiated by autodiff and the banded matrix built as ``banded`` builds it;
+- ``blkN``: the banded product in blocks of ``N`` output columns, channels first and images
+  last (:func:`fedrnd.models.banded.block_conv_pool`, which transposes in and out of that
+  layout at each layer; ``lib`` keeps it between blocked layers);
+- ``rowsN``: blocks with images first (``[B H nb, K] x [K, N]``, custom-JVP pool), the
+  library's layout before; ``blkNa``: the same with the pool differentiated by autodiff and
+  the banded matrix built as ``banded`` builds it;
 - ``xla``: ``lax.conv_general_dilated`` (NHWC), autodiff;
 - ``im2col``: NHWC patches ``[B, H, W, k k Ci]`` (the ``k k`` shifted slices concatenated), one
   product with the ``[k k Ci, Co]`` kernel, autodiff;
@@ -313,6 +316,52 @@ def conv_blocked_autodiff(y: jax.Array, h: int, w: int, kernel: jax.Array, wb: i
     return jnp.maximum(top, bottom)
 
 
+def _row_windows(z: jax.Array) -> jax.Array:
+    b, h, nb, c2 = z.shape
+    if h % 2:
+        z = jnp.concatenate([z, z[:, -1:]], axis=1)
+    return z.reshape(b, -(-h // 2), 2, nb, 2, c2 // 2)
+
+
+@jax.custom_jvp
+def _row_pool(z: jax.Array) -> jax.Array:
+    return jnp.max(_row_windows(z), axis=(2, 4))
+
+
+@_row_pool.defjvp
+def _row_pool_jvp(primals, tangents):
+    (z,), (t,) = primals, tangents
+    z6 = _row_windows(z)
+    a, b, c, d = z6[:, :, 0, :, 0], z6[:, :, 0, :, 1], z6[:, :, 1, :, 0], z6[:, :, 1, :, 1]
+    m = jnp.maximum(jnp.maximum(a, b), jnp.maximum(c, d))
+    ta = a == m
+    tb = (b == m) & ~ta
+    tc = (c == m) & ~(ta | tb)
+    td = ~(ta | tb | tc)
+    one_hot = jnp.stack([jnp.stack([ta, tb], axis=3), jnp.stack([tc, td], axis=3)], axis=2)
+    return m, jnp.sum(jnp.where(one_hot, _row_windows(t), 0), axis=(2, 4))
+
+
+def conv_blocked_rows(y: jax.Array, h: int, w: int, kernel: jax.Array, wb: int) -> jax.Array:
+    """Blocks with images first (``[B H nb, K] x [K, N]``, even ``w`` only): the library's
+    blocked layer before it moved to channels first, images last; the weight gradient then
+    contracts the long axis as a major one."""
+    b = y.shape[0]
+    k, _, ci, co = kernel.shape
+    lo, hi = _pads(k)
+    nb, ng = w // wb, -(-(wb + k - 1) // wb)
+    wp = (nb + ng - 1) * wb
+    xp = jnp.pad(y.reshape(b, h, w, ci), ((0, 0), (lo, hi), (lo, wp - w - lo), (0, 0)))
+    xp = xp.reshape(b, h + k - 1, nb + ng - 1, wb * ci)
+    st = jnp.concatenate([xp[:, dy:dy + h, g:g + nb] for dy in range(k) for g in range(ng)],
+                         axis=-1).reshape(b * h * nb, k * ng * wb * ci)
+    cols, _ = banded.pool_columns(wb, "valid")
+    band = jnp.asarray(banded.band(ng * wb, cols, k, 0))
+    mat = jnp.einsum("ujx,yxio->yuijo", band, kernel).reshape(k * ng * wb * ci, wb * co)
+    z = (st @ mat).reshape(b, h, nb, wb * co)
+    return _row_pool(z).reshape(b, -(-h // 2), (w // 2) * co)
+
+
 PARITY = {"par": conv_parity, "part": conv_parity_taps}
 
 NHWC = {"xla": conv_xla, "im2col": conv_im2col, "im2colv": conv_im2colv, "shift": conv_shift}
@@ -328,10 +377,12 @@ def make_apply(layouts: list[str]):
         for i, name in enumerate(names):
             lay = layouts[min(i, len(layouts) - 1)]
             kern, bias = params[name]["kernel"], params[name]["bias"]
-            if lay.startswith("blk"):
+            if lay.startswith(("blk", "rows")):
                 if not flat:
                     y, flat = y.reshape(b, h, w * c), True
-                if lay.endswith("a"):
+                if lay.startswith("rows"):
+                    y = conv_blocked_rows(y, h, w, kern, int(lay[4:]))
+                elif lay.endswith("a"):
                     y = conv_blocked_autodiff(y, h, w, kern, int(lay[3:-1]))
                 else:
                     y = banded.block_conv_pool(y, h, w, kern, int(lay[3:]))
@@ -402,8 +453,8 @@ def true_flops(shape, channels, kernel, dense, classes, batch) -> float:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--variants", default="banded,lib,xla,im2col,im2colv,im2colv4,shift,"
-                    "shift+im2colv,banded+im2colv,par,part+par,blk4a+blk2a,blk2+blk2,"
-                    "blk4+blk2,blk14+blk2,blk4+banded,banded+blk2",
+                    "shift+im2colv,banded+im2colv,par,part+par,blk4a+blk2a,rows4+rows2,"
+                    "rows2+rows2,blk2+blk2,blk4+blk2,blk14+blk2,blk4+banded,banded+blk2",
                     help="comma-separated; a variant is layer layouts joined by '+'")
     ap.add_argument("--mode", choices=("map", "vmap"), default="map")
     ap.add_argument("--clients", type=int, default=64)
@@ -416,6 +467,8 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
+    if args.json and os.path.exists(args.json):
+        ap.error(f"--json {args.json}: the file exists; results never replace an earlier one")
 
     shape = tuple(int(s) for s in args.shape.split(","))
     channels = tuple(int(s) for s in args.channels.split(","))
@@ -466,7 +519,7 @@ def main(argv=None) -> int:
         print(f"{v:>16} {mc * 1e3:12.3f} {mw * 1e3:13.3f} {flops / mc / 1e9:14.1f} "
               f"{base / mc:15.2f}x")
     if args.json:
-        with open(args.json, "w") as f:
+        with open(args.json, "x") as f:  # never replaces an earlier result
             json.dump(dict(args=vars(args), load=os.getloadavg(), flops_per_step=flops,
                            jax=jax.__version__, rows=rows), f, indent=1)
     return 0

@@ -19,20 +19,19 @@ before odd ones (:func:`pool_columns`), the pool over the width is the maximum o
 contiguous halves, and the pool over the height a maximum of strided rows. Bias and ReLU come
 after the pool (both are monotone, so the result is the same).
 
-Wide layers run in blocks (:func:`block_conv_pool`): the product's waste is the width over
-the kernel size, so a layer wider than twice its kernel cuts its output columns into blocks of
-``wb`` (:func:`block_width`), each of which reads only its ``wb + k - 1`` input columns: one
-product ``[B H nb, k ng wb Ci] x [k ng wb Ci, wb Co]`` with a single banded matrix that every
-block shares (``ng`` groups of ``wb`` input columns). For the 28x28 CNN (5x5, 8 and 16
-channels, blocks of 4 and 2 columns) that is 1.6 and 1.2 times the convolution's multiply-adds
-instead of 5.6 and 2.8, and 1.6x fewer CPU seconds per SGD step than full-width bands
-(``benchmarks/cnn_layouts.py``; figures in ``docs/performance.md``). Blocked layers keep their
-activations channels first and images last (``[C, h, w, B]``, :func:`block_conv_pool_t`): the
-window's shifts then move whole vectors of images, and the three products of a training step
-(forward, input gradient, weight gradient) all have their long axis minor, which the CPU's
-matrix kernels take directly; with images first, the weight gradient contracts a major axis
-and runs on a transposed path at about half the speed (1.14x fewer CPU seconds per step for
-the CNN with this layout, one thread).
+Layers at least 8 pixels wide run in blocks (:func:`block_conv_pool_t`): a full-width band's
+waste is the width over the kernel size, so such a layer cuts its output columns into blocks of
+2 (:func:`block_width`), each of which reads only its ``k + 1`` input columns (odd ``k``): one
+product ``[N, K] x [K, h nb B]`` with a single banded matrix that every block shares
+(``K = k ng Ci wb`` for ``ng`` groups of ``wb`` input columns, ``N = wb Co``). For the 28x28
+CNN (5x5, 8 and 16 channels) that is 1.2 times the convolution's multiply-adds instead of 5.6
+and 2.8. Blocked layers keep their activations channels first and images last (``[C, h, w,
+B]``): the window's shifts then move whole vectors of images, and the three products of a
+training step (forward, input gradient, weight gradient) all have their long axis minor, which
+the CPU's matrix kernels take directly; with images first, the weight gradient contracts a
+major axis and runs on a transposed path at about half the speed. One SGD step of the CNN on
+one thread: full-width bands 1.9 ms, images-first blocks of 4 and 2 columns 0.9 ms, this layout
+0.75 ms (``benchmarks/cnn_layouts.py``; figures in ``docs/performance.md``).
 
 Everything here is exact up to float rounding, gradients included (``tests/models/
 test_banded.py`` and ``tests/models/test_blocked.py`` check the CNN and ``tests/rnd/
@@ -48,9 +47,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["BANDED_MAX_WIDTH", "band", "banded_matrix", "block_conv_pool", "block_conv_pool_t",
-           "block_width",
-           "cnn_apply", "conv_layer", "pool_columns", "stack_rows"]
+__all__ = ["BANDED_MAX_WIDTH", "BLOCK_MIN_WIDTH", "band", "banded_matrix", "block_conv_pool",
+           "block_conv_pool_t", "block_width", "cnn_apply", "conv_layer", "pool_columns", "stack_rows"]
 
 BANDED_MAX_WIDTH = 64
 """Widest image the banded path takes (the product's waste grows with the width)."""
@@ -145,19 +143,20 @@ def conv_layer(y: jax.Array, h: int, w: int, kernel: jax.Array, bias: jax.Array,
     return jax.nn.relu(z + jnp.tile(bias, w2)), h2, w2
 
 
-def block_width(w: int, k: int, co: int) -> int | None:
-    """Output columns per block for a ``k x k`` convolution to ``co`` channels followed by a 2x2
-    pool on an image ``w`` wide: ``None`` (one full-width banded product, :func:`conv_layer`)
-    for ``w <= 2 k``, where blocks do not pay (8x8 images: full bands 1.5x faster), else the
-    smallest even divisor of the even width ``w + w % 2`` with at least 24 output columns x
-    channels per block (narrower products run far below the CPU's rate: 4 columns for 8
-    channels, 2 for 16, ``benchmarks/cnn_layouts.py``); ``None`` where that is over half the
-    width."""
-    if w <= 2 * k:
-        return None
-    we = w + w % 2
-    wb = next((d for d in range(2, we + 1, 2) if we % d == 0 and d * co >= 24), we)
-    return None if 2 * wb > we else wb
+BLOCK_MIN_WIDTH = 8
+"""Narrowest image a layer runs in blocks of columns (:func:`block_width`)."""
+
+
+def block_width(w: int) -> int | None:
+    """Output columns per block for a convolution + 2x2 pool on an image ``w`` wide: 2 from
+    :data:`BLOCK_MIN_WIDTH` up (each block reads ``k + 1`` input columns for an odd ``k``, so a
+    ``k x k`` layer does ``(k + 1) / k`` times the convolution's multiply-adds), else ``None`` (one full-width
+    banded product, :func:`conv_layer`). With images as the minor axis
+    (:func:`block_conv_pool_t`) two columns beat wider blocks for every CNN measured, 8 to 64
+    pixels wide and 1 to 64 channels (one SGD step, one thread: 6-10% faster than 4 columns for
+    8 channels, 34% faster than full bands on 27x25x3, even at 8x8;
+    ``benchmarks/cnn_layouts.py``)."""
+    return 2 if w >= BLOCK_MIN_WIDTH else None
 
 
 def _block_band(wb: int, ng: int, k: int) -> np.ndarray:
@@ -297,7 +296,7 @@ def cnn_apply(params, x: jax.Array) -> jax.Array:
     y, a = x.reshape(b, h, w * c), None  # exactly one is live: [B, h, w C] or [C, h, w, B]
     for name in _conv_names(params):
         kernel, bias = params[name]["kernel"], params[name]["bias"]
-        wb = block_width(w, kernel.shape[0], kernel.shape[-1])
+        wb = block_width(w)
         if wb is None:
             if a is not None:
                 y, a = jnp.transpose(a, (3, 1, 2, 0)).reshape(b, h, -1), None

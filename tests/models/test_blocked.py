@@ -73,21 +73,18 @@ def test_block_conv_pool_rejects_a_block_width_that_does_not_tile_the_image():
 
 
 def test_block_width_known_answers():
-    assert block_width(28, 5, 8) == 4  # the CNN's first layer: 4 columns x 8 channels
-    assert block_width(14, 5, 16) == 2  # its second
-    assert block_width(28, 5, 6) == 4  # LeNet-size: 24 columns x channels at least
-    assert block_width(8, 5, 8) is None  # 8x8 images: full-width bands
-    assert block_width(10, 5, 64) is None  # w <= 2 k
-    assert block_width(11, 5, 6) == 4  # odd: the even width 12
-    assert block_width(13, 5, 4) is None  # 14 has no even divisor >= 6 but itself
-    assert block_width(64, 3, 1) == 32
+    assert block_width(28) == 2  # the CNN's layers: blocks of 2 columns
+    assert block_width(14) == 2
+    assert block_width(8) == 2 and block_width(9) == 2  # 8x8 digits, odd widths
+    assert block_width(7) is None  # narrower: one full-width band
+    assert block_width(64) == 2
 
 
 @pytest.mark.parametrize("shape,channels,kernel", BLOCKED_CASES)
 def test_the_blocked_cases_take_the_blocked_path(shape, channels, kernel):
     """``tests/models/test_banded.py`` checks these shapes against the flax module (values,
     gradients, forward mode); here: their first layer does run in blocks."""
-    assert block_width(shape[1], kernel, channels[0]) is not None
+    assert block_width(shape[1]) is not None
 
 
 def _image_clients(clients=6, rows=24, seed=0):
