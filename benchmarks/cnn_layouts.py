@@ -521,7 +521,8 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "x") as f:  # never replaces an earlier result
             json.dump(dict(args=vars(args), load=os.getloadavg(), flops_per_step=flops,
-                           jax=jax.__version__, rows=rows), f, indent=1)
+                           jax=jax.__version__, xla_flags=os.environ.get("XLA_FLAGS", ""),
+                           cpus=len(os.sched_getaffinity(0)), rows=rows), f, indent=1)
     return 0
 
 
