@@ -292,14 +292,11 @@ def pool4(z: jax.Array) -> jax.Array:
                        jnp.maximum(z[:, 1::2, 0::2], z[:, 1::2, 1::2]))
 
 
-def conv_blocked_autodiff(y: jax.Array, h: int, w: int, kernel: jax.Array, wb: int
-                          ) -> jax.Array:
-    """:func:`fedrnd.models.banded.block_conv_pool` (even ``w`` only) with the banded matrix
-    built through the constant 0/1 map where small and the pool differentiated by autodiff
-    (nested maximums), as the full-width layer does: what the library's custom pool JVP and
-    einsum-built matrix gain."""
+def _row_blocks(y: jax.Array, h: int, w: int, kshape, wb: int):
+    """Images-first block windows ``[B h nb, k ng wb Ci]`` of ``y [B, h, w Ci]`` (even ``w``),
+    with ``nb`` and ``ng``: the stacking the library's blocked layer used before."""
     b = y.shape[0]
-    k, _, ci, co = kernel.shape
+    k, _, ci, _ = kshape
     lo, hi = _pads(k)
     nb, ng = w // wb, -(-(wb + k - 1) // wb)
     wp = (nb + ng - 1) * wb
@@ -307,6 +304,17 @@ def conv_blocked_autodiff(y: jax.Array, h: int, w: int, kernel: jax.Array, wb: i
     xp = xp.reshape(b, h + k - 1, nb + ng - 1, wb * ci)
     st = jnp.concatenate([xp[:, dy:dy + h, g:g + nb] for dy in range(k) for g in range(ng)],
                          axis=-1).reshape(b * h * nb, k * ng * wb * ci)
+    return st, nb, ng
+
+
+def conv_blocked_autodiff(y: jax.Array, h: int, w: int, kernel: jax.Array, wb: int
+                          ) -> jax.Array:
+    """:func:`fedrnd.models.banded.block_conv_pool` (even ``w`` only) with the banded matrix
+    built through the constant 0/1 map where small and the pool differentiated by autodiff
+    (nested maximums), as the full-width layer does: what the library's custom pool JVP and
+    einsum-built matrix gain."""
+    b, co = y.shape[0], kernel.shape[-1]
+    st, nb, ng = _row_blocks(y, h, w, kernel.shape, wb)
     cols, half = banded.pool_columns(wb, "valid")
     z = (st @ banded.banded_matrix(kernel, ng * wb, cols, 0)).reshape(b, h, nb, wb * co)
     z = jnp.maximum(z[..., :half * co], z[..., half * co:]).reshape(b, h, w // 2 * co)
@@ -346,18 +354,11 @@ def conv_blocked_rows(y: jax.Array, h: int, w: int, kernel: jax.Array, wb: int) 
     """Blocks with images first (``[B H nb, K] x [K, N]``, even ``w`` only): the library's
     blocked layer before it moved to channels first, images last; the weight gradient then
     contracts the long axis as a major one."""
-    b = y.shape[0]
-    k, _, ci, co = kernel.shape
-    lo, hi = _pads(k)
-    nb, ng = w // wb, -(-(wb + k - 1) // wb)
-    wp = (nb + ng - 1) * wb
-    xp = jnp.pad(y.reshape(b, h, w, ci), ((0, 0), (lo, hi), (lo, wp - w - lo), (0, 0)))
-    xp = xp.reshape(b, h + k - 1, nb + ng - 1, wb * ci)
-    st = jnp.concatenate([xp[:, dy:dy + h, g:g + nb] for dy in range(k) for g in range(ng)],
-                         axis=-1).reshape(b * h * nb, k * ng * wb * ci)
+    b, k, co = y.shape[0], kernel.shape[0], kernel.shape[-1]
+    st, nb, ng = _row_blocks(y, h, w, kernel.shape, wb)
     cols, _ = banded.pool_columns(wb, "valid")
     band = jnp.asarray(banded.band(ng * wb, cols, k, 0))
-    mat = jnp.einsum("ujx,yxio->yuijo", band, kernel).reshape(k * ng * wb * ci, wb * co)
+    mat = jnp.einsum("ujx,yxio->yuijo", band, kernel).reshape(st.shape[1], wb * co)
     z = (st @ mat).reshape(b, h, nb, wb * co)
     return _row_pool(z).reshape(b, -(-h // 2), (w // 2) * co)
 
