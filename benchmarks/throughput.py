@@ -203,6 +203,10 @@ def run_one(data, model, *, chunk_size: int | None, rounds: int, batch: int, lr:
                     optimizer=opt, mapper=ClientMapper(chunk_size=chunk_size, mesh=mesh),
                     path=path)
     fast = engine.use_lowrank(data)
+    if mesh is not None:  # as the driver places them: the pool on every device, once
+        mapper = engine.mapper
+        x, y = mapper.replicate((data.x, data.y))
+        data = data.replace(x=x, y=y, **mapper.shard(data.client_arrays()))
     load_before = os.getloadavg()
     alg = FedAvg(engine=engine, server_opt="sgd", server_lr=1.0)
     state = alg.init(jax.random.key(seed), data, hp)
@@ -244,6 +248,7 @@ def run_one(data, model, *, chunk_size: int | None, rounds: int, batch: int, lr:
         "chunk_size": chunk_size,
         "effective_chunk": engine.mapper.chunk,
         "devices": devices,
+        "block_rows": lowrank.block_rows(engine.mapper) if fast else None,
         "clients": clients,
         "rounds_timed": len(times),
         "updates_per_s": clients / round_s,
@@ -319,8 +324,15 @@ def main(argv: list[str] | None = None) -> dict:
                          "--xla_force_host_platform_device_count, one per core)")
     ap.add_argument("--path", type=str, default="auto",
                     help="Engine path: auto, general, lowrank, or a comma list to compare")
+    ap.add_argument("--block-rows", type=int, default=None,
+                    help="low-rank path: stored rows per block of clients (default: "
+                         "fedrnd.engine.lowrank.block_rows, 2048, or 256 over host CPU devices)")
     ap.add_argument("--json", type=str, default=None, help="save the results here")
     args = ap.parse_args(argv)
+    if args.block_rows is not None:
+        if args.block_rows < 1:
+            ap.error(f"--block-rows must be >= 1, got {args.block_rows}")
+        lowrank.BLOCK_ROWS = lowrank.BLOCK_ROWS_PER_CORE = args.block_rows
 
     t_data = time.perf_counter()
     ds = synthetic_dataset(args.clients, args.samples, args.test_samples)

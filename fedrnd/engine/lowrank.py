@@ -88,6 +88,21 @@ the past steps (triangular); beyond it, a ``scan`` over steps with full-length b
 BLOCK_ROWS = 2048
 """Target of stored rows (clients x steps x batch) per block of clients (see block_size)."""
 
+BLOCK_ROWS_PER_CORE = 256
+"""The same where the client axis is split over several host CPU devices (one per core, see
+``docs/performance.md``): each core then works through its own blocks, and blocks that stay in
+its cache win (MLP 784-200-200-10 on 2 cores: 256 rows about 1.25x faster than 2048;
+``benchmarks/throughput.py --block-rows``, benchmarks/RESULTS.md)."""
+
+
+def block_rows(mapper) -> int:
+    """:data:`BLOCK_ROWS_PER_CORE` for a mesh of several CPU devices, else :data:`BLOCK_ROWS`."""
+    mesh = mapper.mesh
+    if mesh is not None and mesh.devices.size > 1 and all(
+            d.platform == "cpu" for d in mesh.devices.flat):
+        return BLOCK_ROWS_PER_CORE
+    return BLOCK_ROWS
+
 SHARED_WEIGHT = 0.7
 CORRECTION_WEIGHT = 1.0
 """Time per FLOP of the fast path's shared products (large matrix products) and of its
@@ -191,10 +206,12 @@ def pays(model: Model, spec: LocalSpec, n_max: int, *, slots: int = 1,
     return f["cost"] < f["model"]
 
 
-def block_size(num_clients: int, rows_per_client: int, shards: int = 1) -> tuple[int, int]:
+def block_size(num_clients: int, rows_per_client: int, shards: int = 1,
+               rows: int | None = None) -> tuple[int, int]:
     """``(blocks, clients per block)`` covering ``num_clients`` (padded up), a multiple of
-    ``shards`` blocks, each holding about :data:`BLOCK_ROWS` stored rows."""
-    per = max(1, min(num_clients, BLOCK_ROWS // max(rows_per_client, 1)))
+    ``shards`` blocks, each holding about ``rows`` (default :data:`BLOCK_ROWS`) stored rows."""
+    rows = BLOCK_ROWS if rows is None else rows
+    per = max(1, min(num_clients, rows // max(rows_per_client, 1)))
     nb = -(-num_clients // per)
     nb = -(-nb // shards) * shards
     return nb, -(-num_clients // nb)
@@ -498,7 +515,7 @@ def run(model: Model, spec: LocalSpec, optimizer: ClientOptimizer, mapper: Clien
     n_max = per["idx"].shape[1]
     steps, b = spec.total_steps(n_max), min(spec.batch_size, n_max)
     if block is None:
-        nb, cb = block_size(m, steps * b, mapper.num_shards)
+        nb, cb = block_size(m, steps * b, mapper.num_shards, block_rows(mapper))
     else:
         cb = max(1, min(int(block), m))
         nb = -(-m // cb)

@@ -334,7 +334,10 @@ SCRIPT = textwrap.dedent('''
     params = model.init(jax.random.key(0))
     slots = jax.vmap(model.init)(jax.random.split(jax.random.key(1), 3))
     cid = jnp.array([0, 2, 2, 1, 0, 1, 2, 0])
-    res = {}
+    from fedrnd.engine import lowrank
+    res = {"rows": np.array([lowrank.block_rows(ClientMapper(mesh=make_mesh(2))),
+                             lowrank.block_rows(ClientMapper(chunk_size=1))])}
+    lowrank.BLOCK_ROWS_PER_CORE = 9  # one client (3 steps x 3 rows) a block: 4 blocks a device
     for name, mapper, path in (("mesh", ClientMapper(mesh=make_mesh(2)), "lowrank"),
                                ("single", ClientMapper(chunk_size=1), "general")):
         e = Engine(model, LocalSpec(3, 1), opt, mapper, path=path)
@@ -371,4 +374,6 @@ def test_sharded_fast_path_equals_single_device_general_path(tmp_path):
         np.testing.assert_allclose(res[f"mesh/{k}"], res[f"single/{k}"], rtol=2e-5, atol=2e-5,
                                    err_msg=k)
     assert "3 clients (or cohort size) cannot be split evenly over 2 devices" in str(res["error"])
+    # host CPU devices (one per core) take cache-sized blocks; one device the default
+    assert res["rows"].tolist() == [256, 2048]
 
