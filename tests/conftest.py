@@ -14,8 +14,12 @@ import pytest
 from fedrnd.data import Dataset, FederatedData, Partition, build_federated
 
 # Persistent XLA cache: repeated test runs (and CI re-runs) skip most compilation.
+# One directory per xdist worker: two workers compiling the same program at once raced on one
+# cache entry, and a worker that read it half-written crashed in the cache's deserializer
+# (newcomer-check, 2026-12-04: a segfault in compilation_cache.get_executable_and_time).
 _cache = os.environ.get("FEDRND_CACHE_DIR", str(Path.home() / ".cache" / "fedrnd" / "jax"))
 if _cache != "0":
+    _cache = os.path.join(_cache, os.environ.get("PYTEST_XDIST_WORKER", "main"))
     jax.config.update("jax_compilation_cache_dir", _cache)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
