@@ -3,25 +3,18 @@ tests kept out of the development lane ``pytest -m "not slow" -n 2``."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
-from pathlib import Path
 
-import jax
 import numpy as np
 import pytest
 
+from fedrnd import compilation_cache
 from fedrnd.data import Dataset, FederatedData, Partition, build_federated
 
-# Persistent XLA cache: repeated test runs (and CI re-runs) skip most compilation.
-# One directory per xdist worker: two workers compiling the same program at once raced on one
-# cache entry, and a worker that read it half-written crashed in the cache's deserializer
-# (newcomer-check, 2026-12-04: a segfault in compilation_cache.get_executable_and_time).
-_cache = os.environ.get("FEDRND_CACHE_DIR", str(Path.home() / ".cache" / "fedrnd" / "jax"))
-if _cache != "0":
-    _cache = os.path.join(_cache, os.environ.get("PYTEST_XDIST_WORKER", "main"))
-    jax.config.update("jax_compilation_cache_dir", _cache)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+# Persistent XLA cache (fedrnd.compilation_cache: $FEDRND_CACHE_DIR, shared by the xdist
+# workers and the subprocesses the tests start, with JAX's lock around every read and write):
+# repeated test runs, and CI's tests after its docs build, skip most compilation.
+compilation_cache.enable(min_compile_secs=0.5)
 
 # Tests that took more than ~20 s each under `pytest -n 2 --durations` on 2 shared CPU cores
 # (2026-12-03), marked `slow` here, beside the ones marked in their files: the development

@@ -23,10 +23,12 @@ import fedrnd
 ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "fedrnd"
 
-FLOORS = {"fedrnd.data": 0, "fedrnd.models": 0, "fedrnd.configs": 0, "fedrnd.engine": 1,
+FLOORS = {"fedrnd.data": 0, "fedrnd.models": 0, "fedrnd.configs": 0,
+          "fedrnd.compilation_cache": 0, "fedrnd.engine": 1,
           "fedrnd.rnd": 2, "fedrnd.graphs": 2, "fedrnd.ntk": 2, "fedrnd.algorithms": 3,
           "fedrnd.driver": 4, "fedrnd.cli": 5}
-"""``fedrnd.configs`` holds the packaged default config (data only): the floor of the data."""
+"""``fedrnd.configs`` holds the packaged default config (data only) and
+``fedrnd.compilation_cache`` the persistent-cache setup (JAX only): the floor of the data."""
 EXEMPT = {"fedrnd", "fedrnd.__main__"}
 SHARED_ALGORITHM_MODULES = {"fedrnd.algorithms", "fedrnd.algorithms.base"}
 """Modules of the algorithms package that are not methods (besides ``_*`` helpers)."""

@@ -1080,12 +1080,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _compilation_cache() -> None:
-    import jax
+    from fedrnd import compilation_cache
 
-    cache = os.environ.get("FEDRND_CACHE_DIR", str(Path.home() / ".cache" / "fedrnd" / "jax"))
-    if cache != "0":
-        jax.config.update("jax_compilation_cache_dir", cache)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    compilation_cache.enable(min_compile_secs=0.5)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import os
 import re
 import sys
 import textwrap
@@ -18,15 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-
-def _enable_compilation_cache() -> None:
-    # Persistent XLA cache: a second run of the same config skips most compilation.
-    import jax
-
-    cache = os.environ.get("FEDRND_CACHE_DIR",
-                           str(Path.home() / ".cache" / "fedrnd" / "jax"))
-    if cache and cache != "0":
-        jax.config.update("jax_compilation_cache_dir", cache)
+from fedrnd import compilation_cache
 
 
 def _load_cli_plugins(args: argparse.Namespace) -> list[str]:
@@ -53,7 +44,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.print_config:  # the resolved config only: nothing runs, nothing is written
         print(to_toml(cfg), end="")
         return 0
-    _enable_compilation_cache()
+    compilation_cache.enable()
     result = simulate(cfg, resume=args.resume, run_dir=args.run_dir,
                       progress=False if args.no_progress else None, overwrite=args.overwrite,
                       allow_change=args.allow_change)
@@ -145,13 +136,9 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         grid.results = Path(args.results)
     if args.cache_dir:
         grid.cache_dir = Path(args.cache_dir)
-    _enable_compilation_cache()
-    if os.environ.get("FEDRND_CACHE_DIR", "") != "0":
-        import jax
-
-        # A grid compiles the same small programs once per cell; cache them all, not only
-        # those that took over a second (the default threshold).
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    # A grid compiles the same small programs once per cell; cache them all, not only those
+    # that took over a second (JAX's default threshold).
+    compilation_cache.enable(min_compile_secs=0.0)
     if args.report_only:
         from fedrnd.driver.compare import load_cell
 

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from fedrnd import compilation_cache
 from fedrnd.algorithms import ALGORITHMS, Algorithm, make_algorithm
 from fedrnd.data import Dataset, FederatedData, Partition, build_federated
 from fedrnd.engine import ClientMapper, Engine, LocalSpec, client_hparams, evaluate_clients
@@ -428,16 +429,12 @@ def sharded_comparison(name: str, out: str) -> None:
 def test_clients_sharded_over_8_devices_give_the_single_device_result(name, tmp_path):
     """Reductions over the client axis add in another order on 8 devices, so leaves agree to
     float32 rounding (rtol 1e-5), not to the bit; integer leaves (cluster ids) exactly."""
-    env = dict(os.environ)
+    env = compilation_cache.subprocess_env()  # the persistent cache of tests/conftest.py
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     flags = [f for f in env.get("XLA_FLAGS", "").split()
              if not f.startswith("--xla_force_host_platform_device_count")]
     env["XLA_FLAGS"] = " ".join([*flags, "--xla_force_host_platform_device_count=8"])
-    if jax.config.jax_compilation_cache_dir:  # the persistent cache of tests/conftest.py
-        env.setdefault("JAX_COMPILATION_CACHE_DIR", jax.config.jax_compilation_cache_dir)
-        env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS",
-                       str(jax.config.jax_persistent_cache_min_compile_time_secs))
     code = ("import sys; from tests.algorithms.test_conformance import sharded_comparison; "
             "sharded_comparison(*sys.argv[1:])")
     proc = subprocess.run([sys.executable, "-c", code, name, str(tmp_path)], env=env, cwd=ROOT,
