@@ -203,10 +203,7 @@ def run_one(data, model, *, chunk_size: int | None, rounds: int, batch: int, lr:
                     optimizer=opt, mapper=ClientMapper(chunk_size=chunk_size, mesh=mesh),
                     path=path)
     fast = engine.use_lowrank(data)
-    if mesh is not None:  # as the driver places them: the pool on every device, once
-        mapper = engine.mapper
-        x, y = mapper.replicate((data.x, data.y))
-        data = data.replace(x=x, y=y, **mapper.shard(data.client_arrays()))
+    data = engine.mapper.place_data(data)  # as the driver does: the pool on every device, once
     load_before = os.getloadavg()
     alg = FedAvg(engine=engine, server_opt="sgd", server_lr=1.0)
     state = alg.init(jax.random.key(seed), data, hp)

@@ -385,9 +385,7 @@ def run_fedrnd(data, model, spec, init_key, round_keys, lr: float, *, path: str 
     opt, hp = client_hparams(data.num_clients, optimizer="sgd", lr=lr)
     mapper = ClientMapper(chunk_size=chunk_size, mesh=make_mesh(devices) if devices > 1 else None)
     hp = mapper.shard(hp)
-    if mapper.mesh is not None:  # as the driver places them: the pool on every device, once
-        x, y = mapper.replicate((data.x, data.y))
-        data = data.replace(x=x, y=y, **mapper.shard(data.client_arrays()))
+    data = mapper.place_data(data)  # as the driver does: the pool on every device, once
     engine = Engine(model=model, local=spec, optimizer=opt, mapper=mapper, path=path)
     fast = engine.use_lowrank(data)
     alg = FedAvg(engine=engine, server_opt="sgd", server_lr=1.0)

@@ -373,17 +373,11 @@ def _on_host():
 
 
 def _place_data(phases: DriftingData, mapper) -> DriftingData:
-    """Per-client arrays split over the mesh, the pool replicated (or all on the device)."""
-    first = phases.initial
-    if mapper.mesh is None:
-        dev = jax.devices()[0]
-        x, y = jax.device_put((first.x, first.y), dev)
-        clients = [jax.device_put(p.client_arrays(), dev) for p in phases.phases]
-    else:
-        x, y = mapper.replicate((first.x, first.y))
-        clients = [mapper.shard(p.client_arrays()) for p in phases.phases]
-    return dataclasses.replace(phases, phases=tuple(
-        p.replace(x=x, y=y, **c) for p, c in zip(phases.phases, clients, strict=True)))
+    """Per-client arrays split over the mesh, the pool replicated (or all on the device);
+    the phases share the first phase's pool."""
+    first = mapper.place_data(phases.initial)
+    rest = [mapper.place_data(p, pool=(first.x, first.y)) for p in phases.phases[1:]]
+    return dataclasses.replace(phases, phases=(first, *rest))
 
 
 def _plan(cfg: Config, phases: DriftingData, hp: ClientHParams,

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from fedrnd.data.federated import FederatedData
 from fedrnd.engine import multihost
 
 PyTree = Any
@@ -170,9 +171,26 @@ class ClientMapper:
         return multihost.put(tree, NamedSharding(self.mesh, P(CLIENT_AXIS)))
 
     def replicate(self, tree: PyTree) -> PyTree:
+        """Place a pytree whole on every device of the mesh."""
         if self.mesh is None:
             return tree
         return multihost.put(tree, NamedSharding(self.mesh, P()))
+
+    def place_data(self, data: FederatedData, pool: tuple[jax.Array, jax.Array] | None = None
+                   ) -> FederatedData:
+        """``data`` placed once where every round reads it: the example pool (``x``, ``y``)
+        whole on each device of the mesh, the per-client arrays split over it (all on the
+        first device without a mesh). Data left on one device while the clients are split
+        over several is copied onto the mesh by every round instead. ``pool``: an already placed ``(x, y)`` to
+        use instead of ``data``'s (the phases of drifting data share one pool)."""
+        if pool is None:
+            pool = (data.x, data.y)
+            pool = (jax.device_put(pool, jax.devices()[0]) if self.mesh is None
+                    else self.replicate(pool))
+        clients = data.client_arrays()
+        clients = (jax.device_put(clients, jax.devices()[0]) if self.mesh is None
+                   else self.shard(clients))
+        return data.replace(x=pool[0], y=pool[1], **clients)
 
 
 class _Sum:

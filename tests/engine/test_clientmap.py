@@ -1,12 +1,19 @@
-"""ClientMapper.map / .sum against a plain per-client Python loop, for several chunk sizes."""
+"""ClientMapper.map / .sum against a plain per-client Python loop, for several chunk sizes;
+ClientMapper.place_data on a mesh of host devices."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from fedrnd import compilation_cache
 from fedrnd.engine import ClientMapper, default_chunk_size
 
 C = 7  # not divisible by 3 (nor by 2, 4, 5)
@@ -138,3 +145,41 @@ def test_map_update_equals_map_over_client_and_carried(chunk):
                                               s))(per_client, carried, shared)
     jax.tree.map(np.testing.assert_array_equal, got, want)
 
+
+
+PLACE_SCRIPT = """
+import numpy as np, jax
+from tests.conftest import gaussian_federated
+from fedrnd.engine import ClientMapper, make_mesh
+
+data = gaussian_federated([3, 5, 2, 4, 6, 1, 2, 3])
+for mapper in (ClientMapper(), ClientMapper(mesh=make_mesh(4))):
+    placed = mapper.place_data(data)
+    devices = set(jax.devices()) if mapper.mesh is not None else {jax.devices()[0]}
+    for name in ("x", "y"):  # the pool: whole on every device
+        a = getattr(placed, name)
+        assert a.sharding.device_set == devices and a.sharding.is_fully_replicated, name
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(getattr(data, name)))
+    for name, a in placed.client_arrays().items():  # per-client leaves: split over the mesh
+        assert a.sharding.device_set == devices, name
+        shards = {s.data.shape[0] for s in a.addressable_shards}
+        assert shards == ({8 // 4} if mapper.mesh is not None else {8}), (name, shards)
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(data.client_arrays()[name]))
+    # A later phase reuses the placed pool as it is (no second copy).
+    again = mapper.place_data(data, pool=(placed.x, placed.y))
+    assert again.x is placed.x and again.y is placed.y
+    assert again.num_clients == data.num_clients and again.num_classes == data.num_classes
+print("ok")
+"""
+
+
+def test_place_data_replicates_the_pool_and_splits_the_clients():
+    """ClientMapper.place_data on 4 host devices (a subprocess: the device count is fixed when
+    JAX starts) and without a mesh: where each array lands, and that values are unchanged."""
+    root = Path(__file__).resolve().parents[2]
+    env = compilation_cache.subprocess_env()
+    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")])))
+    proc = subprocess.run([sys.executable, "-c", PLACE_SCRIPT], env=env, cwd=root,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
