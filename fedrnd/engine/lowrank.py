@@ -172,8 +172,8 @@ def flops(dims: list[tuple[int, int]], steps: int, batch: int, *, slots: int = 1
         shared += 2.0 * n * i * o * slots                     # aggregated update (per slot)
         shared += 2.0 * n * i * o * materialize               # per-client trees formed
         corr += 2.0 * batch * past * o                        # forward: (Gram * p) @ past G
-        if li == 0:
-            corr += 2.0 * n * n * i                           # Gram of all inputs, one product
+        if li == 0:  # Gram of the inputs, one product (unrolled: the block below the diagonal)
+            corr += 2.0 * (n - batch if steps <= UNROLL_MAX else n) ** 2 * i
         else:
             shared += 2.0 * n * i * o * slots                 # input gradient with W0
             corr += 2.0 * batch * past * (i + o + i)          # Grams and backward correction
@@ -308,7 +308,11 @@ def _client(plan: _Plan, x, y, mask, P, sel, W):
     # and its Gram matrix for all steps are each one product (a batched product over the block
     # with a long contraction runs far better whole than sliced per step).
     z0_all = _shared_fwd(W[0][0], W[0][1], x, sel)
-    gram0 = x @ x.T + 1.0
+    unrolled = T <= plan.unroll_max
+    # Unrolled, step t reads only rows t and columns < t of the Gram matrix: its block below
+    # the diagonal, so the product leaves out the first rows and the last columns (for 4
+    # steps 9/16 of the whole product; that product is most of the corrections' FLOPs).
+    gram0 = (x[b:] @ x[: T * b - b].T + 1.0) if unrolled else x @ x.T + 1.0
 
     def step(t, x_t, z0_t, y_t, m_t, prev_a, prev_g, pcol, k0):
         """One step; ``prev_a[li] [S, in_l]``, ``prev_g[li] [S, out_l]`` hold past steps, and
@@ -340,7 +344,7 @@ def _client(plan: _Plan, x, y, mask, P, sel, W):
     def rows(arr, t):
         return jax.lax.dynamic_slice_in_dim(arr, t * b, b, 0)
 
-    if T <= plan.unroll_max:
+    if unrolled:
         A = [[] for _ in range(L)]
         G = [[] for _ in range(L)]
         losses, vs = [], []
@@ -352,8 +356,9 @@ def _client(plan: _Plan, x, y, mask, P, sel, W):
                 prev_g = [jnp.concatenate(G[li], 0) for li in range(L)]
                 pcol = jnp.repeat(P[t, 1:t + 1], b)
             sl = slice(t * b, (t + 1) * b)
+            k0 = None if t == 0 else gram0[(t - 1) * b: t * b, : t * b]
             loss, ins, gs, v = step(t, x[sl], z0_all[sl], y[sl], mask[sl], prev_a, prev_g, pcol,
-                                    gram0[sl, : t * b])
+                                    k0)
             for li in range(L):
                 A[li].append(ins[li])
                 G[li].append(gs[li])

@@ -285,6 +285,14 @@ def test_cost_model_follows_samples_per_round_against_layer_width():
     # Model FLOPs: 3 x forward (2 x MACs) per example, 64 examples.
     assert f["model"] == 3 * 2 * (784 * 200 + 200 * 200 + 200 * 10) * 64
     assert f["executed"] == f["shared"] + f["corrections"] < f["model"]
+    # One dense layer, counted by hand: the forward corrections of the 4 steps read 0+1+2+3
+    # past batches of 16 rows, and the first layer's Gram matrix is only its block below the
+    # diagonal ((64-16)^2 entries) while the steps are unrolled, all 64^2 in the scan.
+    one = lowrank.flops([(784, 10)], steps=4, batch=16)
+    assert one["corrections"] == 2 * 16 * (16 * 6) * 10 + 2 * 48 ** 2 * 784
+    many = lowrank.flops([(784, 10)], steps=lowrank.UNROLL_MAX + 1, batch=2)
+    n = 2 * (lowrank.UNROLL_MAX + 1)
+    assert many["corrections"] == 2 * 2 * (2 * (n // 2) ** 2) * 10 + 2 * n ** 2 * 784
     # The throughput workload (1 epoch of 4 batches of 16): the fast path pays ...
     assert lowrank.pays(model, LocalSpec(16, 1), 64)
     # ... and with 10 epochs (640 samples a round, above every layer width) it does not.
