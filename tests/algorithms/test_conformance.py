@@ -429,13 +429,14 @@ def sharded_comparison(name: str, out: str) -> None:
 def test_clients_sharded_over_8_devices_give_the_single_device_result(name, tmp_path):
     """Reductions over the client axis add in another order on 8 devices, so leaves agree to
     float32 rounding (rtol 1e-5), not to the bit; integer leaves (cluster ids) exactly."""
-    env = compilation_cache.subprocess_env()  # the persistent cache of tests/conftest.py
+    env = compilation_cache.subprocess_env()  # the child shares tests/conftest.py's cache
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     flags = [f for f in env.get("XLA_FLAGS", "").split()
              if not f.startswith("--xla_force_host_platform_device_count")]
     env["XLA_FLAGS"] = " ".join([*flags, "--xla_force_host_platform_device_count=8"])
-    code = ("import sys; from tests.algorithms.test_conformance import sharded_comparison; "
+    code = ("import sys; from fedrnd import compilation_cache; compilation_cache.enable(); "
+            "from tests.algorithms.test_conformance import sharded_comparison; "
             "sharded_comparison(*sys.argv[1:])")
     proc = subprocess.run([sys.executable, "-c", code, name, str(tmp_path)], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=600)
