@@ -187,7 +187,11 @@ class Config:
     checkpoint_every: int = 10
     out_dir: str = "runs"
     chunk_size: int | None = None
-    num_devices: int = 1
+    num_devices: int = dataclasses.field(default=1, metadata={"doc": (
+        "Devices the client axis is split over (a mesh; clients and cohort size must divide "
+        "by it). On a CPU one device per core is faster (docs/performance.md, \"Several "
+        "cores\"); ``fedrnd run`` and ``fedrnd.simulate`` create that many host devices in a "
+        "fresh process")})
     eval_batch: int = 0
     tensorboard: bool = False
     loggers: list[str] = dataclasses.field(default_factory=lambda: ["jsonl"], metadata={"doc": (

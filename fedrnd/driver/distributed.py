@@ -28,6 +28,7 @@ What differs from one process, and where it is handled:
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import jax
@@ -63,6 +64,28 @@ def initialize(coordinator: str | None, num_processes: int, process_id: int | No
         raise ValueError("a multi-host run must start jax.distributed before any JAX "
                          "computation in the process: run it in a fresh process (fedrnd run), "
                          "or call fedrnd.driver.distributed.initialize(...) first") from e
+    return True
+
+
+def cpu_devices(num_devices: int) -> bool:
+    """Give JAX's CPU backend ``num_devices`` devices, one per core as
+    ``docs/performance.md`` ("Several cores") recommends, when a one-process run asks for a
+    mesh that large and nothing has set the count: True if it did.
+
+    Left alone: ``num_devices <= 1``; a count already chosen (``jax_num_cpu_devices`` or
+    ``XLA_FLAGS=--xla_force_host_platform_device_count``); a process where JAX has already
+    computed something, since the count is fixed then (the mesh then checks what is there
+    and says what to do). On a machine with accelerators the CPU backend is not the one the
+    run uses, so the extra host devices cost nothing.
+    """
+    if num_devices <= 1 or jax.config.jax_num_cpu_devices >= 0:
+        return False
+    if "--xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
+        return False
+    try:
+        jax.config.update("jax_num_cpu_devices", int(num_devices))
+    except RuntimeError:  # JAX's backends are running: the count can no longer change
+        return False
     return True
 
 

@@ -126,6 +126,8 @@ def simulate(config: Config | dict | str | Path | None = None, *, resume: bool =
     process with the same config; process 0 writes the outputs and prints.
     """
     cfg = _as_config(config)
+    if cfg.num_processes == 1:  # num_devices host devices on a CPU, if JAX has not started
+        distributed.cpu_devices(cfg.num_devices)
     distributed.initialize(cfg.coordinator, cfg.num_processes, cfg.process_id)
     primary = distributed.is_primary()
     verbose = verbose and primary

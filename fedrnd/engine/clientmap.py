@@ -264,6 +264,13 @@ def make_mesh(num_devices: int | None = None) -> Mesh:
     devices = jax.devices()
     if num_devices is not None:
         if num_devices > len(devices):
-            raise ValueError(f"asked for {num_devices} devices, only {len(devices)} present")
+            cpu = devices[0].platform == "cpu"
+            hint = (f"; on a CPU, give JAX {num_devices} devices before its first "
+                    f"computation: jax.config.update('jax_num_cpu_devices', {num_devices}) "
+                    f"right after importing it, or XLA_FLAGS="
+                    f"--xla_force_host_platform_device_count={num_devices} (fedrnd run and "
+                    f"fedrnd.simulate do this themselves in a fresh process)") if cpu else ""
+            raise ValueError(f"asked for {num_devices} devices, only {len(devices)} present"
+                             + hint)
         devices = devices[:num_devices]
     return Mesh(devices, (CLIENT_AXIS,))

@@ -149,6 +149,8 @@ def test_map_update_equals_map_over_client_and_carried(chunk):
 
 PLACE_SCRIPT = """
 import numpy as np, jax
+from fedrnd import compilation_cache
+compilation_cache.enable()
 from tests.conftest import gaussian_federated
 from fedrnd.engine import ClientMapper, make_mesh
 
