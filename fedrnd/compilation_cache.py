@@ -10,8 +10,8 @@ JAX (0.10) writes an entry in place, so one process could read an entry that ano
 still writing and crash while deserializing it (a test worker segfaulted this way,
 2026-12-04). JAX's own remedy, a size limit (``jax_compilation_cache_max_size``), takes a file
 lock around every read and write and rescans the whole directory at every write to evict; with
-the test suite's ~4,400 entries that scan took 0.13-0.16 s a write, under the lock, and made
-the suite slower than compiling twice. So by default :func:`enable` makes JAX's writes atomic
+the thousands of entries of the test suite that scan, under the lock, made the suite slower
+than compiling every program once per process. So by default :func:`enable` makes JAX's writes atomic
 instead: each entry is written to a temporary file in the same directory and renamed into
 place, so a reader finds either no entry or a whole one. This replaces one method of JAX's
 private ``LRUCache`` (checked against the interface it expects; if JAX changes it, fedrnd
